@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make demo   set everything up, then read the sample scans into demo-out/results.csv
+#   make test   set everything up, then run the test suite (what CI runs)
+# Set-up is done once and redone only when pyproject.toml changes.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.formreader-installed
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test lint samples evaluate benchmark
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v pdftoppm >/dev/null 2>&1 || { \
+	  echo "installing poppler-utils (PDF rendering) with apt-get"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/formreader process samples/scans --template templates/demo_form.yaml --out demo-out/results.csv
+	@echo; echo "First rows of demo-out/results.csv:"; head -n 8 demo-out/results.csv
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check formreader tests benchmarks samples
+	$(PY) -m pytest -q
+
+samples: $(STAMP)
+	$(PY) samples/make_samples.py
+
+evaluate: $(STAMP)
+	$(VENV)/bin/formreader evaluate
+	$(PY) benchmarks/evaluate_forms.py
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_model.py

@@ -1,0 +1,64 @@
+"""Digit classifier speed: formreader's model against the original student architecture.
+
+    python benchmarks/bench_model.py [--seconds 3]
+
+Both models are measured in the same run, on the same machine, through the same fast path
+(TensorFlow's TFLite converter + the LiteRT interpreter), at batch 1 and batch 256; the
+original is also measured through Keras `model.predict`, as the student project ran it. The
+original is built with random weights: its speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from formreader.classify import DigitClassifier, convert_to_tflite  # noqa: E402
+from formreader.model import build_original_cnn  # noqa: E402
+
+
+def rate(fn, batch: np.ndarray, seconds: float) -> float:
+    fn(batch)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    ours = DigitClassifier.load()
+    original_keras = build_original_cnn()
+    original = DigitClassifier(convert_to_tflite(original_keras), 1.0, {}, "original", ours.threads)
+    x = np.random.default_rng(0).random((256, 28, 28), dtype=np.float32)
+    print(
+        f"threads: {ours.threads}; parameters: formreader {ours.meta.get('parameters')}, original {original_keras.count_params()}"
+    )
+    results = {}
+    for batch in (1, 256):
+        xb = x[:batch]
+        results[("ours", batch)] = rate(ours.logits, xb, args.seconds)
+        results[("orig", batch)] = rate(original.logits, xb, args.seconds)
+        results[("orig-predict", batch)] = rate(
+            lambda b: original_keras.predict(b[..., None], batch_size=256, verbose=0), xb, args.seconds
+        )
+    print(f"{'batch':>5} {'formreader':>12} {'original':>12} {'ratio':>7} {'original via model.predict':>28}")
+    for batch in (1, 256):
+        o, r, p = results[("ours", batch)], results[("orig", batch)], results[("orig-predict", batch)]
+        print(f"{batch:5d} {o:10.0f}/s {r:10.0f}/s {o / r:6.2f}x {p:26.0f}/s")
+
+
+if __name__ == "__main__":
+    main()

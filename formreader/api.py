@@ -1,0 +1,60 @@
+"""The Python API for programs that embed formreader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.fields import DEFAULT_REVIEW_THRESHOLD
+from formreader.pipeline import Journal, process_paths
+from formreader.segment import segment_digit
+from formreader.template import Template, load_template
+
+_classifiers: dict[str, DigitClassifier] = {}
+
+
+def get_classifier(model: Path | str | None = None) -> DigitClassifier:
+    """The classifier for a model path (default: the shipped model), loaded once per process."""
+    key = str(model or "")
+    if key not in _classifiers:
+        _classifiers[key] = DigitClassifier.load(Path(model) if model else None)
+    return _classifiers[key]
+
+
+def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> list[DigitReading]:
+    """Read single digits from grey crops as scanned: any size, dark ink on light paper.
+
+    Each crop is segmented and normalised as a form's cell is. A crop with no digit in it
+    comes back as DigitReading(digit='', confidence=...) rather than a guess; '?' marks ink
+    that is not a digit.
+    """
+    classifier = get_classifier(model)
+    segments = [segment_digit(np.asarray(c)) for c in crops]
+    images = [s.image for s in segments if s.image is not None]
+    probs = iter(classifier.probabilities(np.stack(images)) if images else [])
+    return [reading_from_probabilities(next(probs)) if s.image is not None else DigitReading("", 0.999) for s in segments]
+
+
+def process_folder(
+    folder: Path | str,
+    template: Template | Path | str,
+    model: Path | str | None = None,
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """Read every scan under `folder`; one row per field per page (see formreader.export).
+
+    The returned frame's `attrs` hold the other tables: 'digits', 'wide' and 'errors'.
+    """
+    from formreader.export import results_frames
+
+    if not isinstance(template, Template):
+        template = load_template(Path(template))
+    records = process_paths([Path(folder)], template, get_classifier(model), review_threshold, workers, Journal(None))
+    frames = results_frames(records)
+    out = frames["fields"]
+    out.attrs.update({k: v for k, v in frames.items() if k != "fields"})
+    return out

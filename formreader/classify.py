@@ -1,0 +1,181 @@
+"""Classify: 28x28 digit images -> calibrated class probabilities.
+
+The model is a Keras file (loaded in Keras' safe mode: no code from the file is run) with a JSON
+card beside it holding the temperature fitted on held-out data. Inference goes through one fast
+path, used by the pipeline, the API and the benchmarks alike: the model converted by
+TensorFlow's own TFLite converter and run by the LiteRT interpreter (XNNPACK kernels), whole
+batches at a time. The converted file is cached beside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NUM_CLASSES = 11
+NOT_A_DIGIT = 10  # the class for ink that is not a digit
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits.keras"
+LABELS = "0123456789"
+
+
+class ModelError(RuntimeError):
+    """A model file that is missing or cannot be used; the message names the file."""
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def load_keras_model(path: Path):
+    """Load a .keras model in safe mode, with a clear ModelError if it is missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path} (train one with `formreader train`)")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:  # Keras raises many types for damaged archives
+        raise ModelError(f"model file {path} cannot be loaded (damaged or not a Keras model): {e}") from e
+
+
+def convert_to_tflite(model) -> bytes:
+    """Convert a Keras model to a TFLite flatbuffer with TensorFlow's converter (float32)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    return converter.convert()
+
+
+def _interpreter(content: bytes, threads: int):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # older set-ups: TensorFlow's own copy of the interpreter
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    return Interpreter(model_content=content, num_threads=threads)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cached_tflite(path: Path, meta: dict) -> bytes:
+    """The converted model beside `path` (.tflite), made again if it is not from this .keras file.
+
+    The card records the SHA-256 of the .keras file the .tflite was converted from; file times
+    are not trusted (a git checkout sets them all alike).
+    """
+    cache = path.with_suffix(".tflite")
+    source = _sha256(path)
+    if cache.exists() and meta.get("tflite_source_sha256") == source:
+        return cache.read_bytes()
+    content = convert_to_tflite(load_keras_model(path))
+    try:
+        tmp = cache.with_suffix(".tflite.tmp")
+        tmp.write_bytes(content)
+        tmp.replace(cache)
+        card = path.with_suffix(".json")
+        meta["tflite_source_sha256"] = source
+        card.write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError:
+        pass  # a read-only install still works, converting at each start
+    return content
+
+
+@dataclass
+class DigitClassifier:
+    """Calibrated digit classifier over the fast inference path.
+
+    Construct with `DigitClassifier.load(path)`. Call `probabilities(images)` with images
+    (N, 28, 28) float32, ink 1.0 on 0.0; get (N, 11) calibrated probabilities (digits 0-9, then
+    not-a-digit).
+    """
+
+    tflite: bytes
+    temperature: float
+    meta: dict
+    path: str = ""
+    threads: int = 0
+
+    @classmethod
+    def load(cls, path: Path | None = None, threads: int | None = None) -> DigitClassifier:
+        path = Path(path) if path else DEFAULT_MODEL
+        card = path.with_suffix(".json")
+        if not path.exists():
+            raise ModelError(f"model file not found: {path} (train one with `formreader train`)")
+        try:
+            meta = json.loads(card.read_text())
+            temperature = float(meta["temperature"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
+        content = cached_tflite(path, meta)
+        clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        clf._check()
+        return clf
+
+    def __post_init__(self):
+        self._runner = None
+        self._batch = -1
+
+    def __getstate__(self):  # picklable for process pools: the interpreter is rebuilt there
+        state = dict(self.__dict__)
+        state["_runner"], state["_batch"] = None, -1
+        return state
+
+    def _check(self) -> None:
+        try:
+            out = self.logits(np.zeros((1, 28, 28), np.float32))
+        except Exception as e:
+            raise ModelError(f"model {self.path} cannot run: {e}") from e
+        if out.shape != (1, 11):
+            raise ModelError(f"model {self.path} gives {out.shape[1]} outputs; formreader needs 11 (0-9, not-a-digit)")
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Raw logits (N, 11) for images (N, 28, 28) float32 in [0, 1]."""
+        x = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
+        if len(x) == 0:
+            return np.zeros((0, 11), np.float32)
+        if self._runner is None:
+            self._runner = _interpreter(self.tflite, self.threads)
+        it = self._runner
+        inp = it.get_input_details()[0]["index"]
+        if self._batch != len(x):
+            it.resize_tensor_input(inp, x.shape)
+            it.allocate_tensors()
+            self._batch = len(x)
+        it.set_tensor(inp, x)
+        it.invoke()
+        return it.get_tensor(it.get_output_details()[0]["index"]).copy()
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Calibrated probabilities (N, 11): softmax of logits / temperature."""
+        parts = [self.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        logits = np.concatenate(parts) if parts else np.zeros((0, 11), np.float32)
+        return softmax(logits, self.temperature)
+
+
+@dataclass
+class DigitReading:
+    """One cell's reading: the digit ('' when blank, '?' when the ink is not a digit)."""
+
+    digit: str
+    confidence: float  # calibrated probability that `digit` is right
+    probabilities: np.ndarray | None = None  # (11,) or None for a blank cell
+
+
+def reading_from_probabilities(p: np.ndarray) -> DigitReading:
+    """The reading for one cell's probabilities (11,): the most probable class."""
+    k = int(np.argmax(p))
+    return DigitReading("?" if k == NOT_A_DIGIT else LABELS[k], float(p[k]), p)

@@ -1,0 +1,235 @@
+"""The `formreader` command line: a thin layer over the pipeline (click for parsing and help)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from formreader.fields import DEFAULT_REVIEW_THRESHOLD
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"formreader: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load_template(path: Path):
+    from formreader.template import TemplateError, load_template
+
+    try:
+        return load_template(path)
+    except TemplateError as e:
+        _fail(str(e))
+
+
+def _load_classifier(model: Path | None):
+    from formreader.classify import DigitClassifier, ModelError
+
+    try:
+        return DigitClassifier.load(model)
+    except ModelError as e:
+        _fail(str(e))
+
+
+@click.group()
+@click.version_option(package_name="formreader")
+def main() -> None:
+    """Read handwritten digits off scanned forms into CSV, flagging what a person should check."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--template", "-t", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Template YAML."
+)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV (long form).")
+@click.option(
+    "--review-threshold",
+    default=DEFAULT_REVIEW_THRESHOLD,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fields less sure than this go to review.",
+)
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="Model file (.keras); default: the shipped one.")
+@click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(1, 64), help="Processes for the image stages.")
+@click.option("--resume", is_flag=True, help="Keep files finished by an interrupted run with the same --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def process(inputs, template, out, review_threshold, model, workers, resume, quiet) -> None:
+    """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
+
+    Exit status: 0 when every file and page was read, 1 when some could not be (see the
+    errors CSV), 2 for a bad template, model or option.
+    """
+    from tqdm import tqdm
+
+    from formreader.export import write_results
+    from formreader.ingest import find_inputs
+    from formreader.pipeline import Journal, process_paths
+
+    tpl = _load_template(template)
+    clf = _load_classifier(model)
+    files = find_inputs(list(inputs))
+    if not files:
+        _fail("no PDF, TIFF, PNG or JPEG files found in " + ", ".join(map(str, inputs)), 1)
+    journal = Journal(out.with_name(out.name + ".partial.jsonl"), resume=resume)
+    bar = tqdm(total=len(files), unit="file", disable=quiet or None, file=sys.stderr)
+
+    def on_file(source: str, pages: int) -> None:
+        bar.update(1)
+        bar.set_postfix_str(Path(source).name)
+
+    try:
+        records = process_paths(files, tpl, clf, review_threshold, workers, journal, on_file)
+    finally:
+        bar.close()
+    paths = write_results(records, out)
+    journal.close(remove=True)
+    pages = [r for r in records if not r.get("error")]
+    errors = [r for r in records if r.get("error")]
+    fields = [f for r in pages for f in r["fields"]]
+    flagged = sum(f["status"] != "ok" for f in fields)
+    if not quiet:
+        click.echo(
+            f"{len(pages)} pages read from {len(files)} files; {len(fields)} fields, "
+            f"{flagged} for review; {len(errors)} errors.\nResults: {paths['fields']}\n"
+            f"Also: {paths['wide']}, {paths['digits']}, {paths['errors']}"
+        )
+        for e in errors:
+            where = f"{e['source']}" + (f" page {e['page']}" if e["page"] else "")
+            click.echo(f"  could not read {where}: {e['error']}", err=True)
+    sys.exit(1 if errors else 0)
+
+
+@main.group()
+def template() -> None:
+    """Make and check form templates."""
+
+
+@template.command("detect")
+@click.argument("blank", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dpi", type=float, help="Resolution of BLANK; default: from the file, else 150.")
+def template_detect(blank, out, dpi) -> None:
+    """Propose a template from an image of the blank form: its boxes grouped into fields."""
+    from formreader.ingest import PageError, read_pages
+    from formreader.template import propose_template, template_yaml
+
+    first = next(iter(read_pages(blank)))
+    if isinstance(first, PageError):
+        _fail(f"{blank}: {first.reason}")
+    dpi = dpi or first.dpi or 150.0
+    fields = propose_template(first.image, dpi)
+    if not fields:
+        _fail(f"{blank}: no digit boxes found (boxes of {0.12 * dpi:.0f} to {dpi:.0f} px at {dpi:g} DPI)", 1)
+    try:
+        reference = os.path.relpath(blank.resolve(), out.resolve().parent)
+    except ValueError:
+        reference = str(blank.resolve())
+    out.write_text(template_yaml(fields, reference, dpi, out.stem))
+    cells = sum(len(f.cells) for f in fields)
+    click.echo(f"{out}: {len(fields)} fields, {cells} boxes. Rename the fields and add rules (length, optional).")
+
+
+@template.command("check")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def template_check(path) -> None:
+    """Check a template file and list its fields."""
+    tpl = _load_template(path)
+    for f in tpl.fields:
+        rules = [f"length {f.length}"] if f.length else []
+        rules += ["optional"] if f.optional else []
+        click.echo(f"{f.name}: {len(f.cells)} boxes" + (f" ({', '.join(rules)})" if rules else ""))
+
+
+@main.command()
+@click.argument("page_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--template", "-t", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--page", "page_number", default=1, show_default=True, type=click.IntRange(1), help="Page of a PDF or TIFF.")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--review-threshold", default=DEFAULT_REVIEW_THRESHOLD, show_default=True, type=click.FloatRange(0, 1))
+def inspect(page_file, template, out, page_number, model, review_threshold) -> None:
+    """Draw the registered page with its cells, digits and confidences (review in orange)."""
+    import cv2
+
+    from formreader.ingest import PageError, read_pages
+    from formreader.overlay import draw_overlay
+    from formreader.pipeline import decide_page, digit_images, segment_page
+    from formreader.register import RegistrationError
+
+    tpl = _load_template(template)
+    clf = _load_classifier(model)
+    page = None
+    for item in read_pages(page_file, pdf_dpi=int(tpl.dpi)):
+        if item.page == page_number or (isinstance(item, PageError) and item.page == 0):
+            page = item
+            break
+    if page is None:
+        _fail(f"{page_file} has no page {page_number}", 1)
+    if isinstance(page, PageError):
+        _fail(f"{page_file}: {page.reason}", 1)
+    try:
+        seg = segment_page(page, tpl)
+    except RegistrationError as e:
+        _fail(f"{page_file} page {page_number}: {e}", 1)
+    read = decide_page(seg, clf.probabilities(digit_images(seg)), tpl, review_threshold)
+    if not cv2.imwrite(str(out), draw_overlay(seg.registration.aligned, read)):
+        _fail(f"cannot write {out}", 1)
+    for f in read.fields:
+        click.echo(
+            f"{f.name:16s} {f.value:>12s}  {f.confidence:.3f}  {f.status}" + (f"  ({'; '.join(f.reasons)})" if f.reasons else "")
+        )
+    click.echo(f"registration quality {read.quality:.2f}, rotation {read.rotation_deg:.1f} deg; picture: {out}")
+
+
+@main.command()
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder with the MNIST IDX files; default ../shared/data/mnist, else download.",
+)
+@click.option(
+    "--out", "-o", default=Path("models/digits.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--limit", type=click.IntRange(50), help="Train on this many images only (quick trials).")
+@click.option("--seed", default=20261124, show_default=True, type=int)
+def train(data, out, epochs, limit, seed) -> None:
+    """Train the digit CNN on MNIST (uses a GPU when TensorFlow sees one)."""
+    from formreader.train import TrainConfig, train_model
+
+    meta = train_model(out, TrainConfig(epochs=epochs, limit=limit, seed=seed), data)
+    click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
+
+
+@main.command()
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder with the MNIST IDX files.")
+@click.option(
+    "--nsysu", type=click.Path(dir_okay=False, path_type=Path), help="nsysu_digits.npz; default ../shared/data/nsysu_digits."
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("evaluation"),
+    show_default=True,
+    help="Folder for the PNG plots.",
+)
+def evaluate(model, data, nsysu, plots) -> None:
+    """Accuracy, calibration and risk-coverage on MNIST test; accuracy on NSYSU exam digits."""
+    from formreader.evaluate import evaluate_classifier, format_report, write_plots
+
+    clf = _load_classifier(model)
+    ev = evaluate_classifier(clf, data, nsysu)
+    click.echo(format_report(ev))
+    for p in write_plots(ev, plots):
+        click.echo(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Locate: find the digit boxes printed on a page.
+
+Boxes are found as the holes enclosed by the page's straight lines: long horizontal and
+vertical runs are kept by morphological opening (which drops handwriting and most text), and
+every hole of that line drawing that is a plausible box is one cell. A comb (one frame divided
+by ticks) gives one hole per cell just as separate squares do. The same finder proposes
+templates from a blank form and refines a registered page's cells to where its boxes really are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+Box = tuple[int, int, int, int]  # x, y, width, height in pixels; a box's interior
+
+
+@dataclass(frozen=True)
+class BoxLimits:
+    """Sizes a digit box's interior may have, in inches (converted with the page's DPI)."""
+
+    min_side: float = 0.12
+    max_side: float = 1.0
+    max_aspect: float = 2.2  # longer side / shorter side
+
+
+def line_mask(grey: np.ndarray, min_line: int) -> np.ndarray:
+    """Pixels of straight horizontal or vertical lines at least `min_line` px long.
+
+    grey: (H, W) uint8, dark lines on light paper. Returns (H, W) uint8, 255 on lines.
+    """
+    block = max(15, (min_line * 2) | 1)
+    ink = cv2.adaptiveThreshold(grey, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, block, 12)
+    horiz = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((1, min_line), np.uint8))
+    vert = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((min_line, 1), np.uint8))
+    lines = cv2.bitwise_or(horiz, vert)
+    # Close the one-pixel breaks that scanning and JPEG leave in thin lines.
+    return cv2.morphologyEx(lines, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+
+
+def find_boxes(grey: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits(), min_line: int | None = None) -> list[Box]:
+    """Interiors of the rectangular boxes on a page, in reading order (top-down, left-right).
+
+    grey: (H, W) uint8. dpi: pixels per inch of `grey`, to know what size a box can be.
+    min_line: shortest straight run (px) taken as a printed line; default 0.6 of the smallest box.
+    """
+    min_side, max_side = limits.min_side * dpi, limits.max_side * dpi
+    lines = line_mask(grey, min_line or max(8, int(0.6 * min_side)))
+    contours, hierarchy = cv2.findContours(lines, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    boxes: list[Box] = []
+    if hierarchy is None:
+        return boxes
+    for contour, (_, _, _, parent) in zip(contours, hierarchy[0]):
+        if parent < 0:
+            continue  # an outer outline of lines, not a hole
+        x, y, w, h = cv2.boundingRect(contour)
+        if not (min_side <= min(w, h) and max(w, h) <= max_side and max(w, h) <= limits.max_aspect * min(w, h)):
+            continue
+        if cv2.contourArea(contour) < 0.8 * w * h:
+            continue  # not rectangular
+        # The hole's contour runs on the line pixels around it: the interior is 1 px inside.
+        boxes.append((int(x) + 1, int(y) + 1, int(w) - 2, int(h) - 2))
+    return sort_reading_order(boxes)
+
+
+def sort_reading_order(boxes: list[Box]) -> list[Box]:
+    """Sort boxes top-down by rows (boxes whose centres share a line), then left to right."""
+    rows: list[list[Box]] = []
+    for box in sorted(boxes, key=lambda b: b[1] + b[3] / 2):
+        cy = box[1] + box[3] / 2
+        if rows:
+            last = rows[-1]
+            ref_cy = np.median([b[1] + b[3] / 2 for b in last])
+            ref_h = np.median([b[3] for b in last])
+            if abs(cy - ref_cy) < 0.5 * ref_h:
+                last.append(box)
+                continue
+        rows.append([box])
+    return [b for row in rows for b in sorted(row, key=lambda b: b[0])]
+
+
+def refine_cells(aligned: np.ndarray, cells: list[Box], dpi: float, min_overlap: float = 0.5) -> list[tuple[Box, bool]]:
+    """Move each expected cell to the box found on the registered page, where one matches.
+
+    aligned: (H, W) uint8 page registered to the template's reference.
+    cells: the template's cell interiors. Returns, for each cell, (box, found): the found box
+    when one overlaps the expected one by at least `min_overlap` (intersection over union) and
+    has its size within 10%, else the expected box unchanged. Handwriting can split or dent a
+    box's hole; such holes fail these tests and the registered position is kept.
+    """
+    if not cells:
+        return []
+    sides = [min(w, h) for _, _, w, h in cells]
+    limits = BoxLimits(min_side=0.5 * min(sides) / dpi, max_side=1.5 * max(max(w, h) for *_, w, h in cells) / dpi)
+    # Lines nearly as long as a box's side: longer than most straight strokes of a digit.
+    found = find_boxes(aligned, dpi, limits, min_line=max(8, int(0.8 * min(sides))))
+    if not found:
+        return [(c, False) for c in cells]
+    found_arr = np.array(found, dtype=np.float64)
+    out = []
+    for cell in cells:
+        ious = _iou(np.array(cell, dtype=np.float64), found_arr)
+        best = int(np.argmax(ious))
+        _, _, fw, fh = found[best]
+        same_size = abs(fw - cell[2]) <= 0.1 * cell[2] and abs(fh - cell[3]) <= 0.1 * cell[3]
+        out.append((found[best], True) if ious[best] >= min_overlap and same_size else (cell, False))
+    return out
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x0 = np.maximum(box[0], boxes[:, 0])
+    y0 = np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
+    y1 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
+
+
+def cell_crop(page: np.ndarray, box: Box, margin: float = 0.15) -> np.ndarray:
+    """The grey crop of a cell with a margin around its interior (ink may cross the box line).
+
+    The box's own lines then lie along the crop's edges, where segmentation removes them.
+    """
+    x, y, w, h = box
+    mx, my = int(round(margin * w)), int(round(margin * h))
+    H, W = page.shape
+    return page[max(0, y - my) : min(H, y + h + my), max(0, x - mx) : min(W, x + w + mx)]

@@ -1,0 +1,294 @@
+"""The orchestrator: pages -> registered -> cells located -> digits segmented -> classified -> fields.
+
+`read_page` is a pure function of a page, a template and a classifier, so the same code runs
+in a loop, a process pool or on a cluster. `process_paths` runs a batch: it reads files in a
+stable order, segments pages (in worker processes if asked), classifies the digits of several
+pages in one batch, and records every page as soon as it is decided, so an interrupted run
+keeps what it finished (see `Journal`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, STRAY_INK_CONFIDENCE, FieldReading, read_field
+from formreader.ingest import Page, PageError, find_inputs, read_pages
+from formreader.locate import Box, cell_crop, refine_cells
+from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
+from formreader.segment import DigitSegment, segment_digit
+from formreader.template import Template
+
+STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
+
+
+@dataclass
+class SegmentedPage:
+    """A page after the image stages: what the classifier and the field rules need."""
+
+    source: str
+    page: int
+    registration: Registration
+    boxes: list[list[Box]]  # per field, per cell: located interiors, reference pixels
+    segments: list[list[DigitSegment]]  # per field, per cell
+
+
+@dataclass
+class PageRead:
+    """The outcome for one page: its fields, or the reason it could not be read."""
+
+    source: str
+    page: int
+    fields: list[FieldReading] = field(default_factory=list)
+    quality: float = 0.0
+    rotation_deg: float = 0.0
+    error: str | None = None
+    boxes: list[list[Box]] = field(default_factory=list)
+
+
+def scale_to_template(image: np.ndarray, dpi: float | None, template: Template) -> np.ndarray:
+    """Resample a page to the template's resolution when its own is known (or it is far larger)."""
+    if dpi:
+        factor = template.dpi / dpi
+    else:
+        factor = min(1.0, 1.5 * max(template.reference.shape) / max(image.shape))
+    if abs(factor - 1) < 0.03:
+        return image
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC
+    return cv2.resize(image, None, fx=factor, fy=factor, interpolation=interp)
+
+
+def segment_page(page: Page, template: Template, features: ReferenceFeatures | None = None) -> SegmentedPage:
+    """Register a page, locate its cells and segment every digit. Raises RegistrationError."""
+    image = scale_to_template(page.image, page.dpi, template)
+    reg = register_page(image, template.reference, features)
+    boxes: list[list[Box]] = []
+    segments: list[list[DigitSegment]] = []
+    for spec in template.fields:
+        located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
+        boxes.append(located)
+        segments.append([segment_digit(cell_crop(reg.aligned, b)) for b in located])
+    return SegmentedPage(page.source, page.page, reg, boxes, segments)
+
+
+def decide_page(
+    seg: SegmentedPage, probabilities: np.ndarray, template: Template, threshold: float = DEFAULT_REVIEW_THRESHOLD
+) -> PageRead:
+    """Turn a segmented page and the probabilities of its digits (in cell order) into fields."""
+    it = iter(probabilities)
+    fields = []
+    for spec, cells in zip(template.fields, seg.segments):
+        readings = []
+        for s in cells:
+            if s.image is not None:
+                readings.append(reading_from_probabilities(next(it)))
+            elif s.stray_ink > STRAY_INK_FRACTION:
+                readings.append(DigitReading("", STRAY_INK_CONFIDENCE))
+            else:
+                readings.append(DigitReading("", BLANK_CONFIDENCE))
+        fields.append(read_field(spec, readings, threshold))
+    reg = seg.registration
+    return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes)
+
+
+def digit_images(seg: SegmentedPage) -> np.ndarray:
+    """The page's segmented digits as one (N, 28, 28) array, in cell order, blanks skipped."""
+    images = [s.image for cells in seg.segments for s in cells if s.image is not None]
+    return np.stack(images) if images else np.zeros((0, 28, 28), np.float32)
+
+
+def read_page(
+    page: Page,
+    template: Template,
+    classifier: DigitClassifier,
+    features: ReferenceFeatures | None = None,
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+) -> PageRead:
+    """Read one page completely. A page that cannot be registered comes back with `error` set."""
+    try:
+        seg = segment_page(page, template, features)
+    except RegistrationError as e:
+        return PageRead(page.source, page.page, error=str(e))
+    return decide_page(seg, classifier.probabilities(digit_images(seg)), template, threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+_worker_state: dict = {}
+
+
+def _init_worker(template: Template, features: ReferenceFeatures) -> None:
+    cv2.setNumThreads(1)
+    _worker_state["template"], _worker_state["features"] = template, features
+
+
+def _segment_or_error(page: Page, template: Template | None = None, features: ReferenceFeatures | None = None):
+    template = template or _worker_state["template"]
+    features = features or _worker_state["features"]
+    try:
+        return segment_page(page, template, features)
+    except RegistrationError as e:
+        return PageRead(page.source, page.page, error=str(e))
+    except Exception as e:  # one broken page must not stop the batch
+        return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}")
+
+
+class Journal:
+    """Append-only record of finished pages (JSON lines), so a crash loses nothing done.
+
+    With `resume`, files recorded as finished are taken from the journal instead of re-read.
+    """
+
+    def __init__(self, path: Path | None, resume: bool = False):
+        self.path = path
+        self.done: dict[str, list[dict]] = {}
+        if path is None:
+            return
+        if resume and path.exists():
+            pending: dict[str, list[dict]] = {}
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the crash
+                if rec.get("kind") == "file_done":
+                    self.done[rec["source"]] = pending.pop(rec["source"], [])
+                else:
+                    pending.setdefault(rec["source"], []).append(rec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "a" if resume else "w")
+        if resume:  # rewrite only finished files, dropping half-done ones
+            self._fh.close()
+            with open(path, "w") as fh:
+                for source, recs in self.done.items():
+                    for rec in recs:
+                        fh.write(json.dumps(rec) + "\n")
+                    fh.write(json.dumps({"kind": "file_done", "source": source}) + "\n")
+            self._fh = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        if self.path is not None:
+            self._fh.write(json.dumps(rec) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self, remove: bool = False) -> None:
+        if self.path is not None:
+            self._fh.close()
+            if remove:
+                self.path.unlink(missing_ok=True)
+
+
+def page_record(read: PageRead) -> dict:
+    """A page's outcome as a JSON-able record (also the journal's line format)."""
+    return {
+        "kind": "page",
+        "source": read.source,
+        "page": read.page,
+        "quality": round(read.quality, 4),
+        "rotation_deg": round(read.rotation_deg, 2),
+        "error": read.error,
+        "fields": [
+            {
+                "field": f.name,
+                "value": f.value,
+                "confidence": round(f.confidence, 6),
+                "status": f.status,
+                "reasons": f.reasons,
+                "digits": [[d.digit, round(d.confidence, 6)] for d in f.digits],
+            }
+            for f in read.fields
+        ],
+    }
+
+
+def error_record(err: PageError) -> dict:
+    return {"kind": "page", "source": err.source, "page": err.page, "error": err.reason, "fields": []}
+
+
+def process_paths(
+    paths: Iterable[Path],
+    template: Template,
+    classifier: DigitClassifier,
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    workers: int = 1,
+    journal: Journal | None = None,
+    on_file: Callable[[str, int], None] | None = None,
+    chunk_pages: int = 8,
+) -> list[dict]:
+    """Read every page of every input; returns one record per page or unreadable file.
+
+    Pages are segmented `workers` at a time; the digits of up to `chunk_pages` pages are
+    classified in one batch. `on_file(source, pages)` is called as each file finishes.
+    """
+    journal = journal or Journal(None)
+    features = prepare_reference(template.reference)
+    files = find_inputs(list(paths))
+    records: list[dict] = []
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(template, features)) if workers > 1 else None
+
+    def segment_all(pages: list[Page]) -> list:
+        if pool is None:
+            return [_segment_or_error(p, template, features) for p in pages]
+        return list(pool.map(_segment_or_error, pages))
+
+    def flush(pages: list[Page]) -> None:
+        done = segment_all(pages)
+        segs = [d for d in done if isinstance(d, SegmentedPage)]
+        stacks = [digit_images(s) for s in segs]
+        probs = classifier.probabilities(np.concatenate(stacks)) if stacks else np.zeros((0, 11))
+        splits = np.cumsum([len(s) for s in stacks])[:-1]
+        per_page = iter(np.split(probs, splits) if stacks else [])
+        for d in done:
+            read = decide_page(d, next(per_page), template, threshold) if isinstance(d, SegmentedPage) else d
+            rec = page_record(read)
+            journal.write(rec)
+            records.append(rec)
+
+    try:
+        for path in files:
+            source = str(path)
+            if source in journal.done:
+                records.extend(journal.done[source])
+                if on_file:
+                    on_file(source, len(journal.done[source]))
+                continue
+            pending: list[Page] = []
+            count = 0
+            for item in _pages_of(path, template):
+                count += 1
+                if isinstance(item, PageError):
+                    rec = error_record(item)
+                    journal.write(rec)
+                    records.append(rec)
+                    continue
+                pending.append(item)
+                if len(pending) >= chunk_pages:
+                    flush(pending)
+                    pending = []
+            if pending:
+                flush(pending)
+            journal.write({"kind": "file_done", "source": source})
+            if on_file:
+                on_file(source, count)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return records
+
+
+def _pages_of(path: Path, template: Template) -> Iterator[Page | PageError]:
+    try:
+        yield from read_pages(path, pdf_dpi=int(round(template.dpi)))
+    except Exception as e:  # a reader failing in an unforeseen way costs one file, not the batch
+        yield PageError(str(path), 0, f"cannot read file: {type(e).__name__}: {e}")

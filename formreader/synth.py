@@ -1,0 +1,202 @@
+"""Synthetic forms for demos, tests and benchmarks, filled with real handwritten digits.
+
+The digits are MNIST test-split images (never seen by the model in training); the form is
+drawn with OpenCV; the "scan" applies what scanners and people do to paper: rotation, shift,
+scale, slight perspective, paper tone, uneven light, blur, noise and, at save time, JPEG or
+bilevel compression. Everything is seeded, so the same seed gives the same pages.
+Functions here return arrays; writing files is the caller's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from formreader.locate import Box
+from formreader.template import Field
+
+DPI = 150
+PAGE_SIZE = (1240, 874)  # A5 landscape at 150 DPI, width x height
+CELL = 36  # box interior, pixels
+LINE = 2  # box line thickness, pixels
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+@dataclass
+class FilledPage:
+    image: np.ndarray  # (H, W) uint8, the filled form before scanning
+    values: dict[str, str]  # field name -> digits written (ground truth)
+
+
+def _separate_boxes(canvas: np.ndarray, x: int, y: int, n: int, gap: int = 8) -> list[Box]:
+    cells = []
+    for i in range(n):
+        x0 = x + i * (CELL + 2 * LINE + gap)
+        cv2.rectangle(canvas, (x0, y), (x0 + CELL + 2 * LINE - 1, y + CELL + 2 * LINE - 1), 0, -1)
+        cv2.rectangle(canvas, (x0 + LINE, y + LINE), (x0 + LINE + CELL - 1, y + LINE + CELL - 1), 255, -1)
+        cells.append((x0 + LINE, y + LINE, CELL, CELL))
+    return cells
+
+
+def _comb(canvas: np.ndarray, x: int, y: int, n: int) -> tuple[list[Box], int]:
+    width = n * CELL + (n + 1) * LINE
+    cv2.rectangle(canvas, (x, y), (x + width - 1, y + CELL + 2 * LINE - 1), 0, -1)
+    cells = []
+    for i in range(n):
+        x0 = x + LINE + i * (CELL + LINE)
+        cv2.rectangle(canvas, (x0, y + LINE), (x0 + CELL - 1, y + LINE + CELL - 1), 255, -1)
+        cells.append((x0, y + LINE, CELL, CELL))
+    return cells, x + width
+
+
+def _combs(canvas: np.ndarray, x: int, y: int, groups: list[int], separator: str) -> list[Box]:
+    cells: list[Box] = []
+    for k, n in enumerate(groups):
+        group, end = _comb(canvas, x, y, n)
+        cells += group
+        x = end
+        if k < len(groups) - 1:
+            cv2.putText(canvas, separator, (x + 6, y + CELL - 4), FONT, 1.0, 0, 2, cv2.LINE_AA)
+            x += 26
+    return cells
+
+
+def blank_form() -> tuple[np.ndarray, list[Field]]:
+    """The demo order form: (874, 1240) uint8 image and its fields with exact cell interiors."""
+    w, h = PAGE_SIZE
+    canvas = np.full((h, w), 255, np.uint8)
+    cv2.putText(canvas, "FORMREADER DEMO - ORDER FORM", (60, 70), cv2.FONT_HERSHEY_DUPLEX, 1.1, 0, 2, cv2.LINE_AA)
+    cv2.line(canvas, (60, 92), (1180, 92), 0, 2)
+    cv2.putText(canvas, "Write one digit per box, in black or blue ink.", (60, 125), FONT, 0.6, 0, 1, cv2.LINE_AA)
+    rows = [170, 265, 360, 455, 550]
+    labels = ["Customer no.", "Date (DD/MM/YYYY)", "Quantity", "Amount", "Phone"]
+    for y, label in zip(rows, labels):
+        cv2.putText(canvas, label, (60, y + 30), FONT, 0.75, 0, 2, cv2.LINE_AA)
+    x0 = 340
+    fields = [
+        Field("customer_no", tuple(_separate_boxes(canvas, x0, rows[0], 8)), length=8),
+        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/")), length=8),
+        Field("quantity", tuple(_separate_boxes(canvas, x0, rows[2], 4)), optional=True),
+    ]
+    cv2.putText(canvas, "Postal code", (700, rows[2] + 30), FONT, 0.75, 0, 2, cv2.LINE_AA)
+    fields.append(Field("postal_code", tuple(_separate_boxes(canvas, 880, rows[2], 5)), length=5))
+    fields.append(Field("amount", tuple(_combs(canvas, x0, rows[3], [5, 2], "."))))
+    fields.append(Field("phone", tuple(_combs(canvas, x0, rows[4], [3, 3, 4], "-")), length=10))
+    cv2.putText(canvas, "Signature", (60, 720), FONT, 0.75, 0, 2, cv2.LINE_AA)
+    cv2.line(canvas, (200, 722), (700, 722), 0, 1)
+    cv2.putText(canvas, "Office use only - do not write below this line", (60, 800), FONT, 0.5, 0, 1, cv2.LINE_AA)
+    cv2.line(canvas, (60, 810), (1180, 810), 0, 1)
+    return canvas, fields
+
+
+class DigitSource:
+    """Draws MNIST test digits of a requested class, without repeats until a class runs out."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        self.images = images
+        self.rng = rng
+        self.pools = {d: list(rng.permutation(np.flatnonzero(labels == d))) for d in range(10)}
+
+    def take(self, digit: int) -> np.ndarray:
+        pool = self.pools[digit]
+        if not pool:
+            raise ValueError(f"no MNIST images of {digit} left")
+        return self.images[pool.pop()]
+
+
+def random_values(rng: np.random.Generator) -> dict[str, str]:
+    """Plausible values for the demo form's fields (quantity sometimes left empty)."""
+    digits = lambda n: "".join(str(d) for d in rng.integers(0, 10, n))  # noqa: E731
+    day, month, year = int(rng.integers(1, 29)), int(rng.integers(1, 13)), int(rng.integers(1990, 2027))
+    quantity = "" if rng.random() < 0.15 else str(int(rng.integers(1, 10 ** int(rng.integers(1, 5)))))
+    amount_int = str(int(rng.integers(1, 10 ** int(rng.integers(1, 6)))))
+    return {
+        "customer_no": digits(8),
+        "date": f"{day:02d}{month:02d}{year}",
+        "quantity": quantity,
+        "postal_code": digits(5),
+        "amount": amount_int.rjust(5) + digits(2),  # right-aligned in its five boxes
+        "phone": "0" + digits(9),
+    }
+
+
+def write_digit(canvas: np.ndarray, box: Box, digit: np.ndarray, rng: np.random.Generator, ink: float) -> None:
+    """Write one MNIST digit (28x28, ink 255 on 0) into a box's interior, in place."""
+    x, y, w, h = box
+    ys, xs = np.nonzero(digit > 30)
+    glyph = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255
+    target_h = h * rng.uniform(0.6, 0.88)
+    scale = target_h / glyph.shape[0]
+    glyph = cv2.resize(glyph, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    gh, gw = glyph.shape
+    cx = x + w / 2 + rng.uniform(-0.12, 0.12) * w
+    cy = y + h / 2 + rng.uniform(-0.1, 0.1) * h
+    x0, y0 = int(round(cx - gw / 2)), int(round(cy - gh / 2))
+    H, W = canvas.shape
+    sx0, sy0 = max(0, -x0), max(0, -y0)
+    x0, y0 = max(0, x0), max(0, y0)
+    x1, y1 = min(W, x0 + gw - sx0), min(H, y0 + gh - sy0)
+    alpha = glyph[sy0 : sy0 + (y1 - y0), sx0 : sx0 + (x1 - x0)]
+    region = canvas[y0:y1, x0:x1].astype(np.float32)
+    canvas[y0:y1, x0:x1] = np.minimum(region, region * (1 - alpha) + ink * alpha).astype(np.uint8)
+
+
+def fill_form(
+    blank: np.ndarray, fields: list[Field], values: dict[str, str], source: DigitSource, rng: np.random.Generator
+) -> np.ndarray:
+    """Write `values` into the form's boxes with MNIST digits; a space leaves a box empty."""
+    page = blank.copy()
+    ink = rng.uniform(15, 70) if rng.random() < 0.85 else rng.uniform(90, 130)  # pen, or pencil
+    for spec in fields:
+        for box, ch in zip(spec.cells, values.get(spec.name, "")):
+            if ch != " ":
+                write_digit(page, box, source.take(int(ch)), rng, ink)
+    return page
+
+
+def scan(
+    page: np.ndarray,
+    rng: np.random.Generator,
+    max_rotation: float = 10.0,
+    upside_down: bool = False,
+    dpi_scale: float = 1.0,
+) -> np.ndarray:
+    """Simulate scanning a paper page: geometry, paper tone, light, blur and noise.
+
+    page: (H, W) uint8. Returns (H', W') uint8 at `dpi_scale` times the page's resolution, on a
+    scanner bed 4% larger than the page.
+    """
+    h, w = page.shape
+    out_w, out_h = int(w * 1.04 * dpi_scale), int(h * 1.04 * dpi_scale)
+    paper = rng.uniform(222, 250)
+    img = page.astype(np.float32) * (paper / 255)
+    angle = rng.uniform(-max_rotation, max_rotation) + (180 if upside_down else 0)
+    s = rng.uniform(0.92, 1.06) * dpi_scale
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, s)
+    m[0, 2] += out_w / 2 - w / 2 + rng.uniform(-0.02, 0.02) * out_w
+    m[1, 2] += out_h / 2 - h / 2 + rng.uniform(-0.02, 0.02) * out_h
+    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    dst = cv2.transform(src[None], m)[0] + rng.uniform(-0.006, 0.006, (4, 2)).astype(np.float32) * [out_w, out_h]
+    homography = cv2.getPerspectiveTransform(src, dst.astype(np.float32))
+    img = cv2.warpPerspective(img, homography, (out_w, out_h), flags=cv2.INTER_LINEAR, borderValue=paper)
+    ramp = np.linspace(rng.uniform(0.93, 1.0), 1.0, out_w, dtype=np.float32)
+    img *= ramp[None, :] if rng.random() < 0.5 else ramp[::-1][None, :]
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 0.9) * dpi_scale)
+    img += rng.normal(0, rng.uniform(2, 6), img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_pages(n: int, seed: int, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
+    """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth."""
+    rng = np.random.default_rng(seed)
+    blank, fields = blank_form()
+    source = DigitSource(images, labels, rng)
+    pages = []
+    for _ in range(n):
+        values = random_values(rng)
+        pages.append(
+            FilledPage(fill_form(blank, fields, values, source, rng), {k: v.replace(" ", "") for k, v in values.items()})
+        )
+    return blank, fields, pages

@@ -1,0 +1,166 @@
+"""Form templates: a YAML file naming the digit fields on a blank reference image.
+
+Schema (coordinates are pixels of the reference image; a cell is a box's interior)::
+
+    name: demo_form            # free text
+    reference: demo_form.png   # blank form, path relative to this file
+    dpi: 150                   # resolution of the reference image
+    fields:
+      - name: customer_no      # unique; becomes the CSV's field name / column
+        cells: [[x, y, w, h], ...]   # one box per digit, left to right
+        length: 8              # optional: exactly this many digits
+        optional: false        # optional: true if the field may be left empty
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from formreader.locate import Box, BoxLimits, find_boxes
+
+
+class TemplateError(ValueError):
+    """A template file that cannot be used; the message names the file, field and problem."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    cells: tuple[Box, ...]
+    length: int | None = None
+    optional: bool = False
+
+
+@dataclass
+class Template:
+    name: str
+    reference: np.ndarray  # (H, W) uint8, the blank form
+    dpi: float
+    fields: tuple[Field, ...]
+    path: str = ""
+
+    @property
+    def cells(self) -> list[Box]:
+        return [c for f in self.fields for c in f.cells]
+
+
+_FIELD_KEYS = {"name", "cells", "length", "optional"}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def load_template(path: Path) -> Template:
+    """Read and check a template YAML file and its reference image."""
+    from formreader.ingest import PageError, read_pages
+
+    path = Path(path)
+    where = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise TemplateError(f"{where}: cannot read template: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise TemplateError(f"{where}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise TemplateError(f"{where}: expected a mapping with 'reference', 'dpi' and 'fields'")
+    for key in ("reference", "fields"):
+        if key not in doc:
+            raise TemplateError(f"{where}: missing '{key}'")
+    dpi = doc.get("dpi", 150)
+    if not isinstance(dpi, (int, float)) or not 50 <= dpi <= 1200:
+        raise TemplateError(f"{where}: 'dpi' must be a number between 50 and 1200, not {dpi!r}")
+    ref_path = path.parent / str(doc["reference"])
+    pages = list(read_pages(ref_path)) if ref_path.exists() else []
+    if not pages or isinstance(pages[0], PageError):
+        reason = pages[0].reason if pages else "file not found"
+        raise TemplateError(f"{where}: reference image {ref_path}: {reason}")
+    reference = pages[0].image
+    fields = doc["fields"]
+    if not isinstance(fields, list) or not fields:
+        raise TemplateError(f"{where}: 'fields' must be a non-empty list")
+    parsed = [_parse_field(where, i, f, reference.shape) for i, f in enumerate(fields)]
+    names = [f.name for f in parsed]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TemplateError(f"{where}: field '{dupes[0]}': name used more than once")
+    return Template(str(doc.get("name", path.stem)), reference, float(dpi), tuple(parsed), where)
+
+
+def _parse_field(where: str, index: int, doc, shape: tuple[int, int]) -> Field:
+    if not isinstance(doc, dict):
+        raise TemplateError(f"{where}: fields[{index}]: expected a mapping with 'name' and 'cells'")
+    name = doc.get("name")
+    label = f"field '{name}'" if name else f"fields[{index}]"
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise TemplateError(f"{where}: {label}: 'name' must be an identifier (letters, digits, _), not {name!r}")
+    unknown = set(doc) - _FIELD_KEYS
+    if unknown:
+        raise TemplateError(f"{where}: {label}: unknown key(s) {', '.join(sorted(unknown))}")
+    cells = doc.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise TemplateError(f"{where}: {label}: 'cells' must be a non-empty list of [x, y, w, h]")
+    h_img, w_img = shape
+    boxes = []
+    for j, c in enumerate(cells):
+        if not (isinstance(c, (list, tuple)) and len(c) == 4 and all(isinstance(v, int) for v in c)):
+            raise TemplateError(f"{where}: {label}: cells[{j}] must be four integers [x, y, w, h], not {c!r}")
+        x, y, w, h = c
+        if w < 4 or h < 4:
+            raise TemplateError(f"{where}: {label}: cells[{j}] is too small ({w}x{h} px)")
+        if x < 0 or y < 0 or x + w > w_img or y + h > h_img:
+            raise TemplateError(f"{where}: {label}: cells[{j}] {c} lies outside the reference image ({w_img}x{h_img} px)")
+        boxes.append((x, y, w, h))
+    length = doc.get("length")
+    if length is not None and (not isinstance(length, int) or not 1 <= length <= len(boxes)):
+        raise TemplateError(f"{where}: {label}: 'length' must be an integer from 1 to {len(boxes)} (its cells), not {length!r}")
+    optional = doc.get("optional", False)
+    if not isinstance(optional, bool):
+        raise TemplateError(f"{where}: {label}: 'optional' must be true or false, not {optional!r}")
+    return Field(name, tuple(boxes), length, optional)
+
+
+def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
+    """Group boxes in reading order into fields: runs of boxes of one size on one line.
+
+    A run goes on across gaps up to `max_gap` box widths, so that printed separators
+    (the / of a date, the , of an amount) leave one field; larger gaps start a new field.
+    """
+    fields: list[list[Box]] = []
+    for box in boxes:
+        if fields:
+            run = fields[-1]
+            last = run[-1]
+            width = float(np.median([b[2] for b in run]))
+            height = float(np.median([b[3] for b in run]))
+            same_line = abs((box[1] + box[3] / 2) - (last[1] + last[3] / 2)) < 0.5 * height
+            same_size = abs(box[3] - height) < 0.25 * height
+            gap = box[0] - (last[0] + last[2])
+            if same_line and same_size and 0 <= gap <= max_gap * width:
+                run.append(box)
+                continue
+        fields.append([box])
+    return fields
+
+
+def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits()) -> list[Field]:
+    """Propose fields from a blank form: its boxes, grouped, named field_1, field_2, ..."""
+    groups = group_fields(find_boxes(blank, dpi, limits))
+    return [Field(f"field_{i}", tuple(g)) for i, g in enumerate(groups, start=1)]
+
+
+def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) -> str:
+    """The YAML text of a template (cells written one per line, as people edit them)."""
+    lines = [f"name: {name}", f"reference: {reference}", f"dpi: {dpi:g}", "fields:"]
+    for f in fields:
+        lines.append(f"  - name: {f.name}")
+        if f.length is not None:
+            lines.append(f"    length: {f.length}")
+        if f.optional:
+            lines.append("    optional: true")
+        lines.append("    cells:")
+        lines += [f"      - [{x}, {y}, {w}, {h}]" for x, y, w, h in f.cells]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""Regenerate the demo form, its template and the sample scans, deterministically.
+
+    python samples/make_samples.py [--mnist DIR]
+
+Writes templates/demo_form.png and templates/demo_form.yaml (the blank form and its template),
+samples/scans/ (ten filled pages as PDF, bilevel TIFF, PNG and JPEG, scanned crooked, noisy,
+one upside down) and samples/truth.csv (what was written in every field). The handwriting is
+MNIST test-split digits, which the model never trains on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from formreader.datasets import load_mnist
+from formreader.synth import DPI, make_pages, scan
+from formreader.template import template_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 20261124
+FIXED_DATE = time.strptime("2026-01-01", "%Y-%m-%d")  # PDFs carry a date; a fixed one keeps them identical
+
+# file name -> list of (upside down, resolution factor) per page
+LAYOUT = {
+    "batch_a.pdf": [(False, 1.0), (False, 1.0), (True, 1.0), (False, 1.0)],
+    "fax_b.tif": [(False, 1.0), (False, 1.0), (False, 1.0)],
+    "scan_c.png": [(False, 4 / 3)],
+    "phone_d.jpg": [(False, 1.0)],
+    "scan_e.jpg": [(True, 2.0)],
+}
+
+
+def write_samples(out_root: Path = ROOT, mnist_dir: Path | None = None, seed: int = SEED) -> Path:
+    """Write the template, scans and truth under out_root; returns the truth CSV's path."""
+    images, labels = load_mnist("test", mnist_dir)
+    n_pages = sum(len(v) for v in LAYOUT.values())
+    blank, fields, pages = make_pages(n_pages, seed, images, labels)
+    rng = np.random.default_rng(seed + 1)
+
+    templates = out_root / "templates"
+    templates.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(blank).save(templates / "demo_form.png", dpi=(DPI, DPI))
+    (templates / "demo_form.yaml").write_text(template_yaml(fields, "demo_form.png", DPI, "demo_form"))
+
+    scans = out_root / "samples" / "scans"
+    scans.mkdir(parents=True, exist_ok=True)
+    truth = []
+    it = iter(pages)
+    for name, layout in LAYOUT.items():
+        frames = []
+        for number, (upside_down, factor) in enumerate(layout, start=1):
+            page = next(it)
+            frames.append((scan(page.image, rng, upside_down=upside_down, dpi_scale=factor), DPI * factor))
+            truth += [{"file": name, "page": number, "field": f, "value": v} for f, v in page.values.items()]
+        _save(scans / name, frames)
+    truth_path = out_root / "samples" / "truth.csv"
+    pd.DataFrame(truth).to_csv(truth_path, index=False)
+    return truth_path
+
+
+def _save(path: Path, frames: list[tuple[np.ndarray, float]]) -> None:
+    imgs = [Image.fromarray(a) for a, _ in frames]
+    dpi = frames[0][1]
+    suffix = path.suffix.lower()
+    if suffix == ".pdf":
+        imgs[0].save(
+            path, save_all=True, append_images=imgs[1:], resolution=dpi, quality=80, creationDate=FIXED_DATE, modDate=FIXED_DATE
+        )
+    elif suffix == ".tif":
+        # A fax-style scan: 1 bit per pixel, CCITT group 4.
+        bilevel = [i.point(lambda v: 255 if v > 150 else 0).convert("1") for i in imgs]
+        bilevel[0].save(path, save_all=True, append_images=bilevel[1:], compression="group4", dpi=(dpi, dpi))
+    elif suffix == ".png":
+        imgs[0].save(path, dpi=(dpi, dpi), optimize=True)
+    else:
+        imgs[0].save(path, quality=75, dpi=(round(dpi), round(dpi)))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist", type=Path, help="folder with the MNIST IDX files")
+    args = parser.parse_args()
+    print(f"wrote {write_samples(ROOT, args.mnist)}")

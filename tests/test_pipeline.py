@@ -1,0 +1,185 @@
+"""The whole pipeline on the shipped samples and on a batch full of bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from formreader.ingest import Page
+from formreader.pipeline import Journal, process_paths, read_page
+from formreader.synth import scan
+
+from .conftest import SCANS, TEMPLATE, field_accuracy
+from .test_register import other_form
+
+
+@pytest.fixture(scope="module")
+def sample_records(template, classifier):
+    return process_paths([SCANS], template, classifier)
+
+
+def test_samples_reproduce_ground_truth(sample_records, truth):
+    right, total, flagged, wrong_unflagged = field_accuracy(sample_records, truth)
+    assert total == len(truth) == 60
+    assert right / total >= 0.95
+    assert wrong_unflagged == 0
+    assert flagged / total <= 0.25
+
+
+def test_every_sample_page_registers_well(sample_records):
+    assert len(sample_records) == 10
+    assert all(r["error"] is None and r["quality"] > 0.8 for r in sample_records)
+    upside_down = [r for r in sample_records if abs(r["rotation_deg"]) > 150]
+    assert len(upside_down) == 2  # batch_a.pdf page 3 and scan_e.jpg were fed upside down
+
+
+def test_read_page_is_pure_and_repeatable(filled_pages, template, classifier):
+    _, _, pages = filled_pages
+    image = scan(pages[0].image, np.random.default_rng(11))
+    a = read_page(Page(image, 150.0, "x", 1), template, classifier)
+    b = read_page(Page(image.copy(), 150.0, "x", 1), template, classifier)
+    assert [(f.name, f.value, f.confidence) for f in a.fields] == [(f.name, f.value, f.confidence) for f in b.fields]
+    right = sum(f.value == pages[0].values[f.name] for f in a.fields)
+    assert right >= 5
+
+
+def test_blank_field_is_empty_not_guessed(filled_pages, template, classifier, mnist_test):
+    from formreader.synth import DigitSource, fill_form
+
+    blank, fields, _ = filled_pages
+    rng = np.random.default_rng(3)
+    images, labels = mnist_test
+    values = {
+        "customer_no": "12345678",
+        "date": "01022003",
+        "quantity": "",
+        "postal_code": "54321",
+        "amount": "   1234",
+        "phone": "0123456789",
+    }
+    page = fill_form(blank, fields, values, DigitSource(images, labels, rng), rng)
+    read = read_page(Page(scan(page, rng, max_rotation=3), 150.0, "x", 1), template, classifier)
+    quantity = read.fields[2]
+    assert quantity.value == "" and quantity.status == "ok"  # optional and empty
+    assert [d.digit for d in read.fields[4].digits][:3] == ["", "", ""]
+
+
+@pytest.fixture()
+def messy_batch(tmp_path):
+    """The samples plus every kind of bad input, in one folder."""
+    from pypdf import PdfReader, PdfWriter
+
+    batch = tmp_path / "batch"
+    shutil.copytree(SCANS, batch)
+    (batch / "a_empty.pdf").write_bytes(b"")
+    good = (SCANS / "batch_a.pdf").read_bytes()
+    (batch / "b_truncated.pdf").write_bytes(good[: len(good) // 3])
+    writer = PdfWriter()
+    writer.append(PdfReader(SCANS / "batch_a.pdf"))
+    writer.encrypt("secret", algorithm="RC4-128")
+    writer.write(batch / "c_encrypted.pdf")
+    (batch / "d_notes.png").write_text("not a picture\n")
+    Image.fromarray(np.clip(np.random.default_rng(0).normal(242, 3, (900, 1290)), 0, 255).astype(np.uint8)).save(
+        batch / "e_blank.png"
+    )
+    Image.fromarray(other_form()).save(batch / "f_other_form.png")
+    Image.new("L", (30000, 40), 255).save(batch / "g_huge.png")
+    return batch
+
+
+EXPECTED_ERRORS = {
+    "a_empty.pdf": "empty file",
+    "b_truncated.pdf": "not a readable PDF",
+    "c_encrypted.pdf": "encrypted PDF",
+    "d_notes.png": "not an image file",
+    "e_blank.png": "blank page",
+    "f_other_form.png": "does not match the template",
+    "g_huge.png": "image too large",
+}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "formreader.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bad_inputs_reported_while_the_batch_goes_on(messy_batch, tmp_path, truth):
+    out = tmp_path / "out" / "results.csv"
+    run = run_cli("process", messy_batch, "--template", TEMPLATE, "--out", out, "--quiet")
+    assert run.returncode == 1  # not every input could be read
+    errors = pd.read_csv(out.with_name("results.errors.csv"))
+    got = {name: errors[errors.file.str.endswith(name)].error.tolist() for name in EXPECTED_ERRORS}
+    for name, reason in EXPECTED_ERRORS.items():
+        assert len(got[name]) == 1 and reason in got[name][0], (name, got[name])
+    fields = pd.read_csv(out, dtype={"value": str}, keep_default_na=False)
+    assert len(fields) == 60  # every good page was still read
+    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob("*.partial.jsonl"))
+
+
+def test_cli_outputs_keep_leading_zeros_and_have_all_tables(tmp_path, truth):
+    out = tmp_path / "results.csv"
+    run = run_cli("process", SCANS, "--template", TEMPLATE, "--out", out, "--quiet")
+    assert run.returncode == 0, run.stderr
+    fields = pd.read_csv(out, dtype={"value": str}, keep_default_na=False)
+    assert list(fields.columns[:6]) == ["file", "page", "field", "value", "confidence", "status"]
+    assert fields.confidence.between(0, 1).all() and set(fields.status) <= {"ok", "review"}
+    phones = fields[fields.field == "phone"].value
+    assert phones.str.startswith("0").all()  # every phone number starts with 0 and keeps it
+    wide = pd.read_csv(tmp_path / "results.wide.csv", dtype=str, keep_default_na=False)
+    assert len(wide) == 10 and {"customer_no", "phone", "review"} <= set(wide.columns)
+    digits = pd.read_csv(tmp_path / "results.digits.csv", dtype={"digit": str}, keep_default_na=False)
+    assert len(digits) == 10 * 42
+    assert pd.read_csv(tmp_path / "results.errors.csv").empty
+
+
+def test_resume_keeps_finished_files(tmp_path, template, classifier):
+    journal_path = tmp_path / "r.partial.jsonl"
+    first = process_paths([SCANS / "fax_b.tif"], template, classifier, journal=Journal(journal_path))
+    # A crash here leaves the journal; a half-written line at its end is ignored.
+    with open(journal_path, "a") as fh:
+        fh.write('{"kind": "page", "source": "cut sh')
+    seen = []
+    resumed = process_paths(
+        [SCANS / "fax_b.tif", SCANS / "phone_d.jpg"],
+        template,
+        classifier,
+        journal=Journal(journal_path, resume=True),
+        on_file=lambda s, n: seen.append(s),
+    )
+    assert resumed[:3] == first
+    assert len(resumed) == 4
+    lines = [json.loads(line) for line in journal_path.read_text().splitlines()]
+    assert sum(rec["kind"] == "file_done" for rec in lines) == 2
+
+
+def test_workers_give_the_same_results(template, classifier, sample_records):
+    parallel = process_paths([SCANS], template, classifier, workers=2)
+    assert [(r["source"], r["page"], [f["value"] for f in r["fields"]]) for r in parallel] == [
+        (r["source"], r["page"], [f["value"] for f in r["fields"]]) for r in sample_records
+    ]
+
+
+def test_inspect_draws_the_overlay(tmp_path):
+    out = tmp_path / "overlay.png"
+    run = run_cli("inspect", SCANS / "batch_a.pdf", "--page", 3, "--template", TEMPLATE, "--out", out)
+    assert run.returncode == 0, run.stderr
+    img = cv2.imread(str(out))
+    assert img.shape == (874, 1240, 3)
+    # Cells are drawn in green (ok) or orange (review): colour only where the boxes are.
+    coloured = (np.abs(img[..., 1].astype(int) - img[..., 2].astype(int)) > 60).mean()
+    assert 0.002 < coloured < 0.2
+    assert "customer_no" in run.stdout and "registration quality" in run.stdout
+
+
+def test_cli_bad_template_is_a_usage_error(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("reference: nothing.png\nfields: []\n")
+    run = run_cli("process", SCANS, "--template", bad, "--out", tmp_path / "r.csv")
+    assert run.returncode == 2 and str(bad) in run.stderr

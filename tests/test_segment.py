@@ -1,0 +1,105 @@
+"""Segmentation: real MNIST digits written into boxes come out MNIST-shaped; blanks stay blank."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from formreader.locate import cell_crop
+from formreader.segment import normalize_digit, segment_digit
+from formreader.synth import write_digit
+
+
+def boxed(digit: np.ndarray | None, seed: int, ink: float = 40, noise: float = 4.0, size: int = 36) -> np.ndarray:
+    """A scanned-looking crop of one box (with its lines) holding an MNIST digit, or nothing."""
+    rng = np.random.default_rng(seed)
+    page = np.full((size + 40, size + 40), 255, np.uint8)
+    cv2.rectangle(page, (18, 18), (18 + size + 3, 18 + size + 3), 0, -1)
+    cv2.rectangle(page, (20, 20), (20 + size - 1, 20 + size - 1), 255, -1)
+    if digit is not None:
+        write_digit(page, (20, 20, size, size), digit, rng, ink)
+    page = cv2.GaussianBlur(page.astype(np.float32) * 0.93, (0, 0), 0.7) + rng.normal(0, noise, page.shape)
+    return cell_crop(np.clip(page, 0, 255).astype(np.uint8), (20, 20, size, size))
+
+
+def test_normalize_digit_follows_mnist_recipe():
+    ink = np.zeros((80, 50), np.float32)
+    cv2.line(ink, (10, 5), (40, 70), 1.0, 6)
+    out = normalize_digit(ink, thicken=False)
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    ys, xs = np.nonzero(out > 0.05)
+    assert 19 <= ys.max() - ys.min() + 1 <= 22  # the long side fitted in 20 px (plus the blur fringe)
+    cy = (out.sum(1) @ np.arange(28)) / out.sum()
+    cx = (out.sum(0) @ np.arange(28)) / out.sum()
+    assert abs(cy - 13.5) < 0.5 and abs(cx - 13.5) < 0.5
+
+
+def test_thin_strokes_are_thickened_to_mnist_width():
+    ink = np.zeros((60, 60), np.float32)
+    cv2.circle(ink, (30, 30), 25, 1.0, 1)
+    from formreader.segment import stroke_width
+
+    assert stroke_width(normalize_digit(ink, thicken=True)) > stroke_width(normalize_digit(ink, thicken=False)) + 0.5
+
+
+def test_boxed_mnist_digits_are_read_after_segmentation(mnist_test, classifier):
+    images, labels = mnist_test
+    idx = np.random.default_rng(5).choice(len(images), 300, replace=False)
+    inputs = []
+    for i, k in enumerate(idx):
+        seg = segment_digit(boxed(images[k], seed=i, ink=float(np.random.default_rng(i).uniform(20, 130))))
+        assert seg.image is not None, f"digit {labels[k]} (test image {k}) judged blank"
+        inputs.append(seg.image)
+    predicted = classifier.probabilities(np.stack(inputs)).argmax(1)
+    assert (predicted == labels[idx]).mean() >= 0.97
+
+
+@pytest.mark.parametrize("noise", [2.0, 8.0])
+def test_empty_boxes_are_blank(noise):
+    for seed in range(20):
+        seg = segment_digit(boxed(None, seed, noise=noise))
+        assert seg.image is None
+
+
+def test_specks_and_box_line_pieces_are_not_digits():
+    crop = boxed(None, 0, noise=1)
+    speck = crop.copy()
+    cv2.circle(speck, (25, 20), 1, 30, -1)
+    assert segment_digit(speck).image is None
+    line_piece = crop.copy()
+    cv2.line(line_piece, (8, 44), (30, 44), 20, 2)  # a stub of line along the bottom edge
+    assert segment_digit(line_piece).image is None
+
+
+def test_dot_beside_a_digit_is_dropped(mnist_test):
+    images, labels = mnist_test
+    one = images[np.flatnonzero(labels == 1)[0]]
+    crop = boxed(one, 1)
+    with_dot = crop.copy()
+    cv2.circle(with_dot, (crop.shape[1] - 12, crop.shape[0] - 12), 2, 30, -1)
+    a, b = segment_digit(crop), segment_digit(with_dot)
+    assert np.abs(a.image - b.image).max() < 0.05
+
+
+def test_broken_stroke_stays_one_digit(mnist_test):
+    images, labels = mnist_test
+    five = images[np.flatnonzero(labels == 5)[3]].copy()
+    # Break the 5: erase a band between its top bar and its body.
+    ys = np.nonzero(five.max(axis=1) > 0)[0]
+    five[ys.min() + 5 : ys.min() + 7, :] = 0
+    seg = segment_digit(boxed(five, 2))
+    assert seg.image is not None
+    whole = segment_digit(boxed(images[np.flatnonzero(labels == 5)[3]], 2))
+    # The top bar is kept: the segmented digit is as tall as the unbroken one.
+    height = lambda im: np.ptp(np.nonzero(im > 0.2)[0])  # noqa: E731
+    assert abs(height(seg.image) - height(whole.image)) <= 2
+
+
+def test_faint_pencil_is_found():
+    from formreader.datasets import load_nsysu
+
+    crops, labels, _ = load_nsysu()
+    faint = [c for c in crops if c.min() > 190][:20]
+    assert len(faint) >= 5
+    assert all(segment_digit(c).image is not None for c in faint)

@@ -1,0 +1,130 @@
+"""Templates: the YAML schema, clear errors, and proposing a template from a blank form."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from formreader.synth import blank_form
+from formreader.template import TemplateError, group_fields, load_template, propose_template
+
+from .conftest import ROOT, TEMPLATE
+
+
+def test_demo_template_loads(template):
+    assert [f.name for f in template.fields] == ["customer_no", "date", "quantity", "postal_code", "amount", "phone"]
+    assert [len(f.cells) for f in template.fields] == [8, 8, 4, 5, 7, 10]
+    assert template.reference.shape == (874, 1240) and template.dpi == 150
+    quantity = template.fields[2]
+    assert quantity.optional and quantity.length is None
+
+
+@pytest.fixture()
+def template_copy(tmp_path):
+    shutil.copy(ROOT / "templates" / "demo_form.png", tmp_path / "demo_form.png")
+    doc = yaml.safe_load(TEMPLATE.read_text())
+    return tmp_path, doc
+
+
+def write(tmp_path, doc):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda d: d["fields"][1]["cells"].__setitem__(2, [1230, 10, 36, 36]),
+            "field 'date': cells[2] [1230, 10, 36, 36] lies outside the reference image",
+        ),
+        (lambda d: d["fields"][0].__setitem__("length", 9), "field 'customer_no': 'length' must be an integer from 1 to 8"),
+        (lambda d: d["fields"][2].__setitem__("name", "customer_no"), "field 'customer_no': name used more than once"),
+        (lambda d: d["fields"][3].__setitem__("lenght", 5), "field 'postal_code': unknown key(s) lenght"),
+        (lambda d: d["fields"][4]["cells"].__setitem__(0, [1, 2, 3]), "field 'amount': cells[0] must be four integers"),
+        (lambda d: d["fields"][5].__setitem__("name", "phone number"), "'name' must be an identifier"),
+        (lambda d: d.__setitem__("reference", "missing.png"), "reference image"),
+        (lambda d: d.pop("fields"), "missing 'fields'"),
+        (lambda d: d.__setitem__("dpi", "high"), "'dpi' must be a number"),
+    ],
+)
+def test_bad_template_errors_name_file_field_and_problem(template_copy, change, message):
+    tmp_path, doc = template_copy
+    change(doc)
+    path = write(tmp_path, doc)
+    with pytest.raises(TemplateError) as err:
+        load_template(path)
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_template_not_yaml(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("fields: [unclosed\n")
+    with pytest.raises(TemplateError, match="not valid YAML"):
+        load_template(path)
+
+
+def test_propose_template_finds_every_box_exactly():
+    blank, fields = blank_form()
+    proposed = propose_template(blank, 150)
+    assert [f.name for f in proposed] == [f"field_{i}" for i in range(1, 7)]
+    # Separate squares, combs split by / . - separators, and two fields far apart on one line.
+    assert [f.cells for f in proposed] == [f.cells for f in fields]
+
+
+def test_propose_template_on_a_scanned_rotated_blank():
+    blank, fields = blank_form()
+    m = cv2.getRotationMatrix2D((620, 437), 1.5, 1.0)
+    tilted = cv2.warpAffine(blank, m, (1240, 874), borderValue=255)
+    proposed = propose_template(tilted, 150)
+    assert [len(f.cells) for f in proposed] == [len(f.cells) for f in fields]
+
+
+def test_group_fields_rules():
+    box = lambda x, y=100: (x, y, 30, 30)  # noqa: E731
+    # Touching boxes, a separator gap of one box, a far run, and a new line.
+    boxes = [box(0), box(32), box(64), box(126), box(158), box(400), box(432), box(0, 200)]
+    groups = group_fields(boxes)
+    assert [len(g) for g in groups] == [5, 2, 1]
+
+
+def test_cli_template_detect(tmp_path):
+    blank, _ = blank_form()
+    cv2.imwrite(str(tmp_path / "blank.png"), blank)
+    out = tmp_path / "t.yaml"
+    run = subprocess.run(
+        [sys.executable, "-m", "formreader.cli", "template", "detect", str(tmp_path / "blank.png"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "6 fields, 42 boxes" in run.stdout
+    tpl = load_template(out)
+    assert len(tpl.cells) == 42 and np.array_equal(tpl.reference, blank)
+
+
+def test_cli_template_detect_on_a_page_without_boxes(tmp_path):
+    cv2.imwrite(str(tmp_path / "plain.png"), np.full((500, 700), 255, np.uint8))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "formreader.cli",
+            "template",
+            "detect",
+            str(tmp_path / "plain.png"),
+            "--out",
+            str(tmp_path / "t.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1 and "no digit boxes found" in run.stderr
