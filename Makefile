@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   set everything up, then read the sample scans into demo-out/results.csv
+#   make demo   set everything up, then read the sample forms and checks into demo-out/
 #   make test   set everything up, then run the test suite (what CI runs)
 # Set-up is done once and redone only when pyproject.toml changes.
 
@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/formreader process samples/scans --template templates/demo_form.yaml --out demo-out/results.csv
+	$(VENV)/bin/formreader process samples/checks --template templates/bank_check.yaml --out demo-out/checks.csv
 	@echo; echo "First rows of demo-out/results.csv:"; head -n 8 demo-out/results.csv
+	@echo; echo "First rows of demo-out/checks.csv:"; head -n 5 demo-out/checks.csv
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check formreader tests benchmarks samples
@@ -35,6 +37,7 @@ samples: $(STAMP)
 evaluate: $(STAMP)
 	$(VENV)/bin/formreader evaluate
 	$(PY) benchmarks/evaluate_forms.py
+	$(PY) benchmarks/evaluate_checks.py
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 
 from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.fields import DEFAULT_REVIEW_THRESHOLD
+from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD
 from formreader.pipeline import Journal, process_paths
 from formreader.segment import segment_digit
+from formreader.strings import StringReading, decide_string, segment_string
 from formreader.template import Template, load_template
 
 _classifiers: dict[str, DigitClassifier] = {}
@@ -35,7 +36,9 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     segments = [segment_digit(np.asarray(c)) for c in crops]
     images = [s.image for s in segments if s.image is not None]
     probs = iter(classifier.probabilities(np.stack(images)) if images else [])
-    return [reading_from_probabilities(next(probs)) if s.image is not None else DigitReading("", 0.999) for s in segments]
+    return [
+        reading_from_probabilities(next(probs)) if s.image is not None else DigitReading("", BLANK_CONFIDENCE) for s in segments
+    ]
 
 
 def process_folder(
@@ -58,3 +61,15 @@ def process_folder(
     out = frames["fields"]
     out.attrs.update({k: v for k, v in frames.items() if k != "fields"})
     return out
+
+
+def read_number(image: np.ndarray, model: Path | str | None = None) -> StringReading:
+    """Read a number written freely (no boxes) in a grey crop, dark ink on light paper.
+
+    Returns a StringReading: `value` (digits only), `raw` (with separators, e.g. '1.234,56'),
+    `confidence` (calibrated probability that the digits are right), the digits, and where
+    touching digits were cut apart.
+    """
+    layout = segment_string(np.asarray(image))
+    probs = get_classifier(model).probabilities(layout.images) if len(layout.images) else np.zeros((0, 11))
+    return decide_string(layout, probs)

@@ -196,7 +196,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 @click.option(
     "--out", "-o", default=Path("models/digits.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
 )
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--limit", type=click.IntRange(50), help="Train on this many images only (quick trials).")
 @click.option("--seed", default=20261124, show_default=True, type=int)
 def train(data, out, epochs, limit, seed) -> None:

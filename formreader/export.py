@@ -1,7 +1,8 @@
 """Export: page records -> pandas tables -> CSV files written atomically.
 
 For `--out results.csv` four files are written side by side:
-- results.csv         one row per field per page: file, page, field, value, confidence, status, reasons
+- results.csv         one row per field per page: file, page, field, value, confidence, status, reasons,
+                      raw (free-written fields: the number with its separators, e.g. 1.234,56)
 - results.digits.csv  one row per cell: the digit read and its confidence
 - results.wide.csv    one row per page, a column per field (for spreadsheets)
 - results.errors.csv  one row per file or page that could not be read, with the reason
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-FIELD_COLUMNS = ["file", "page", "field", "value", "confidence", "status", "reasons", "registration_quality"]
+FIELD_COLUMNS = ["file", "page", "field", "value", "confidence", "status", "reasons", "raw", "registration_quality"]
 DIGIT_COLUMNS = ["file", "page", "field", "cell", "digit", "confidence"]
 ERROR_COLUMNS = ["file", "page", "error"]
 
@@ -40,6 +41,7 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                     "confidence": round(f["confidence"], 4),
                     "status": f["status"],
                     "reasons": "; ".join(f["reasons"]),
+                    "raw": f.get("raw", ""),
                     "registration_quality": rec.get("quality"),
                 }
             )
@@ -60,7 +62,7 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
         row["review"] = " ".join(flagged)
         wide.append(row)
     return {
-        "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype({"value": str, "reasons": str}),
+        "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype({"value": str, "reasons": str, "raw": str}),
         "digits": pd.DataFrame(digits, columns=DIGIT_COLUMNS).astype({"digit": str}),
         "wide": pd.DataFrame(wide),
         "errors": pd.DataFrame(errors, columns=ERROR_COLUMNS),

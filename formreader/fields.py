@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from formreader.classify import DigitReading
+from formreader.strings import StringReading
 from formreader.template import Field
 
-# Chosen from measurements on held-out generated forms (benchmarks/evaluate_forms.py): below it
-# the fields that were wrong are caught while few right ones are sent to a person.
-DEFAULT_REVIEW_THRESHOLD = 0.9
+# Chosen from measurements (benchmarks/evaluate_forms.py, README "Measured"): on 360 held-out
+# fields, 0.85 leaves as few wrong fields unflagged as 0.9 or 0.99 (2, both confident misreads
+# of ugly digits) while flagging 10% of fields instead of 14% or 42%; 0.8 lets 3 through.
+DEFAULT_REVIEW_THRESHOLD = 0.85
 # Confidence that a cell with no ink at all is blank; a cell whose ink was all rejected (specks,
 # pieces of line) is less certain, since a very faint digit looks the same.
 BLANK_CONFIDENCE = 0.999
@@ -30,6 +32,9 @@ class FieldReading:
     status: str  # 'ok' or 'review'
     reasons: list[str] = field(default_factory=list)
     digits: list[DigitReading] = field(default_factory=list)
+    raw: str = ""  # free fields: the digits with their separators, as written
+    cuts: list[int] = field(default_factory=list)  # free fields: x (page px) of splits between touching digits
+    marks: list[tuple[int, int, int, int]] = field(default_factory=list)  # free fields: each digit's box, page px
 
 
 def read_field(spec: Field, cells: list[DigitReading], threshold: float = DEFAULT_REVIEW_THRESHOLD) -> FieldReading:
@@ -54,3 +59,40 @@ def read_field(spec: Field, cells: list[DigitReading], threshold: float = DEFAUL
         reasons.append(f"low confidence {confidence:.2f}")
     status = "review" if reasons else "ok"
     return FieldReading(spec.name, value, confidence, status, reasons, cells)
+
+
+def read_free_field(
+    spec: Field, reading: StringReading, offset: tuple[int, int] = (0, 0), threshold: float = DEFAULT_REVIEW_THRESHOLD
+) -> FieldReading:
+    """Decide a free-written field from its string reading; offset: the crop's corner on the page."""
+    reasons: list[str] = []
+    n = len(reading.value)
+    if reading.unreadable:
+        reasons.append(f"{reading.unreadable} mark(s) that are not digits")
+    if not reading.raw:
+        if not spec.optional:
+            reasons.append("required field is empty")
+    elif spec.length is not None and n != spec.length:
+        reasons.append(f"{n} digits where {spec.length} are expected")
+    elif spec.min_length is not None and n < spec.min_length:
+        reasons.append(f"{n} digits where at least {spec.min_length} are expected")
+    elif spec.max_length is not None and n > spec.max_length:
+        reasons.append(f"{n} digits where at most {spec.max_length} are expected")
+    unexpected = sorted({c for c in reading.raw if c in ".,-/" and c not in spec.separators})
+    if unexpected:
+        reasons.append(f"separator {' '.join(unexpected)} where none is expected")
+    confidence = reading.confidence if reading.raw else BLANK_CONFIDENCE
+    if confidence < threshold:
+        reasons.append(f"low confidence {confidence:.2f}")
+    dx, dy = offset
+    return FieldReading(
+        spec.name,
+        reading.value,
+        confidence,
+        "review" if reasons else "ok",
+        reasons,
+        reading.digits,
+        reading.raw,
+        [x + dx for x in reading.cuts],
+        [(x + dx, y + dy, w, h) for x, y, w, h in reading.boxes],
+    )

@@ -1,6 +1,7 @@
 """Pictures for people: the registered page with every cell, the digit read and its confidence.
 
-Fields that go to review are drawn in a warning colour (orange), the rest in green.
+Fields that go to review are drawn in a warning colour (orange), the rest in green. A free-
+written field shows each digit it read and, in red, where it cut touching digits apart.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from formreader.pipeline import PageRead
 
 OK = (40, 160, 40)  # BGR
 REVIEW = (0, 140, 255)
+CUT = (30, 30, 220)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _digit_label(out: np.ndarray, digit: str, confidence: float, x: int, y: int, colour) -> None:
+    cv2.putText(out, digit, (x + 2, y), FONT, 0.55, colour, 2, cv2.LINE_AA)
+    cv2.putText(out, f"{confidence:.2f}"[1:], (x + 12, y), FONT, 0.35, colour, 1, cv2.LINE_AA)
 
 
 def draw_overlay(aligned: np.ndarray, read: PageRead) -> np.ndarray:
@@ -20,13 +27,23 @@ def draw_overlay(aligned: np.ndarray, read: PageRead) -> np.ndarray:
     out = cv2.cvtColor(aligned, cv2.COLOR_GRAY2BGR)
     for f, boxes in zip(read.fields, read.boxes):
         colour = OK if f.status == "ok" else REVIEW
-        for (x, y, w, h), d in zip(boxes, f.digits):
+        if f.marks or f.raw or f.cuts:  # a free-written field
+            x, y, w, h = boxes[0]
             cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, 2)
-            if d.digit:
-                cv2.putText(out, d.digit, (x + 2, y + h + 16), FONT, 0.55, colour, 2, cv2.LINE_AA)
-                cv2.putText(out, f"{d.confidence:.2f}"[1:], (x + 12, y + h + 16), FONT, 0.35, colour, 1, cv2.LINE_AA)
+            for cut in f.cuts:
+                cv2.line(out, (cut, y + 2), (cut, y + h - 3), CUT, 2)
+            readable = [d for d in f.digits if d.digit != "?"]
+            for (mx, my, mw, mh), d in zip(f.marks, readable):
+                cv2.rectangle(out, (mx, my), (mx + mw - 1, my + mh - 1), colour, 1)
+                _digit_label(out, d.digit, d.confidence, mx, y + h + 16, colour)
+        else:
+            for (x, y, w, h), d in zip(boxes, f.digits):
+                cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, 2)
+                if d.digit:
+                    _digit_label(out, d.digit, d.confidence, x, y + h + 16, colour)
         x0, y0 = boxes[0][0], boxes[0][1]
-        label = f"{f.name} = {f.value or '(empty)'}  p={f.confidence:.3f}  {f.status}"
+        shown = f.raw if f.raw else f.value
+        label = f"{f.name} = {shown or '(empty)'}  p={f.confidence:.3f}  {f.status}"
         if f.reasons:
             label += ": " + ", ".join(f.reasons)
         cv2.putText(out, label, (x0, max(12, y0 - 8)), FONT, 0.45, colour, 1, cv2.LINE_AA)

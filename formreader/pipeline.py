@@ -10,6 +10,7 @@ keeps what it finished (see `Journal`).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -20,11 +21,19 @@ import cv2
 import numpy as np
 
 from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, STRAY_INK_CONFIDENCE, FieldReading, read_field
+from formreader.fields import (
+    BLANK_CONFIDENCE,
+    DEFAULT_REVIEW_THRESHOLD,
+    STRAY_INK_CONFIDENCE,
+    FieldReading,
+    read_field,
+    read_free_field,
+)
 from formreader.ingest import Page, PageError, find_inputs, read_pages
 from formreader.locate import Box, cell_crop, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
+from formreader.strings import StringLayout, decide_string, segment_string
 from formreader.template import Template
 
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
@@ -37,8 +46,9 @@ class SegmentedPage:
     source: str
     page: int
     registration: Registration
-    boxes: list[list[Box]]  # per field, per cell: located interiors, reference pixels
-    segments: list[list[DigitSegment]]  # per field, per cell
+    boxes: list[list[Box]]  # per field, per cell: located interiors, reference pixels (free field: its box)
+    segments: list[list[DigitSegment] | StringLayout]  # per field: per cell, or a free field's layout
+    offsets: list[tuple[int, int]]  # per field: where its crop starts on the page (free fields)
 
 
 @dataclass
@@ -71,25 +81,47 @@ def segment_page(page: Page, template: Template, features: ReferenceFeatures | N
     image = scale_to_template(page.image, page.dpi, template)
     reg = register_page(image, template.reference, features)
     boxes: list[list[Box]] = []
-    segments: list[list[DigitSegment]] = []
+    segments: list[list[DigitSegment] | StringLayout] = []
+    offsets: list[tuple[int, int]] = []
     for spec in template.fields:
+        if spec.kind == "free":
+            crop, offset = free_field_crop(reg.aligned, spec.box)
+            boxes.append([spec.box])
+            segments.append(segment_string(crop))
+            offsets.append(offset)
+            continue
         located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
         boxes.append(located)
         segments.append([segment_digit(cell_crop(reg.aligned, b)) for b in located])
-    return SegmentedPage(page.source, page.page, reg, boxes, segments)
+        offsets.append((0, 0))
+    return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets)
+
+
+def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.ndarray, tuple[int, int]]:
+    """A free field's crop, its border included (segmentation removes it), and its corner."""
+    x, y, w, h = box
+    H, W = page.shape
+    x0, y0 = max(0, x - margin), max(0, y - margin)
+    return page[y0 : min(H, y + h + margin), x0 : min(W, x + w + margin)], (x0, y0)
 
 
 def decide_page(
     seg: SegmentedPage, probabilities: np.ndarray, template: Template, threshold: float = DEFAULT_REVIEW_THRESHOLD
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields."""
-    it = iter(probabilities)
+    start = 0
     fields = []
-    for spec, cells in zip(template.fields, seg.segments):
+    for spec, cells, offset in zip(template.fields, seg.segments, seg.offsets):
+        if isinstance(cells, StringLayout):
+            probs = probabilities[start : start + len(cells.images)]
+            start += len(cells.images)
+            fields.append(read_free_field(spec, decide_string(cells, probs, spec.separators), offset, threshold))
+            continue
         readings = []
         for s in cells:
             if s.image is not None:
-                readings.append(reading_from_probabilities(next(it)))
+                readings.append(reading_from_probabilities(probabilities[start]))
+                start += 1
             elif s.stray_ink > STRAY_INK_FRACTION:
                 readings.append(DigitReading("", STRAY_INK_CONFIDENCE))
             else:
@@ -100,8 +132,14 @@ def decide_page(
 
 
 def digit_images(seg: SegmentedPage) -> np.ndarray:
-    """The page's segmented digits as one (N, 28, 28) array, in cell order, blanks skipped."""
-    images = [s.image for cells in seg.segments for s in cells if s.image is not None]
+    """The page's digit images as one (N, 28, 28) array, in field and cell order, blanks skipped;
+    a free field contributes every candidate piece of its layout."""
+    images: list[np.ndarray] = []
+    for cells in seg.segments:
+        if isinstance(cells, StringLayout):
+            images += list(cells.images)
+        else:
+            images += [s.image for s in cells if s.image is not None]
     return np.stack(images) if images else np.zeros((0, 28, 28), np.float32)
 
 
@@ -202,6 +240,7 @@ def page_record(read: PageRead) -> dict:
             {
                 "field": f.name,
                 "value": f.value,
+                "raw": f.raw,
                 "confidence": round(f.confidence, 6),
                 "status": f.status,
                 "reasons": f.reasons,
@@ -235,7 +274,14 @@ def process_paths(
     features = prepare_reference(template.reference)
     files = find_inputs(list(paths))
     records: list[dict] = []
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(template, features)) if workers > 1 else None
+    # Workers are spawned, not forked: forking a process that runs interpreter threads (LiteRT,
+    # OpenCV) can deadlock the child.
+    spawn = multiprocessing.get_context("spawn")
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features))
+        if workers > 1
+        else None
+    )
 
     def segment_all(pages: list[Page]) -> list:
         if pool is None:

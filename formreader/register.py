@@ -60,7 +60,10 @@ def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     pts, desc = _orb(small)
     if desc is None or len(pts) < 20:
         raise RegistrationError("the template's reference image has too little printed structure to register against")
-    return ReferenceFeatures(reference.shape, scale, pts, desc, _ink(reference))
+    # The structure that must be found again: dark print (lines, text), not a light background
+    # pattern or tint, which scanning blurs away.
+    structure = _ink(reference) & (reference < 160)
+    return ReferenceFeatures(reference.shape, scale, pts, desc, structure)
 
 
 def register_page(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from skimage.filters import apply_hysteresis_threshold, threshold_otsu
+from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import skeletonize
 
 MNIST_SIZE = 28
@@ -35,10 +35,14 @@ class SegmentParams:
     companion_area: float = 0.12  # a stroke piece kept beside the main one: area vs the main's,
     companion_extent: float = 0.25  # ...its longer side vs the main one's (a dot is not a stroke)
     companion_gap: float = 0.25  # ...and its distance to the main one, vs the main one's size
-    line_length: float = 0.6  # a straight run this long (fraction of the side) is a box line...
+    line_length: float = 0.75  # a straight run this long (fraction of the side) is a box line...
     line_band: float = 0.2  # ...when it lies this close to the crop's edge
     stroke_gap: float = 0.04  # pieces of one stroke closer than this are joined
     thicken: bool = True  # thicken thin strokes to MNIST's stroke width
+    seed_depth: float = 0.5  # a stroke must somewhere be this dark (fraction of the darkest ink)...
+    grow_depth: float = 0.25  # ...and extends through pixels this dark
+    seed_limit: float = 60.0  # grey levels below the paper that always count as a stroke
+    sharpen: bool = True  # keep strokes crisp when a small digit is enlarged
 
 
 DEFAULT_PARAMS = SegmentParams()
@@ -58,22 +62,26 @@ def ink_intensity(grey: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> t
 
     grey: (H, W) uint8 or float, dark ink on light paper.
     Returns (ink, mask): ink (H, W) float32 in [0, 1], 1 at the darkest ink; mask (H, W) bool.
-    Thresholding is by hysteresis: pixels clearly darker than the paper (Otsu's threshold, but
-    never closer than `min_contrast` to the paper) seed the strokes, which then grow through
-    fainter connected pixels, so faint pencil keeps its thin ends without admitting noise.
+    Thresholding is by hysteresis, relative to the paper: pixels clearly darker than the paper
+    seed the strokes, which then grow through fainter connected pixels, so faint pencil keeps
+    its thin ends without admitting noise. "Clearly darker" adapts to the crop: half the depth
+    of its darkest ink, but never more than `seed_limit` grey levels (box lines are far darker
+    than a pencil digit) nor less than the contrast that the paper's noise allows.
     """
     g = grey.astype(np.float32)
     if min(g.shape) >= 12:
         g = cv2.GaussianBlur(g, (3, 3), 0.6)  # scanner noise, not stroke detail
     paper = float(np.percentile(g, 90))
     darkest = float(np.percentile(g, 0.5))
-    bright = g[g >= np.median(g)]
-    noise = 1.4826 * float(np.median(np.abs(bright - np.median(bright))))
+    # Noise from the pixels near paper level only: ink must not inflate it.
+    near = g[g > paper - 25]
+    noise = 1.4826 * float(np.median(np.abs(near - np.median(near)))) if near.size else 0.0
     contrast = max(params.min_contrast, params.noise_contrast * noise)
-    if paper - darkest < contrast:
+    depth = paper - darkest
+    if depth < contrast:
         return np.zeros(g.shape, np.float32), np.zeros(g.shape, bool)
-    high = min(float(threshold_otsu(g)), paper - contrast)
-    low = paper - 0.5 * (paper - high)
+    high = paper - max(contrast, min(params.seed_depth * depth, params.seed_limit))
+    low = paper - max(0.6 * contrast, min(params.grow_depth * depth, 0.5 * params.seed_limit))
     mask = apply_hysteresis_threshold(-g, -low, -high)
     ink_level = float(np.percentile(g[mask], 10)) if mask.any() else darkest
     ink = np.clip((paper - g) / max(paper - ink_level, 1.0), 0.0, 1.0)
@@ -94,7 +102,9 @@ def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     band_h, band_w = max(1, int(params.line_band * h)), max(1, int(params.line_band * w))
     horiz[band_h : h - band_h, :] = 0
     vert[:, band_w : w - band_w] = 0
-    lines = cv2.dilate(horiz | vert, np.ones((3, 3), np.uint8))
+    # Widen each line by a pixel across itself only (its anti-aliased edge), so a stroke that
+    # touches or crosses it keeps its pixels along the line.
+    lines = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
     return mask & ~lines.astype(bool)
 
 
@@ -150,7 +160,7 @@ def stroke_width(ink: np.ndarray) -> float:
     return float(ink.sum()) / length
 
 
-def normalize_digit(ink: np.ndarray, thicken: bool = True) -> np.ndarray:
+def normalize_digit(ink: np.ndarray, thicken: bool = True, sharpen: bool = True) -> np.ndarray:
     """Turn an ink map into a 28x28 MNIST-style image.
 
     ink: (H, W) float in [0, 1], ink high; everything outside the digit already zero.
@@ -168,6 +178,10 @@ def normalize_digit(ink: np.ndarray, thicken: bool = True) -> np.ndarray:
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     small = cv2.resize(crop, (nw, nh), interpolation=interp)
     small = np.clip(small / max(float(small.max()), 1e-6), 0, 1)
+    if sharpen and scale > 1.5:
+        # Enlarging smears a stroke's edge over several pixels; MNIST strokes have a solid core
+        # and a one-pixel anti-aliased edge. Re-steepen the edge.
+        small = np.clip((small - 0.2) / 0.5, 0, 1)
     if thicken:
         width = stroke_width(small)
         if width < MNIST_STROKE_WIDTH - 0.6:
@@ -203,4 +217,4 @@ def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> D
     digit_ink = np.where(fringe, ink, 0.0)
     ys, xs = np.nonzero(keep)
     bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
-    return DigitSegment(normalize_digit(digit_ink, thicken=params.thicken), bbox, stray)
+    return DigitSegment(normalize_digit(digit_ink, params.thicken, params.sharpen), bbox, stray)

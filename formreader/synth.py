@@ -200,3 +200,160 @@ def make_pages(n: int, seed: int, images: np.ndarray, labels: np.ndarray) -> tup
             FilledPage(fill_form(blank, fields, values, source, rng), {k: v.replace(" ", "") for k, v in values.items()})
         )
     return blank, fields, pages
+
+
+# ---------------------------------------------------------------------------------------------
+# Bank checks: numbers written freely, on patterned paper
+# ---------------------------------------------------------------------------------------------
+
+CHECK_SIZE = (1050, 480)  # 7 x 3.2 inches at 150 DPI
+AMOUNT_BOX = (742, 128, 268, 66)  # interior of the courtesy amount box
+DATE_BOX = (742, 40, 268, 58)  # the date is written on a guide line, with no box
+
+
+def blank_check() -> tuple[np.ndarray, list[Field]]:
+    """A blank bank check on a light wavy security pattern, and its two free fields."""
+    w, h = CHECK_SIZE
+    canvas = np.full((h, w), 255, np.uint8)
+    xs = np.arange(0, w, 3)
+    for y in range(-10, h + 10, 7):  # guilloche-like security pattern
+        ys = y + 3 * np.sin(xs / 14.0 + y / 37.0)
+        pts = np.stack([xs, ys], 1).astype(np.int32)
+        cv2.polylines(canvas, [pts], False, 212, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "FORMREADER SAVINGS BANK", (40, 60), cv2.FONT_HERSHEY_DUPLEX, 0.9, 0, 2, cv2.LINE_AA)
+    cv2.putText(canvas, "12 Example Street, Springfield", (40, 88), FONT, 0.5, 0, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "DATE", (660, 90), FONT, 0.6, 0, 2, cv2.LINE_AA)
+    x, y, bw, bh = DATE_BOX
+    cv2.line(canvas, (x, y + bh - 6), (x + bw, y + bh - 6), 0, 1)  # guide line to write on
+    cv2.putText(canvas, "PAY TO THE", (40, 150), FONT, 0.55, 0, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "ORDER OF", (40, 172), FONT, 0.55, 0, 1, cv2.LINE_AA)
+    cv2.line(canvas, (150, 175), (700, 175), 0, 1)
+    cv2.putText(canvas, "$", (712, 175), cv2.FONT_HERSHEY_DUPLEX, 1.2, 0, 2, cv2.LINE_AA)
+    x, y, bw, bh = AMOUNT_BOX
+    cv2.rectangle(canvas, (x - 2, y - 2), (x + bw + 1, y + bh + 1), 0, 2)
+    cv2.line(canvas, (40, 245), (900, 245), 0, 1)
+    cv2.putText(canvas, "DOLLARS", (910, 245), FONT, 0.55, 0, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "MEMO", (40, 330), FONT, 0.55, 0, 1, cv2.LINE_AA)
+    cv2.line(canvas, (100, 332), (460, 332), 0, 1)
+    cv2.line(canvas, (600, 332), (1000, 332), 0, 1)
+    cv2.putText(canvas, "A021000089A 4410 2265 0C 0318", (120, 420), cv2.FONT_HERSHEY_PLAIN, 1.6, 0, 2, cv2.LINE_AA)
+    fields = [
+        Field("date", kind="free", box=DATE_BOX, min_length=4, max_length=8, separators="/.-"),
+        Field("amount", kind="free", box=AMOUNT_BOX, min_length=3, max_length=9, separators=".,"),
+    ]
+    return canvas, fields
+
+
+def _glyph(digit: np.ndarray, height: float, rng: np.random.Generator, broken: bool) -> np.ndarray:
+    """An MNIST digit cropped to its ink and scaled to `height` px; alpha (h, w) float32."""
+    ys, xs = np.nonzero(digit > 30)
+    g = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255
+    g = cv2.resize(g, None, fx=height / g.shape[0], fy=height / g.shape[0], interpolation=cv2.INTER_LINEAR)
+    if broken and g.shape[0] > 12:  # a pen skip: a thin gap across the strokes
+        y = int(rng.integers(int(0.2 * g.shape[0]), int(0.45 * g.shape[0])))
+        g[y : y + 2] = 0
+    return g
+
+
+def _stamp(canvas: np.ndarray, alpha: np.ndarray, x: int, y: int, ink: float) -> None:
+    h, w = alpha.shape
+    H, W = canvas.shape
+    x1, y1 = min(W, x + w), min(H, y + h)
+    if x1 <= x or y1 <= y:
+        return
+    a = alpha[: y1 - y, : x1 - x]
+    region = canvas[y:y1, x:x1].astype(np.float32)
+    canvas[y:y1, x:x1] = np.minimum(region, region * (1 - a) + ink * a).astype(np.uint8)
+
+
+def write_number(
+    canvas: np.ndarray,
+    box: Box,
+    raw: str,
+    source: DigitSource,
+    rng: np.random.Generator,
+    ink: float,
+    touching: float = 0.3,
+    broken: float = 1 / 7,
+) -> None:
+    """Write `raw` (digits and . , - / separators) freely into a box, in place.
+
+    Digits vary in size and spacing; with probability `touching` a digit is pushed into its
+    left neighbour until their ink touches or overlaps; with probability `broken` a digit has a
+    broken stroke (a pen skip).
+    """
+    x, y, w, h = box
+    digits = sum(c.isdigit() for c in raw)
+    fit = (w - 30) / (1.15 * digits + 0.75 * (len(raw) - digits))  # the height at which it fits
+    height = min(h * rng.uniform(0.5, 0.68), fit)
+    baseline = y + h * rng.uniform(0.78, 0.88)
+    cx = x + rng.uniform(6, 24)
+    previous, previous_width = "", 0
+    for ch in raw:
+        jitter = rng.uniform(-0.04, 0.04) * height
+        if ch.isdigit():
+            g = _glyph(source.take(int(ch)), height * rng.uniform(0.92, 1.08), rng, rng.random() < broken)
+            push = previous.isdigit() and rng.random() < touching
+            # Touching: pushed back by up to a sixth of the narrower digit, so strokes meet or
+            # overlap a little, as in real writing (not one digit written over the other).
+            gap = -rng.uniform(0.0, 0.16) * min(g.shape[1], previous_width) if push else rng.uniform(0.05, 0.3) * height
+            left = int(round(cx + gap))
+            previous, previous_width = ch, g.shape[1]
+            _stamp(canvas, g, max(left, x), int(round(baseline - g.shape[0] + jitter)), ink)
+            cx = max(left, x) + g.shape[1]
+            continue
+        s = max(2, int(round(height * 0.08)))
+        previous = ch
+        cx += 0.18 * height
+        layer = np.zeros_like(canvas, dtype=np.float32)
+        if ch == ".":
+            cv2.circle(layer, (int(cx + s), int(baseline - s)), s, 1.0, -1, cv2.LINE_AA)
+            cx += 2.5 * s
+        elif ch == ",":
+            cv2.line(layer, (int(cx + 2 * s), int(baseline - s)), (int(cx), int(baseline + 2.5 * s)), 1.0, s + 1, cv2.LINE_AA)
+            cx += 3 * s
+        elif ch == "-":
+            cv2.line(
+                layer,
+                (int(cx), int(baseline - height / 2)),
+                (int(cx + 0.4 * height), int(baseline - height / 2)),
+                1.0,
+                s,
+                cv2.LINE_AA,
+            )
+            cx += 0.45 * height
+        elif ch == "/":
+            top = baseline - 1.05 * height
+            cv2.line(layer, (int(cx), int(baseline + 0.05 * height)), (int(cx + 0.7 * height), int(top)), 1.0, s, cv2.LINE_AA)
+            cx += 0.75 * height
+        cx += 0.18 * height
+        canvas[:] = np.minimum(canvas, (canvas * (1 - layer) + ink * layer)).astype(np.uint8)
+
+
+def random_check_values(rng: np.random.Generator) -> dict[str, str]:
+    """A date and an amount as people write them on checks (raw, with separators)."""
+    day, month, year = int(rng.integers(1, 29)), int(rng.integers(1, 13)), int(rng.integers(2020, 2027))
+    sep = str(rng.choice(["/", ".", "-"]))
+    date = f"{day:02d}{sep}{month:02d}{sep}{year}" if rng.random() < 0.6 else f"{day}{sep}{month}{sep}{year % 100:02d}"
+    units = int(rng.integers(1, 10 ** int(rng.integers(1, 6))))
+    whole = f"{units:,}" if rng.random() < 0.6 else str(units)
+    amount = whole + "." + f"{int(rng.integers(0, 100)):02d}"
+    return {"date": date, "amount": amount}
+
+
+def make_checks(
+    n: int, seed: int, images: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, list[Field], list[tuple[np.ndarray, dict[str, str]]]]:
+    """The blank check, its fields and `n` filled checks with their raw values (ground truth)."""
+    rng = np.random.default_rng(seed)
+    blank, fields = blank_check()
+    source = DigitSource(images, labels, rng)
+    checks = []
+    for _ in range(n):
+        values = random_check_values(rng)
+        page = blank.copy()
+        ink = rng.uniform(15, 80)
+        for spec in fields:
+            write_number(page, spec.box, values[spec.name], source, rng, ink)
+        checks.append((page, values))
+    return blank, fields, checks

@@ -10,6 +10,11 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
         cells: [[x, y, w, h], ...]   # one box per digit, left to right
         length: 8              # optional: exactly this many digits
         optional: false        # optional: true if the field may be left empty
+      - name: amount           # a number written freely in one box (a check's amount)
+        kind: free
+        box: [x, y, w, h]
+        min_length: 3          # optional: length, min_length, max_length (digits)
+        separators: ".,"       # separators that may stand between digits (true: any of . , - /)
 """
 
 from __future__ import annotations
@@ -30,10 +35,17 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class Field:
+    """A field: boxes with one digit each, or (kind 'free') one box holding a written number."""
+
     name: str
-    cells: tuple[Box, ...]
-    length: int | None = None
-    optional: bool = False
+    cells: tuple[Box, ...] = ()
+    length: int | None = None  # exactly this many digits
+    optional: bool = False  # may be left empty
+    kind: str = "boxes"  # 'boxes' or 'free'
+    box: Box | None = None  # kind 'free': the box the number is written in
+    min_length: int | None = None  # kind 'free': digits allowed, when not exact
+    max_length: int | None = None
+    separators: str = ""  # kind 'free': separators that may stand between digits, of . , - /
 
 
 @dataclass
@@ -46,10 +58,12 @@ class Template:
 
     @property
     def cells(self) -> list[Box]:
+        """The cells of all boxed fields, in field order."""
         return [c for f in self.fields for c in f.cells]
 
 
-_FIELD_KEYS = {"name", "cells", "length", "optional"}
+_FIELD_KEYS = {"name", "cells", "length", "optional", "kind"}
+_FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -97,30 +111,61 @@ def _parse_field(where: str, index: int, doc, shape: tuple[int, int]) -> Field:
     label = f"field '{name}'" if name else f"fields[{index}]"
     if not isinstance(name, str) or not _NAME.match(name):
         raise TemplateError(f"{where}: {label}: 'name' must be an identifier (letters, digits, _), not {name!r}")
-    unknown = set(doc) - _FIELD_KEYS
+    kind = doc.get("kind", "boxes")
+    if kind not in ("boxes", "free"):
+        raise TemplateError(f"{where}: {label}: 'kind' must be 'boxes' or 'free', not {kind!r}")
+    unknown = set(doc) - (_FREE_KEYS if kind == "free" else _FIELD_KEYS)
     if unknown:
         raise TemplateError(f"{where}: {label}: unknown key(s) {', '.join(sorted(unknown))}")
-    cells = doc.get("cells")
-    if not isinstance(cells, list) or not cells:
-        raise TemplateError(f"{where}: {label}: 'cells' must be a non-empty list of [x, y, w, h]")
-    h_img, w_img = shape
-    boxes = []
-    for j, c in enumerate(cells):
-        if not (isinstance(c, (list, tuple)) and len(c) == 4 and all(isinstance(v, int) for v in c)):
-            raise TemplateError(f"{where}: {label}: cells[{j}] must be four integers [x, y, w, h], not {c!r}")
-        x, y, w, h = c
-        if w < 4 or h < 4:
-            raise TemplateError(f"{where}: {label}: cells[{j}] is too small ({w}x{h} px)")
-        if x < 0 or y < 0 or x + w > w_img or y + h > h_img:
-            raise TemplateError(f"{where}: {label}: cells[{j}] {c} lies outside the reference image ({w_img}x{h_img} px)")
-        boxes.append((x, y, w, h))
-    length = doc.get("length")
-    if length is not None and (not isinstance(length, int) or not 1 <= length <= len(boxes)):
-        raise TemplateError(f"{where}: {label}: 'length' must be an integer from 1 to {len(boxes)} (its cells), not {length!r}")
     optional = doc.get("optional", False)
     if not isinstance(optional, bool):
         raise TemplateError(f"{where}: {label}: 'optional' must be true or false, not {optional!r}")
+    if kind == "free":
+        return _parse_free_field(where, label, name, doc, shape, optional)
+    cells = doc.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise TemplateError(f"{where}: {label}: 'cells' must be a non-empty list of [x, y, w, h]")
+    boxes = [_parse_box(where, f"{label}: cells[{j}]", c, shape) for j, c in enumerate(cells)]
+    length = doc.get("length")
+    if length is not None and (not isinstance(length, int) or not 1 <= length <= len(boxes)):
+        raise TemplateError(f"{where}: {label}: 'length' must be an integer from 1 to {len(boxes)} (its cells), not {length!r}")
     return Field(name, tuple(boxes), length, optional)
+
+
+def _parse_box(where: str, label: str, c, shape: tuple[int, int]) -> Box:
+    h_img, w_img = shape
+    if not (isinstance(c, (list, tuple)) and len(c) == 4 and all(isinstance(v, int) for v in c)):
+        raise TemplateError(f"{where}: {label} must be four integers [x, y, w, h], not {c!r}")
+    x, y, w, h = c
+    if w < 4 or h < 4:
+        raise TemplateError(f"{where}: {label} is too small ({w}x{h} px)")
+    if x < 0 or y < 0 or x + w > w_img or y + h > h_img:
+        raise TemplateError(f"{where}: {label} {c} lies outside the reference image ({w_img}x{h_img} px)")
+    return (x, y, w, h)
+
+
+def _parse_free_field(where: str, label: str, name: str, doc: dict, shape, optional: bool) -> Field:
+    if "box" not in doc:
+        raise TemplateError(f"{where}: {label}: a 'free' field needs 'box': [x, y, w, h]")
+    box = _parse_box(where, f"{label}: box", doc["box"], shape)
+    lengths = {}
+    for key in ("length", "min_length", "max_length"):
+        v = doc.get(key)
+        if v is not None and (not isinstance(v, int) or not 1 <= v <= 64):
+            raise TemplateError(f"{where}: {label}: '{key}' must be an integer from 1 to 64, not {v!r}")
+        lengths[key] = v
+    if lengths["min_length"] and lengths["max_length"] and lengths["min_length"] > lengths["max_length"]:
+        raise TemplateError(f"{where}: {label}: 'min_length' is larger than 'max_length'")
+    separators = doc.get("separators", False)
+    if separators is True:
+        separators = ".,-/"
+    elif separators is False:
+        separators = ""
+    elif not isinstance(separators, str) or set(separators) - set(".,-/"):
+        raise TemplateError(
+            f"{where}: {label}: 'separators' must be true, false or some of . , - / (as \".,\"), not {separators!r}"
+        )
+    return Field(name, (), lengths["length"], optional, "free", box, lengths["min_length"], lengths["max_length"], separators)
 
 
 def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
@@ -157,6 +202,17 @@ def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) ->
     lines = [f"name: {name}", f"reference: {reference}", f"dpi: {dpi:g}", "fields:"]
     for f in fields:
         lines.append(f"  - name: {f.name}")
+        if f.kind == "free":
+            lines.append("    kind: free")
+            lines.append(f"    box: [{', '.join(map(str, f.box))}]")
+            for key in ("length", "min_length", "max_length"):
+                if getattr(f, key) is not None:
+                    lines.append(f"    {key}: {getattr(f, key)}")
+            if f.optional:
+                lines.append("    optional: true")
+            if f.separators:
+                lines.append(f'    separators: "{f.separators}"')
+            continue
         if f.length is not None:
             lines.append(f"    length: {f.length}")
         if f.optional:

@@ -26,11 +26,11 @@ from formreader.segment import normalize_digit
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 50
     batch_size: int = 128
     learning_rate: float = 2e-3
     validation: int = 5000  # images carved from the training split for early stopping
-    negatives: int = 6000  # synthetic not-a-digit images
+    negatives: int = 4000  # synthetic not-a-digit images
     patience: int = 10
     seed: int = 20261124
     limit: int | None = None  # use only this many training images (for quick runs and tests)
@@ -42,17 +42,20 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def renormalize(images: np.ndarray) -> np.ndarray:
+def renormalize(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Pass MNIST digits (N, 28, 28) uint8 through the pipeline's own normalisation.
 
     Digits and not-a-digit examples must come out of the very same resampling and centring as
     a scanned cell does; otherwise the model learns to tell them apart by the look of the
-    rendering instead of by shape. Each digit is enlarged 2x (as if scanned), then normalised.
+    rendering instead of by shape. Each digit is first resized by a random factor (0.35x to 2x),
+    as a digit written small or large and scanned would be, then normalised.
     """
     out = np.empty(images.shape, np.float32)
     for i, img in enumerate(images):
-        big = cv2.resize(img.astype(np.float32) / 255.0, (56, 56), interpolation=cv2.INTER_LINEAR)
-        out[i] = normalize_digit(big)
+        size = int(round(28 * rng.uniform(0.35, 2.0)))
+        interp = cv2.INTER_AREA if size < 28 else cv2.INTER_LINEAR
+        scanned = cv2.resize(img.astype(np.float32) / 255.0, (size, size), interpolation=interp)
+        out[i] = normalize_digit(scanned)
     return out
 
 
@@ -260,7 +263,7 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
         # the rendering says nothing about the class.
         digits = images[idx].astype(np.float32) / 255.0
         half = rng.random(len(idx)) < 0.5
-        digits[half] = renormalize(images[idx][half])
+        digits[half] = renormalize(images[idx][half], rng)
         x = np.concatenate([digits, neg])[..., None]
         y = np.concatenate([labels[idx], np.full(len(neg), NOT_A_DIGIT, np.uint8)]).astype(np.int32)
         return x, y
@@ -281,12 +284,18 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
     model = build_digit_cnn()
     steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.01)
+    # An exponential moving average of the weights (used for validation, early stopping and
+    # the saved model) smooths the last epochs' noise: better accuracy and calibration, no cost
+    # at inference.
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=keras.optimizers.Adam(schedule, use_ema=True, ema_momentum=0.999),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)]
+    callbacks = [
+        keras.callbacks.SwapEMAWeights(swap_on_epoch=True),  # callbacks after it see the averaged weights
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+    ]
     start = time.time()
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=2)
     seconds = time.time() - start

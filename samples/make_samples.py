@@ -1,11 +1,13 @@
-"""Regenerate the demo form, its template and the sample scans, deterministically.
+"""Regenerate the demo form, the bank check, their templates and the sample scans, deterministically.
 
     python samples/make_samples.py [--mnist DIR]
 
-Writes templates/demo_form.png and templates/demo_form.yaml (the blank form and its template),
-samples/scans/ (ten filled pages as PDF, bilevel TIFF, PNG and JPEG, scanned crooked, noisy,
-one upside down) and samples/truth.csv (what was written in every field). The handwriting is
-MNIST test-split digits, which the model never trains on.
+Writes templates/demo_form.png and .yaml (the blank form and its template), samples/scans/
+(ten filled pages as PDF, bilevel TIFF, PNG and JPEG, scanned crooked, noisy, two upside down)
+and samples/truth.csv (what was written in every field); templates/bank_check.png and .yaml,
+samples/checks/ (eight checks with amounts and dates written freely: touching digits, broken
+strokes, separators, a guide line, a patterned background) and samples/checks_truth.csv.
+The handwriting is MNIST test-split digits, which the model never trains on.
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ import pandas as pd
 from PIL import Image
 
 from formreader.datasets import load_mnist
-from formreader.synth import DPI, make_pages, scan
+from formreader.synth import DPI, make_checks, make_pages, scan
 from formreader.template import template_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20261124
 FIXED_DATE = time.strptime("2026-01-01", "%Y-%m-%d")  # PDFs carry a date; a fixed one keeps them identical
+
+CHECKS = {
+    "checks_a.pdf": [(False, 1.0), (False, 1.0), (True, 1.0), (False, 1.0)],
+    "check_b.png": [(False, 4 / 3)],
+    "check_c.jpg": [(False, 1.0)],
+    "check_d.tif": [(False, 1.0), (False, 1.0)],
+}
 
 # file name -> list of (upside down, resolution factor) per page
 LAYOUT = {
@@ -61,10 +70,29 @@ def write_samples(out_root: Path = ROOT, mnist_dir: Path | None = None, seed: in
         _save(scans / name, frames)
     truth_path = out_root / "samples" / "truth.csv"
     pd.DataFrame(truth).to_csv(truth_path, index=False)
+
+    blank, fields, checks = make_checks(sum(len(v) for v in CHECKS.values()), seed + 2, images, labels)
+    Image.fromarray(blank).save(templates / "bank_check.png", dpi=(DPI, DPI))
+    (templates / "bank_check.yaml").write_text(template_yaml(fields, "bank_check.png", DPI, "bank_check"))
+    folder = out_root / "samples" / "checks"
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = []
+    it = iter(checks)
+    for name, layout in CHECKS.items():
+        frames = []
+        for number, (upside_down, factor) in enumerate(layout, start=1):
+            page, values = next(it)
+            frames.append((scan(page, rng, max_rotation=5, upside_down=upside_down, dpi_scale=factor), DPI * factor))
+            for f, raw in values.items():
+                truth.append(
+                    {"file": name, "page": number, "field": f, "value": "".join(c for c in raw if c.isdigit()), "raw": raw}
+                )
+        _save(folder / name, frames, bilevel=False)
+    pd.DataFrame(truth).to_csv(out_root / "samples" / "checks_truth.csv", index=False)
     return truth_path
 
 
-def _save(path: Path, frames: list[tuple[np.ndarray, float]]) -> None:
+def _save(path: Path, frames: list[tuple[np.ndarray, float]], bilevel: bool = True) -> None:
     imgs = [Image.fromarray(a) for a, _ in frames]
     dpi = frames[0][1]
     suffix = path.suffix.lower()
@@ -72,6 +100,8 @@ def _save(path: Path, frames: list[tuple[np.ndarray, float]]) -> None:
         imgs[0].save(
             path, save_all=True, append_images=imgs[1:], resolution=dpi, quality=80, creationDate=FIXED_DATE, modDate=FIXED_DATE
         )
+    elif suffix == ".tif" and not bilevel:
+        imgs[0].save(path, save_all=True, append_images=imgs[1:], compression="tiff_deflate", dpi=(dpi, dpi))
     elif suffix == ".tif":
         # A fax-style scan: 1 bit per pixel, CCITT group 4.
         bilevel = [i.point(lambda v: 255 if v > 150 else 0).convert("1") for i in imgs]

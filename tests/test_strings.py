@@ -1,0 +1,157 @@
+"""Free-written numbers: touching digits split, broken digits kept whole, separators, blanks, scribbles."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import formreader
+from formreader.strings import remove_guide_lines, segment_string, string_ink
+from formreader.synth import DigitSource, blank_check, write_number
+
+from .conftest import ROOT
+
+
+def glyph(images, labels, digit: int, nth: int, height: int = 40) -> np.ndarray:
+    """An MNIST test digit cropped to its ink, `height` px tall, as ink alpha in [0, 1]."""
+    img = images[np.flatnonzero(labels == digit)[nth]]
+    ys, xs = np.nonzero(img > 30)
+    g = img[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255
+    return cv2.resize(g, None, fx=height / g.shape[0], fy=height / g.shape[0])
+
+
+def paper(width: int = 260, height: int = 70) -> np.ndarray:
+    return np.full((height, width), 245.0, np.float32)
+
+
+def put(canvas: np.ndarray, alpha: np.ndarray, x: int, y: int = 15, ink: float = 30) -> None:
+    h, w = alpha.shape
+    region = canvas[y : y + h, x : x + w]
+    canvas[y : y + h, x : x + w] = np.minimum(region, region * (1 - alpha) + ink * alpha)
+
+
+def as_scan(canvas: np.ndarray, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0, 3, canvas.shape)
+    return np.clip(cv2.GaussianBlur(canvas, (0, 0), 0.6) + noise, 0, 255).astype(np.uint8)
+
+
+def touching_pair(images, labels, a: int, b: int, nth: int) -> tuple[np.ndarray, bool]:
+    """Two known digits pushed together until their ink touches; returns (crop, touching)."""
+    ga, gb = glyph(images, labels, a, nth), glyph(images, labels, b, nth + 1)
+    for x in range(ga.shape[1] + 10, 0, -1):
+        canvas = paper()
+        put(canvas, ga, 30)
+        put(canvas, gb, 30 + x)
+        mask = as_scan(canvas) < 150
+        n, _ = cv2.connectedComponents(mask.astype(np.uint8))
+        if n == 2:  # background + one blob: the pair touches
+            return as_scan(canvas), True
+    return as_scan(canvas), False
+
+
+PAIRS = [(2, 3), (4, 7), (5, 6), (8, 0), (1, 9), (3, 5), (6, 2), (7, 4), (0, 8), (9, 1)]
+
+
+def test_touching_pairs_are_split(mnist_test):
+    images, labels = mnist_test
+    right = 0
+    for a, b in PAIRS:
+        for nth in range(3):
+            crop, touching = touching_pair(images, labels, a, b, nth * 2)
+            assert touching
+            reading = formreader.read_number(crop)
+            if reading.value == f"{a}{b}":
+                right += 1
+                assert len(reading.cuts) == 1  # split once, where they touch
+    assert right >= 24, f"{right} of {3 * len(PAIRS)} touching pairs split and read right"  # 80%
+
+
+def test_broken_five_stays_one_digit(mnist_test):
+    images, labels = mnist_test
+    kept = 0
+    for nth in range(5):
+        five = glyph(images, labels, 5, nth)
+        rows = np.nonzero(five.max(axis=1) > 0.3)[0]
+        cut = rows.min() + int(0.3 * (rows.max() - rows.min()))
+        five[cut : cut + 3] = 0  # the top bar comes loose
+        canvas = paper()
+        put(canvas, five, 60)
+        reading = formreader.read_number(as_scan(canvas, nth))
+        kept += reading.value == "5"
+    assert kept >= 4
+
+
+@pytest.mark.parametrize("raw", ["12.50", "1,234.56", "12/05/2024", "31-12-99", "7.1", "4/7"])
+def test_separators_are_not_read_as_digits(mnist_test, raw):
+    images, labels = mnist_test
+    right = 0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        page = np.full((90, 420), 245, np.uint8)
+        write_number(page, (5, 5, 410, 80), raw, DigitSource(images, labels, rng), rng, ink=30, touching=0.0, broken=0.0)
+        reading = formreader.read_number(as_scan(page.astype(np.float32), seed))
+        separators = [c for c in reading.raw if c in ".,-/"]
+        assert separators == [c for c in raw if c in ".,-/"], (raw, reading.raw)
+        right += reading.value == "".join(c for c in raw if c.isdigit())
+    assert right >= 2
+
+
+def test_blank_field_is_empty():
+    crop = as_scan(paper())
+    reading = formreader.read_number(crop)
+    assert reading.value == "" and reading.raw == ""
+
+
+def test_blank_patterned_check_box_is_empty():
+    blank, fields = blank_check()
+    x, y, w, h = fields[1].box
+    crop = blank[y - 4 : y + h + 4, x - 4 : x + w + 4]
+    assert not remove_guide_lines(string_ink(crop)).any()
+    assert formreader.read_number(crop).raw == ""
+
+
+def test_scribble_is_flagged_not_read(template_check):
+    from formreader.fields import read_free_field
+
+    canvas = paper()
+    rng = np.random.default_rng(4)
+    pts = rng.integers([20, 10], [240, 60], size=(25, 2)).astype(np.int32)
+    cv2.polylines(canvas, [pts], False, 30, 2, cv2.LINE_AA)
+    reading = formreader.read_number(as_scan(canvas))
+    field = read_free_field(template_check.fields[1], reading)
+    assert field.status == "review"
+    assert any("not digits" in r or "digits where" in r or "low confidence" in r for r in field.reasons)
+
+
+def test_digits_on_a_guide_line_are_kept(mnist_test):
+    images, labels = mnist_test
+    canvas = paper()
+    for i, d in enumerate([3, 7, 2]):
+        put(canvas, glyph(images, labels, d, 4), 40 + 45 * i)
+    cv2.line(canvas, (0, 52), (259, 52), 20, 1)  # the guide line crosses the bottom of the digits
+    layout = segment_string(as_scan(canvas))
+    assert sum(b.kind == "digit" for b in layout.blobs) == 3
+    assert formreader.read_number(as_scan(canvas)).value == "372"
+
+
+@pytest.fixture(scope="module")
+def template_check():
+    from formreader.template import load_template
+
+    return load_template(ROOT / "templates" / "bank_check.yaml")
+
+
+def test_sample_checks_are_read(template_check, classifier):
+    from formreader.pipeline import process_paths
+
+    truth = pd.read_csv(ROOT / "samples" / "checks_truth.csv", dtype=str, keep_default_na=False)
+    expected = {(r.file, int(r.page), r.field): r.value for r in truth.itertuples()}
+    records = process_paths([ROOT / "samples" / "checks"], template_check, classifier)
+    fields = [(r["source"].split("/")[-1], r["page"], f) for r in records for f in r["fields"]]
+    assert len(fields) == len(truth) == 16
+    right = sum(f["value"] == expected[(name, page, f["field"])] for name, page, f in fields)
+    wrong_unflagged = sum(f["value"] != expected[(name, page, f["field"])] and f["status"] == "ok" for name, page, f in fields)
+    assert right >= 12
+    assert wrong_unflagged == 0
