@@ -57,39 +57,37 @@ def write_samples(out_root: Path = ROOT, mnist_dir: Path | None = None, seed: in
     Image.fromarray(blank).save(templates / "demo_form.png", dpi=(DPI, DPI))
     (templates / "demo_form.yaml").write_text(template_yaml(fields, "demo_form.png", DPI, "demo_form"))
 
-    scans = out_root / "samples" / "scans"
-    scans.mkdir(parents=True, exist_ok=True)
-    truth = []
-    it = iter(pages)
-    for name, layout in LAYOUT.items():
-        frames = []
-        for number, (upside_down, factor) in enumerate(layout, start=1):
-            page = next(it)
-            frames.append((scan(page.image, rng, upside_down=upside_down, dpi_scale=factor), DPI * factor))
-            truth += [{"file": name, "page": number, "field": f, "value": v} for f, v in page.values.items()]
-        _save(scans / name, frames)
+    forms = [(p.image, p.values) for p in pages]
+    truth = _write_scans(out_root / "samples" / "scans", LAYOUT, forms, rng, max_rotation=10, bilevel=True)
     truth_path = out_root / "samples" / "truth.csv"
-    pd.DataFrame(truth).to_csv(truth_path, index=False)
+    pd.DataFrame(truth).drop(columns="raw").to_csv(truth_path, index=False)
 
     blank, fields, checks = make_checks(sum(len(v) for v in CHECKS.values()), seed + 2, images, labels)
     Image.fromarray(blank).save(templates / "bank_check.png", dpi=(DPI, DPI))
     (templates / "bank_check.yaml").write_text(template_yaml(fields, "bank_check.png", DPI, "bank_check"))
-    folder = out_root / "samples" / "checks"
-    folder.mkdir(parents=True, exist_ok=True)
-    truth = []
-    it = iter(checks)
-    for name, layout in CHECKS.items():
-        frames = []
-        for number, (upside_down, factor) in enumerate(layout, start=1):
-            page, values = next(it)
-            frames.append((scan(page, rng, max_rotation=5, upside_down=upside_down, dpi_scale=factor), DPI * factor))
-            for f, raw in values.items():
-                truth.append(
-                    {"file": name, "page": number, "field": f, "value": "".join(c for c in raw if c.isdigit()), "raw": raw}
-                )
-        _save(folder / name, frames, bilevel=False)
+    truth = _write_scans(out_root / "samples" / "checks", CHECKS, checks, rng, max_rotation=5, bilevel=False)
     pd.DataFrame(truth).to_csv(out_root / "samples" / "checks_truth.csv", index=False)
     return truth_path
+
+
+def _write_scans(
+    folder: Path, layout: dict, items: list, rng: np.random.Generator, max_rotation: float, bilevel: bool
+) -> list[dict]:
+    """Scan filled pages (image, {field: raw value}) into the files of `layout`; the truth rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = []
+    it = iter(items)
+    for name, pages in layout.items():
+        frames = []
+        for number, (upside_down, factor) in enumerate(pages, start=1):
+            image, values = next(it)
+            frames.append((scan(image, rng, max_rotation=max_rotation, upside_down=upside_down, dpi_scale=factor), DPI * factor))
+            for field, raw in values.items():
+                truth.append(
+                    {"file": name, "page": number, "field": field, "value": "".join(c for c in raw if c.isdigit()), "raw": raw}
+                )
+        _save(folder / name, frames, bilevel)
+    return truth
 
 
 def _save(path: Path, frames: list[tuple[np.ndarray, float]], bilevel: bool = True) -> None:

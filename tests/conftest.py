@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,5 +67,30 @@ def field_accuracy(records: list[dict], truth: pd.DataFrame) -> tuple[int, int, 
     return right, total, flagged, wrong_unflagged
 
 
-def rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
+# Bad inputs a batch must survive: file name -> what its error must say.
+BAD_INPUTS = {
+    "empty.pdf": "empty file (0 bytes)",
+    "truncated.pdf": "not a readable PDF",
+    "encrypted.pdf": "encrypted PDF",
+    "notes.png": "not an image file",
+    "huge.png": "image too large: 30000x20 px",
+    "cut.jpg": "damaged or truncated",
+}
+
+
+def write_bad_inputs(folder: Path) -> None:
+    """Write the files of BAD_INPUTS into folder, made from the real samples."""
+    from PIL import Image
+    from pypdf import PdfReader, PdfWriter
+
+    good = (SCANS / "batch_a.pdf").read_bytes()
+    (folder / "empty.pdf").write_bytes(b"")
+    (folder / "truncated.pdf").write_bytes(good[: len(good) // 3])
+    writer = PdfWriter()
+    writer.append(PdfReader(SCANS / "batch_a.pdf"))
+    writer.encrypt("secret", algorithm="RC4-128")  # a real encrypted PDF: poppler asks for the password
+    writer.write(folder / "encrypted.pdf")
+    (folder / "notes.png").write_text("this is a text file, not a picture\n")
+    Image.new("L", (30000, 20), 255).save(folder / "huge.png")
+    jpeg = (SCANS / "phone_d.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from formreader.ingest import Page, PageError, find_inputs, read_pages
 
-from .conftest import SCANS
+from .conftest import BAD_INPUTS, SCANS, write_bad_inputs
 
 
 def pages(path: Path, dpi: int = 150) -> list:
@@ -67,37 +67,10 @@ def test_rgba_and_16_bit_images_become_grey(tmp_path):
     assert page.image.dtype == np.uint8
 
 
-@pytest.fixture()
-def bad_files(tmp_path):
-    from pypdf import PdfReader, PdfWriter
-
-    good = (SCANS / "batch_a.pdf").read_bytes()
-    (tmp_path / "empty.pdf").write_bytes(b"")
-    (tmp_path / "truncated.pdf").write_bytes(good[: len(good) // 3])
-    writer = PdfWriter()
-    writer.append(PdfReader(SCANS / "batch_a.pdf"))
-    writer.encrypt("secret", algorithm="RC4-128")
-    writer.write(tmp_path / "encrypted.pdf")
-    (tmp_path / "notes.png").write_text("this is a text file, not a picture\n")
-    Image.new("L", (30000, 20), 255).save(tmp_path / "huge.png")
-    jpeg = (SCANS / "phone_d.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    return tmp_path
-
-
-@pytest.mark.parametrize(
-    "name, reason",
-    [
-        ("empty.pdf", "empty file (0 bytes)"),
-        ("truncated.pdf", "not a readable PDF"),
-        ("encrypted.pdf", "encrypted PDF"),
-        ("notes.png", "not an image file"),
-        ("huge.png", "image too large: 30000x20 px"),
-        ("cut.jpg", "damaged or truncated"),
-    ],
-)
-def test_bad_files_give_specific_errors(bad_files, name, reason):
-    got = pages(bad_files / name)
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_files_give_specific_errors(tmp_path, name):
+    write_bad_inputs(tmp_path)
+    got = pages(tmp_path / name)
     assert len(got) == 1 and isinstance(got[0], PageError)
-    assert reason in got[0].reason
+    assert BAD_INPUTS[name] in got[0].reason
     assert got[0].source.endswith(name)

@@ -17,7 +17,7 @@ from formreader.ingest import Page
 from formreader.pipeline import Journal, process_paths, read_page
 from formreader.synth import scan
 
-from .conftest import SCANS, TEMPLATE, field_accuracy
+from .conftest import BAD_INPUTS, SCANS, TEMPLATE, field_accuracy, write_bad_inputs
 from .test_register import other_form
 
 
@@ -77,35 +77,16 @@ def test_blank_field_is_empty_not_guessed(filled_pages, template, classifier, mn
 @pytest.fixture()
 def messy_batch(tmp_path):
     """The samples plus every kind of bad input, in one folder."""
-    from pypdf import PdfReader, PdfWriter
-
     batch = tmp_path / "batch"
     shutil.copytree(SCANS, batch)
-    (batch / "a_empty.pdf").write_bytes(b"")
-    good = (SCANS / "batch_a.pdf").read_bytes()
-    (batch / "b_truncated.pdf").write_bytes(good[: len(good) // 3])
-    writer = PdfWriter()
-    writer.append(PdfReader(SCANS / "batch_a.pdf"))
-    writer.encrypt("secret", algorithm="RC4-128")
-    writer.write(batch / "c_encrypted.pdf")
-    (batch / "d_notes.png").write_text("not a picture\n")
-    Image.fromarray(np.clip(np.random.default_rng(0).normal(242, 3, (900, 1290)), 0, 255).astype(np.uint8)).save(
-        batch / "e_blank.png"
-    )
-    Image.fromarray(other_form()).save(batch / "f_other_form.png")
-    Image.new("L", (30000, 40), 255).save(batch / "g_huge.png")
+    write_bad_inputs(batch)
+    paper = np.clip(np.random.default_rng(0).normal(242, 3, (900, 1290)), 0, 255).astype(np.uint8)
+    Image.fromarray(paper).save(batch / "blank.png")
+    Image.fromarray(other_form()).save(batch / "other_form.png")
     return batch
 
 
-EXPECTED_ERRORS = {
-    "a_empty.pdf": "empty file",
-    "b_truncated.pdf": "not a readable PDF",
-    "c_encrypted.pdf": "encrypted PDF",
-    "d_notes.png": "not an image file",
-    "e_blank.png": "blank page",
-    "f_other_form.png": "does not match the template",
-    "g_huge.png": "image too large",
-}
+EXPECTED_ERRORS = {**BAD_INPUTS, "blank.png": "blank page", "other_form.png": "does not match the template"}
 
 
 def run_cli(*args):
