@@ -155,3 +155,40 @@ def test_sample_checks_are_read(template_check, classifier):
     wrong_unflagged = sum(f["value"] != expected[(name, page, f["field"])] and f["status"] == "ok" for name, page, f in fields)
     assert right >= 12
     assert wrong_unflagged == 0
+
+
+def test_inspect_shows_the_cuts(mnist_test, tmp_path):
+    import subprocess
+    import sys
+
+    images, labels = mnist_test
+    blank, fields = blank_check()
+    page = blank.copy()
+    crop, touching = touching_pair(images, labels, 4, 7, 0)
+    assert touching
+    x, y, w, h = fields[1].box
+    page[y + 2 : y + 2 + crop.shape[0] - 6, x + 4 : x + 4 + crop.shape[1] - 10] = np.minimum(
+        page[y + 2 : y + 2 + crop.shape[0] - 6, x + 4 : x + 4 + crop.shape[1] - 10], crop[3:-3, 5:-5]
+    )
+    cv2.imwrite(str(tmp_path / "check.png"), page)
+    out = tmp_path / "overlay.png"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "formreader.cli",
+            "inspect",
+            str(tmp_path / "check.png"),
+            "--template",
+            str(ROOT / "templates" / "bank_check.yaml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "amount" in run.stdout and "47" in run.stdout
+    overlay = cv2.imread(str(out))
+    red = (overlay[..., 2] > 180) & (overlay[..., 1] < 60) & (overlay[..., 0] < 60)
+    assert red[y : y + h, x : x + w].sum() > 20  # the cut between 4 and 7, drawn in red
