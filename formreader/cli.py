@@ -231,5 +231,17 @@ def evaluate(model, data, nsysu, plots) -> None:
         click.echo(f"plot: {p}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
+def pad(host, port, model) -> None:
+    """A drawing pad in the browser: write a number, see what formreader reads."""
+    from formreader.web import create_app
+
+    click.echo(f"formreader drawing pad on http://{host}:{port}/ (Ctrl-C to stop)")
+    create_app(model).run(host=host, port=port)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,103 @@
+"""The drawing pad: its endpoint on real digits, and the page in a real browser (Debian chromium)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def app():
+    from formreader.web import create_app
+
+    return create_app()
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_read_endpoint_on_mnist_digits(app, mnist_test):
+    images, labels = mnist_test
+    client = app.test_client()
+    right = 0
+    for i in range(20):
+        drawing = np.full((200, 560), 255, np.uint8)
+        digit = cv2.resize(255 - images[i], (140, 140), interpolation=cv2.INTER_CUBIC)
+        drawing[30:170, 200:340] = digit
+        out = client.post("/read", data=png(drawing), content_type="image/png").get_json()
+        right += out["value"] == str(labels[i])
+        assert 0 <= out["confidence"] <= 1 and len(out["digits"][0]["top"]) == 3
+    assert right >= 19
+
+
+def test_read_endpoint_rejects_what_is_not_an_image(app):
+    res = app.test_client().post("/read", data=b"hello", content_type="image/png")
+    assert res.status_code == 400 and "PNG or JPEG" in res.get_json()["error"]
+
+
+def test_empty_drawing_reads_nothing(app):
+    out = app.test_client().post("/read", data=png(np.full((200, 560), 255, np.uint8))).get_json()
+    assert out["value"] == "" and out["raw"] == "" and out["review"] is False
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    from werkzeug.serving import make_server
+
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}/"
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which("chromium") and not shutil.which(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed (make setup installs it)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        yield b
+        b.close()
+
+
+def stroke(page, points):
+    box = page.locator("#pad").bounding_box()
+    page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+    page.mouse.up()
+
+
+def test_drawing_a_number_in_the_browser(server, browser, tmp_path):
+    page = browser.new_page()
+    page.goto(server)
+    assert page.title() == "formreader drawing pad"
+    stroke(page, [(100, 40), (100, 160)])  # a 1
+    stroke(page, [(180, 45), (250, 45), (205, 160)])  # a 7
+    page.click("#read")
+    page.wait_for_function("document.getElementById('value').textContent.length > 0")
+    assert page.text_content("#value") == "17"
+    assert page.locator("#digits tbody tr").count() == 2
+    page.screenshot(path=str(tmp_path / "pad.png"))
+    page.click("#clear")
+    assert page.text_content("#value") == ""
+    page.close()
