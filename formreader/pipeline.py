@@ -204,15 +204,12 @@ class Journal:
                 else:
                     pending.setdefault(rec["source"], []).append(rec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "a" if resume else "w")
-        if resume:  # rewrite only finished files, dropping half-done ones
-            self._fh.close()
-            with open(path, "w") as fh:
-                for source, recs in self.done.items():
-                    for rec in recs:
-                        fh.write(json.dumps(rec) + "\n")
-                    fh.write(json.dumps({"kind": "file_done", "source": source}) + "\n")
-            self._fh = open(path, "a")
+        with open(path, "w") as fh:  # keep only finished files: half-done ones are read again
+            for source, recs in self.done.items():
+                for rec in recs:
+                    fh.write(json.dumps(rec) + "\n")
+                fh.write(json.dumps({"kind": "file_done", "source": source}) + "\n")
+        self._fh = open(path, "a")
 
     def write(self, rec: dict) -> None:
         if self.path is not None:

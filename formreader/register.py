@@ -80,7 +80,7 @@ def register_page(
     ink = _ink(page)
     if ink.mean() < 0.002 or float(np.std(page)) < 4:
         raise RegistrationError("blank page: no printed form found")
-    scale = min(1.0, WORK_SIDE / max(page.shape)) * max(1.0, 1.0)
+    scale = min(1.0, WORK_SIDE / max(page.shape))
     small = cv2.resize(page, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     pts, desc = _orb(small)
     if desc is None or len(pts) < 20:

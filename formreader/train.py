@@ -13,7 +13,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,7 +34,6 @@ class TrainConfig:
     patience: int = 10
     seed: int = 20261124
     limit: int | None = None  # use only this many training images (for quick runs and tests)
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +321,7 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
         "training_seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {len(tf.config.list_physical_devices('GPU'))} GPU, "
         f"{__import__('os').cpu_count()} CPU cores, TensorFlow {tf.__version__}",
-        "config": {k: v for k, v in vars(config).items() if k != "extra"},
+        "config": dict(vars(config)),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     cached_tflite(out, meta)  # the fast path's converted model, beside the .keras file
