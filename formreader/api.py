@@ -71,5 +71,5 @@ def read_number(image: np.ndarray, model: Path | str | None = None) -> StringRea
     touching digits were cut apart.
     """
     layout = segment_string(np.asarray(image))
-    probs = get_classifier(model).probabilities(layout.images) if len(layout.images) else np.zeros((0, 11))
+    probs = get_classifier(model).probabilities(layout.images)
     return decide_string(layout, probs)

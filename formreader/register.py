@@ -37,8 +37,7 @@ class Registration:
     aligned: np.ndarray  # (H, W) uint8, the page in the reference's frame
     homography: np.ndarray  # (3, 3) page pixels -> reference pixels
     quality: float  # fraction of the reference's printed structure found on the page, 0..1
-    rotation_deg: float
-    scale: float
+    rotation_deg: float  # counter-clockwise, as the page lay on the scanner
 
 
 def _orb(grey: np.ndarray, n: int = 4000):
@@ -111,12 +110,11 @@ def register_page(
     quality = registration_quality(aligned, features.structure)
     a, b = homography[0, 0], homography[1, 0]
     rotation = float(np.degrees(np.arctan2(b, a)))
-    s = float(np.hypot(a, b))
     if quality < min_quality:
         raise RegistrationError(
             f"page does not match the template: only {quality:.0%} of the form's printed lines found (need {min_quality:.0%})"
         )
-    return Registration(aligned, homography, quality, rotation, s)
+    return Registration(aligned, homography, quality, rotation)
 
 
 def _plausible(h: np.ndarray, shape: tuple[int, int]) -> bool:

@@ -53,7 +53,6 @@ class DigitSegment:
     """One segmented cell: the 28x28 input (ink 1.0 on 0.0), or None when the cell is blank."""
 
     image: np.ndarray | None  # (28, 28) float32 in [0, 1]; None: no digit in the cell
-    bbox: tuple[int, int, int, int] | None  # x, y, w, h of the kept ink in the crop, pixels
     stray_ink: float  # ink left after line removal, as a fraction of the crop, digit or not
 
 
@@ -206,15 +205,13 @@ def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> D
     """
     ink, mask = ink_intensity(crop, params)
     if not mask.any():
-        return DigitSegment(None, None, 0.0)
+        return DigitSegment(None, 0.0)
     mask = remove_box_lines(mask, params)
     stray = float(mask.mean())
     keep = select_digit_ink(mask, params)
     if keep is None:
-        return DigitSegment(None, None, stray)
+        return DigitSegment(None, stray)
     # Keep the anti-aliased fringe of the kept strokes, not of anything else.
     fringe = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     digit_ink = np.where(fringe, ink, 0.0)
-    ys, xs = np.nonzero(keep)
-    bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
-    return DigitSegment(normalize_digit(digit_ink, params.thicken, params.sharpen), bbox, stray)
+    return DigitSegment(normalize_digit(digit_ink, params.thicken, params.sharpen), stray)

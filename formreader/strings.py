@@ -58,7 +58,6 @@ class StringLayout:
     images: np.ndarray  # (M, 28, 28) float32: every candidate piece
     digit_height: float  # typical digit height, px
     digit_width: float = 0.0  # typical width of one digit, px
-    stray_ink: float = 0.0  # ink left after cleaning, as a fraction of the crop
 
 
 @dataclass
@@ -257,7 +256,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
     blobs, digit_height = group_blobs(mask)
     images: list[np.ndarray] = []
     if not blobs:
-        return StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0, float(mask.mean()))
+        return StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0)
     tall = [b for b in blobs if b.height >= 0.6 * digit_height]
     band = (float(np.median([b.y0 for b in tall])), float(np.median([b.y1 for b in tall])))
     # One digit's width: from blobs shaped like one digit (not a thin 1, not a touching pair).
