@@ -19,11 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 
 from formreader.classify import DigitClassifier  # noqa: E402
 from formreader.ingest import Page, find_inputs, read_pages  # noqa: E402
-from formreader.pipeline import digit_images, process_paths, segment_page  # noqa: E402
+from formreader.pipeline import page_probabilities, process_paths, segment_page  # noqa: E402
 from formreader.register import prepare_reference  # noqa: E402
 from formreader.template import load_template  # noqa: E402
 
@@ -60,9 +59,8 @@ def main() -> None:
     t = time.perf_counter()
     segs = [segment_page(p, template, features) for p in all_pages]
     stage["register+locate+segment"] = time.perf_counter() - t
-    batch = np.concatenate([digit_images(s) for s in segs])
     t = time.perf_counter()
-    classifier.probabilities(batch)
+    page_probabilities(segs, classifier)
     stage["classify"] = time.perf_counter() - t
     for name, seconds in stage.items():
         print(f"  {name:26s} {1000 * seconds / len(all_pages):7.1f} ms/page")

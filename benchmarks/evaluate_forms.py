@@ -26,7 +26,7 @@ from formreader.classify import DigitClassifier  # noqa: E402
 from formreader.datasets import load_mnist  # noqa: E402
 from formreader.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 from formreader.ingest import Page, find_inputs, read_pages  # noqa: E402
-from formreader.pipeline import decide_page, digit_images, segment_page  # noqa: E402
+from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
 from formreader.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.synth import make_pages, scan  # noqa: E402
 from formreader.template import load_template  # noqa: E402
@@ -44,7 +44,7 @@ def segment_all(items, template, classifier):
         except RegistrationError as e:
             print(f"  {page.source} page {page.page}: {e}")
             continue
-        out.append((seg, classifier.probabilities(digit_images(seg)), truth))
+        out.append((seg, page_probabilities([seg], classifier)[0], truth))
     return out
 
 

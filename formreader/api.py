@@ -63,13 +63,14 @@ def process_folder(
     return out
 
 
-def read_number(image: np.ndarray, model: Path | str | None = None) -> StringReading:
+def read_number(image: np.ndarray, model: Path | str | None = None, separators: str = ".,-/", pattern: str = "") -> StringReading:
     """Read a number written freely (no boxes) in a grey crop, dark ink on light paper.
 
     Returns a StringReading: `value` (digits only), `raw` (with separators, e.g. '1.234,56'),
     `confidence` (calibrated probability that the digits are right), the digits, and where
-    touching digits were cut apart.
+    touching digits were cut apart. `separators` may stand between digits; `pattern`, a regular
+    expression for the whole raw reading, settles what looks like both a slash and a 1.
     """
     layout = segment_string(np.asarray(image))
-    probs = get_classifier(model).probabilities(layout.images)
-    return decide_string(layout, probs)
+    probs = get_classifier(model).for_strings.probabilities(layout.images)
+    return decide_string(layout, probs, separators, pattern)

@@ -21,6 +21,7 @@ NUM_CLASSES = 11
 NOT_A_DIGIT = 10  # the class for ink that is not a digit
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits.keras"
+STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.keras tuned on string pieces
 LABELS = "0123456789"
 
 
@@ -108,6 +109,9 @@ class DigitClassifier:
     meta: dict
     path: str = ""
     threads: int = 0
+    # The same network fine-tuned on the pieces string segmentation cuts (models/digits.strings.keras),
+    # which refuses wrong cuts; it reads free-written numbers, this one reads boxed cells.
+    strings: DigitClassifier | None = None
 
     @classmethod
     def load(cls, path: Path | None = None, threads: int | None = None) -> DigitClassifier:
@@ -123,7 +127,15 @@ class DigitClassifier:
         content = cached_tflite(path, meta)
         clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
         clf._check()
+        companion = path.with_suffix(STRING_MODEL_SUFFIX)
+        if companion.exists() and not path.name.endswith(STRING_MODEL_SUFFIX):
+            clf.strings = cls.load(companion, threads)
         return clf
+
+    @property
+    def for_strings(self) -> DigitClassifier:
+        """The classifier for free-written numbers' pieces: the string model beside this one, if any."""
+        return self.strings or self
 
     def __post_init__(self):
         self._runner = None

@@ -159,7 +159,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 
     from formreader.ingest import PageError, read_pages
     from formreader.overlay import draw_overlay
-    from formreader.pipeline import decide_page, digit_images, segment_page
+    from formreader.pipeline import decide_page, page_probabilities, segment_page
     from formreader.register import RegistrationError
 
     tpl = _load_template(template)
@@ -177,7 +177,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
         seg = segment_page(page, tpl)
     except RegistrationError as e:
         _fail(f"{page_file} page {page_number}: {e}", 1)
-    read = decide_page(seg, clf.probabilities(digit_images(seg)), tpl, review_threshold)
+    read = decide_page(seg, page_probabilities([seg], clf)[0], tpl, review_threshold)
     if not cv2.imwrite(str(out), draw_overlay(seg.registration.aligned, read)):
         _fail(f"cannot write {out}", 1)
     for f in read.fields:
@@ -199,11 +199,30 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--limit", type=click.IntRange(50), help="Train on this many images only (quick trials).")
 @click.option("--seed", default=20261124, show_default=True, type=int)
-def train(data, out, epochs, limit, seed) -> None:
+@click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option(
+    "--strings",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Also train on the pieces of this many free-written numbers.",
+)
+@click.option(
+    "--initial", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from this model (fine-tune)."
+)
+def train(data, out, epochs, limit, seed, learning_rate, strings, initial) -> None:
     """Train the digit CNN on MNIST (uses a GPU when TensorFlow sees one)."""
     from formreader.train import TrainConfig, train_model
 
-    meta = train_model(out, TrainConfig(epochs=epochs, limit=limit, seed=seed), data)
+    config = TrainConfig(
+        epochs=epochs,
+        limit=limit,
+        seed=seed,
+        learning_rate=learning_rate,
+        strings=strings,
+        initial=str(initial) if initial else None,
+    )
+    meta = train_model(out, config, data)
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 
 

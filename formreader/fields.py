@@ -8,6 +8,7 @@ where the length is fixed, a gap between digits, ink that is not a digit, an emp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from formreader.classify import DigitReading
@@ -81,6 +82,8 @@ def read_free_field(
     unexpected = sorted({c for c in reading.raw if c in ".,-/" and c not in spec.separators})
     if unexpected:
         reasons.append(f"separator {' '.join(unexpected)} where none is expected")
+    if reading.raw and spec.pattern and not re.fullmatch(spec.pattern, reading.raw):
+        reasons.append(f"'{reading.raw}' is not written as the field's pattern expects")
     confidence = reading.confidence if reading.raw else BLANK_CONFIDENCE
     if confidence < threshold:
         reasons.append(f"low confidence {confidence:.2f}")

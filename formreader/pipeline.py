@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.classify import NUM_CLASSES, DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.fields import (
     BLANK_CONFIDENCE,
     DEFAULT_REVIEW_THRESHOLD,
@@ -115,7 +115,7 @@ def decide_page(
         if isinstance(cells, StringLayout):
             probs = probabilities[start : start + len(cells.images)]
             start += len(cells.images)
-            fields.append(read_free_field(spec, decide_string(cells, probs, spec.separators), offset, threshold))
+            fields.append(read_free_field(spec, decide_string(cells, probs, spec.separators, spec.pattern), offset, threshold))
             continue
         readings = []
         for s in cells:
@@ -131,16 +131,31 @@ def decide_page(
     return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes)
 
 
-def digit_images(seg: SegmentedPage) -> np.ndarray:
-    """The page's digit images as one (N, 28, 28) array, in field and cell order, blanks skipped;
-    a free field contributes every candidate piece of its layout."""
+def digit_images(seg: SegmentedPage) -> tuple[np.ndarray, np.ndarray]:
+    """The page's digit images as one (N, 28, 28) array, in field and cell order, blanks skipped
+    (a free field contributes every candidate piece of its layout); and (N,) bool: a piece."""
     images: list[np.ndarray] = []
+    pieces: list[bool] = []
     for cells in seg.segments:
-        if isinstance(cells, StringLayout):
-            images += list(cells.images)
-        else:
-            images += [s.image for s in cells if s.image is not None]
-    return np.stack(images) if images else np.zeros((0, 28, 28), np.float32)
+        found = list(cells.images) if isinstance(cells, StringLayout) else [s.image for s in cells if s.image is not None]
+        images += found
+        pieces += [isinstance(cells, StringLayout)] * len(found)
+    return (np.stack(images) if images else np.zeros((0, 28, 28), np.float32)), np.array(pieces, bool)
+
+
+def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray]:
+    """(N, 11) probabilities of each page's digit_images, in one batch per model: boxed cells by
+    the digit model, the pieces of free fields by the model that also refuses wrong cuts."""
+    found = [digit_images(s) for s in segs]
+    if not found:
+        return []
+    images = np.concatenate([f[0] for f in found])
+    piece = np.concatenate([f[1] for f in found])
+    probs = np.zeros((len(images), NUM_CLASSES), np.float32)
+    for model, which in ((classifier, ~piece), (classifier.for_strings, piece)):
+        if which.any():
+            probs[which] = model.probabilities(images[which])
+    return np.split(probs, np.cumsum([len(f[0]) for f in found])[:-1])
 
 
 def read_page(
@@ -155,7 +170,7 @@ def read_page(
         seg = segment_page(page, template, features)
     except RegistrationError as e:
         return PageRead(page.source, page.page, error=str(e))
-    return decide_page(seg, classifier.probabilities(digit_images(seg)), template, threshold)
+    return decide_page(seg, page_probabilities([seg], classifier)[0], template, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +303,7 @@ def process_paths(
     def flush(pages: list[Page]) -> None:
         done = segment_all(pages)
         segs = [d for d in done if isinstance(d, SegmentedPage)]
-        stacks = [digit_images(s) for s in segs]
-        probs = classifier.probabilities(np.concatenate(stacks)) if stacks else np.zeros((0, 11))
-        splits = np.cumsum([len(s) for s in stacks])[:-1]
-        per_page = iter(np.split(probs, splits) if stacks else [])
+        per_page = iter(page_probabilities(segs, classifier))
         for d in done:
             read = decide_page(d, next(per_page), template, threshold) if isinstance(d, SegmentedPage) else d
             rec = page_record(read)

@@ -92,15 +92,19 @@ def blank_form() -> tuple[np.ndarray, list[Field]]:
 
 
 class DigitSource:
-    """Draws MNIST test digits of a requested class, without repeats until a class runs out."""
+    """Draws MNIST digits of a requested class, without repeats until a class runs out; then
+    raises, or with `reuse` starts that class over in a new order."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
-        self.images = images
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, reuse: bool = False):
+        self.images, self.labels = images, labels
         self.rng = rng
+        self.reuse = reuse
         self.pools = {d: list(rng.permutation(np.flatnonzero(labels == d))) for d in range(10)}
 
     def take(self, digit: int) -> np.ndarray:
         pool = self.pools[digit]
+        if not pool and self.reuse:
+            pool += list(self.rng.permutation(np.flatnonzero(self.labels == digit)))
         if not pool:
             raise ValueError(f"no MNIST images of {digit} left")
         return self.images[pool.pop()]
@@ -209,6 +213,8 @@ def make_pages(n: int, seed: int, images: np.ndarray, labels: np.ndarray) -> tup
 CHECK_SIZE = (1050, 480)  # 7 x 3.2 inches at 150 DPI
 AMOUNT_BOX = (742, 128, 268, 66)  # interior of the courtesy amount box
 DATE_BOX = (742, 40, 268, 58)  # the date is written on a guide line, with no box
+DATE_PATTERN = r"\d{1,2}([/.-])\d{1,2}\1(\d{2}|\d{4})"
+AMOUNT_PATTERN = r"(\d{1,3}(,\d{3})+|\d+)\.\d{2}"
 
 
 def blank_check() -> tuple[np.ndarray, list[Field]]:
@@ -238,8 +244,9 @@ def blank_check() -> tuple[np.ndarray, list[Field]]:
     cv2.line(canvas, (600, 332), (1000, 332), 0, 1)
     cv2.putText(canvas, "A021000089A 4410 2265 0C 0318", (120, 420), cv2.FONT_HERSHEY_PLAIN, 1.6, 0, 2, cv2.LINE_AA)
     fields = [
-        Field("date", kind="free", box=DATE_BOX, min_length=4, max_length=8, separators="/.-"),
-        Field("amount", kind="free", box=AMOUNT_BOX, min_length=3, max_length=9, separators=".,"),
+        # Day, month, year with one kind of separator; dollars (thousands grouped or not) and cents.
+        Field("date", kind="free", box=DATE_BOX, min_length=4, max_length=8, separators="/.-", pattern=DATE_PATTERN),
+        Field("amount", kind="free", box=AMOUNT_BOX, min_length=3, max_length=9, separators=".,", pattern=AMOUNT_PATTERN),
     ]
     return canvas, fields
 
@@ -275,13 +282,15 @@ def write_number(
     ink: float,
     touching: float = 0.3,
     broken: float = 1 / 7,
-) -> None:
+) -> list[tuple[int, int, int, np.ndarray]]:
     """Write `raw` (digits and . , - / separators) freely into a box, in place.
 
     Digits vary in size and spacing; with probability `touching` a digit is pushed into its
     left neighbour until their ink touches or overlaps; with probability `broken` a digit has a
-    broken stroke (a pen skip).
+    broken stroke (a pen skip). Returns where each digit went: (digit, x, y, alpha), alpha (h, w)
+    float32 placed with its top left corner at canvas pixel (x, y).
     """
+    placed = []
     x, y, w, h = box
     digits = sum(c.isdigit() for c in raw)
     fit = (w - 30) / (1.15 * digits + 0.75 * (len(raw) - digits))  # the height at which it fits
@@ -299,7 +308,9 @@ def write_number(
             gap = -rng.uniform(0.0, 0.16) * min(g.shape[1], previous_width) if push else rng.uniform(0.05, 0.3) * height
             left = int(round(cx + gap))
             previous, previous_width = ch, g.shape[1]
-            _stamp(canvas, g, max(left, x), int(round(baseline - g.shape[0] + jitter)), ink)
+            top = int(round(baseline - g.shape[0] + jitter))
+            _stamp(canvas, g, max(left, x), top, ink)
+            placed.append((int(ch), max(left, x), top, g))
             cx = max(left, x) + g.shape[1]
             continue
         s = max(2, int(round(height * 0.08)))
@@ -328,6 +339,7 @@ def write_number(
             cx += 0.75 * height
         cx += 0.18 * height
         canvas[:] = np.minimum(canvas, (canvas * (1 - layer) + ink * layer)).astype(np.uint8)
+    return placed
 
 
 def random_check_values(rng: np.random.Generator) -> dict[str, str]:

@@ -15,6 +15,8 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
         box: [x, y, w, h]
         min_length: 3          # optional: length, min_length, max_length (digits)
         separators: ".,"       # separators that may stand between digits (true: any of . , - /)
+        pattern: '(\\d{1,3}(,\\d{3})*|\\d+)\\.\\d{2}'  # optional: a regular expression the
+                               # whole reading (digits and separators) must match
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Field:
     min_length: int | None = None  # kind 'free': digits allowed, when not exact
     max_length: int | None = None
     separators: str = ""  # kind 'free': separators that may stand between digits, of . , - /
+    pattern: str = ""  # kind 'free': regular expression the whole raw reading must match
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Template:
 
 
 _FIELD_KEYS = {"name", "cells", "length", "optional", "kind"}
-_FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators"}
+_FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators", "pattern"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -165,7 +168,14 @@ def _parse_free_field(where: str, label: str, name: str, doc: dict, shape, optio
         raise TemplateError(
             f"{where}: {label}: 'separators' must be true, false or some of . , - / (as \".,\"), not {separators!r}"
         )
-    return Field(name, (), lengths["length"], optional, "free", box, lengths["min_length"], lengths["max_length"], separators)
+    pattern = doc.get("pattern", "")
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise TemplateError(f"{where}: {label}: 'pattern' is not a regular expression ({e}): {pattern!r}") from e
+    return Field(
+        name, (), lengths["length"], optional, "free", box, lengths["min_length"], lengths["max_length"], separators, pattern
+    )
 
 
 def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
@@ -212,6 +222,8 @@ def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) ->
                 lines.append("    optional: true")
             if f.separators:
                 lines.append(f'    separators: "{f.separators}"')
+            if f.pattern:
+                lines.append("    pattern: '" + f.pattern.replace("'", "''") + "'")
             continue
         if f.length is not None:
             lines.append(f"    length: {f.length}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.classify import cached_tflite
+from formreader.classify import NOT_A_DIGIT, cached_tflite
 from formreader.datasets import load_mnist
 from formreader.segment import normalize_digit
 
@@ -34,6 +34,8 @@ class TrainConfig:
     patience: int = 10
     seed: int = 20261124
     limit: int | None = None  # use only this many training images (for quick runs and tests)
+    strings: int = 0  # free-written numbers whose segmentation pieces are trained on (make_string_pieces)
+    initial: str | None = None  # start from this model's weights (fine-tuning) instead of at random
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +101,76 @@ def make_non_digits(n: int, rng: np.random.Generator) -> np.ndarray:
         ink = cv2.GaussianBlur(canvas.astype(np.float32) / 255.0, (5, 5), 1.2)
         out[k] = normalize_digit(ink)
     return out
+
+
+def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What string segmentation cuts out of `n` free-written numbers, labelled by their ink.
+
+    Numbers are written from `images` (MNIST, ink 255 on 0) into a bank check's fields, often
+    touching, and segmented by formreader.strings exactly as a scanned check would be. Every
+    candidate piece is labelled by whose ink it holds: a digit if it holds nearly all of one
+    digit and little else, not-a-digit if it holds two digits or a fragment of one (a wrong
+    cut), left out in between. This teaches the classifier to refuse wrong cuts, which it
+    otherwise reads as confident digits (two touching 0s as an 8). Returns (N, 28, 28) float32
+    and (N,) uint8.
+    """
+    from formreader.strings import segment_string
+    from formreader.synth import DigitSource, blank_check, random_check_values, write_number
+
+    blank, fields = blank_check()
+    source = DigitSource(images, labels, rng, reuse=True)
+    pieces, classes = [], []
+    for k in range(n):
+        spec = fields[k % len(fields)]
+        page = blank.copy()
+        placed = write_number(page, spec.box, random_check_values(rng)[spec.name], source, rng, rng.uniform(15, 80), touching=0.5)
+        x, y, w, h = spec.box
+        x0, y0 = x - 4, y - 4  # the pipeline's crop margin
+        crop = page[y0 : y + h + 4, x0 : x + w + 4].astype(np.float32) * (rng.uniform(222, 250) / 255)
+        crop = cv2.GaussianBlur(crop, (0, 0), rng.uniform(0.4, 0.9)) + rng.normal(0, rng.uniform(2, 6), crop.shape)
+        # Whose ink each pixel is: the digit stamped darkest there.
+        owner = np.full(crop.shape, -1, np.int32)
+        strongest = np.full(crop.shape, 0.25, np.float32)
+        for j, (_, gx, gy, alpha) in enumerate(placed):
+            ax, ay = gx - x0, gy - y0
+            region = (slice(ay, ay + alpha.shape[0]), slice(ax, ax + alpha.shape[1]))
+            a = alpha[: owner[region].shape[0], : owner[region].shape[1]]
+            darker = a > strongest[region]
+            owner[region][darker] = j
+            strongest[region][darker] = a[darker]
+        layout = segment_string(np.clip(crop, 0, 255).astype(np.uint8))
+        found = np.zeros(len(placed) + 1, np.int64)  # segmented ink of each digit (last: nobody's)
+        for blob in layout.blobs:
+            np.add.at(found, owner[blob.y0 : blob.y1, blob.x0 : blob.x1][blob.mask], 1)
+        seen = set()
+        for b, blob in enumerate(layout.blobs):
+            if blob.kind != "digit":
+                continue
+            blob_owner = owner[blob.y0 : blob.y1, blob.x0 : blob.x1]
+            for ranges, idx, _ in blob.alternatives:
+                for (a, e), i in zip(ranges, idx):
+                    if (b, a, e) in seen:
+                        continue
+                    seen.add((b, a, e))
+                    piece = blob.mask[:, a:e]
+                    ink = blob_owner[:, a:e][piece]
+                    counts = np.bincount(ink[ink >= 0], minlength=len(placed)).astype(np.float64)
+                    share_of_digit = counts / np.maximum(found[: len(placed)], 1)
+                    j = int(np.argmax(counts))
+                    share_of_piece = counts[j] / max(len(ink), 1)
+                    others = np.delete(share_of_digit, j).max(initial=0.0)
+                    if share_of_piece >= 0.85 and share_of_digit[j] >= 0.85 and others < 0.15:
+                        label = placed[j][0]
+                    elif share_of_digit[j] < 0.6 or others >= 0.4:
+                        label = NOT_A_DIGIT
+                        ys, xs = np.nonzero(piece)
+                        if len(xs) and np.ptp(xs) < 0.4 * np.ptp(ys):
+                            continue  # a sliver is a 1 once normalised: the rest of its cut refuses it
+                    else:
+                        continue  # nearly right: neither a clean digit nor clearly wrong
+                    pieces.append(layout.images[i])
+                    classes.append(label)
+    return np.array(pieces, np.float32).reshape(-1, 28, 28), np.array(classes, np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +315,7 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
     import keras
     import tensorflow as tf
 
-    from formreader.model import NOT_A_DIGIT, build_digit_cnn
+    from formreader.model import build_digit_cnn
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -269,7 +341,20 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
 
     x_train, y_train = stack(train_idx, negatives[n_neg_val:])
     x_val, y_val = stack(val_idx, negatives[:n_neg_val])
-    log(f"training on {len(x_train)} images ({len(negatives) - n_neg_val} not-a-digit), validating on {len(x_val)}")
+    if config.strings:
+        # Pieces of free-written numbers, from the split's own digits (validation pieces from
+        # validation digits); wrong cuts thinned to as many as right ones, so that they do not
+        # outweigh the digits.
+        parts = []
+        for idx, n in ((train_idx, config.strings), (val_idx, max(1, config.strings // 10))):
+            px, py = make_string_pieces(n, rng, images[idx], labels[idx])
+            wrong = py == NOT_A_DIGIT
+            keep = ~wrong | (rng.random(len(py)) < (~wrong).sum() / max(1, wrong.sum()))
+            parts.append((px[keep][..., None], py[keep].astype(np.int32)))
+        x_train, y_train = np.concatenate([x_train, parts[0][0]]), np.concatenate([y_train, parts[0][1]])
+        x_val, y_val = np.concatenate([x_val, parts[1][0]]), np.concatenate([y_val, parts[1][1]])
+        log(f"string pieces: {len(parts[0][1])} for training, {len(parts[1][1])} for validation")
+    log(f"training on {len(x_train)} images ({int((y_train == NOT_A_DIGIT).sum())} not-a-digit), validating on {len(x_val)}")
 
     train_ds = (
         tf.data.Dataset.from_tensor_slices((x_train, y_train))
@@ -280,7 +365,7 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
     )
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(512)
 
-    model = build_digit_cnn()
+    model = keras.models.load_model(config.initial, compile=False, safe_mode=True) if config.initial else build_digit_cnn()
     steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.01)
     # An exponential moving average of the weights (used for validation, early stopping and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -128,3 +129,24 @@ def test_cli_template_detect_on_a_page_without_boxes(tmp_path):
         text=True,
     )
     assert run.returncode == 1 and "no digit boxes found" in run.stderr
+
+
+def test_check_template_patterns_load_and_round_trip(tmp_path):
+    from formreader.synth import blank_check
+    from formreader.template import template_yaml
+
+    shutil.copy(ROOT / "templates" / "bank_check.png", tmp_path / "bank_check.png")
+    _, fields = blank_check()
+    (tmp_path / "t.yaml").write_text(template_yaml(fields, "bank_check.png", 150, "check"))
+    date, amount = load_template(tmp_path / "t.yaml").fields
+    assert (date.pattern, amount.pattern) == (fields[0].pattern, fields[1].pattern)
+    assert re.fullmatch(date.pattern, "05/12/2021") and not re.fullmatch(date.pattern, "05/12-2021")
+    assert re.fullmatch(amount.pattern, "1,234.56") and not re.fullmatch(amount.pattern, "974.0.")
+
+
+def test_bad_pattern_is_refused_with_the_field_named(tmp_path):
+    shutil.copy(ROOT / "templates" / "bank_check.png", tmp_path / "bank_check.png")
+    doc = yaml.safe_load((ROOT / "templates" / "bank_check.yaml").read_text())
+    doc["fields"][1]["pattern"] = r"(\d+\.\d{2}"
+    with pytest.raises(TemplateError, match="field 'amount': 'pattern' is not a regular expression"):
+        load_template(write(tmp_path, doc))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from formreader.classify import DigitClassifier
+from formreader.classify import NOT_A_DIGIT, DigitClassifier
 from formreader.evaluate import (
     confusion_matrix,
     evaluate_probabilities,
@@ -13,7 +13,7 @@ from formreader.evaluate import (
     risk_at_coverage,
     risk_coverage,
 )
-from formreader.train import TrainConfig, augment_batch, fit_temperature, nll, train_model
+from formreader.train import TrainConfig, augment_batch, fit_temperature, make_string_pieces, nll, train_model
 
 
 def test_training_runs_end_to_end_on_a_subset(tmp_path):
@@ -24,6 +24,25 @@ def test_training_runs_end_to_end_on_a_subset(tmp_path):
     clf = DigitClassifier.load(out)
     p = clf.probabilities(np.zeros((3, 28, 28), np.float32))
     assert p.shape == (3, 11)
+
+
+def test_fine_tuning_on_string_pieces_runs(tmp_path, classifier):
+    out = tmp_path / "tuned.keras"
+    config = TrainConfig(epochs=1, limit=400, batch_size=64, strings=20, initial=str(classifier.path))
+    meta = train_model(out, config, log=lambda *_: None)
+    assert meta["train_images"] > 400  # the MNIST subset and the pieces
+    assert DigitClassifier.load(out).probabilities(np.zeros((1, 28, 28), np.float32)).shape == (1, 11)
+
+
+def test_string_pieces_are_labelled_by_whose_ink_they_hold(classifier, mnist_test):
+    images, labels = mnist_test
+    pieces, classes = make_string_pieces(60, np.random.default_rng(3), images, labels)
+    assert len(pieces) == len(classes) and pieces.shape[1:] == (28, 28)
+    digit = classes != NOT_A_DIGIT
+    assert 100 < digit.sum() and 100 < (~digit).sum()  # right cuts and wrong cuts
+    # An independent reader (the shipped model) agrees with the labels of the digit pieces...
+    read = classifier.probabilities(pieces).argmax(1)
+    assert (read[digit] == classes[digit]).mean() > 0.9
 
 
 def test_augmentation_keeps_shape_and_range_and_changes_images(mnist_test):
