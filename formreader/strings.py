@@ -3,9 +3,12 @@
 Segmentation finds the ink (Sauvola's adaptive threshold, which copes with tinted and
 patterned paper), removes printed guide lines and the box border, groups strokes into blobs
 (joining the pieces of a broken digit), and tells separators (. , - /) from digits by size,
-position and shape. A blob wider than one digit may be touching digits: candidate cuts are
-placed at the valleys of its ink profile, every segmentation into 1 to 4 pieces is classified,
-and the one whose digits the classifier is most sure of wins (`decide_string`).
+position and shape. A blob about as wide as a digit or wider may be touching digits: candidate
+cuts are placed at the valleys of its ink profile and between them, every segmentation into 1
+to 4 pieces is classified, and the one whose digits the classifier is most sure of wins
+(`decide_string`). That needs a classifier that refuses wrong cuts: the string model
+(models/digits.strings.keras, trained on this module's own pieces by
+formreader.train.make_string_pieces).
 
 `segment_string` is pure image processing and returns every candidate piece as a 28x28 image,
 so that the classifier can score all of a page's pieces in one batch.

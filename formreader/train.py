@@ -111,7 +111,7 @@ def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, lab
     candidate piece is labelled by whose ink it holds: a digit if it holds nearly all of one
     digit and little else, not-a-digit if it holds two digits or a fragment of one (a wrong
     cut), left out in between. This teaches the classifier to refuse wrong cuts, which it
-    otherwise reads as confident digits (two touching 0s as an 8). Returns (N, 28, 28) float32
+    otherwise reads as confident digits (a touching 21 as a 4). Returns (N, 28, 28) float32
     and (N,) uint8.
     """
     from formreader.strings import segment_string
