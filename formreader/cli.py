@@ -142,8 +142,12 @@ def template_check(path) -> None:
     tpl = _load_template(path)
     for f in tpl.fields:
         rules = [f"length {f.length}"] if f.length else []
+        rules += [f"{k.replace('_', ' ')} {getattr(f, k)}" for k in ("min_length", "max_length") if getattr(f, k)]
         rules += ["optional"] if f.optional else []
-        click.echo(f"{f.name}: {len(f.cells)} boxes" + (f" ({', '.join(rules)})" if rules else ""))
+        rules += [f'separators "{f.separators}"'] if f.separators else []
+        rules += [f"pattern '{f.pattern}'"] if f.pattern else []
+        what = f"written freely in box {list(f.box)}" if f.kind == "free" else f"{len(f.cells)} boxes"
+        click.echo(f"{f.name}: {what}" + (f" ({', '.join(rules)})" if rules else ""))
 
 
 @main.command()

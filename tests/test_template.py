@@ -150,3 +150,15 @@ def test_bad_pattern_is_refused_with_the_field_named(tmp_path):
     doc["fields"][1]["pattern"] = r"(\d+\.\d{2}"
     with pytest.raises(TemplateError, match="field 'amount': 'pattern' is not a regular expression"):
         load_template(write(tmp_path, doc))
+
+
+def test_cli_template_check_lists_free_fields_with_their_rules():
+    from click.testing import CliRunner
+
+    from formreader.cli import main
+
+    result = CliRunner().invoke(main, ["template", "check", str(ROOT / "templates" / "bank_check.yaml")])
+    assert result.exit_code == 0, result.output
+    date, amount = result.output.splitlines()
+    assert date.startswith("date: written freely in box [742, 40, 268, 58]") and 'separators "/.-"' in date
+    assert "min length 3" in amount and "pattern '(" in amount
