@@ -32,8 +32,9 @@ MAX_PIECES = 4
 MAX_ALTERNATIVES = 200
 # The product of the pieces' probabilities and the readings' shares is under-confident: on 300
 # fields of generated checks (seed 777, not the held-out ones) fields at 0.3-0.5 were right 91%
-# of the time, at 0.5-0.7 94%, at 0.7-0.85 all. Its square root is nearer the truth and still
-# errs toward review (benchmarks/evaluate_checks.py prints the table to check it against).
+# of the time, at 0.5-0.7 94%, at 0.7-0.85 all. Its square root is nearer the truth (held out,
+# with the shipped string model: 94% right at 0.70-0.85, 99% at 0.85-0.95); the table is
+# printed by benchmarks/evaluate_checks.py.
 CONFIDENCE_POWER = 0.5
 CUT_FROM_WIDTH = 0.8  # blobs at least this many digit widths wide are tried cut (a touching 21 is narrow)
 
