@@ -154,16 +154,26 @@ def _overlap(a: Blob, b: Blob) -> float:
     return max(0, inter) / max(1, min(a.width, b.width))
 
 
+def _typical_height(blobs: list[Blob]) -> float:
+    """The typical digit height (px): the median of the blobs at least half as tall as the tallest."""
+    tallest = max(b.height for b in blobs)
+    return float(np.median([b.height for b in blobs if b.height >= 0.5 * tallest]))
+
+
+def _digit_line(blobs: list[Blob], digit_height: float) -> tuple[list[Blob], tuple[float, float]]:
+    """The blobs tall enough to be digits, and the (top, bottom) of their line (medians, px)."""
+    tall = [b for b in blobs if b.height >= 0.6 * digit_height]
+    return tall, (float(np.median([b.y0 for b in tall])), float(np.median([b.y1 for b in tall])))
+
+
 def group_blobs(mask: np.ndarray) -> tuple[list[Blob], float]:
     """Blobs in reading order, broken digits joined; and the typical digit height (px)."""
     blobs = [b for b in _components(mask) if b.mask.sum() >= 4]
     if not blobs:
         return [], 0.0
-    tallest = max(b.height for b in blobs)
-    digit_height = float(np.median([b.height for b in blobs if b.height >= 0.5 * tallest]))
+    digit_height = _typical_height(blobs)
     blobs = [b for b in blobs if b.mask.sum() >= max(4, 0.004 * digit_height**2)]  # specks
-    tall = [b for b in blobs if b.height >= 0.6 * digit_height]
-    band = (float(np.median([b.y0 for b in tall])), float(np.median([b.y1 for b in tall])))
+    _, band = _digit_line(blobs, digit_height)
     # Join pieces stacked over each other (the top bar of a 5, a broken 4): they overlap in x.
     # A separator written close to a digit (the comma under a touching pair) is not joined.
     blobs.sort(key=lambda b: b.x0)
@@ -183,10 +193,7 @@ def group_blobs(mask: np.ndarray) -> tuple[list[Blob], float]:
                 blobs.sort(key=lambda b: b.x0)
                 merged = True
                 break
-    # The typical height again, now that broken digits are whole.
-    tallest = max(b.height for b in blobs)
-    digit_height = float(np.median([b.height for b in blobs if b.height >= 0.5 * tallest]))
-    return blobs, digit_height
+    return blobs, _typical_height(blobs)  # again, now that broken digits are whole
 
 
 def classify_separator(blob: Blob, digit_height: float, band: tuple[float, float]) -> str:
@@ -275,8 +282,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
     images: list[np.ndarray] = []
     if not blobs:
         return StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0)
-    tall = [b for b in blobs if b.height >= 0.6 * digit_height]
-    band = (float(np.median([b.y0 for b in tall])), float(np.median([b.y1 for b in tall])))
+    tall, band = _digit_line(blobs, digit_height)
     # One digit's width: from blobs shaped like one digit (not a thin 1, not a touching pair).
     singles = [b.width for b in tall if 0.4 * b.height <= b.width <= 0.95 * b.height]
     digit_width = float(np.median(singles)) if singles else 0.7 * digit_height

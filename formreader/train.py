@@ -114,6 +114,7 @@ def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, lab
     otherwise reads as confident digits (a touching 21 as a 4). Returns (N, 28, 28) float32
     and (N,) uint8.
     """
+    from formreader.pipeline import free_field_crop
     from formreader.strings import segment_string
     from formreader.synth import DigitSource, blank_check, random_check_values, write_number
 
@@ -124,9 +125,8 @@ def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, lab
         spec = fields[k % len(fields)]
         page = blank.copy()
         placed = write_number(page, spec.box, random_check_values(rng)[spec.name], source, rng, rng.uniform(15, 80), touching=0.5)
-        x, y, w, h = spec.box
-        x0, y0 = x - 4, y - 4  # the pipeline's crop margin
-        crop = page[y0 : y + h + 4, x0 : x + w + 4].astype(np.float32) * (rng.uniform(222, 250) / 255)
+        crop, (x0, y0) = free_field_crop(page, spec.box)
+        crop = crop.astype(np.float32) * (rng.uniform(222, 250) / 255)
         crop = cv2.GaussianBlur(crop, (0, 0), rng.uniform(0.4, 0.9)) + rng.normal(0, rng.uniform(2, 6), crop.shape)
         # Whose ink each pixel is: the digit stamped darkest there.
         owner = np.full(crop.shape, -1, np.int32)
