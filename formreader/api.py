@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 
 from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD
+from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
 from formreader.pipeline import Journal, process_paths
 from formreader.segment import segment_digit
 from formreader.strings import StringReading, decide_string, segment_string
-from formreader.template import Template, load_template
+from formreader.template import Field, Template, load_template
 
 _classifiers: dict[str, DigitClassifier] = {}
 
@@ -63,14 +63,26 @@ def process_folder(
     return out
 
 
-def read_number(image: np.ndarray, model: Path | str | None = None, separators: str = ".,-/", pattern: str = "") -> StringReading:
+def read_number(
+    image: np.ndarray,
+    model: Path | str | None = None,
+    separators: str = ".,-/",
+    pattern: str = "",
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+) -> StringReading:
     """Read a number written freely (no boxes) in a grey crop, dark ink on light paper.
 
-    Returns a StringReading: `value` (digits only), `raw` (with separators, e.g. '1.234,56'),
-    `confidence` (calibrated probability that the digits are right), the digits, and where
-    touching digits were cut apart. `separators` may stand between digits; `pattern`, a regular
-    expression for the whole raw reading, settles what looks like both a slash and a 1.
+    Returns a StringReading: `value` (digits only), `raw` (with separators, e.g. '1.234,56',
+    and a '?' for each mark that is not a digit), `confidence` (calibrated probability that the
+    digits are right), the digits, where touching digits were cut apart, and the decision a free
+    field of a form gets: `status` ('ok' or 'review') and `reasons`. `separators` may stand
+    between digits; `pattern`, a regular expression for the whole raw reading, settles what
+    looks like both a slash and a 1, and a reading that breaks it goes to review.
     """
     layout = segment_string(np.asarray(image))
     probs = get_classifier(model).for_strings.probabilities(layout.images)
-    return decide_string(layout, probs, separators, pattern)
+    reading = decide_string(layout, probs, separators, pattern)
+    spec = Field("number", kind="free", optional=True, separators=separators, pattern=pattern)
+    decision = read_free_field(spec, reading, threshold=review_threshold)
+    reading.status, reading.reasons = decision.status, decision.reasons
+    return reading

@@ -133,6 +133,11 @@ class DigitClassifier:
         return clf
 
     @property
+    def field_power(self) -> float:
+        """The exponent calibrating a boxed field's confidence (formreader.fields.read_field)."""
+        return float(self.meta.get("field_power", 1.0))
+
+    @property
     def for_strings(self) -> DigitClassifier:
         """The classifier for free-written numbers' pieces: the string model beside this one, if any."""
         return self.strings or self

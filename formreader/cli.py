@@ -181,7 +181,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
         seg = segment_page(page, tpl)
     except RegistrationError as e:
         _fail(f"{page_file} page {page_number}: {e}", 1)
-    read = decide_page(seg, page_probabilities([seg], clf)[0], tpl, review_threshold)
+    read = decide_page(seg, page_probabilities([seg], clf)[0], tpl, review_threshold, clf.field_power)
     if not cv2.imwrite(str(out), draw_overlay(seg.registration.aligned, read)):
         _fail(f"cannot write {out}", 1)
     for f in read.fields:
@@ -195,15 +195,18 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder with the MNIST IDX files; default ../shared/data/mnist, else download.",
+    help="Folder holding mnist/, cvl_digits/ and orand_car_a/; default $FORMREADER_DATA, else ../shared/data.",
 )
 @click.option(
     "--out", "-o", default=Path("models/digits.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
 )
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(1))
-@click.option("--limit", type=click.IntRange(50), help="Train on this many images only (quick trials).")
+@click.option("--limit", type=click.IntRange(50), help="Train on this many images of each source only (quick trials).")
 @click.option("--seed", default=20261124, show_default=True, type=int)
 @click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--width", default=1.0, show_default=True, type=click.FloatRange(0.25, 4), help="The CNN's channel multiplier.")
+@click.option("--mnist-only", is_flag=True, help="Train on MNIST alone (no CVL or ORAND digits), as the first model was.")
 @click.option(
     "--strings",
     default=0,
@@ -214,25 +217,44 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 @click.option(
     "--initial", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from this model (fine-tune)."
 )
-def train(data, out, epochs, limit, seed, learning_rate, strings, initial) -> None:
-    """Train the digit CNN on MNIST (uses a GPU when TensorFlow sees one)."""
-    from formreader.train import TrainConfig, train_model
+@click.option(
+    "--prepared",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The prepared training splits (.npz): read if it exists, else built and written there.",
+)
+def train(data, out, force, epochs, limit, seed, learning_rate, width, mnist_only, strings, initial, prepared) -> None:
+    """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.
 
+    Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
+    """
+    from formreader.train import TrainConfig, TrainingData, build_training_data, train_model
+
+    if out.exists() and not force:
+        _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
     config = TrainConfig(
         epochs=epochs,
         limit=limit,
         seed=seed,
         learning_rate=learning_rate,
+        width=width,
+        cvl=not mnist_only,
+        orand=not mnist_only,
         strings=strings,
         initial=str(initial) if initial else None,
     )
-    meta = train_model(out, config, data)
+    if prepared and prepared.exists():
+        splits = TrainingData.load(prepared)
+    else:
+        splits = build_training_data(config, data)
+        if prepared:
+            splits.save(prepared)
+    meta = train_model(out, config, data, data=splits)
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 
 
 @main.command()
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder with the MNIST IDX files.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding the data sets (mnist/, ...).")
 @click.option(
     "--nsysu", type=click.Path(dir_okay=False, path_type=Path), help="nsysu_digits.npz; default ../shared/data/nsysu_digits."
 )
@@ -244,14 +266,43 @@ def train(data, out, epochs, limit, seed, learning_rate, strings, initial) -> No
     help="Folder for the PNG plots.",
 )
 def evaluate(model, data, nsysu, plots) -> None:
-    """Accuracy, calibration and risk-coverage on MNIST test; accuracy on NSYSU exam digits."""
-    from formreader.evaluate import evaluate_classifier, format_report, write_plots
+    """Accuracy, calibration and risk-coverage on MNIST test; every held-out source of writers."""
+    from formreader.evaluate import (
+        evaluate_classifier,
+        evaluate_sources,
+        format_report,
+        format_sources,
+        held_out_digits,
+        write_plots,
+    )
 
     clf = _load_classifier(model)
-    ev = evaluate_classifier(clf, data, nsysu)
+    ev = evaluate_classifier(clf, data / "mnist" if data else None, nsysu)
     click.echo(format_report(ev))
+    click.echo("\nWriters never trained on, each crop through read_digits (segmentation included):")
+    click.echo(format_sources(evaluate_sources(clf, held_out_digits(data))))
     for p in write_plots(ev, plots):
         click.echo(f"plot: {p}")
+
+
+@main.command()
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Default: the shipped model.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and cvl_digits/.")
+@click.option("--pages", default=40, show_default=True, type=click.IntRange(1), help="Forms per source and form style.")
+def calibrate(model, data, pages) -> None:
+    """Calibrate a model's field confidence on forms of its validation writers; writes its card."""
+    import json
+
+    from formreader.evaluate import calibrate_fields
+
+    clf = _load_classifier(model)
+    result = calibrate_fields(clf, pages, data_dir=data)
+    card = Path(clf.path).with_suffix(".json")
+    meta = json.loads(card.read_text())
+    meta["field_power"] = round(result["field_power"], 4)
+    meta["field_calibration"] = {k: v for k, v in result.items() if k != "field_power"} | {"pages": pages}
+    card.write_text(json.dumps(meta, indent=2) + "\n")
+    click.echo(f"{card}: field_power {meta['field_power']} ({result['fields']} fields, {result['right']:.1%} right)")
 
 
 @main.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formreader.classify import DigitClassifier
+from formreader.classify import NOT_A_DIGIT, DigitClassifier
 from formreader.datasets import load_mnist, load_nsysu
 from formreader.segment import segment_digit
 
@@ -90,8 +90,8 @@ def evaluate_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Eva
     )
 
 
-def nsysu_inputs(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Segment NSYSU crops (N, 28, 28) uint8 with formreader's own code.
+def nsysu_inputs(crops) -> tuple[np.ndarray, np.ndarray]:
+    """Segment grey crops (NSYSU's (N, 28, 28) uint8, or a list of any sizes) with formreader's own code.
 
     Returns (images (M, 28, 28), index (M,) of the crops that were not judged blank).
     """
@@ -183,3 +183,152 @@ def write_plots(ev: Evaluation, out_dir: Path) -> list[Path]:
     fig.savefig(conf, dpi=120)
     plt.close(fig)
     return [curve, conf]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers never trained on: every held-out source through read_digits' own path
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceFigures:
+    """One held-out source read as read_digits reads it (segmentation included)."""
+
+    source: str
+    digits: int
+    accuracy: float  # a crop judged blank or read as not-a-digit counts as wrong
+    ece: float
+    blank: int  # crops judged blank
+    refused: int  # read as not-a-digit
+    wrong_confident: int  # wrong at confidence >= 0.85 (the default review threshold)
+    confident: int  # read at confidence >= 0.85
+
+
+def held_out_digits(data_dir: Path | None = None) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+    """The single-digit sets no model of formreader trains on, as grey crops (dark ink on light
+    paper) with their labels: MNIST test, CVL's validation writers, NSYSU exam boxes, and the
+    ORAND-CAR-A digits of the 'test' checks cut by their boxes. Sources not found are left out."""
+    from formreader.datasets import load_cvl, load_orand, orand_digit_crops
+
+    root = Path(data_dir) if data_dir else None
+    sets: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
+    loaders = {
+        "MNIST test": lambda: (lambda x, y: (list(255 - x), y))(*load_mnist("test", root / "mnist" if root else None, False)),
+        "CVL validation writers": lambda: load_cvl("valid", root / "cvl_digits" / "cvl_valid.npz" if root else None)[:2],
+        "NSYSU exam boxes": lambda: load_nsysu(root / "nsysu_digits" / "nsysu_digits.npz" if root else None)[:2],
+        "ORAND test checks": lambda: orand_digit_crops(load_orand("test", root / "orand_car_a" if root else None))[:2],
+    }
+    for name, load in loaders.items():
+        try:
+            crops, labels = load()
+        except FileNotFoundError:
+            continue
+        sets[name] = (list(crops), np.asarray(labels, np.int64))
+    return sets
+
+
+def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float = 0.85) -> list[SourceFigures]:
+    """Per-source figures for crops read through segmentation and the classifier."""
+    rows = []
+    for name, (crops, labels) in sets.items():
+        images, index = nsysu_inputs(crops)
+        probs = np.zeros((len(crops), 11))
+        probs[:, NOT_A_DIGIT] = 1.0  # a crop judged blank: no digit read
+        if len(index):
+            probs[index] = classifier.probabilities(images)
+        predicted, confidence = probs.argmax(1), probs.max(1)
+        correct = predicted == labels
+        sure = confidence >= threshold
+        rows.append(
+            SourceFigures(
+                name,
+                len(crops),
+                float(correct.mean()),
+                expected_calibration_error(probs, labels),
+                int(len(crops) - len(index)),
+                int((predicted[index] == NOT_A_DIGIT).sum()),
+                int((sure & ~correct).sum()),
+                int(sure.sum()),
+            )
+        )
+    return rows
+
+
+def format_sources(rows: list[SourceFigures]) -> str:
+    """The per-source table as text."""
+    lines = [
+        f"{'held-out source':24} {'digits':>6} {'accuracy':>9} {'ECE':>7} {'blank':>5} {'refused':>7} {'wrong at >=0.85':>16}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.source:24} {r.digits:6d} {r.accuracy:9.2%} {r.ece:7.2%} {r.blank:5d} {r.refused:7d} "
+            f"{r.wrong_confident:5d} of {r.confident:<6d}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field confidence: calibrated on forms of held-out validation writers
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
+    """The exponent a maximising the likelihood of `right` (N,) bool under confidence ** a,
+    confidence (N,) in (0, 1] (golden section over log a, a in 0.05..5)."""
+    c = np.clip(np.asarray(confidence, np.float64), 1e-9, 1 - 1e-9)
+    right = np.asarray(right, bool)
+
+    def loss(log_a: float) -> float:
+        p = np.clip(c ** np.exp(log_a), 1e-9, 1 - 1e-9)
+        return float(-(np.log(p[right]).sum() + np.log1p(-p[~right]).sum()))
+
+    lo, hi = np.log(0.05), np.log(5.0)
+    g = (np.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        lo, hi = (lo, b) if loss(a) < loss(b) else (a, hi)
+    return float(np.exp((lo + hi) / 2))
+
+
+def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None = None) -> list:
+    """Scanned forms of every style filled with the model's own validation digits (MNIST digits
+    and CVL writers held out from its training, as its card records): [(template, [(page, truth)])]."""
+    from formreader.datasets import load_cvl
+    from formreader.synth import FORM_STYLES, ink_on_black, scanned_forms
+
+    root = Path(data_dir) if data_dir else None
+    config = meta.get("config", {})
+    images, labels = load_mnist("train", root / "mnist" if root else None, False)
+    val = np.random.default_rng(config.get("seed", 0)).permutation(len(images))[: config.get("validation", 5000)]
+    sources = [(images[val], labels[val])]
+    writers = meta.get("held_out", {}).get("cvl_validation_writers", [])
+    if writers:
+        x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
+        keep = np.isin(w, writers)
+        sources.append(ink_on_black(x[keep], y[keep]))
+    return [scanned_forms(style, im, lab, pages, seed) for im, lab in sources for style in FORM_STYLES]
+
+
+def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 31, data_dir: Path | None = None) -> dict:
+    """Fit the field-confidence exponent of a model (DigitClassifier.field_power) on forms of its
+    validation writers; fields that break a rule are flagged whatever their confidence and are
+    left out. Returns {'field_power', 'fields', 'right'}."""
+    from formreader.pipeline import decide_page, page_probabilities, segment_page
+    from formreader.register import RegistrationError
+
+    confidence, right = [], []
+    for template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
+        for page, truth in items:
+            try:
+                seg = segment_page(page, template)
+            except RegistrationError:
+                continue
+            # Threshold 0: only the rules give reasons; power 1: the plain product of the cells.
+            read = decide_page(seg, page_probabilities([seg], classifier)[0], template, 0.0, 1.0)
+            for spec, f in zip(template.fields, read.fields):
+                if f.reasons or spec.kind == "free":
+                    continue
+                confidence.append(f.confidence)
+                right.append(f.value == truth[f.name])
+    power = fit_power(np.array(confidence), np.array(right))
+    return {"field_power": power, "fields": len(right), "right": float(np.mean(right))}

@@ -38,12 +38,21 @@ class FieldReading:
     marks: list[tuple[int, int, int, int]] = field(default_factory=list)  # free fields: each digit's box, page px
 
 
-def read_field(spec: Field, cells: list[DigitReading], threshold: float = DEFAULT_REVIEW_THRESHOLD) -> FieldReading:
-    """Decide a field from its cells' readings (one per cell, left to right)."""
+def read_field(
+    spec: Field, cells: list[DigitReading], threshold: float = DEFAULT_REVIEW_THRESHOLD, power: float = 1.0
+) -> FieldReading:
+    """Decide a field from its cells' readings (one per cell, left to right).
+
+    power: the field confidence is the product of the cells' raised to it, a calibration fitted
+    per model on forms of writers it was not trained on (`formreader calibrate`): cells are not
+    wrong independently (a writer who makes one ugly digit makes several), so the plain product
+    misstates a field's chance of being right.
+    """
     reasons: list[str] = []
     confidence = 1.0
     for c in cells:
         confidence *= c.confidence
+    confidence **= power
     marks = "".join(c.digit if c.digit else " " for c in cells)
     value = marks.replace(" ", "").replace("?", "")
     if "?" in marks:

@@ -127,3 +127,10 @@ def cell_crop(page: np.ndarray, box: Box, margin: float = 0.15) -> np.ndarray:
     mx, my = int(round(margin * w)), int(round(margin * h))
     H, W = page.shape
     return page[max(0, y - my) : min(H, y + h + my), max(0, x - mx) : min(W, x + w + mx)]
+
+
+def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = 0.15) -> Box:
+    """Where the box's interior lies in the crop `cell_crop(page, box, margin)` gives: (x, y, w, h)."""
+    x, y, w, h = box
+    mx, my = int(round(margin * w)), int(round(margin * h))
+    return (x - max(0, x - mx), y - max(0, y - my), w, h)

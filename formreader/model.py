@@ -18,20 +18,22 @@ def _conv_bn_relu(x, filters: int, kernel: int = 3, padding: str = "same"):
     return layers.ReLU()(x)
 
 
-def build_digit_cnn(dropout: float = 0.3) -> keras.Model:
-    """formreader's digit CNN: 28x28x1 (ink 1.0 on 0.0) -> 11 logits; about 0.13M parameters.
+def build_digit_cnn(dropout: float = 0.3, width: float = 1.0) -> keras.Model:
+    """formreader's digit CNN: 28x28x1 (ink 1.0 on 0.0) -> 11 logits; about 0.13M parameters at
+    width 1 (channels 16-32-64-128, each times `width`).
 
     Pooling early keeps the arithmetic small (about 4M multiply-adds per digit against the
     original's 13M); the last conv sees the whole digit at 5x5, and the flattened map keeps
     where strokes are, which a global pooling would throw away.
     """
     inputs = keras.Input((28, 28, 1), name="digit")
-    x = _conv_bn_relu(inputs, 16, 5)
+    c = lambda n: int(round(n * width))  # noqa: E731
+    x = _conv_bn_relu(inputs, c(16), 5)
     x = layers.MaxPooling2D()(x)  # 14x14
-    x = _conv_bn_relu(x, 32)
+    x = _conv_bn_relu(x, c(32))
     x = layers.MaxPooling2D()(x)  # 7x7
-    x = _conv_bn_relu(x, 64)
-    x = _conv_bn_relu(x, 128, padding="valid")  # 5x5
+    x = _conv_bn_relu(x, c(64))
+    x = _conv_bn_relu(x, c(128), padding="valid")  # 5x5
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
     logits = layers.Dense(NUM_CLASSES, name="logits")(x)

@@ -30,7 +30,7 @@ from formreader.fields import (
     read_free_field,
 )
 from formreader.ingest import Page, PageError, find_inputs, read_pages
-from formreader.locate import Box, cell_crop, refine_cells
+from formreader.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
 from formreader.strings import StringLayout, decide_string, segment_string
@@ -92,7 +92,7 @@ def segment_page(page: Page, template: Template, features: ReferenceFeatures | N
             continue
         located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
         boxes.append(located)
-        segments.append([segment_digit(cell_crop(reg.aligned, b)) for b in located])
+        segments.append([segment_digit(cell_crop(reg.aligned, b), interior=cell_interior(reg.aligned.shape, b)) for b in located])
         offsets.append((0, 0))
     return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets)
 
@@ -106,9 +106,15 @@ def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.nda
 
 
 def decide_page(
-    seg: SegmentedPage, probabilities: np.ndarray, template: Template, threshold: float = DEFAULT_REVIEW_THRESHOLD
+    seg: SegmentedPage,
+    probabilities: np.ndarray,
+    template: Template,
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    field_power: float = 1.0,
 ) -> PageRead:
-    """Turn a segmented page and the probabilities of its digits (in cell order) into fields."""
+    """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
+
+    field_power: the model's calibration of boxed fields' confidence (DigitClassifier.field_power)."""
     start = 0
     fields = []
     for spec, cells, offset in zip(template.fields, seg.segments, seg.offsets):
@@ -126,7 +132,7 @@ def decide_page(
                 readings.append(DigitReading("", STRAY_INK_CONFIDENCE))
             else:
                 readings.append(DigitReading("", BLANK_CONFIDENCE))
-        fields.append(read_field(spec, readings, threshold))
+        fields.append(read_field(spec, readings, threshold, field_power))
     reg = seg.registration
     return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes)
 
@@ -170,7 +176,7 @@ def read_page(
         seg = segment_page(page, template, features)
     except RegistrationError as e:
         return PageRead(page.source, page.page, error=str(e))
-    return decide_page(seg, page_probabilities([seg], classifier)[0], template, threshold)
+    return decide_page(seg, page_probabilities([seg], classifier)[0], template, threshold, classifier.field_power)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +311,9 @@ def process_paths(
         segs = [d for d in done if isinstance(d, SegmentedPage)]
         per_page = iter(page_probabilities(segs, classifier))
         for d in done:
-            read = decide_page(d, next(per_page), template, threshold) if isinstance(d, SegmentedPage) else d
+            if isinstance(d, SegmentedPage):
+                d = decide_page(d, next(per_page), template, threshold, classifier.field_power)
+            read = d
             rec = page_record(read)
             journal.write(rec)
             records.append(rec)

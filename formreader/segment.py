@@ -17,6 +17,8 @@ import numpy as np
 from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import skeletonize
 
+from formreader.locate import Box
+
 MNIST_SIZE = 28
 MNIST_BOX = 20
 # Mean stroke width of MNIST digits, in pixels of the 28x28 image (ink area / skeleton length,
@@ -197,13 +199,59 @@ def normalize_digit(ink: np.ndarray, thicken: bool = True, sharpen: bool = True)
     return cv2.warpAffine(canvas, shift, (MNIST_SIZE, MNIST_SIZE), flags=cv2.INTER_LINEAR)
 
 
-def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> DigitSegment:
+def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: float = 0.3) -> np.ndarray:
+    """Remove a box's own border from a cell's ink mask, keeping the strokes that cross it.
+
+    mask: (H, W) bool of the crop; interior: the box's inside (x, y, w, h) in crop pixels, as
+    the template and the located box say. In the band along each side of the box (from `reach`
+    of its side inside its interior to the crop's edge) the ink that runs along that side for
+    `run` of the box's side is the border: thick or thin, ragged or broken, it is removed there,
+    and so is the ink left in the band that reaches nowhere into the box; a stroke written across
+    the line keeps its pixels on both sides. Returns a new (H, W) bool mask.
+    The defaults were chosen on forms filled with MNIST's validation digits (both styles of
+    formreader.synth.FORM_STYLES): a wider band or shorter run also takes the flat foot of a 2
+    or the bottom of a 0 written close to the line.
+    """
+    x, y, w, h = interior
+    side = min(w, h)
+    s = max(1, round(reach * side))  # a ragged line's reach into the box, and the box's registration
+    n = max(3, round(run * side))
+    m = mask.astype(np.uint8)
+    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, n), np.uint8))
+    vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((n, 1), np.uint8))
+    rows = np.ones(mask.shape[0], bool)
+    rows[max(0, y + s) : max(0, y + h - s)] = False
+    cols = np.ones(mask.shape[1], bool)
+    cols[max(0, x + s) : max(0, x + w - s)] = False
+    horiz[~rows, :] = 0
+    vert[:, ~cols] = 0
+    # A ragged line's edge: a pixel across the line on each side goes with it.
+    frame = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
+    kept = mask & ~frame.astype(bool)
+    # What is left in the band and reaches nowhere into the box is the line's debris (the short
+    # pieces of a broken line): a stroke written across the line reaches inside.
+    n, labels = cv2.connectedComponents(kept.astype(np.uint8), connectivity=8)
+    inside = np.zeros(mask.shape, bool)
+    inside[max(0, y + s) : max(0, y + h - s), max(0, x + s) : max(0, x + w - s)] = True
+    reaching = np.zeros(n, bool)
+    reaching[np.unique(labels[inside & kept])] = True
+    reaching[0] = False
+    return reaching[labels]
+
+
+def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None) -> DigitSegment:
     """Segment one digit from a grey crop of a box (dark ink on light paper, any size).
 
-    crop: (H, W) uint8. The result's image is None when the box is blank (no ink, or only
-    specks and pieces of box line); its stray_ink then tells how much rejected ink there was.
+    crop: (H, W) uint8. interior: where the box's inside lies in the crop (x, y, w, h), when the
+    form's template says so: then the border is removed wherever it runs (`remove_frame`), so
+    that no piece of it (thick, ragged or broken, as bitonal scans make them) passes for a
+    stroke. Long straight runs along the crop's edges are taken for box lines in any case. The result's image is None
+    when the box is blank (no ink, or only specks and pieces of box line); its stray_ink then
+    tells how much rejected ink there was.
     """
     ink, mask = ink_intensity(crop, params)
+    if interior is not None:
+        mask = remove_frame(mask, interior)
     if not mask.any():
         return DigitSegment(None, 0.0)
     mask = remove_box_lines(mask, params)

@@ -79,7 +79,9 @@ class StringReading:
     digits: list[DigitReading]
     cuts: list[int]  # x positions (crop pixels) where touching digits were split
     boxes: list[tuple[int, int, int, int]]  # x, y, w, h of every digit read, crop pixels
-    unreadable: int = 0  # blobs that are not digits (scribbles, marks)
+    unreadable: int = 0  # blobs that are not digits (scribbles, marks); each is a '?' in raw
+    status: str = "ok"  # 'ok' or 'review', decided by formreader.fields.read_free_field
+    reasons: list[str] = field(default_factory=list)
 
 
 def string_ink(crop: np.ndarray, min_contrast: float = 25.0) -> np.ndarray:
@@ -116,7 +118,12 @@ def remove_guide_lines(mask: np.ndarray) -> np.ndarray:
     """
     h, w = mask.shape
     m = mask.astype(np.uint8)
-    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, max(15, int(0.3 * w))), np.uint8))
+    # A line runs further than any digit's bar: at least 0.3 of the field and, in a short box
+    # (two or three digits) where that is no longer than the bar of a 4 or the top of a 5, a
+    # digit height and more (1.2 times the box's height), yet never longer than the box's own
+    # border (0.9 of its width).
+    length = max(15, int(0.3 * w), int(min(1.2 * h, 0.9 * w)))
+    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, length), np.uint8))
     vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((max(15, int(0.85 * h)), 1), np.uint8))
     horiz = cv2.dilate(horiz, np.ones((3, 1), np.uint8))
     vert = cv2.dilate(vert, np.ones((1, 3), np.uint8))
@@ -369,8 +376,11 @@ def _digit_option(blob: Blob, probabilities: np.ndarray, digit_width: float) -> 
         k = int(np.argmax(p))
         option.digits.append(DigitReading("?" if k == NOT_A_DIGIT else str(k), float(p[k]), p))
         option.raw += "?" if k == NOT_A_DIGIT else str(k)
+        # A mark that is not a digit counts by the chance that it is the digit it looks most
+        # like: a reading that may have lost a digit must not report the confidence of one that
+        # has not ('3?' is not '3' at 0.99).
+        option.confidence *= float(p[:NOT_A_DIGIT].max()) if k == NOT_A_DIGIT else float(p[k])
         if k != NOT_A_DIGIT:
-            option.confidence *= float(p[k])
             option.boxes.append((blob.x0 + a, blob.y0, b - a, blob.height))
     option.cuts = [blob.x0 + a for a, _ in ranges[1:]]
     return option

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from formreader.locate import Box
-from formreader.template import Field
+from formreader.template import Field, Template
 
 DPI = 150
 PAGE_SIZE = (1240, 874)  # A5 landscape at 150 DPI, width x height
@@ -30,31 +30,31 @@ class FilledPage:
     values: dict[str, str]  # field name -> digits written (ground truth)
 
 
-def _separate_boxes(canvas: np.ndarray, x: int, y: int, n: int, gap: int = 8) -> list[Box]:
+def _separate_boxes(canvas: np.ndarray, x: int, y: int, n: int, gap: int = 8, line: int = LINE) -> list[Box]:
     cells = []
     for i in range(n):
-        x0 = x + i * (CELL + 2 * LINE + gap)
-        cv2.rectangle(canvas, (x0, y), (x0 + CELL + 2 * LINE - 1, y + CELL + 2 * LINE - 1), 0, -1)
-        cv2.rectangle(canvas, (x0 + LINE, y + LINE), (x0 + LINE + CELL - 1, y + LINE + CELL - 1), 255, -1)
-        cells.append((x0 + LINE, y + LINE, CELL, CELL))
+        x0 = x + i * (CELL + 2 * line + gap)
+        cv2.rectangle(canvas, (x0, y), (x0 + CELL + 2 * line - 1, y + CELL + 2 * line - 1), 0, -1)
+        cv2.rectangle(canvas, (x0 + line, y + line), (x0 + line + CELL - 1, y + line + CELL - 1), 255, -1)
+        cells.append((x0 + line, y + line, CELL, CELL))
     return cells
 
 
-def _comb(canvas: np.ndarray, x: int, y: int, n: int) -> tuple[list[Box], int]:
-    width = n * CELL + (n + 1) * LINE
-    cv2.rectangle(canvas, (x, y), (x + width - 1, y + CELL + 2 * LINE - 1), 0, -1)
+def _comb(canvas: np.ndarray, x: int, y: int, n: int, line: int = LINE) -> tuple[list[Box], int]:
+    width = n * CELL + (n + 1) * line
+    cv2.rectangle(canvas, (x, y), (x + width - 1, y + CELL + 2 * line - 1), 0, -1)
     cells = []
     for i in range(n):
-        x0 = x + LINE + i * (CELL + LINE)
-        cv2.rectangle(canvas, (x0, y + LINE), (x0 + CELL - 1, y + LINE + CELL - 1), 255, -1)
-        cells.append((x0, y + LINE, CELL, CELL))
+        x0 = x + line + i * (CELL + line)
+        cv2.rectangle(canvas, (x0, y + line), (x0 + CELL - 1, y + line + CELL - 1), 255, -1)
+        cells.append((x0, y + line, CELL, CELL))
     return cells, x + width
 
 
-def _combs(canvas: np.ndarray, x: int, y: int, groups: list[int], separator: str) -> list[Box]:
+def _combs(canvas: np.ndarray, x: int, y: int, groups: list[int], separator: str, line: int = LINE) -> list[Box]:
     cells: list[Box] = []
     for k, n in enumerate(groups):
-        group, end = _comb(canvas, x, y, n)
+        group, end = _comb(canvas, x, y, n, line)
         cells += group
         x = end
         if k < len(groups) - 1:
@@ -63,8 +63,11 @@ def _combs(canvas: np.ndarray, x: int, y: int, groups: list[int], separator: str
     return cells
 
 
-def blank_form() -> tuple[np.ndarray, list[Field]]:
-    """The demo order form: (874, 1240) uint8 image and its fields with exact cell interiors."""
+def blank_form(line: int = LINE) -> tuple[np.ndarray, list[Field]]:
+    """The demo order form: (874, 1240) uint8 image and its fields with exact cell interiors.
+
+    `line`: the boxes' line thickness in pixels (2 at 150 DPI; census-style forms print 3-4).
+    """
     w, h = PAGE_SIZE
     canvas = np.full((h, w), 255, np.uint8)
     cv2.putText(canvas, "FORMREADER DEMO - ORDER FORM", (60, 70), cv2.FONT_HERSHEY_DUPLEX, 1.1, 0, 2, cv2.LINE_AA)
@@ -76,14 +79,14 @@ def blank_form() -> tuple[np.ndarray, list[Field]]:
         cv2.putText(canvas, label, (60, y + 30), FONT, 0.75, 0, 2, cv2.LINE_AA)
     x0 = 340
     fields = [
-        Field("customer_no", tuple(_separate_boxes(canvas, x0, rows[0], 8)), length=8),
-        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/")), length=8),
-        Field("quantity", tuple(_separate_boxes(canvas, x0, rows[2], 4)), optional=True),
+        Field("customer_no", tuple(_separate_boxes(canvas, x0, rows[0], 8, line=line)), length=8),
+        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/", line)), length=8),
+        Field("quantity", tuple(_separate_boxes(canvas, x0, rows[2], 4, line=line)), optional=True),
     ]
     cv2.putText(canvas, "Postal code", (700, rows[2] + 30), FONT, 0.75, 0, 2, cv2.LINE_AA)
-    fields.append(Field("postal_code", tuple(_separate_boxes(canvas, 880, rows[2], 5)), length=5))
-    fields.append(Field("amount", tuple(_combs(canvas, x0, rows[3], [5, 2], "."))))
-    fields.append(Field("phone", tuple(_combs(canvas, x0, rows[4], [3, 3, 4], "-")), length=10))
+    fields.append(Field("postal_code", tuple(_separate_boxes(canvas, 880, rows[2], 5, line=line)), length=5))
+    fields.append(Field("amount", tuple(_combs(canvas, x0, rows[3], [5, 2], ".", line))))
+    fields.append(Field("phone", tuple(_combs(canvas, x0, rows[4], [3, 3, 4], "-", line)), length=10))
     cv2.putText(canvas, "Signature", (60, 720), FONT, 0.75, 0, 2, cv2.LINE_AA)
     cv2.line(canvas, (200, 722), (700, 722), 0, 1)
     cv2.putText(canvas, "Office use only - do not write below this line", (60, 800), FONT, 0.5, 0, 1, cv2.LINE_AA)
@@ -192,18 +195,92 @@ def scan(
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_pages(n: int, seed: int, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
-    """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth."""
+def make_pages(
+    n: int, seed: int, images: np.ndarray, labels: np.ndarray, line: int = LINE, worn: bool = False
+) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
+    """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth.
+
+    images: (N, 28, 28) uint8 digits, ink high on 0 (MNIST's way; see `ink_on_black` for crops
+    of dark ink on paper). `line`: the boxes' thickness; `worn`: each page's printed lines
+    broken and ragged in places (`wear_lines`), as on a copy of a copy.
+    """
     rng = np.random.default_rng(seed)
-    blank, fields = blank_form()
-    source = DigitSource(images, labels, rng)
+    blank, fields = blank_form(line)
+    source = DigitSource(images, labels, rng, reuse=True)
     pages = []
     for _ in range(n):
         values = random_values(rng)
+        printed = wear_lines(blank, rng) if worn else blank
         pages.append(
-            FilledPage(fill_form(blank, fields, values, source, rng), {k: v.replace(" ", "") for k, v in values.items()})
+            FilledPage(fill_form(printed, fields, values, source, rng), {k: v.replace(" ", "") for k, v in values.items()})
         )
     return blank, fields, pages
+
+
+# Form styles for benchmarks and calibration: name -> (line thickness at 150 DPI, worn lines,
+# bitonal 300-DPI scan). The first is the samples' form.
+FORM_STYLES = {
+    "samples' form": (2, False, False),
+    "thick worn borders, bitonal 300 dpi": (4, True, True),
+}
+
+
+def scanned_forms(style: str, images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[Template, list]:
+    """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0):
+    the form's template and [(Page, {field: digits written})]. Grey scans come at 150, 200 and
+    300 DPI, one in seven upside down; bitonal ones at 300 DPI."""
+    from formreader.ingest import Page
+
+    line, worn, bitonal_scan = FORM_STYLES[style]
+    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn)
+    rng = np.random.default_rng(seed)
+    items = []
+    for i, p in enumerate(pages):
+        factor = 2.0 if bitonal_scan else [1.0, 4 / 3, 2.0][i % 3]
+        image = scan(p.image, rng, upside_down=i % 7 == 3, dpi_scale=factor)
+        if bitonal_scan:
+            image = bitonal(image, rng)
+        items.append((Page(image, DPI * factor, f"{style}-{i}", 1), p.values))
+    return Template(style, blank, float(DPI), tuple(fields)), items
+
+
+def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Real digit crops (dark ink on light paper, any size) as digits to write into forms:
+    (N, 28, 28) uint8, ink high on 0, and their labels. Each crop goes through formreader's own
+    segmentation first, so that the specks, dots and pieces of box line that real crops carry
+    are not written into a form as ink; crops judged blank are left out."""
+    from formreader.segment import segment_digit
+
+    images, kept = [], []
+    for i, crop in enumerate(crops):
+        seg = segment_digit(np.asarray(crop))
+        if seg.image is not None:
+            images.append(np.round(seg.image * 255).astype(np.uint8))
+            kept.append(i)
+    return np.array(images).reshape(-1, 28, 28), np.asarray(labels)[kept]
+
+
+def wear_lines(blank: np.ndarray, rng: np.random.Generator, breaks: float = 0.12) -> np.ndarray:
+    """The printed form with gaps and ragged edges in its lines: (H, W) uint8 -> (H, W) uint8.
+
+    Blotches of a smooth random field (about a line's width across) punch `breaks` of the
+    printed ink out; its edges are eaten by a finer one.
+    """
+    h, w = blank.shape
+    coarse = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 3.0)
+    fine = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 0.8)
+    holes = coarse > np.quantile(coarse, 1 - breaks)
+    edge = (fine > np.quantile(fine, 0.7)) & (cv2.erode((blank < 128).astype(np.uint8), np.ones((3, 3), np.uint8)) == 0)
+    out = blank.copy()
+    out[(holes | edge) & (blank < 128)] = 255
+    return out
+
+
+def bitonal(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A grey scan (H, W) uint8 as a bitonal scanner writes it: 0 or 255 at a fixed threshold
+    (somewhat off the middle, as scanners are set), its grey edges becoming ragged."""
+    threshold = rng.uniform(0.55, 0.7) * 255
+    return np.where(image < threshold, 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------

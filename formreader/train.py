@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -21,7 +22,7 @@ import numpy as np
 
 from formreader.classify import NOT_A_DIGIT, cached_tflite
 from formreader.datasets import load_mnist
-from formreader.segment import normalize_digit
+from formreader.segment import normalize_digit, segment_digit
 
 
 @dataclass
@@ -29,13 +30,21 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 128
     learning_rate: float = 2e-3
-    validation: int = 5000  # images carved from the training split for early stopping
+    validation: int = 5000  # MNIST digits carved from the training split for early stopping
     negatives: int = 4000  # synthetic not-a-digit images
     patience: int = 10
     seed: int = 20261124
-    limit: int | None = None  # use only this many training images (for quick runs and tests)
+    limit: int | None = None  # use only this many images of each source (for quick runs and tests)
     strings: int = 0  # free-written numbers whose segmentation pieces are trained on (make_string_pieces)
     initial: str | None = None  # start from this model's weights (fine-tuning) instead of at random
+    cvl: bool = True  # train on CVL's training writers too (European handwriting)
+    cvl_val_writers: int = 10  # of them, this many writers are held out for validation
+    orand: bool = True  # train on the ORAND-CAR-A digits of the 'train' checks (cut by their boxes)
+    width: float = 1.0  # the CNN's channel multiplier (formreader.model.build_digit_cnn)
+    stretch: float = 0.15  # this share of each batch is stretched to fill the square (`augment_batch`)
+    # How often each source's images come per epoch, on average: the few thousand real digits
+    # of other populations would otherwise be drowned by MNIST's fifty thousand.
+    oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,97 +183,90 @@ def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, lab
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation (TensorFlow, on whole batches)
+# Augmentation (numpy, on whole batches: the same on any Keras backend, CPU or GPU)
 # ---------------------------------------------------------------------------------------------
 
 
-def augment_batch(images, training_seed: int = 0):
-    """Randomly distort a batch (B, 28, 28, 1) float32 of ink-on-black digits.
+def augment_batch(images: np.ndarray, rng: np.random.Generator, stretch: float = 0.0) -> np.ndarray:
+    """Randomly distort a batch (B, 28, 28) float32 of ink-on-black digits; returns (B, 28, 28).
 
+    A share `stretch` of the digits is first stretched to fill the 20x20 box whatever its aspect,
+    as crops cut and scaled to a fixed size arrive (CVL's copy does this: a narrow 1 comes wide).
     One bilinear resampling does an affine distortion (rotation +-12 deg, scale 0.85-1.15 per
     axis, shear +-0.3, shift +-2 px) plus a smooth elastic field (about 1 px); then strokes are
     thickened or thinned, ink contrast varies, and some images get a piece of box line at an edge.
     An eighth of the batch is left undistorted.
     """
-    import tensorflow as tf
-
-    b = tf.shape(images)[0]
-    size = 28
+    images = np.asarray(images, np.float32)
+    b, size = len(images), images.shape[1]
+    if stretch:
+        images = images.copy()
+        for i in np.flatnonzero(rng.random(b) < stretch):
+            images[i] = stretch_to_square(images[i])
     c = (size - 1) / 2.0
-    u = lambda lo, hi: tf.random.uniform([b], lo, hi)  # noqa: E731
-    theta = u(-12.0, 12.0) * (math.pi / 180)
-    sx, sy = u(0.85, 1.15), u(0.85, 1.15)
-    shear = u(-0.3, 0.3)
-    tx, ty = u(-2.0, 2.0), u(-2.0, 2.0)
-    cos, sin = tf.cos(theta), tf.sin(theta)
+    theta = np.deg2rad(rng.uniform(-12, 12, b))
+    sx, sy = rng.uniform(0.85, 1.15, b), rng.uniform(0.85, 1.15, b)
+    shear = rng.uniform(-0.3, 0.3, b)
+    tx, ty = rng.uniform(-2, 2, b), rng.uniform(-2, 2, b)
+    cos, sin = np.cos(theta), np.sin(theta)
     # Output pixel -> input pixel: in = A (out - c) + c + t.
     a00, a01 = cos / sx, (-sin + shear * cos) / sx
     a10, a11 = sin / sy, (cos + shear * sin) / sy
-    grid = tf.range(size, dtype=tf.float32) - c
-    gy, gx = tf.meshgrid(grid, grid, indexing="ij")
-    xs = a00[:, None, None] * gx + a01[:, None, None] * gy + c + tx[:, None, None]
-    ys = a10[:, None, None] * gx + a11[:, None, None] * gy + c + ty[:, None, None]
+    gy, gx = np.mgrid[0:size, 0:size].astype(np.float32) - c
+    col = lambda v: v[:, None, None]  # noqa: E731
+    xs = col(a00) * gx + col(a01) * gy + c + col(tx)
+    ys = col(a10) * gx + col(a11) * gy + c + col(ty)
     # Elastic: a 4x4 field of random displacements, smoothly upsampled.
-    coarse = tf.random.normal(tf.stack([b, 4, 4, 2])) * 0.9
-    field_ = tf.image.resize(coarse, (size, size), method="bicubic")
-    xs += field_[..., 0]
-    ys += field_[..., 1]
-    out = _bilinear_sample(images[..., 0], xs, ys)[..., None]
-    # Stroke thickness: thicken a fifth, thin a fifth.
-    thick = tf.nn.max_pool2d(out, 2, 1, "SAME")
-    thin = -tf.nn.max_pool2d(-out, 2, 1, "SAME")
-    r = u(0.0, 1.0)[:, None, None, None]
-    out = tf.where(r < 0.2, thick, tf.where(r > 0.8, tf.maximum(thin, 0.5 * out), out))
+    coarse = rng.normal(0, 0.9, (b, 4, 4, 2)).astype(np.float32)
+    elastic = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_CUBIC) for f in coarse])
+    out = bilinear_sample(images, xs + elastic[..., 0], ys + elastic[..., 1])
+    # Stroke thickness: thicken a fifth, thin a fifth (2x2 max / min filters).
+    padded = np.pad(out, ((0, 0), (0, 1), (0, 1)))
+    windows = np.stack([padded[:, :-1, :-1], padded[:, 1:, :-1], padded[:, :-1, 1:], padded[:, 1:, 1:]])
+    r = col(rng.random(b))
+    out = np.where(r < 0.2, windows.max(0), np.where(r > 0.8, np.maximum(windows.min(0), 0.5 * out), out))
     # Ink contrast and anti-aliasing vary with pen and scanner.
-    out = tf.pow(tf.clip_by_value(out, 0.0, 1.0) + 1e-6, u(0.7, 1.4)[:, None, None, None])
+    out = np.power(np.clip(out, 0, 1) + 1e-6, col(rng.uniform(0.7, 1.4, b)))
     # A fragment of box line along one edge for one image in ten.
-    side = tf.random.uniform([b], 0, 4, dtype=tf.int32)
-    pos = tf.cast(tf.random.uniform([b], 0, 3, dtype=tf.int32), tf.float32)
-    start, length = u(0.0, 14.0), u(6.0, 28.0)
-    idx = tf.range(size, dtype=tf.float32)
-    along_x = (idx[None, None, :] >= start[:, None, None]) & (idx[None, None, :] < (start + length)[:, None, None])
-    along_y = tf.transpose(along_x, [0, 2, 1])
-    rows, cols = idx[None, :, None], idx[None, None, :]
-    p = pos[:, None, None]
-    s = side[:, None, None]
-    line = (
-        ((s == 0) & tf.equal(rows, p) & along_x)
-        | ((s == 1) & tf.equal(rows, size - 1 - p) & along_x)
-        | ((s == 2) & tf.equal(cols, p) & along_y)
-        | ((s == 3) & tf.equal(cols, size - 1 - p) & along_y)
-    )
-    with_line = (u(0.0, 1.0) < 0.1)[:, None, None]
-    line = tf.cast(line & with_line, tf.float32)[..., None] * u(0.5, 1.0)[:, None, None, None]
-    out = tf.clip_by_value(tf.maximum(out, line), 0.0, 1.0)
+    for i in np.flatnonzero(rng.random(b) < 0.1):
+        pos, start, length = int(rng.integers(0, 3)), int(rng.uniform(0, 14)), int(rng.uniform(6, 28))
+        line = np.zeros((size, size), np.float32)
+        line[pos, start : start + length] = rng.uniform(0.5, 1.0)
+        out[i] = np.maximum(out[i], np.rot90(line, int(rng.integers(0, 4))))
+    out = np.clip(out, 0.0, 1.0).astype(np.float32)
     # One image in eight stays as it was: clean digits keep batch-norm statistics honest.
-    return tf.where((u(0.0, 1.0) < 0.125)[:, None, None, None], images, out)
+    keep = rng.random(b) < 0.125
+    out[keep] = images[keep]
+    return out
 
 
-def _bilinear_sample(images, xs, ys):
+def stretch_to_square(image: np.ndarray) -> np.ndarray:
+    """A (28, 28) digit stretched to fill the 20x20 box, centre of mass at the centre."""
+    ys, xs = np.nonzero(image > 0.05)
+    if len(ys) == 0:
+        return image
+    square = cv2.resize(image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], (20, 20), interpolation=cv2.INTER_AREA)
+    out = np.zeros_like(image)
+    out[4:24, 4:24] = square
+    total = max(float(out.sum()), 1e-6)
+    cy, cx = out.sum(1) @ np.arange(28) / total, out.sum(0) @ np.arange(28) / total
+    return cv2.warpAffine(out, np.float32([[1, 0, 13.5 - cx], [0, 1, 13.5 - cy]]), (28, 28), flags=cv2.INTER_LINEAR)
+
+
+def bilinear_sample(images: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Sample (B, H, W) images at float coordinates xs, ys (B, H, W); zero outside."""
-    import tensorflow as tf
-
-    h, w = tf.shape(images)[1], tf.shape(images)[2]
-    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1]])
+    b, h, w = images.shape
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1))).reshape(b, -1)
     xs, ys = xs + 1.0, ys + 1.0
-    x0, y0 = tf.floor(xs), tf.floor(ys)
+    x0, y0 = np.floor(xs), np.floor(ys)
     wx, wy = xs - x0, ys - y0
-    maxx, maxy = tf.cast(w + 1, tf.float32), tf.cast(h + 1, tf.float32)
-    bidx = tf.broadcast_to(tf.range(tf.shape(images)[0])[:, None, None], tf.shape(xs))
-
-    def at(yy, xx):
-        inside = (xx >= 0) & (xx <= maxx) & (yy >= 0) & (yy <= maxy)
-        xi = tf.cast(tf.clip_by_value(xx, 0, maxx), tf.int32)
-        yi = tf.cast(tf.clip_by_value(yy, 0, maxy), tf.int32)
-        v = tf.gather_nd(padded, tf.stack([bidx, yi, xi], -1))
-        return tf.where(inside, v, 0.0)
-
-    return (
-        at(y0, x0) * (1 - wx) * (1 - wy)
-        + at(y0, x0 + 1) * wx * (1 - wy)
-        + at(y0 + 1, x0) * (1 - wx) * wy
-        + at(y0 + 1, x0 + 1) * wx * wy
-    )
+    out = np.zeros(xs.shape, np.float32)
+    for dy, dx, weight in ((0, 0, (1 - wx) * (1 - wy)), (0, 1, wx * (1 - wy)), (1, 0, (1 - wx) * wy), (1, 1, wx * wy)):
+        xx, yy = x0 + dx, y0 + dy
+        inside = (xx >= 0) & (xx <= w + 1) & (yy >= 0) & (yy <= h + 1)
+        flat = (np.clip(yy, 0, h + 1) * (w + 2) + np.clip(xx, 0, w + 1)).astype(np.int64).reshape(b, -1)
+        out += np.where(inside, np.take_along_axis(padded, flat, 1).reshape(xs.shape), 0.0) * weight
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,70 +305,227 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training data: several populations of writers, split by writer and by check
 # ---------------------------------------------------------------------------------------------
 
+SOURCES = ("mnist", "cvl", "orand", "not_a_digit", "string_pieces")
 
-def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, log=print) -> dict:
-    """Train the digit CNN and write `out` (.keras) with its card data beside it (.json).
 
-    Returns the metadata written: temperature, validation figures, timing, machine.
+@dataclass
+class TrainingData:
+    """Images (N, 28, 28) float32 as the classifier sees them, labels (N,), and the source of each
+    (an index into SOURCES), for the training and the validation split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    source_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    source_val: np.ndarray
+    held_out: dict  # what validation holds back: MNIST indices count, CVL writers, ORAND checks
+
+    def save(self, path: Path) -> None:
+        # Images as 8-bit grey levels (MNIST's own precision): a quarter of the size.
+        arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        for k in ("x_train", "x_val"):
+            arrays[k] = np.round(arrays[k] * 255).astype(np.uint8)
+        np.savez_compressed(path, **arrays, held_out=json.dumps(self.held_out))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainingData:
+        with np.load(path) as d:
+            arrays = {k: d[k] for k in d.files if k != "held_out"}
+            for k in ("x_train", "x_val"):
+                arrays[k] = arrays[k].astype(np.float32) / 255.0
+            return cls(**arrays, held_out=json.loads(str(d["held_out"])))
+
+
+def segmented(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real crops (dark ink on light paper) through formreader's own cell segmentation, as
+    read_digits and a form's cells see them. Returns (images (M, 28, 28), labels (M,), the index
+    of each kept crop); crops judged blank are left out."""
+    images, kept = [], []
+    for i, crop in enumerate(crops):
+        seg = segment_digit(np.asarray(crop))
+        if seg.image is not None:
+            images.append(seg.image)
+            kept.append(i)
+    kept_arr = np.array(kept, np.int64)
+    return np.array(images, np.float32).reshape(-1, 28, 28), labels[kept_arr], kept_arr
+
+
+def cvl_writer_split(writers: np.ndarray, held_out: int, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask (N,) of the digits whose writer is one of `held_out` writers drawn at random:
+    every digit of a writer falls on the same side."""
+    chosen = rng.choice(np.unique(writers), size=held_out, replace=False)
+    return np.isin(writers, chosen)
+
+
+def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=print) -> TrainingData:
+    """Assemble the training and validation splits from every source of the config.
+
+    - MNIST training split: `config.validation` digits held out at random; half of the rest
+      passed through formreader's normalisation after a random resize (see `renormalize`).
+    - CVL training writers (`config.cvl`): `config.cvl_val_writers` writers held out whole;
+      crops through formreader's segmentation. The CVL validation writers are never used here.
+    - ORAND-CAR-A digits (`config.orand`) cut by their boxes, of the checks of the 'train' split
+      (the 'val' checks validate; the 'test' checks are never used here; `orand_split`).
+    - Synthetic not-a-digit images; optionally the pieces of generated free-written numbers.
     """
-    import keras
-    import tensorflow as tf
+    from formreader.datasets import ORAND_MARGIN, load_cvl, load_orand, orand_digit_crops
 
-    from formreader.model import build_digit_cnn
-
-    keras.utils.set_random_seed(config.seed)
+    root = Path(data_dir) if data_dir else None
     rng = np.random.default_rng(config.seed)
-    images, labels = load_mnist("train", data_dir)
+    parts: dict[str, list] = {"train": [], "val": []}  # (x, y, source name)
+
+    images, labels = load_mnist("train", root / "mnist" if root else None)
     order = rng.permutation(len(images))
     if config.limit:
         order = order[: config.limit]
     n_val = min(config.validation, len(order) // 5)
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    n_neg = config.negatives if not config.limit else max(10, len(order) // 10)
-    negatives = make_non_digits(n_neg, rng)
-    n_neg_val = max(1, n_neg // 10)
-
-    def stack(idx, neg):
+    for split, idx in (("val", order[:n_val]), ("train", order[n_val:])):
         # Half the digits as MNIST drew them, half through formreader's normalisation, so
         # the rendering says nothing about the class.
         digits = images[idx].astype(np.float32) / 255.0
         half = rng.random(len(idx)) < 0.5
         digits[half] = renormalize(images[idx][half], rng)
-        x = np.concatenate([digits, neg])[..., None]
-        y = np.concatenate([labels[idx], np.full(len(neg), NOT_A_DIGIT, np.uint8)]).astype(np.int32)
-        return x, y
+        parts[split].append((digits, labels[idx], "mnist"))
+    held_out: dict = {"mnist_validation_digits": int(n_val)}
 
-    x_train, y_train = stack(train_idx, negatives[n_neg_val:])
-    x_val, y_val = stack(val_idx, negatives[:n_neg_val])
+    if config.cvl:
+        x, y, writers = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
+        if config.limit:
+            x, y, writers = x[: config.limit], y[: config.limit], writers[: config.limit]
+        # Its own generator: which writers are held out does not change with the other sources.
+        writer_rng = np.random.default_rng([config.seed, 1])
+        val = cvl_writer_split(writers, min(config.cvl_val_writers, len(np.unique(writers)) // 3), writer_rng)
+        for split, mask in (("val", val), ("train", ~val)):
+            imgs, lab, _ = segmented(x[mask], y[mask])
+            parts[split].append((imgs, lab, "cvl"))
+        held_out["cvl_validation_writers"] = sorted(int(w) for w in np.unique(writers[val]))
+    if config.orand:
+        folder = root / "orand_car_a" if root else None
+        for split in ("val", "train"):
+            amounts = load_orand(split, folder)
+            if config.limit:
+                amounts = amounts[: max(5, config.limit // 20)]
+            # Validation cuts each box with the margin read_digits' figures use; training takes
+            # the tight box too, two views of each digit.
+            for margin in (ORAND_MARGIN,) if split == "val" else (ORAND_MARGIN, 0):
+                crops, lab, _ = orand_digit_crops(amounts, margin)
+                imgs, lab, _ = segmented(crops, lab)
+                parts[split].append((imgs, lab, "orand"))
+            if split == "val":
+                held_out["orand_validation_checks"] = [a.name for a in amounts]
+
+    n_neg = config.negatives if not config.limit else max(10, config.limit // 10)
+    negatives = make_non_digits(n_neg, rng)
+    n_neg_val = max(1, n_neg // 10)
+    parts["val"].append((negatives[:n_neg_val], np.full(n_neg_val, NOT_A_DIGIT, np.uint8), "not_a_digit"))
+    parts["train"].append((negatives[n_neg_val:], np.full(n_neg - n_neg_val, NOT_A_DIGIT, np.uint8), "not_a_digit"))
+
     if config.strings:
-        # Pieces of free-written numbers, from the split's own digits (validation pieces from
-        # validation digits); wrong cuts thinned to as many as right ones, so that they do not
-        # outweigh the digits.
-        parts = []
-        for idx, n in ((train_idx, config.strings), (val_idx, max(1, config.strings // 10))):
+        # Pieces of free-written numbers, from the split's own MNIST digits (validation pieces
+        # from validation digits); wrong cuts thinned to as many as right ones, so that they do
+        # not outweigh the digits.
+        for split, idx, n in (("train", order[n_val:], config.strings), ("val", order[:n_val], max(1, config.strings // 10))):
             px, py = make_string_pieces(n, rng, images[idx], labels[idx])
             wrong = py == NOT_A_DIGIT
             keep = ~wrong | (rng.random(len(py)) < (~wrong).sum() / max(1, wrong.sum()))
-            parts.append((px[keep][..., None], py[keep].astype(np.int32)))
-        x_train, y_train = np.concatenate([x_train, parts[0][0]]), np.concatenate([y_train, parts[0][1]])
-        x_val, y_val = np.concatenate([x_val, parts[1][0]]), np.concatenate([y_val, parts[1][1]])
-        log(f"string pieces: {len(parts[0][1])} for training, {len(parts[1][1])} for validation")
-    log(f"training on {len(x_train)} images ({int((y_train == NOT_A_DIGIT).sum())} not-a-digit), validating on {len(x_val)}")
+            parts[split].append((px[keep], py[keep], "string_pieces"))
 
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        .shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
-        .batch(config.batch_size)
-        .map(lambda x, y: (augment_batch(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(512)
+    def stack(split):
+        xs, ys, ss = zip(*parts[split])
+        source = np.concatenate([np.full(len(y), SOURCES.index(s), np.uint8) for y, s in zip(ys, ss)])
+        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int32), source
 
-    model = keras.models.load_model(config.initial, compile=False, safe_mode=True) if config.initial else build_digit_cnn()
-    steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
+    data = TrainingData(*stack("train"), *stack("val"), held_out)
+    for split, src in (("training", data.source_train), ("validation", data.source_val)):
+        counts = ", ".join(f"{SOURCES[s]} {int((src == s).sum())}" for s in np.unique(src))
+        log(f"{split}: {len(src)} images ({counts})")
+    return data
+
+
+def epoch_order(source: np.ndarray, oversample: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """Indices of one epoch, shuffled: each source's images repeated `oversample[name]` times on
+    average (fractions by random draw), so that the few thousand digits of other populations of
+    writers are not drowned by MNIST's fifty thousand."""
+    idx = []
+    for s in np.unique(source):
+        members = np.flatnonzero(source == s)
+        factor = oversample.get(SOURCES[s], 1.0)
+        whole, frac = int(factor), factor - int(factor)
+        idx += [members] * whole + [members[rng.random(len(members)) < frac]]
+    order = np.concatenate(idx)
+    return order[rng.permutation(len(order))]
+
+
+def fit_balanced_temperature(logits: np.ndarray, labels: np.ndarray, source: np.ndarray) -> float:
+    """The temperature fitted on validation data with each source weighted alike (by resampling
+    every source to the size of the largest), so that MNIST's many easy digits do not set the
+    confidence for writers of other populations."""
+    largest = max(int((source == s).sum()) for s in np.unique(source))
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([rng.choice(np.flatnonzero(source == s), largest) for s in np.unique(source)])
+    return fit_temperature(logits[idx], labels[idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(x: np.ndarray, y: np.ndarray, source: np.ndarray, config: TrainConfig, workers: int):
+    """A Keras PyDataset of augmented, source-balanced training batches (any backend)."""
+    import keras
+
+    class AugmentedBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False)
+            self.epoch = 0
+            self.on_epoch_end()
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.order = epoch_order(source, config.oversample, np.random.default_rng([config.seed, self.epoch]))
+
+        def __len__(self):
+            return math.ceil(len(self.order) / config.batch_size)
+
+        def __getitem__(self, i):
+            idx = self.order[i * config.batch_size : (i + 1) * config.batch_size]
+            rng = np.random.default_rng([config.seed, self.epoch, i])
+            return augment_batch(x[idx], rng, config.stretch)[..., None], y[idx]
+
+    return AugmentedBatches()
+
+
+def train_model(
+    out: Path, config: TrainConfig, data_dir: Path | None = None, log=print, data: TrainingData | None = None
+) -> dict:
+    """Train the digit CNN and write `out` (.keras) with its card data beside it (.json).
+
+    `data_dir`: the folder holding mnist/, cvl_digits/ and orand_car_a/ (default: see
+    formreader.datasets.default_data_dir); `data`: prepared splits (`build_training_data`),
+    which then need not be built again. Runs on whatever Keras backend is configured (a GPU
+    with JAX or TensorFlow when one is there). Returns the metadata written.
+    """
+    import keras
+
+    from formreader.model import build_digit_cnn
+
+    keras.utils.set_random_seed(config.seed)
+    data = data or build_training_data(config, data_dir, log)
+    train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers=min(8, os.cpu_count() or 1))
+    val = (data.x_val[..., None], data.y_val)
+    n_not = int((data.y_train == NOT_A_DIGIT).sum())
+    log(f"training on {len(data.x_train)} images ({n_not} not-a-digit), validating on {len(data.x_val)}")
+
+    if config.initial:
+        model = keras.models.load_model(config.initial, compile=False, safe_mode=True)
+    else:
+        model = build_digit_cnn(width=config.width)
+    steps = config.epochs * len(train_batches)
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.01)
     # An exponential moving average of the weights (used for validation, early stopping and
     # the saved model) smooths the last epochs' noise: better accuracy and calibration, no cost
@@ -381,15 +540,22 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
     ]
     start = time.time()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, verbose=2)
+    history = model.fit(train_batches, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=2)
     seconds = time.time() - start
 
-    val_logits = model.predict(x_val, batch_size=512, verbose=0)
-    temperature = fit_temperature(val_logits, y_val)
+    val_logits = np.asarray(model.predict(val[0], batch_size=512, verbose=0))
+    temperature = fit_balanced_temperature(val_logits, data.y_val, data.source_val)
+    per_source = {
+        SOURCES[s]: float((val_logits[data.source_val == s].argmax(1) == data.y_val[data.source_val == s]).mean())
+        for s in np.unique(data.source_val)
+    }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.keras")
-    model.save(tmp)
+    # Saved without the optimizer's state (a third of the file): the shipped model only predicts.
+    inference = keras.Model.from_config(model.get_config())
+    inference.set_weights(model.get_weights())
+    inference.save(tmp)
     tmp.replace(out)
     meta = {
         "temperature": temperature,
@@ -398,17 +564,39 @@ def train_model(out: Path, config: TrainConfig, data_dir: Path | None = None, lo
         "parameters": int(model.count_params()),
         "epochs_run": len(history.history["loss"]),
         "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
-        "train_images": int(len(x_train)),
-        "validation_images": int(len(x_val)),
-        "validation_accuracy": float((val_logits.argmax(1) == y_val).mean()),
-        "validation_nll_before": nll(val_logits, y_val),
-        "validation_nll_after": nll(val_logits, y_val, temperature),
+        "train_images": int(len(data.x_train)),
+        "validation_images": int(len(data.x_val)),
+        "validation_accuracy": float((val_logits.argmax(1) == data.y_val).mean()),
+        "validation_accuracy_by_source": per_source,
+        "validation_nll_before": nll(val_logits, data.y_val),
+        "validation_nll_after": nll(val_logits, data.y_val, temperature),
+        "held_out": data.held_out,
         "training_seconds": round(seconds, 1),
-        "machine": f"{platform.machine()}, {len(tf.config.list_physical_devices('GPU'))} GPU, "
-        f"{__import__('os').cpu_count()} CPU cores, TensorFlow {tf.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Keras {keras.__version__} on "
+        f"{keras.backend.backend()} ({_accelerator()})",
         "config": dict(vars(config)),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    cached_tflite(out, meta)  # the fast path's converted model, beside the .keras file
-    log(f"saved {out}; temperature {temperature:.3f}; validation accuracy {meta['validation_accuracy']:.4%}")
+    try:
+        cached_tflite(out, meta)  # the fast path's converted model, beside the .keras file
+    except ImportError:
+        log("TensorFlow is not installed here: the .tflite fast path is made at the model's first load")
+    log(f"saved {out}; temperature {temperature:.3f}; validation accuracy {meta['validation_accuracy']:.4%} {per_source}")
     return meta
+
+
+def _accelerator() -> str:
+    import keras
+
+    try:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return str(jax.devices()[0].device_kind)
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            return f"{len(tf.config.list_physical_devices('GPU'))} GPU"
+    except Exception:  # the record is informative only
+        pass
+    return "CPU"

@@ -29,8 +29,9 @@ def sample_records(template, classifier):
 def test_samples_reproduce_ground_truth(sample_records, truth):
     right, total, flagged, wrong_unflagged = field_accuracy(sample_records, truth)
     assert total == len(truth) == 60
-    # Measured with the shipped model (benchmarks/evaluate_forms.py): 53 of 60 right, the one
-    # wrong field not flagged an MNIST 7 that looks like a 1; 17% flagged.
+    # Measured with the shipped model (benchmarks/evaluate_forms.py): 53 of 60 right, one wrong
+    # field not flagged; 23% flagged (the model trained on several populations of writers is
+    # less sure of MNIST's own digits than the MNIST-only one was, and says so).
     assert right >= 52
     assert wrong_unflagged <= 1
     assert flagged / total <= 0.25

@@ -47,8 +47,8 @@ def test_string_pieces_are_labelled_by_whose_ink_they_hold(classifier, mnist_tes
 
 def test_augmentation_keeps_shape_and_range_and_changes_images(mnist_test):
     images, _ = mnist_test
-    x = images[:64].astype(np.float32)[..., None] / 255.0
-    y = augment_batch(x).numpy()
+    x = images[:64].astype(np.float32) / 255.0
+    y = augment_batch(x, np.random.default_rng(0), stretch=0.15)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     changed = np.abs(y - x).reshape(64, -1).max(1) > 0.1
     assert 0.6 < changed.mean() < 1.0  # most are distorted, an eighth are left alone
