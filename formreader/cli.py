@@ -205,7 +205,13 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 @click.option("--limit", type=click.IntRange(50), help="Train on this many images of each source only (quick trials).")
 @click.option("--seed", default=20261124, show_default=True, type=int)
 @click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--width", default=1.0, show_default=True, type=click.FloatRange(0.25, 4), help="The CNN's channel multiplier.")
+@click.option("--width", default=2.0, show_default=True, type=click.FloatRange(0.25, 4), help="The CNN's channel multiplier.")
+@click.option(
+    "--stretch", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of each batch stretched to a square."
+)
+@click.option(
+    "--patience", default=10, show_default=True, type=click.IntRange(1), help="Epochs without progress before stopping."
+)
 @click.option("--mnist-only", is_flag=True, help="Train on MNIST alone (no CVL or ORAND digits), as the first model was.")
 @click.option(
     "--strings",
@@ -222,7 +228,9 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     type=click.Path(dir_okay=False, path_type=Path),
     help="The prepared training splits (.npz): read if it exists, else built and written there.",
 )
-def train(data, out, force, epochs, limit, seed, learning_rate, width, mnist_only, strings, initial, prepared) -> None:
+def train(
+    data, out, force, epochs, limit, seed, learning_rate, width, stretch, patience, mnist_only, strings, initial, prepared
+) -> None:
     """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.
 
     Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
@@ -237,6 +245,8 @@ def train(data, out, force, epochs, limit, seed, learning_rate, width, mnist_onl
         seed=seed,
         learning_rate=learning_rate,
         width=width,
+        stretch=stretch,
+        patience=patience,
         cvl=not mnist_only,
         orand=not mnist_only,
         strings=strings,

@@ -40,8 +40,8 @@ class TrainConfig:
     cvl: bool = True  # train on CVL's training writers too (European handwriting)
     cvl_val_writers: int = 10  # of them, this many writers are held out for validation
     orand: bool = True  # train on the ORAND-CAR-A digits of the 'train' checks (cut by their boxes)
-    width: float = 1.0  # the CNN's channel multiplier (formreader.model.build_digit_cnn)
-    stretch: float = 0.15  # this share of each batch is stretched to fill the square (`augment_batch`)
+    width: float = 2.0  # the CNN's channel multiplier (formreader.model.build_digit_cnn)
+    stretch: float = 0.0  # this share of each batch is stretched to fill the square (`augment_batch`)
     # How often each source's images come per epoch, on average: the few thousand real digits
     # of other populations would otherwise be drowned by MNIST's fifty thousand.
     oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0})
