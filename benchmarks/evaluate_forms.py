@@ -122,12 +122,10 @@ def main() -> None:
     report("Samples (samples/scans)", segment_all(items, template, classifier), template, classifier)
 
     rows = []
-    everything = []
     for source, (images, labels) in held_out_sources().items():
         for form in FORM_STYLES:
             t, items = scanned_forms(form, images, labels, args.pages, args.seed)
             segmented = segment_all(items, t, classifier)
-            everything += [(t, s) for s in segmented]
             if args.details:
                 report(f"{source}, {form} (seed {args.seed})", segmented, t, classifier)
             r = score(segmented, t, DEFAULT_REVIEW_THRESHOLD, classifier)

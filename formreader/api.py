@@ -10,7 +10,7 @@ import pandas as pd
 from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
 from formreader.pipeline import Journal, process_paths
-from formreader.segment import segment_digit
+from formreader.segment import segment_crops
 from formreader.strings import StringReading, decide_string, segment_string
 from formreader.template import Field, Template, load_template
 
@@ -32,13 +32,11 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     comes back as DigitReading(digit='', confidence=...) rather than a guess; '?' marks ink
     that is not a digit.
     """
-    classifier = get_classifier(model)
-    segments = [segment_digit(np.asarray(c)) for c in crops]
-    images = [s.image for s in segments if s.image is not None]
-    probs = iter(classifier.probabilities(np.stack(images)) if images else [])
-    return [
-        reading_from_probabilities(next(probs)) if s.image is not None else DigitReading("", BLANK_CONFIDENCE) for s in segments
-    ]
+    images, index = segment_crops(crops)
+    readings = [DigitReading("", BLANK_CONFIDENCE) for _ in crops]
+    for i, p in zip(index, get_classifier(model).probabilities(images)):
+        readings[i] = reading_from_probabilities(p)
+    return readings
 
 
 def process_folder(

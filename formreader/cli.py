@@ -258,7 +258,7 @@ def train(
         splits = build_training_data(config, data)
         if prepared:
             splits.save(prepared)
-    meta = train_model(out, config, data, data=splits)
+    meta = train_model(out, config, data=splits)
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 
 
@@ -287,10 +287,10 @@ def evaluate(model, data, nsysu, plots) -> None:
     )
 
     clf = _load_classifier(model)
-    ev = evaluate_classifier(clf, data / "mnist" if data else None, nsysu)
+    ev = evaluate_classifier(clf, data / "mnist" if data else None)
     click.echo(format_report(ev))
     click.echo("\nWriters never trained on, each crop through read_digits (segmentation included):")
-    click.echo(format_sources(evaluate_sources(clf, held_out_digits(data))))
+    click.echo(format_sources(evaluate_sources(clf, held_out_digits(data, nsysu))))
     for p in write_plots(ev, plots):
         click.echo(f"plot: {p}")
 

@@ -1,8 +1,9 @@
 """Measuring a digit classifier: accuracy, confusion, calibration, risk-coverage, real digits.
 
 The metric functions take arrays and return numbers or arrays; `evaluate_classifier` runs them
-on the MNIST test split and on the NSYSU exam-box digits (segmented and normalised by
-formreader's own code, exactly as a cell of a form is), and `write_plots` draws the figures.
+on the MNIST test split, `evaluate_sources` on every source of writers no model trains on
+(each crop segmented and normalised by formreader's own code, exactly as a cell of a form is),
+and `write_plots` draws the figures.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from formreader.classify import NOT_A_DIGIT, DigitClassifier
 from formreader.datasets import load_mnist, load_nsysu
-from formreader.segment import segment_digit
+from formreader.segment import segment_crops
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 11) -> np.ndarray:
@@ -66,9 +67,6 @@ class Evaluation:
     confusion: np.ndarray
     coverage: np.ndarray
     risk: np.ndarray
-    nsysu_accuracy: float | None = None
-    nsysu_blank: int = 0
-    nsysu_total: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -90,36 +88,10 @@ def evaluate_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Eva
     )
 
 
-def nsysu_inputs(crops) -> tuple[np.ndarray, np.ndarray]:
-    """Segment grey crops (NSYSU's (N, 28, 28) uint8, or a list of any sizes) with formreader's own code.
-
-    Returns (images (M, 28, 28), index (M,) of the crops that were not judged blank).
-    """
-    images, index = [], []
-    for i, crop in enumerate(crops):
-        seg = segment_digit(crop)
-        if seg.image is not None:
-            images.append(seg.image)
-            index.append(i)
-    return (np.stack(images) if images else np.zeros((0, 28, 28), np.float32)), np.array(index, dtype=np.int64)
-
-
-def evaluate_classifier(classifier: DigitClassifier, mnist_dir: Path | None = None, nsysu_path: Path | None = None) -> Evaluation:
-    """Evaluate on the MNIST test split, and on NSYSU exam digits when they are found."""
+def evaluate_classifier(classifier: DigitClassifier, mnist_dir: Path | None = None) -> Evaluation:
+    """Evaluate on the MNIST test split, its 28x28 images fed to the model as they are."""
     x, y = load_mnist("test", mnist_dir)
-    ev = evaluate_probabilities(classifier.probabilities(x.astype(np.float32) / 255.0), y.astype(np.int64))
-    try:
-        crops, labels, _ = load_nsysu(nsysu_path)
-    except FileNotFoundError:
-        return ev
-    images, index = nsysu_inputs(crops)
-    predicted = np.full(len(crops), -1)
-    if len(index):
-        predicted[index] = classifier.probabilities(images).argmax(axis=1)
-    ev.nsysu_accuracy = float((predicted == labels).mean())
-    ev.nsysu_blank = int(len(crops) - len(index))
-    ev.nsysu_total = int(len(crops))
-    return ev
+    return evaluate_probabilities(classifier.probabilities(x.astype(np.float32) / 255.0), y.astype(np.int64))
 
 
 def format_report(ev: Evaluation) -> str:
@@ -134,10 +106,6 @@ def format_report(ev: Evaluation) -> str:
     for cov in (1.0, 0.995, 0.99, 0.98, 0.95):
         k = max(1, int(np.floor(cov * len(ev.coverage))))
         lines.append(f"  coverage {cov:6.1%}: error among accepted {ev.risk[k - 1]:.3%}")
-    if ev.nsysu_accuracy is not None:
-        lines.append(
-            f"NSYSU exam digits accuracy:   {ev.nsysu_accuracy:.2%}  ({ev.nsysu_total} digits, {ev.nsysu_blank} judged blank)"
-        )
     lines.append("Confusion matrix (rows: true 0-9, columns: predicted 0-9 and not-a-digit):")
     for d in range(10):
         lines.append("  " + str(d) + " " + " ".join(f"{v:5d}" for v in ev.confusion[d]))
@@ -204,19 +172,28 @@ class SourceFigures:
     confident: int  # read at confidence >= 0.85
 
 
-def held_out_digits(data_dir: Path | None = None) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+def held_out_digits(
+    data_dir: Path | None = None, nsysu_path: Path | None = None
+) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
     """The single-digit sets no model of formreader trains on, as grey crops (dark ink on light
     paper) with their labels: MNIST test, CVL's validation writers, NSYSU exam boxes, and the
-    ORAND-CAR-A digits of the 'test' checks cut by their boxes. Sources not found are left out."""
+    ORAND-CAR-A digits of the 'test' checks cut by their boxes. Sources not found are left out.
+    data_dir: the folder holding the data sets (default: formreader.datasets.default_data_dir)."""
     from formreader.datasets import load_cvl, load_orand, orand_digit_crops
 
     root = Path(data_dir) if data_dir else None
+    here = lambda *parts: root.joinpath(*parts) if root else None  # noqa: E731
+
+    def mnist_test():
+        x, y = load_mnist("test", here("mnist"), False)
+        return list(255 - x), y  # as scanned: dark ink on light paper
+
     sets: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
     loaders = {
-        "MNIST test": lambda: (lambda x, y: (list(255 - x), y))(*load_mnist("test", root / "mnist" if root else None, False)),
-        "CVL validation writers": lambda: load_cvl("valid", root / "cvl_digits" / "cvl_valid.npz" if root else None)[:2],
-        "NSYSU exam boxes": lambda: load_nsysu(root / "nsysu_digits" / "nsysu_digits.npz" if root else None)[:2],
-        "ORAND test checks": lambda: orand_digit_crops(load_orand("test", root / "orand_car_a" if root else None))[:2],
+        "MNIST test": mnist_test,
+        "CVL validation writers": lambda: load_cvl("valid", here("cvl_digits", "cvl_valid.npz"))[:2],
+        "NSYSU exam boxes": lambda: load_nsysu(nsysu_path or here("nsysu_digits", "nsysu_digits.npz"))[:2],
+        "ORAND test checks": lambda: orand_digit_crops(load_orand("test", here("orand_car_a")))[:2],
     }
     for name, load in loaders.items():
         try:
@@ -231,7 +208,7 @@ def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float =
     """Per-source figures for crops read through segmentation and the classifier."""
     rows = []
     for name, (crops, labels) in sets.items():
-        images, index = nsysu_inputs(crops)
+        images, index = segment_crops(crops)
         probs = np.zeros((len(crops), 11))
         probs[:, NOT_A_DIGIT] = 1.0  # a crop judged blank: no digit read
         if len(index):
@@ -295,11 +272,12 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
     and CVL writers held out from its training, as its card records): [(template, [(page, truth)])]."""
     from formreader.datasets import load_cvl
     from formreader.synth import FORM_STYLES, ink_on_black, scanned_forms
+    from formreader.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
-    config = meta.get("config", {})
+    config = TrainConfig(**meta["config"])
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
-    val = np.random.default_rng(config.get("seed", 0)).permutation(len(images))[: config.get("validation", 5000)]
+    val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
     sources = [(images[val], labels[val])]
     writers = meta.get("held_out", {}).get("cvl_validation_writers", [])
     if writers:

@@ -123,14 +123,20 @@ def cell_crop(page: np.ndarray, box: Box, margin: float = 0.15) -> np.ndarray:
 
     The box's own lines then lie along the crop's edges, where segmentation removes them.
     """
-    x, y, w, h = box
-    mx, my = int(round(margin * w)), int(round(margin * h))
-    H, W = page.shape
-    return page[max(0, y - my) : min(H, y + h + my), max(0, x - mx) : min(W, x + w + mx)]
+    rows, cols = _cell_window(page.shape, box, margin)
+    return page[rows, cols]
 
 
 def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = 0.15) -> Box:
     """Where the box's interior lies in the crop `cell_crop(page, box, margin)` gives: (x, y, w, h)."""
     x, y, w, h = box
+    rows, cols = _cell_window(page_shape, box, margin)
+    return (x - cols.start, y - rows.start, w, h)
+
+
+def _cell_window(page_shape: tuple[int, int], box: Box, margin: float) -> tuple[slice, slice]:
+    """The page's rows and columns of a cell's crop: its interior and `margin` of its size around."""
+    x, y, w, h = box
     mx, my = int(round(margin * w)), int(round(margin * h))
-    return (x - max(0, x - mx), y - max(0, y - my), w, h)
+    H, W = page_shape
+    return slice(max(0, y - my), min(H, y + h + my)), slice(max(0, x - mx), min(W, x + w + mx))

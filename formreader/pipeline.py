@@ -313,8 +313,7 @@ def process_paths(
         for d in done:
             if isinstance(d, SegmentedPage):
                 d = decide_page(d, next(per_page), template, threshold, classifier.field_power)
-            read = d
-            rec = page_record(read)
+            rec = page_record(d)
             journal.write(rec)
             records.append(rec)
 

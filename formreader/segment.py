@@ -215,26 +215,21 @@ def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: floa
     x, y, w, h = interior
     side = min(w, h)
     s = max(1, round(reach * side))  # a ragged line's reach into the box, and the box's registration
-    n = max(3, round(run * side))
+    length = max(3, round(run * side))
+    rows, cols = slice(max(0, y + s), max(0, y + h - s)), slice(max(0, x + s), max(0, x + w - s))  # the inside
     m = mask.astype(np.uint8)
-    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, n), np.uint8))
-    vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((n, 1), np.uint8))
-    rows = np.ones(mask.shape[0], bool)
-    rows[max(0, y + s) : max(0, y + h - s)] = False
-    cols = np.ones(mask.shape[1], bool)
-    cols[max(0, x + s) : max(0, x + w - s)] = False
-    horiz[~rows, :] = 0
-    vert[:, ~cols] = 0
+    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, length), np.uint8))
+    vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((length, 1), np.uint8))
+    horiz[rows, :] = 0  # runs along the top and bottom sides only
+    vert[:, cols] = 0  # and down the left and right ones
     # A ragged line's edge: a pixel across the line on each side goes with it.
     frame = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
     kept = mask & ~frame.astype(bool)
     # What is left in the band and reaches nowhere into the box is the line's debris (the short
     # pieces of a broken line): a stroke written across the line reaches inside.
-    n, labels = cv2.connectedComponents(kept.astype(np.uint8), connectivity=8)
-    inside = np.zeros(mask.shape, bool)
-    inside[max(0, y + s) : max(0, y + h - s), max(0, x + s) : max(0, x + w - s)] = True
-    reaching = np.zeros(n, bool)
-    reaching[np.unique(labels[inside & kept])] = True
+    count, labels = cv2.connectedComponents(kept.astype(np.uint8), connectivity=8)
+    reaching = np.zeros(count, bool)
+    reaching[np.unique(labels[rows, cols])] = True
     reaching[0] = False
     return reaching[labels]
 
@@ -245,9 +240,9 @@ def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, inte
     crop: (H, W) uint8. interior: where the box's inside lies in the crop (x, y, w, h), when the
     form's template says so: then the border is removed wherever it runs (`remove_frame`), so
     that no piece of it (thick, ragged or broken, as bitonal scans make them) passes for a
-    stroke. Long straight runs along the crop's edges are taken for box lines in any case. The result's image is None
-    when the box is blank (no ink, or only specks and pieces of box line); its stray_ink then
-    tells how much rejected ink there was.
+    stroke. Long straight runs along the crop's edges are taken for box lines in any case. The
+    result's image is None when the box is blank (no ink, or only specks and pieces of box
+    line); its stray_ink then tells how much rejected ink there was.
     """
     ink, mask = ink_intensity(crop, params)
     if interior is not None:
@@ -263,3 +258,16 @@ def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, inte
     fringe = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     digit_ink = np.where(fringe, ink, 0.0)
     return DigitSegment(normalize_digit(digit_ink, params.thicken, params.sharpen), stray)
+
+
+def segment_crops(crops) -> tuple[np.ndarray, np.ndarray]:
+    """Segment grey crops (a sequence of (h, w) uint8 of any sizes, dark ink on light paper),
+    each as a box's crop is. Returns (images (M, 28, 28) float32, index (M,) of the crops that
+    were not judged blank)."""
+    images, index = [], []
+    for i, crop in enumerate(crops):
+        seg = segment_digit(np.asarray(crop))
+        if seg.image is not None:
+            images.append(seg.image)
+            index.append(i)
+    return np.array(images, np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE), np.array(index, np.int64)

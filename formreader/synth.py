@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from formreader.ingest import Page
 from formreader.locate import Box
+from formreader.segment import segment_crops
 from formreader.template import Field, Template
 
 DPI = 150
@@ -229,8 +231,6 @@ def scanned_forms(style: str, images: np.ndarray, labels: np.ndarray, n: int, se
     """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0):
     the form's template and [(Page, {field: digits written})]. Grey scans come at 150, 200 and
     300 DPI, one in seven upside down; bitonal ones at 300 DPI."""
-    from formreader.ingest import Page
-
     line, worn, bitonal_scan = FORM_STYLES[style]
     blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn)
     rng = np.random.default_rng(seed)
@@ -249,15 +249,8 @@ def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (N, 28, 28) uint8, ink high on 0, and their labels. Each crop goes through formreader's own
     segmentation first, so that the specks, dots and pieces of box line that real crops carry
     are not written into a form as ink; crops judged blank are left out."""
-    from formreader.segment import segment_digit
-
-    images, kept = [], []
-    for i, crop in enumerate(crops):
-        seg = segment_digit(np.asarray(crop))
-        if seg.image is not None:
-            images.append(np.round(seg.image * 255).astype(np.uint8))
-            kept.append(i)
-    return np.array(images).reshape(-1, 28, 28), np.asarray(labels)[kept]
+    images, index = segment_crops(crops)
+    return np.round(images * 255).astype(np.uint8), np.asarray(labels)[index]
 
 
 def wear_lines(blank: np.ndarray, rng: np.random.Generator, breaks: float = 0.12) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from formreader.classify import NOT_A_DIGIT, cached_tflite
 from formreader.datasets import load_mnist
-from formreader.segment import normalize_digit, segment_digit
+from formreader.segment import normalize_digit, segment_crops
 
 
 @dataclass
@@ -241,16 +241,12 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, stretch: float =
 
 
 def stretch_to_square(image: np.ndarray) -> np.ndarray:
-    """A (28, 28) digit stretched to fill the 20x20 box, centre of mass at the centre."""
+    """A (28, 28) digit stretched to fill the 20x20 box, then placed the MNIST way (normalize_digit)."""
     ys, xs = np.nonzero(image > 0.05)
     if len(ys) == 0:
         return image
     square = cv2.resize(image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], (20, 20), interpolation=cv2.INTER_AREA)
-    out = np.zeros_like(image)
-    out[4:24, 4:24] = square
-    total = max(float(out.sum()), 1e-6)
-    cy, cx = out.sum(1) @ np.arange(28) / total, out.sum(0) @ np.arange(28) / total
-    return cv2.warpAffine(out, np.float32([[1, 0, 13.5 - cx], [0, 1, 13.5 - cy]]), (28, 28), flags=cv2.INTER_LINEAR)
+    return normalize_digit(square, thicken=False, sharpen=False)
 
 
 def bilinear_sample(images: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -322,7 +318,7 @@ class TrainingData:
     x_val: np.ndarray
     y_val: np.ndarray
     source_val: np.ndarray
-    held_out: dict  # what validation holds back: MNIST indices count, CVL writers, ORAND checks
+    held_out: dict  # what validation holds back: how many MNIST digits, which CVL writers and ORAND checks
 
     def save(self, path: Path) -> None:
         # Images as 8-bit grey levels (MNIST's own precision): a quarter of the size.
@@ -340,18 +336,23 @@ class TrainingData:
             return cls(**arrays, held_out=json.loads(str(d["held_out"])))
 
 
-def segmented(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def segmented(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Real crops (dark ink on light paper) through formreader's own cell segmentation, as
-    read_digits and a form's cells see them. Returns (images (M, 28, 28), labels (M,), the index
-    of each kept crop); crops judged blank are left out."""
-    images, kept = [], []
-    for i, crop in enumerate(crops):
-        seg = segment_digit(np.asarray(crop))
-        if seg.image is not None:
-            images.append(seg.image)
-            kept.append(i)
-    kept_arr = np.array(kept, np.int64)
-    return np.array(images, np.float32).reshape(-1, 28, 28), labels[kept_arr], kept_arr
+    read_digits and a form's cells see them: (images (M, 28, 28), labels (M,)), the crops
+    judged blank left out."""
+    images, index = segment_crops(crops)
+    return images, labels[index]
+
+
+def mnist_split(count: int, config: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST training split's indices for (validation, training): a permutation drawn from
+    `rng` (its first draw, so that the split can be made again from the seed alone), cut to
+    `config.limit`, `config.validation` of it (a fifth at most) for validation."""
+    order = rng.permutation(count)
+    if config.limit:
+        order = order[: config.limit]
+    n_val = min(config.validation, len(order) // 5)
+    return order[:n_val], order[n_val:]
 
 
 def cvl_writer_split(writers: np.ndarray, held_out: int, rng: np.random.Generator) -> np.ndarray:
@@ -379,18 +380,15 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
     parts: dict[str, list] = {"train": [], "val": []}  # (x, y, source name)
 
     images, labels = load_mnist("train", root / "mnist" if root else None)
-    order = rng.permutation(len(images))
-    if config.limit:
-        order = order[: config.limit]
-    n_val = min(config.validation, len(order) // 5)
-    for split, idx in (("val", order[:n_val]), ("train", order[n_val:])):
+    val_idx, train_idx = mnist_split(len(images), config, rng)
+    for split, idx in (("val", val_idx), ("train", train_idx)):
         # Half the digits as MNIST drew them, half through formreader's normalisation, so
         # the rendering says nothing about the class.
         digits = images[idx].astype(np.float32) / 255.0
         half = rng.random(len(idx)) < 0.5
         digits[half] = renormalize(images[idx][half], rng)
         parts[split].append((digits, labels[idx], "mnist"))
-    held_out: dict = {"mnist_validation_digits": int(n_val)}
+    held_out: dict = {"mnist_validation_digits": len(val_idx)}
 
     if config.cvl:
         x, y, writers = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
@@ -400,8 +398,7 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
         writer_rng = np.random.default_rng([config.seed, 1])
         val = cvl_writer_split(writers, min(config.cvl_val_writers, len(np.unique(writers)) // 3), writer_rng)
         for split, mask in (("val", val), ("train", ~val)):
-            imgs, lab, _ = segmented(x[mask], y[mask])
-            parts[split].append((imgs, lab, "cvl"))
+            parts[split].append((*segmented(x[mask], y[mask]), "cvl"))
         held_out["cvl_validation_writers"] = sorted(int(w) for w in np.unique(writers[val]))
     if config.orand:
         folder = root / "orand_car_a" if root else None
@@ -413,8 +410,7 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
             # the tight box too, two views of each digit.
             for margin in (ORAND_MARGIN,) if split == "val" else (ORAND_MARGIN, 0):
                 crops, lab, _ = orand_digit_crops(amounts, margin)
-                imgs, lab, _ = segmented(crops, lab)
-                parts[split].append((imgs, lab, "orand"))
+                parts[split].append((*segmented(crops, lab), "orand"))
             if split == "val":
                 held_out["orand_validation_checks"] = [a.name for a in amounts]
 
@@ -428,7 +424,7 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
         # Pieces of free-written numbers, from the split's own MNIST digits (validation pieces
         # from validation digits); wrong cuts thinned to as many as right ones, so that they do
         # not outweigh the digits.
-        for split, idx, n in (("train", order[n_val:], config.strings), ("val", order[:n_val], max(1, config.strings // 10))):
+        for split, idx, n in (("train", train_idx, config.strings), ("val", val_idx, max(1, config.strings // 10))):
             px, py = make_string_pieces(n, rng, images[idx], labels[idx])
             wrong = py == NOT_A_DIGIT
             keep = ~wrong | (rng.random(len(py)) < (~wrong).sum() / max(1, wrong.sum()))
@@ -552,7 +548,7 @@ def train_model(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.keras")
-    # Saved without the optimizer's state (a third of the file): the shipped model only predicts.
+    # Saved without the optimizer's state (three quarters of the file): the shipped model only predicts.
     inference = keras.Model.from_config(model.get_config())
     inference.set_weights(model.get_weights())
     inference.save(tmp)
