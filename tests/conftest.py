@@ -1,4 +1,5 @@
-"""Shared fixtures: the shipped template, model and samples, and real MNIST test digits."""
+"""Shared fixtures: the shipped template, model and samples, and real MNIST test digits (the
+committed copy in tests/fixtures/data)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests read small copies of the data sets committed beside them (made by
+# tests/fixtures/make_fixtures.py), never the full sets: a clone has no ../shared.
+FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"
+os.environ["FORMREADER_DATA"] = str(FIXTURE_DATA)
 TEMPLATE = ROOT / "templates" / "demo_form.yaml"
 SCANS = ROOT / "samples" / "scans"
 
