@@ -275,7 +275,7 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
     from formreader.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
-    config = TrainConfig(**meta["config"])
+    config = TrainConfig(**meta.get("config", {}))
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
     val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
     sources = [(images[val], labels[val])]
