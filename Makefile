@@ -5,7 +5,10 @@
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.formreader-installed
+# Two levels: reading (no TensorFlow, no browser) for the demo; everything for tests,
+# training, evaluation and benchmarks.
+READ   := $(VENV)/.formreader-read
+STAMP  := $(VENV)/.formreader-dev
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -13,19 +16,29 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@missing=""; \
-	  command -v pdftoppm >/dev/null 2>&1 || missing="$$missing poppler-utils"; \
-	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+define apt_need
+	@missing=""; for pair in $(1); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	  if [ -n "$$missing" ]; then \
-	    echo "installing$$missing with apt-get (PDF rendering; the browser for the drawing pad's tests)"; \
+	    echo "installing$$missing with apt-get"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  fi
+endef
+
+$(READ): pyproject.toml
+	$(call apt_need,pdftoppm:poppler-utils)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e .
 	@touch $@
 
-demo: $(STAMP)
+# The tests also drive Debian's chromium (the drawing pad's page in a real browser).
+$(STAMP): pyproject.toml
+	$(call apt_need,pdftoppm:poppler-utils chromium:chromium)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@ $(READ)
+
+demo: $(READ)
 	$(VENV)/bin/formreader process samples/scans --template templates/demo_form.yaml --out demo-out/results.csv
 	$(VENV)/bin/formreader process samples/checks --template templates/bank_check.yaml --out demo-out/checks.csv
 	@echo; echo "First rows of demo-out/results.csv:"; head -n 8 demo-out/results.csv

@@ -5,7 +5,9 @@
 Both models are measured in the same run, on the same machine, through the same fast path
 (TensorFlow's TFLite converter + the LiteRT interpreter), at batch 1 and batch 256; the
 original is also measured through Keras `model.predict`, as the student project ran it. The
-original is built with random weights: its speed does not depend on them.
+original is built with random weights: its speed does not depend on them. Then the string
+model (free fields read whole): fields per second, the model alone at batch 64, and with the
+beam search that decodes each field.
 """
 
 from __future__ import annotations
@@ -58,6 +60,23 @@ def main() -> None:
     for batch in (1, 256):
         o, r, p = results[("ours", batch)], results[("orig", batch)], results[("orig-predict", batch)]
         print(f"{batch:5d} {o:10.0f}/s {r:10.0f}/s {o / r:6.2f}x {p:26.0f}/s")
+    reader = ours.string_model
+    if reader is None:
+        print("no string model beside the digit model")
+        return
+    from formreader.datasets import load_orand
+    from formreader.string_model import decode, field_input
+
+    try:  # real fields where there are some; the model's speed does not depend on what it reads
+        fields = np.stack([field_input(a.image) for a in load_orand("val")][:64])
+    except FileNotFoundError:
+        fields = np.random.default_rng(0).random((64, 32, 256), dtype=np.float32)
+    model_rate = rate(reader.logits, fields, args.seconds)
+    decoded_rate = rate(lambda b: [decode(p) for p in reader.probabilities(b)], fields, args.seconds)
+    print(
+        f"string model ({reader.meta.get('parameters')} parameters), batch {len(fields)}: {model_rate:.0f} fields/s "
+        f"alone, {decoded_rate:.0f} fields/s with beam-search decoding"
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 
 from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
+from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field, reading_pattern
 from formreader.pipeline import Journal, process_paths
 from formreader.segment import segment_crops
+from formreader.string_model import combine_readings
 from formreader.strings import StringReading, decide_string, segment_string
 from formreader.template import Field, Template, load_template
 
@@ -77,10 +78,15 @@ def read_number(
     between digits; `pattern`, a regular expression for the whole raw reading, settles what
     looks like both a slash and a 1, and a reading that breaks it goes to review.
     """
-    layout = segment_string(np.asarray(image))
-    probs = get_classifier(model).for_strings.probabilities(layout.images)
-    reading = decide_string(layout, probs, separators, pattern)
+    image = np.asarray(image)
+    classifier = get_classifier(model)
+    layout = segment_string(image)
+    reading = decide_string(layout, classifier.for_strings.probabilities(layout.images), separators, pattern)
     spec = Field("number", kind="free", optional=True, separators=separators, pattern=pattern)
+    reader = classifier.string_model
+    if reader is not None:  # read whole by the string model too: the field gets both readers' decision
+        whole = reader.read([image], [reading_pattern(spec)])[0]
+        reading = combine_readings(reading, whole, image.shape, reader.calibration)
     decision = read_free_field(spec, reading, threshold=review_threshold)
     reading.status, reading.reasons = decision.status, decision.reasons
     return reading

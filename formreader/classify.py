@@ -9,19 +9,30 @@ batches at a time. The converted file is cached beside the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from formreader.string_model import StringModel
 
 NUM_CLASSES = 11
 NOT_A_DIGIT = 10  # the class for ink that is not a digit
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "digits.keras"
+# The shipped models: the repository's models/ folder, which an installed wheel carries as
+# formreader/models (pyproject.toml maps one onto the other).
+_REPOSITORY_MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = _REPOSITORY_MODELS if (_REPOSITORY_MODELS / "digits.keras").exists() else Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODELS / "digits.keras"
 STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.keras tuned on string pieces
+STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
 LABELS = "0123456789"
 
 
@@ -58,6 +69,24 @@ def convert_to_tflite(model) -> bytes:
     return converter.convert()
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Silence what native code writes to the process's stderr (LiteRT's "INFO: Created
+    TensorFlow Lite XNNPACK delegate" line, which `-q` must not print), for a moment."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _interpreter(content: bytes, threads: int):
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -65,7 +94,10 @@ def _interpreter(content: bytes, threads: int):
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter  # noqa: N806
-    return Interpreter(model_content=content, num_threads=threads)
+    with _native_stderr_silenced():
+        interpreter = Interpreter(model_content=content, num_threads=threads)
+        interpreter.allocate_tensors()  # the delegate is applied (and announces itself) here
+    return interpreter
 
 
 def _sha256(path: Path) -> str:
@@ -75,24 +107,51 @@ def _sha256(path: Path) -> str:
 def cached_tflite(path: Path, meta: dict) -> bytes:
     """The converted model beside `path` (.tflite), made again if it is not from this .keras file.
 
-    The card records the SHA-256 of the .keras file the .tflite was converted from; file times
-    are not trusted (a git checkout sets them all alike).
+    The card records the SHA-256 of the .keras file the .tflite was converted from and of the
+    .tflite itself; file times are not trusted (a git checkout sets them all alike).
     """
     cache = path.with_suffix(".tflite")
     source = _sha256(path)
     if cache.exists() and meta.get("tflite_source_sha256") == source:
-        return cache.read_bytes()
-    content = convert_to_tflite(load_keras_model(path))
+        content = cache.read_bytes()
+        # The cache's own digest too: a cache damaged on disk (or swapped) is made again, not run.
+        if hashlib.sha256(content).hexdigest() == meta.get("tflite_sha256"):
+            return content
+    try:
+        content = convert_to_tflite(load_keras_model(path))
+    except ImportError as e:
+        raise ModelError(
+            f"{cache} is missing, damaged or not converted from {path.name}, and converting it again needs "
+            f"TensorFlow: pip install 'formreader[train]' ({e})"
+        ) from e
     try:
         tmp = cache.with_suffix(".tflite.tmp")
         tmp.write_bytes(content)
         tmp.replace(cache)
         card = path.with_suffix(".json")
         meta["tflite_source_sha256"] = source
+        meta["tflite_sha256"] = hashlib.sha256(content).hexdigest()
         card.write_text(json.dumps(meta, indent=2) + "\n")
     except OSError:
         pass  # a read-only install still works, converting at each start
     return content
+
+
+def run_interpreter(runners: threading.local, content: bytes, threads: int, x: np.ndarray) -> np.ndarray:
+    """Run a model on one batch with this thread's own interpreter (`runners` holds one per
+    thread: a LiteRT interpreter must never be shared between threads, or answers mix)."""
+    it = getattr(runners, "interpreter", None)
+    if it is None:
+        it = runners.interpreter = _interpreter(content, threads)
+        runners.batch = -1
+    index = it.get_input_details()[0]["index"]
+    if runners.batch != len(x):
+        it.resize_tensor_input(index, x.shape)
+        it.allocate_tensors()
+        runners.batch = len(x)
+    it.set_tensor(index, x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]).copy()
 
 
 @dataclass
@@ -112,6 +171,9 @@ class DigitClassifier:
     # The same network fine-tuned on the pieces string segmentation cuts (models/digits.strings.keras),
     # which refuses wrong cuts; it reads free-written numbers, this one reads boxed cells.
     strings: DigitClassifier | None = None
+    # The string model (CNN + CTC, models/strings.keras beside this one) that reads a free field
+    # whole; free fields are read by both it and the cut pieces (formreader.string_model).
+    string_model: StringModel | None = None
 
     @classmethod
     def load(cls, path: Path | None = None, threads: int | None = None) -> DigitClassifier:
@@ -130,6 +192,11 @@ class DigitClassifier:
         companion = path.with_suffix(STRING_MODEL_SUFFIX)
         if companion.exists() and not path.name.endswith(STRING_MODEL_SUFFIX):
             clf.strings = cls.load(companion, threads)
+            reader = path.with_name(STRING_READER_NAME)
+            if reader.exists():
+                from formreader.string_model import StringModel
+
+                clf.string_model = StringModel.load(reader, threads)
         return clf
 
     @property
@@ -143,13 +210,14 @@ class DigitClassifier:
         return self.strings or self
 
     def __post_init__(self):
-        self._runner = None
-        self._batch = -1
+        self._runners = threading.local()
 
-    def __getstate__(self):  # picklable for process pools: the interpreter is rebuilt there
-        state = dict(self.__dict__)
-        state["_runner"], state["_batch"] = None, -1
-        return state
+    def __getstate__(self):  # picklable for process pools: the interpreters are rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k != "_runners"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._runners = threading.local()
 
     def _check(self) -> None:
         try:
@@ -164,17 +232,7 @@ class DigitClassifier:
         x = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
         if len(x) == 0:
             return np.zeros((0, 11), np.float32)
-        if self._runner is None:
-            self._runner = _interpreter(self.tflite, self.threads)
-        it = self._runner
-        inp = it.get_input_details()[0]["index"]
-        if self._batch != len(x):
-            it.resize_tensor_input(inp, x.shape)
-            it.allocate_tensors()
-            self._batch = len(x)
-        it.set_tensor(inp, x)
-        it.invoke()
-        return it.get_tensor(it.get_output_details()[0]["index"]).copy()
+        return run_interpreter(self._runners, self.tflite, self.threads, x)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Calibrated probabilities (N, 11): softmax of logits / temperature."""

@@ -18,6 +18,14 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _need(module: str, extra: str) -> None:
+    """Stop with a clear message when an optional part is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        _fail(f"this command needs {module}, which reading does not: pip install 'formreader[{extra}]'")
+
+
 def _load_template(path: Path):
     from formreader.template import TemplateError, load_template
 
@@ -63,32 +71,59 @@ def process(inputs, template, out, review_threshold, model, workers, resume, qui
     """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
 
     Exit status: 0 when every file and page was read, 1 when some could not be (see the
-    errors CSV), 2 for a bad template, model or option.
+    errors CSV), 2 for a bad template, model or option, 130 when interrupted (what was
+    finished is kept: run again with --resume).
     """
+    import hashlib
+    import signal
+
     from tqdm import tqdm
 
-    from formreader.export import write_results
+    from formreader.export import OutputBusyError, OutputLock, manifest_path, output_paths, write_results
     from formreader.ingest import find_inputs
-    from formreader.pipeline import Journal, process_paths
+    from formreader.pipeline import Journal, JournalError, process_paths
 
     tpl = _load_template(template)
     clf = _load_classifier(model)
     files = find_inputs(list(inputs))
     if not files:
         _fail("no PDF, TIFF, PNG or JPEG files found in " + ", ".join(map(str, inputs)), 1)
-    journal = Journal(out.with_name(out.name + ".partial.jsonl"), resume=resume)
-    bar = tqdm(total=len(files), unit="file", disable=quiet or None, file=sys.stderr)
-
-    def on_file(source: str, pages: int) -> None:
-        bar.update(1)
-        bar.set_postfix_str(Path(source).name)
-
+    outputs = {os.path.realpath(p) for p in [*output_paths(out).values(), manifest_path(out)]}
+    clash = [f for f in files if os.path.realpath(f) in outputs]
+    if clash:
+        _fail(f"--out {out} would overwrite the input {clash[0]}: choose another --out")
+    settings = {
+        "template": hashlib.sha256(template.read_bytes() + tpl.reference.tobytes()).hexdigest()[:16],
+        "model": clf.meta.get("tflite_sha256", "")[:16],
+        "string_model": clf.string_model.meta.get("tflite_sha256", "")[:16] if clf.string_model else "",
+        "review_threshold": review_threshold,
+    }
+    # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: workers stopped, what is done kept.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    journal_path = out.with_name(out.name + ".partial.jsonl")
     try:
-        records = process_paths(files, tpl, clf, review_threshold, workers, journal, on_file)
-    finally:
-        bar.close()
-    paths = write_results(records, out)
-    journal.close(remove=True)
+        with OutputLock(out):
+            journal = Journal(journal_path, resume=resume, settings=settings)
+            bar = tqdm(total=len(files), unit="file", disable=quiet or None, file=sys.stderr)
+
+            def on_file(source: str, pages: int) -> None:
+                bar.update(1)
+                bar.set_postfix_str(Path(source).name)
+
+            try:
+                records = process_paths(files, tpl, clf, review_threshold, workers, journal, on_file)
+            finally:
+                bar.close()
+            paths = write_results(records, out)
+            journal.close(remove=True)
+    except (OutputBusyError, JournalError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the results for --out {out}: {e.strerror or e} ({e.filename or out})")
+    except KeyboardInterrupt:
+        click.echo(f"\nformreader: interrupted; the pages finished are kept in {journal_path}: run the same "
+                   "command with --resume to go on", err=True)
+        sys.exit(130)
     pages = [r for r in records if not r.get("error")]
     errors = [r for r in records if r.get("error")]
     fields = [f for r in pages for f in r["fields"]]
@@ -163,7 +198,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 
     from formreader.ingest import PageError, read_pages
     from formreader.overlay import draw_overlay
-    from formreader.pipeline import decide_page, page_probabilities, segment_page
+    from formreader.pipeline import decide_pages, segment_page
     from formreader.register import RegistrationError
 
     tpl = _load_template(template)
@@ -181,7 +216,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
         seg = segment_page(page, tpl)
     except RegistrationError as e:
         _fail(f"{page_file} page {page_number}: {e}", 1)
-    read = decide_page(seg, page_probabilities([seg], clf)[0], tpl, review_threshold, clf.field_power)
+    read = decide_pages([seg], tpl, clf, review_threshold)[0]
     if not cv2.imwrite(str(out), draw_overlay(seg.registration.aligned, read)):
         _fail(f"cannot write {out}", 1)
     for f in read.fields:
@@ -235,6 +270,7 @@ def train(
 
     Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
     """
+    _need("keras", "train")
     from formreader.train import TrainConfig, TrainingData, build_training_data, train_model
 
     if out.exists() and not force:
@@ -262,6 +298,48 @@ def train(
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 
 
+@main.command("train-strings")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder holding mnist/, cvl_digits/ and orand_car_a/; default $FORMREADER_DATA, else ../shared/data.",
+)
+@click.option(
+    "--out", "-o", default=Path("models/strings.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--epochs", default=28, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(1), help="Batches of 64 fields per epoch.")
+@click.option("--seed", default=20261124, show_default=True, type=int)
+@click.option(
+    "--prepared",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The digit model's prepared training splits (.npz, see `train --prepared`): read if it exists, else built.",
+)
+def train_strings(data, out, force, epochs, steps, seed, prepared) -> None:
+    """Train the string model (CNN + CTC) on fields composed from the digit model's training
+    digits and on ORAND's training check amounts (its test checks are never read)."""
+    _need("keras", "train")
+    from formreader.train import TrainConfig, TrainingData, build_training_data
+    from formreader.train_strings import StringTrainConfig, train_string_model
+
+    if out.exists() and not force:
+        _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    import numpy as np
+
+    splits = TrainingData.load(prepared) if prepared and prepared.exists() else build_training_data(TrainConfig(), data)
+    if prepared and not prepared.exists():
+        splits.save(prepared)
+
+    def digits(x, y):
+        keep = y < 10  # not-a-digit images are not written into fields
+        return np.round(x[keep] * 255).astype(np.uint8), y[keep]
+
+    config = StringTrainConfig(epochs=epochs, steps=steps, seed=seed)
+    meta = train_string_model(out, config, *digits(splits.x_train, splits.y_train), *digits(splits.x_val, splits.y_val), data)
+    click.echo(f"{out}: {meta['parameters']} parameters in {meta['training_seconds']:.0f} s; {meta['validation_fields_right']}")
+
+
 @main.command()
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding the data sets (mnist/, ...).")
@@ -277,6 +355,7 @@ def train(
 )
 def evaluate(model, data, nsysu, plots) -> None:
     """Accuracy, calibration and risk-coverage on MNIST test; every held-out source of writers."""
+    _need("matplotlib", "train")
     from formreader.evaluate import (
         evaluate_classifier,
         evaluate_sources,
@@ -315,16 +394,54 @@ def calibrate(model, data, pages) -> None:
     click.echo(f"{card}: field_power {meta['field_power']} ({result['fields']} fields, {result['right']:.1%} right)")
 
 
+@main.command("calibrate-strings")
+@click.option(
+    "--model", type=click.Path(dir_okay=False, path_type=Path), help="The digit model; its string model lies beside it."
+)
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
+@click.option("--checks", default=300, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
+def calibrate_strings(model, data, checks) -> None:
+    """Fit the free fields' confidence (both readers together) on validation fields: ORAND's
+    validation checks and generated checks of the digit model's validation digits; writes the
+    string model's card."""
+    import json
+
+    import numpy as np
+
+    from formreader.evaluate import fit_two_readers, read_free_fields, two_reader_calibration_fields
+
+    clf = _load_classifier(model)
+    if clf.string_model is None:
+        _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
+    samples = read_free_fields(clf, *two_reader_calibration_fields(clf, checks, seed=47, data_dir=data))
+    weights = fit_two_readers(samples)
+    card = Path(clf.string_model.path).with_suffix(".json")
+    meta = json.loads(card.read_text())
+    right = np.mean([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples])
+    meta["field_calibration"] = [round(w, 4) for w in weights]
+    meta["field_calibration_fit"] = {"fields": len(samples), "string_model_right": round(float(right), 4), "checks": checks}
+    card.write_text(json.dumps(meta, indent=2) + "\n")
+    click.echo(f"{card}: field_calibration {meta['field_calibration']} on {len(samples)} fields ({right:.1%} read right whole)")
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
 def pad(host, port, model) -> None:
-    """A drawing pad in the browser: write a number, see what formreader reads."""
-    from formreader.web import create_app
+    """A drawing pad in the browser: write a number, see what formreader reads.
 
-    click.echo(f"formreader drawing pad on http://{host}:{port}/ (Ctrl-C to stop)")
-    create_app(model).run(host=host, port=port)
+    On 127.0.0.1 (the default) it answers this machine only. Bound beyond loopback (--host
+    0.0.0.0) it asks every request for a random token, given in the URL it prints."""
+    _need("flask", "pad")
+    import secrets
+
+    from formreader.web import create_app, is_loopback
+
+    token = None if is_loopback(host) else secrets.token_urlsafe(24)
+    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    click.echo(f"formreader drawing pad on {url} (Ctrl-C to stop)")
+    create_app(model, token=token).run(host=host, port=port, threaded=True)
 
 
 if __name__ == "__main__":

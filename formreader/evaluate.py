@@ -310,3 +310,105 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
                 right.append(f.value == truth[f.name])
     power = fit_power(np.array(confidence), np.array(right))
     return {"field_power": power, "fields": len(right), "right": float(np.mean(right))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Free fields read by both readers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FreeFieldSample:
+    """One free field read by both readers: what calibration and the benchmarks weigh."""
+
+    truth: str  # the digits written
+    whole: str  # the string model's text
+    whole_probability: float
+    cut_raw: str
+    cut_value: str
+    cut_confidence: float
+    unreadable: int
+
+
+def read_free_fields(
+    classifier: DigitClassifier, crops: list[np.ndarray], specs: list, truths: list[str]
+) -> list[FreeFieldSample]:
+    """Read grey free-field crops with both readers, each held to its template field's rules
+    (`specs`, formreader.template.Field), in two batches."""
+    from formreader.fields import reading_pattern
+    from formreader.string_model import decode, field_input
+    from formreader.strings import decide_string, segment_string
+
+    layouts = [segment_string(c) for c in crops]
+    images = [layout.images for layout in layouts]
+    probs = classifier.for_strings.probabilities(np.concatenate(images)) if sum(map(len, images)) else np.zeros((0, 11))
+    per_field = np.split(probs, np.cumsum([len(i) for i in images])[:-1])
+    steps = classifier.string_model.probabilities(np.stack([field_input(c) for c in crops]))
+    out = []
+    for layout, p, q, spec, truth in zip(layouts, per_field, steps, specs, truths):
+        cut = decide_string(layout, p, spec.separators, spec.pattern)
+        whole = decode(q, reading_pattern(spec))
+        out.append(FreeFieldSample(truth, whole.text, whole.probability, cut.raw, cut.value, cut.confidence, cut.unreadable))
+    return out
+
+
+def sample_features(s: FreeFieldSample) -> list[float]:
+    from formreader.string_model import consistent, reader_features
+
+    value = "".join(c for c in s.whole if c.isdigit())
+    cut = s.cut_confidence if s.cut_raw else 0.5
+    return reader_features(s.whole_probability, cut, value == s.cut_value and not s.unreadable, consistent(value, s.cut_raw))
+
+
+def fit_two_readers(samples: list[FreeFieldSample], l2: float = 0.01) -> list[float]:
+    """Logistic regression of 'the string model read the digits right' on sample_features:
+    weights then bias (formreader.string_model.two_reader_confidence)."""
+    from scipy.optimize import minimize
+
+    x = np.array([sample_features(s) for s in samples], np.float64)
+    y = np.array([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples], np.float64)
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+
+    def loss(w):
+        z = x1 @ w
+        nll = np.mean(np.logaddexp(0, z) - y * z)
+        return nll + l2 * np.sum(w[:-1] ** 2)
+
+    w0 = np.zeros(x1.shape[1])
+    w0[0] = 1.0
+    return [float(v) for v in minimize(loss, w0, method="L-BFGS-B").x]
+
+
+def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
+    """Validation free fields: ORAND's validation checks (their amounts) and scanned generated
+    checks written with the digit model's MNIST validation digits. Returns (crops, specs, truths)."""
+    from formreader.datasets import load_orand
+    from formreader.pipeline import free_field_crop
+    from formreader.register import RegistrationError, prepare_reference, register_page
+    from formreader.synth import make_checks, scan
+    from formreader.template import Field
+    from formreader.train import TrainConfig, mnist_split
+
+    root = Path(data_dir) if data_dir else None
+    amount = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
+    crops, specs, truths = [], [], []
+    for a in load_orand("val", root / "orand_car_a" if root else None):
+        crops.append(a.image)
+        specs.append(amount)
+        truths.append(a.value)
+    config = TrainConfig(**classifier.meta.get("config", {}))
+    images, labels = load_mnist("train", root / "mnist" if root else None, False)
+    val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
+    blank, fields, filled = make_checks(checks, seed, images[val], labels[val])
+    features = prepare_reference(blank)
+    rng = np.random.default_rng(seed)
+    for page, values in filled:
+        try:
+            aligned = register_page(scan(page, rng, max_rotation=5), blank, features).aligned
+        except RegistrationError:
+            continue
+        for spec in fields:
+            crops.append(free_field_crop(aligned, spec.box)[0])
+            specs.append(spec)
+            truths.append("".join(c for c in values[spec.name] if c.isdigit()))
+    return crops, specs, truths

@@ -7,10 +7,17 @@ For `--out results.csv` four files are written side by side:
 - results.wide.csv    one row per page, a column per field (for spreadsheets)
 - results.errors.csv  one row per file or page that could not be read, with the reason
 Values are digit strings: leading zeros are kept (read them back with dtype=str).
+
+The set is written whole: the four files are written beside their places first, then moved
+in, and results.manifest.json (written last) names the SHA-256 of each, so a reader can tell a
+complete set from one a crash cut short. A lock file keeps a second run off the same --out.
+File names that are not UTF-8 are written with their odd bytes as \\xNN escapes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,10 +29,20 @@ DIGIT_COLUMNS = ["file", "page", "field", "cell", "digit", "confidence"]
 ERROR_COLUMNS = ["file", "page", "error"]
 
 
+def display_path(source: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (a name written on another system, which
+    Python holds as surrogates) shown as \\xNN escapes."""
+    try:
+        return os.fsencode(source).decode("utf-8", "backslashreplace")
+    except (UnicodeError, TypeError):
+        return str(source)
+
+
 def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record)."""
     fields, digits, errors, wide = [], [], [], []
     for rec in records:
+        rec = {**rec, "source": display_path(rec["source"])}
         if rec.get("error"):
             errors.append({"file": rec["source"], "page": rec["page"], "error": rec["error"]})
             continue
@@ -80,26 +97,104 @@ def output_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write a CSV so that the file is either the old one or the complete new one, never half."""
-    path = Path(path)
+def manifest_path(out: Path) -> Path:
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(stem + ".manifest.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_temp(path: Path, write) -> Path:
+    """Write a file beside `path` (hidden, .tmp), flushed to disk, with the permissions the
+    user's umask gives new files; returns its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            frame.to_csv(fh, index=False)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove what a run killed while writing left behind (hidden .tmp files of our outputs)."""
+    for path in [*output_paths(out).values(), manifest_path(out)]:
+        for stale in path.parent.glob("." + path.name + "*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+class OutputLock:
+    """An exclusive lock on an --out for the length of a run: a second run on the same results
+    is refused instead of silently overwriting the first one's (or being overwritten)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out).with_name("." + Path(out).name + ".lock")
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise OutputBusyError(f"another formreader run is writing {Path(self.path.name[1:-5])} (lock {self.path})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+        self._fh.close()
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the lock on these results."""
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Write a CSV so that the file is either the old one or the complete new one, never half."""
+    os.replace(_write_temp(Path(path), lambda fh: frame.to_csv(fh, index=False)), path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_results(records: list[dict], out: Path) -> dict[str, Path]:
-    """Write the four CSVs for `out`; returns their paths by table name."""
+    """Write the four CSVs for `out` and the manifest naming them; returns their paths by table name."""
     frames = results_frames(records)
     paths = output_paths(out)
-    for name, frame in frames.items():
-        write_csv_atomic(frame, paths[name])
+    remove_stale_temps(out)
+    temps = {}
+    try:
+        for name, frame in frames.items():
+            temps[name] = _write_temp(paths[name], lambda fh, f=frame: f.to_csv(fh, index=False))
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    manifest = {"files": {paths[name].name: _sha256(tmp) for name, tmp in temps.items()}, "records": len(records)}
+    manifest_path(out).unlink(missing_ok=True)  # no manifest while the set is being swapped in
+    for name, tmp in temps.items():
+        os.replace(tmp, paths[name])
+    os.replace(_write_temp(manifest_path(out), lambda fh: json.dump(manifest, fh, indent=2)), manifest_path(out))
     return paths
+
+
+def results_complete(out: Path) -> bool:
+    """Whether the results for `out` are one whole set, as its manifest says."""
+    try:
+        manifest = json.loads(manifest_path(out).read_text())
+        return all(_sha256(Path(out).with_name(name)) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

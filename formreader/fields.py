@@ -71,11 +71,25 @@ def read_field(
     return FieldReading(spec.name, value, confidence, status, reasons, cells)
 
 
+def reading_pattern(spec: Field) -> str:
+    """The regular expression a free field's whole reading may take, for the string model's
+    beam search: the field's `pattern`, else digits with its separators only between them, as
+    many as its length rules allow."""
+    if spec.pattern:
+        return spec.pattern
+    low = spec.length or spec.min_length or 1
+    high = spec.length or spec.max_length
+    seps = re.escape(spec.separators)
+    between = f"[{seps}]?" if spec.separators else ""
+    return rf"\d(?:{between}\d){{{max(0, low - 1)},{'' if high is None else max(0, high - 1)}}}"
+
+
 def read_free_field(
     spec: Field, reading: StringReading, offset: tuple[int, int] = (0, 0), threshold: float = DEFAULT_REVIEW_THRESHOLD
 ) -> FieldReading:
-    """Decide a free-written field from its string reading; offset: the crop's corner on the page."""
-    reasons: list[str] = []
+    """Decide a free-written field from its string reading; offset: the crop's corner on the page.
+    The reading's own reasons (the two readers disagreeing) come first."""
+    reasons: list[str] = list(reading.reasons)
     n = len(reading.value)
     if reading.unreadable:
         reasons.append(f"{reading.unreadable} mark(s) that are not digits")

@@ -8,6 +8,7 @@ an (H, W) uint8 array with its resolution; a file or page that cannot be read co
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 SUFFIXES = IMAGE_SUFFIXES | {".pdf"}
 MAX_SIDE_PX = 20000  # about 1.7 m at 300 DPI: anything larger is not a scanned form
 MAX_PIXELS = 200_000_000
+# No page is worked on larger than this (an A3 page at 600 DPI is 70 MP; a form at the
+# template's resolution is a few MP): a DPI tag that says 31 cannot blow a page up to gigabytes.
+MAX_PAGE_PIXELS = 60_000_000
+MIN_DPI = 50  # a resolution tag under this is not a scan's: taken as unknown
 
 
 @dataclass
@@ -44,21 +49,41 @@ def find_inputs(paths: list[Path]) -> list[Path]:
     """Files to read under `paths` (files or folders, recursively), in a stable sorted order.
 
     Hidden files and files of other types inside folders are skipped; a file named explicitly is
-    always kept, so that a wrong type is reported rather than silently ignored.
+    always kept, so that a wrong type is reported rather than silently ignored. Symlinked folders
+    are followed (once each: a link loop ends there); a link that leads nowhere and a folder
+    that cannot be listed are kept, so that reading them gives an error row rather than
+    silence. A file reached twice (named twice, or by a folder and a glob) is read once.
     """
     found: list[Path] = []
+    seen: set[str] = set()
+
+    def add(f: Path) -> None:
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            found.append(f)
+
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            found += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in SUFFIXES
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-        else:
-            found.append(p)
+        if not p.is_dir():
+            add(p)
+            continue
+        in_folder: list[Path] = []
+        visited: set[str] = set()
+        problems: list[Path] = []  # folders that could not be listed
+        for root, dirs, files in os.walk(p, followlinks=True, onerror=lambda e, out=problems: out.append(Path(e.filename))):
+            real = os.path.realpath(root)
+            if real in visited:
+                dirs[:] = []
+                continue
+            visited.add(real)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                f = Path(root) / name
+                if not name.startswith(".") and f.suffix.lower() in SUFFIXES:
+                    in_folder.append(f)
+        for f in sorted(in_folder + problems):
+            add(f)
     return found
 
 
@@ -70,10 +95,15 @@ def read_pages(path: Path, pdf_dpi: int = 200) -> Iterator[Page | PageError]:
     """
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        reason = "folder cannot be listed" if not os.access(path, os.R_OK | os.X_OK) else "is a folder, not a file"
+        yield PageError(source, 0, f"{reason}: its files were not read")
+        return
     try:
         size = path.stat().st_size
     except OSError as e:
-        yield PageError(source, 0, f"cannot open file: {e.strerror or e}")
+        link = " (a symbolic link to a file that does not exist)" if path.is_symlink() else ""
+        yield PageError(source, 0, f"cannot open file: {e.strerror or e}{link}")
         return
     if size == 0:
         yield PageError(source, 0, "empty file (0 bytes)")
@@ -94,18 +124,27 @@ def _read_pdf(path: Path, dpi: int) -> Iterator[Page | PageError]:
     try:
         info = pdfinfo_from_path(str(path))
         pages = int(info["Pages"])
+        if pages == 0:
+            yield PageError(source, 0, "the PDF has no pages")
+            return
+        sizes = pdfinfo_from_path(str(path), first_page=1, last_page=pages)
     except (PDFPageCountError, PDFSyntaxError, KeyError, ValueError) as e:
         message = str(e)
         if "password" in message.lower() or "encrypt" in message.lower():
             yield PageError(source, 0, "encrypted PDF: a password is needed to read it")
+        elif "page count 0" in message:  # poppler's word for a well-formed PDF of no pages
+            yield PageError(source, 0, "the PDF has no pages")
         else:
             yield PageError(source, 0, f"not a readable PDF (damaged or truncated): {_first_line(message)}")
         return
-    width_pt, height_pt = _page_size_points(info.get("Page size", ""))
-    if max(width_pt, height_pt) * dpi / 72 > MAX_SIDE_PX:
-        yield PageError(source, 0, f"PDF page too large: {width_pt:.0f}x{height_pt:.0f} pt at {dpi} DPI exceeds {MAX_SIDE_PX} px")
-        return
     for number in range(1, pages + 1):
+        # Every page's own size, before it is rendered: one huge page among small ones.
+        width_pt, height_pt = _page_size_points(sizes.get(f"Page {number:4d} size", info.get("Page size", "")))
+        w_px, h_px = width_pt * dpi / 72, height_pt * dpi / 72
+        if max(w_px, h_px) > MAX_SIDE_PX or w_px * h_px > MAX_PAGE_PIXELS:
+            yield PageError(source, number, f"PDF page too large: {width_pt:.0f}x{height_pt:.0f} pt at {dpi} DPI is "
+                            f"{w_px * h_px / 1e6:.0f} megapixels (limit {MAX_PAGE_PIXELS / 1e6:.0f})")
+            continue
         try:
             images = convert_from_path(str(path), dpi=dpi, first_page=number, last_page=number, grayscale=True, timeout=120)
         except Exception as e:  # poppler reports damaged pages in many ways
@@ -124,13 +163,17 @@ def _read_image(path: Path) -> Iterator[Page | PageError]:
     except UnidentifiedImageError:
         yield PageError(source, 0, f"not an image file: content is not PNG, JPEG or TIFF (suffix {path.suffix!r})")
         return
+    except Image.DecompressionBombError as e:  # Pillow's own limit, met before ours when opening
+        yield PageError(source, 0, f"image too large: {_first_line(str(e))}")
+        return
     except OSError as e:
         yield PageError(source, 0, f"cannot open image: {e}")
         return
     with img:
         w, h = img.size
-        if max(w, h) > MAX_SIDE_PX or w * h > MAX_PIXELS:
-            yield PageError(source, 0, f"image too large: {w}x{h} px (limit {MAX_SIDE_PX} px a side)")
+        if max(w, h) > MAX_SIDE_PX or w * h > MAX_PAGE_PIXELS:
+            yield PageError(source, 0, f"image too large: {w}x{h} px (limit {MAX_SIDE_PX} px a side, "
+                            f"{MAX_PAGE_PIXELS / 1e6:.0f} megapixels)")
             return
         frames = getattr(img, "n_frames", 1)
         for number in range(1, frames + 1):
@@ -141,9 +184,13 @@ def _read_image(path: Path) -> Iterator[Page | PageError]:
                 yield PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode one image held in memory (PNG, JPEG, TIFF first frame) into grey (H, W) uint8."""
+def decode_image(data: bytes, max_pixels: int = MAX_PAGE_PIXELS) -> np.ndarray:
+    """Decode one image held in memory (PNG, JPEG, TIFF first frame) into grey (H, W) uint8.
+    Raises OverflowError, before decoding, for an image of more than `max_pixels`."""
     with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise OverflowError(f"image too large: {w}x{h} px (limit {max_pixels / 1e6:g} megapixels)")
         return _to_grey(img)
 
 
@@ -153,9 +200,14 @@ def _to_grey(img: Image.Image) -> np.ndarray:
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
-    if img.mode == "I;16" or img.mode == "I":
+    if img.mode.startswith("I;16"):  # 16-bit grey: the full range is 0-65535
+        return np.round(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8)
+    if img.mode in ("I", "F"):  # 32-bit integer or float grey: scaled by its own range
         arr = np.asarray(img, dtype=np.float64)
-        return (255 * arr / max(arr.max(), 1)).astype(np.uint8)
+        finite = arr[np.isfinite(arr)]
+        unit = finite.size and 0 <= finite.min() and finite.max() <= 1.0  # a float image in [0, 1]
+        top = 1.0 if unit or not finite.size else max(float(finite.max()), 1.0)
+        return np.round(255 * np.clip(np.nan_to_num(arr / top, nan=1.0), 0, 1)).astype(np.uint8)
     return np.asarray(img.convert("L")).copy()
 
 
@@ -166,7 +218,7 @@ def _image_dpi(img: Image.Image) -> float | None:
     except (TypeError, ValueError):
         return None
     # 72 and 96 DPI are what software writes when nobody measured anything.
-    return value if value and value > 30 and round(value) not in (72, 96) else None
+    return value if value and value >= MIN_DPI and round(value) not in (72, 96) else None
 
 
 def _page_size_points(text: str) -> tuple[float, float]:

@@ -55,3 +55,34 @@ def build_original_cnn() -> keras.Model:
     x = layers.Dropout(0.5)(x)
     outputs = layers.Dense(10, activation="softmax")(x)
     return keras.Model(inputs, outputs, name="original_student_cnn")
+
+
+def build_string_crnn(width: float = 1.0, dropout: float = 0.2) -> keras.Model:
+    """The string model: a free field (32x256x1, ink 1.0 on 0.0; formreader.string_model.field_input)
+    -> 64 steps x 15 logits (CTC blank, then 0-9 . , - /).
+
+    Four conv blocks (channels 32-64-96-128 times `width`) pool the height away and the width
+    by 4, so each step sees a column 4 px wide and, through the receptive field, about a digit
+    around it; a convolutional head (kernel 5, then dilated) lets a step see its neighbours, so
+    a loop in a chain of zeros is read in context. Convolutions only: fast on the CPU and in
+    LiteRT, where recurrent layers are not.
+    """
+    c = lambda n: int(round(n * width))  # noqa: E731
+    inputs = keras.Input((32, 256, 1), name="field")
+    x = _conv_bn_relu(inputs, c(32))
+    x = layers.MaxPooling2D()(x)  # 16x128
+    x = _conv_bn_relu(x, c(64))
+    x = layers.MaxPooling2D()(x)  # 8x64
+    x = _conv_bn_relu(x, c(96))
+    x = _conv_bn_relu(x, c(96))
+    x = layers.MaxPooling2D((2, 1))(x)  # 4x64
+    x = _conv_bn_relu(x, c(128))
+    x = layers.MaxPooling2D((4, 1))(x)  # 1x64
+    x = layers.Reshape((64, c(128)))(x)
+    x = layers.Dropout(dropout)(x)
+    for dilation in (1, 2):
+        y = layers.Conv1D(c(128), 5, padding="same", dilation_rate=dilation, use_bias=False)(x)
+        y = layers.BatchNormalization()(y)
+        x = layers.Add()([x, layers.ReLU()(y)])
+    logits = layers.Dense(15, name="logits")(x)
+    return keras.Model(inputs, logits, name="formreader_string_crnn")

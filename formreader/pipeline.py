@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -28,11 +30,13 @@ from formreader.fields import (
     FieldReading,
     read_field,
     read_free_field,
+    reading_pattern,
 )
-from formreader.ingest import Page, PageError, find_inputs, read_pages
+from formreader.ingest import MAX_PAGE_PIXELS, Page, PageError, find_inputs, read_pages
 from formreader.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
+from formreader.string_model import combine_readings, decode, field_input
 from formreader.strings import StringLayout, decide_string, segment_string
 from formreader.template import Template
 
@@ -49,6 +53,8 @@ class SegmentedPage:
     boxes: list[list[Box]]  # per field, per cell: located interiors, reference pixels (free field: its box)
     segments: list[list[DigitSegment] | StringLayout]  # per field: per cell, or a free field's layout
     offsets: list[tuple[int, int]]  # per field: where its crop starts on the page (free fields)
+    # per field: a free field's input to the string model (32, 256) and its crop's (H, W); else None
+    wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -65,13 +71,19 @@ class PageRead:
 
 
 def scale_to_template(image: np.ndarray, dpi: float | None, template: Template) -> np.ndarray:
-    """Resample a page to the template's resolution when its own is known (or it is far larger)."""
+    """Resample a page to the template's resolution when its own is known (or it is far larger).
+    Raises RegistrationError when that would make it larger than MAX_PAGE_PIXELS."""
     if dpi:
         factor = template.dpi / dpi
     else:
         factor = min(1.0, 1.5 * max(template.reference.shape) / max(image.shape))
     if abs(factor - 1) < 0.03:
         return image
+    if image.size * factor**2 > MAX_PAGE_PIXELS:
+        raise RegistrationError(
+            f"page of {image.shape[1]}x{image.shape[0]} px at {dpi:g} DPI would be {image.size * factor**2 / 1e6:.0f} "
+            f"megapixels at the template's {template.dpi:g} DPI (limit {MAX_PAGE_PIXELS / 1e6:.0f}): is its DPI right?"
+        )
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC
     return cv2.resize(image, None, fx=factor, fy=factor, interpolation=interp)
 
@@ -83,18 +95,21 @@ def segment_page(page: Page, template: Template, features: ReferenceFeatures | N
     boxes: list[list[Box]] = []
     segments: list[list[DigitSegment] | StringLayout] = []
     offsets: list[tuple[int, int]] = []
+    wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = []
     for spec in template.fields:
         if spec.kind == "free":
             crop, offset = free_field_crop(reg.aligned, spec.box)
             boxes.append([spec.box])
             segments.append(segment_string(crop))
             offsets.append(offset)
+            wholes.append((field_input(crop), crop.shape))
             continue
+        wholes.append(None)
         located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
         boxes.append(located)
         segments.append([segment_digit(cell_crop(reg.aligned, b), interior=cell_interior(reg.aligned.shape, b)) for b in located])
         offsets.append((0, 0))
-    return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets)
+    return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets, wholes)
 
 
 def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.ndarray, tuple[int, int]]:
@@ -111,17 +126,25 @@ def decide_page(
     template: Template,
     threshold: float = DEFAULT_REVIEW_THRESHOLD,
     field_power: float = 1.0,
+    sequences: list[np.ndarray] | None = None,
+    string_calibration: list[float] | None = None,
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
 
-    field_power: the model's calibration of boxed fields' confidence (DigitClassifier.field_power)."""
+    field_power: the model's calibration of boxed fields' confidence (DigitClassifier.field_power).
+    sequences: the string model's step probabilities (64, 15) for each free field in order, when
+    there is a string model: a free field is then read by both readers (combine_readings)."""
     start = 0
     fields = []
-    for spec, cells, offset in zip(template.fields, seg.segments, seg.offsets):
+    wholes = iter(sequences or [])
+    for spec, cells, offset, whole in zip(template.fields, seg.segments, seg.offsets, seg.wholes or [None] * len(seg.offsets)):
         if isinstance(cells, StringLayout):
             probs = probabilities[start : start + len(cells.images)]
             start += len(cells.images)
-            fields.append(read_free_field(spec, decide_string(cells, probs, spec.separators, spec.pattern), offset, threshold))
+            reading = decide_string(cells, probs, spec.separators, spec.pattern)
+            if sequences is not None and whole is not None:
+                reading = combine_readings(reading, decode(next(wholes), reading_pattern(spec)), whole[1], string_calibration)
+            fields.append(read_free_field(spec, reading, offset, threshold))
             continue
         readings = []
         for s in cells:
@@ -164,6 +187,28 @@ def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -
     return np.split(probs, np.cumsum([len(f[0]) for f in found])[:-1])
 
 
+def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[list[np.ndarray]] | None:
+    """The string model's step probabilities for each page's free fields, in one batch; None
+    when the classifier has no string model beside it."""
+    if classifier.string_model is None:
+        return None
+    inputs = [w[0] for s in segs for w in (s.wholes or []) if w is not None]
+    probs = iter(classifier.string_model.probabilities(np.stack(inputs)) if inputs else [])
+    return [[next(probs) for w in (s.wholes or []) if w is not None] for s in segs]
+
+
+def decide_pages(
+    segs: list[SegmentedPage], template: Template, classifier: DigitClassifier, threshold: float = DEFAULT_REVIEW_THRESHOLD
+) -> list[PageRead]:
+    """Classify the digits (and read the free fields) of several segmented pages in one batch each."""
+    sequences = page_sequences(segs, classifier) or [None] * len(segs)
+    calibration = classifier.string_model.calibration if classifier.string_model else None
+    return [
+        decide_page(s, p, template, threshold, classifier.field_power, q, calibration)
+        for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)
+    ]
+
+
 def read_page(
     page: Page,
     template: Template,
@@ -176,7 +221,7 @@ def read_page(
         seg = segment_page(page, template, features)
     except RegistrationError as e:
         return PageRead(page.source, page.page, error=str(e))
-    return decide_page(seg, page_probabilities([seg], classifier)[0], template, threshold, classifier.field_power)
+    return decide_pages([seg], template, classifier, threshold)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +234,15 @@ _worker_state: dict = {}
 def _init_worker(template: Template, features: ReferenceFeatures) -> None:
     cv2.setNumThreads(1)
     _worker_state["template"], _worker_state["features"] = template, features
+    # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself.
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
 
 
 def _segment_or_error(page: Page, template: Template | None = None, features: ReferenceFeatures | None = None):
@@ -202,17 +256,28 @@ def _segment_or_error(page: Page, template: Template | None = None, features: Re
         return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}")
 
 
+class JournalError(RuntimeError):
+    """A journal that cannot be resumed with these settings, or one left unfinished."""
+
+
 class Journal:
     """Append-only record of finished pages (JSON lines), so a crash loses nothing done.
 
-    With `resume`, files recorded as finished are taken from the journal instead of re-read.
+    Its first line records the run's `settings` (what decides the results: template and model
+    fingerprints, threshold). With `resume`, files recorded as finished are taken from the
+    journal instead of re-read, provided the settings are the same: otherwise JournalError says
+    which differ. Without `resume`, an unfinished journal is not silently thrown away either.
     """
 
-    def __init__(self, path: Path | None, resume: bool = False):
+    def __init__(self, path: Path | None, resume: bool = False, settings: dict | None = None):
         self.path = path
         self.done: dict[str, list[dict]] = {}
+        settings = settings or {}
         if path is None:
             return
+        if path.exists() and not resume:
+            raise JournalError(f"an interrupted run left {path}: pass --resume to keep the pages it finished, "
+                               "or delete that file to start afresh")
         if resume and path.exists():
             pending: dict[str, list[dict]] = {}
             for line in path.read_text().splitlines():
@@ -220,16 +285,28 @@ class Journal:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by the crash
-                if rec.get("kind") == "file_done":
+                if rec.get("kind") == "run":
+                    before = rec.get("settings", {})
+                    differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+                    if differ:
+                        raise JournalError(f"--resume refused: the interrupted run had other settings ({', '.join(differ)}); "
+                                           f"run with the same ones, or delete {path} to start afresh")
+                elif rec.get("kind") == "file_done":
                     self.done[rec["source"]] = pending.pop(rec["source"], [])
                 else:
                     pending.setdefault(rec["source"], []).append(rec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as fh:  # keep only finished files: half-done ones are read again
+        # Rewritten beside and moved in: a crash now leaves the old journal or the new, never an empty one.
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as fh:  # keep only finished files: half-done ones are read again
+            fh.write(json.dumps({"kind": "run", "settings": settings}) + "\n")
             for source, recs in self.done.items():
                 for rec in recs:
                     fh.write(json.dumps(rec) + "\n")
                 fh.write(json.dumps({"kind": "file_done", "source": source}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
         self._fh = open(path, "a")
 
     def write(self, rec: dict) -> None:
@@ -309,10 +386,10 @@ def process_paths(
     def flush(pages: list[Page]) -> None:
         done = segment_all(pages)
         segs = [d for d in done if isinstance(d, SegmentedPage)]
-        per_page = iter(page_probabilities(segs, classifier))
+        per_page = iter(decide_pages(segs, template, classifier, threshold))
         for d in done:
             if isinstance(d, SegmentedPage):
-                d = decide_page(d, next(per_page), template, threshold, classifier.field_power)
+                d = next(per_page)
             rec = page_record(d)
             journal.write(rec)
             records.append(rec)

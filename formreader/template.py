@@ -66,6 +66,7 @@ class Template:
 
 
 _FIELD_KEYS = {"name", "cells", "length", "optional", "kind"}
+MAX_TEMPLATE_BYTES = 1_000_000
 _FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators", "pattern"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -77,9 +78,22 @@ def load_template(path: Path) -> Template:
     path = Path(path)
     where = str(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except OSError as e:
         raise TemplateError(f"{where}: cannot read template: {e.strerror or e}") from e
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"{where}: {len(data)} bytes is too large for a template (limit {MAX_TEMPLATE_BYTES})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"{where}: not UTF-8 text (byte {e.start}): save the template as UTF-8") from e
+    try:
+        # Aliases are refused before anything is built: a few hundred bytes of nested aliases
+        # (a "billion laughs") expand to gigabytes, and a template never needs them.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise TemplateError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a template")
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise TemplateError(f"{where}: not valid YAML: {e}") from e
     if not isinstance(doc, dict):

@@ -4,6 +4,8 @@ committed copy in tests/fixtures/data)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +20,11 @@ FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"
 os.environ["FORMREADER_DATA"] = str(FIXTURE_DATA)
 TEMPLATE = ROOT / "templates" / "demo_form.yaml"
 SCANS = ROOT / "samples" / "scans"
+
+
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    """formreader's command line in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "formreader.cli", *map(str, args)], capture_output=True, text=True, **kwargs)
 
 
 @pytest.fixture(scope="session")

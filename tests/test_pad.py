@@ -101,3 +101,66 @@ def test_drawing_a_number_in_the_browser(server, browser, tmp_path):
     page.click("#clear")
     assert page.text_content("#value") == ""
     page.close()
+
+
+def test_twenty_clients_at_once_get_their_own_answers(server, mnist_test):
+    """One interpreter per thread: answers never fail or mix under concurrent requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images, labels = mnist_test
+    drawings = []
+    for i in range(40):
+        drawing = np.full((200, 560), 255, np.uint8)
+        drawing[30:170, 200:340] = cv2.resize(255 - images[i], (140, 140), interpolation=cv2.INTER_CUBIC)
+        drawings.append(png(drawing))
+    alone = [app_read(server, d) for d in drawings]
+
+    with ThreadPoolExecutor(20) as pool:
+        together = list(pool.map(lambda d: app_read(server, d), drawings * 3))
+    assert together == alone * 3
+    assert sum(a["value"] == str(labels[i]) for i, a in enumerate(alone)) >= 38
+
+
+def app_read(server: str, body: bytes, headers: dict | None = None):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(server + "read", data=body, headers={"Content-Type": "image/png", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=60) as res:
+        return json.loads(res.read())
+
+
+def status_of(response) -> tuple[int, dict]:
+    return response.status_code, response.get_json()
+
+
+def test_the_pad_keeps_to_its_user(app):
+    client = app.test_client()
+    ok = np.full((200, 560), 255, np.uint8)
+    # Another web page the user visits cannot post to it.
+    code, body = status_of(client.post("/read", data=png(ok), headers={"Origin": "http://evil.example"}))
+    assert code == 403 and "other web pages" in body["error"]
+    # DNS rebinding: a request for another host name is refused.
+    code, _ = status_of(client.post("/read", data=png(ok), headers={"Host": "evil.example:8000"}))
+    assert code == 403
+    # Too big: the body, and a small PNG that decodes to 169 megapixels.
+    code, _ = status_of(client.post("/read", data=b"\0" * (5 * 2**20)))
+    assert code == 413
+    big = Image.new("1", (13000, 13000), 1)
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    assert len(buf.getvalue()) < 300_000
+    code, body = status_of(client.post("/read", data=buf.getvalue()))
+    assert code == 413 and "megapixels" in body["error"]
+
+
+def test_beyond_loopback_a_token_is_needed():
+    from formreader.web import create_app
+
+    client = create_app(token="s3cret").test_client()
+    ok = png(np.full((200, 560), 255, np.uint8))
+    host = {"Host": "192.168.1.20:8000"}
+    assert client.get("/", headers=host).status_code == 403
+    assert client.post("/read", data=ok, headers=host).status_code == 403
+    assert client.get("/?token=s3cret", headers=host).status_code == 200
+    assert client.post("/read", data=ok, headers={**host, "X-Formreader-Token": "s3cret"}).status_code == 200

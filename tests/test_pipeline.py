@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -17,7 +15,7 @@ from formreader.ingest import Page
 from formreader.pipeline import Journal, process_paths, read_page
 from formreader.synth import scan
 
-from .conftest import BAD_INPUTS, SCANS, TEMPLATE, field_accuracy, write_bad_inputs
+from .conftest import BAD_INPUTS, SCANS, TEMPLATE, field_accuracy, run_cli, write_bad_inputs
 from .test_register import other_form
 
 
@@ -88,10 +86,6 @@ def messy_batch(tmp_path):
 
 
 EXPECTED_ERRORS = {**BAD_INPUTS, "blank.png": "blank page", "other_form.png": "does not match the template"}
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "formreader.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def test_bad_inputs_reported_while_the_batch_goes_on(messy_batch, tmp_path, truth):

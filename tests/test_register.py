@@ -47,7 +47,7 @@ def test_register_undoes_rotation_scale_shift_perspective(filled_pages, angle, s
     reg = register_page(scan, blank)
     cells = [c for f in fields for c in f.cells]
     assert cell_error(reg.homography, m, cells) < 1.5
-    assert reg.quality > 0.85
+    assert reg.quality > 0.8  # above chance: pages of another form score under 0.35
     assert reg.aligned.shape == blank.shape
     assert abs(((reg.rotation_deg - angle + 180) % 360) - 180) < 1.0  # counter-clockwise, as scanned
 
@@ -85,3 +85,18 @@ def test_reference_features_are_reusable(filled_pages):
     a = register_page(distort(pages[1].image, 4, 1.0, (5, 5))[0], blank, features)
     b = register_page(distort(pages[1].image, 4, 1.0, (5, 5))[0], blank)
     assert np.allclose(a.homography, b.homography, atol=1e-6)
+
+
+def test_a_check_is_not_read_as_an_order_form(mnist_test):
+    """A page of another form whose dense print lies near many of the template's lines by
+    chance (a check on its security pattern) is refused, not read as guesses."""
+    from formreader.synth import make_checks, scan
+
+    images, labels = mnist_test
+    blank, _ = blank_form()
+    features = prepare_reference(blank)
+    _, _, checks = make_checks(4, 1, images, labels)
+    rng = np.random.default_rng(0)
+    for page, _ in checks:
+        with pytest.raises(RegistrationError, match="does not match the template"):
+            register_page(scan(page, rng), blank, features)

@@ -1,0 +1,354 @@
+"""The string model: a whole free-written field -> its characters, with no cuts (CNN + CTC).
+
+Cutting ink into digits fails where people write fast: a chain of zeros is one loop after
+another, neighbours touch and link. The string model reads the field's image whole: a CNN turns
+it into a sequence of column features (one step per 4 px of the normalised field), a small
+convolutional head gives each step a probability over the alphabet and a CTC blank, and the
+reading is the most probable character sequence over all the ways of placing it (CTC), found by
+a prefix beam search that can be held to the field's `pattern`.
+
+`field_input` is the one place a grey crop becomes the model's input (training uses it too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from formreader.classify import MODELS, NUM_CLASSES, DigitReading, ModelError, cached_tflite, run_interpreter, softmax
+from formreader.strings import StringReading
+
+ALPHABET = "0123456789.,-/"  # class k + 1 is ALPHABET[k]; class 0 is the CTC blank
+BLANK = 0
+NUM_STRING_CLASSES = len(ALPHABET) + 1
+INPUT_HEIGHT, INPUT_WIDTH = 32, 256
+STEP = 4  # input columns per output step
+DEFAULT_STRING_MODEL = MODELS / "strings.keras"
+
+
+def field_input(crop: np.ndarray) -> np.ndarray:
+    """A grey crop of a free field (H, W) uint8, dark ink on light paper -> (32, 256) float32,
+    ink high (1.0) on 0.
+
+    Ink is measured against the paper (the 90th percentile of brightness) and scaled by the
+    darkest ink, so pen and pencil, white and tinted paper look alike. The field is scaled to
+    32 px high keeping its proportions, and to 256 px wide at most (a longer one is squeezed),
+    then padded on the right.
+    """
+    crop = np.asarray(crop)
+    if crop.ndim != 2 or min(crop.shape) < 2:
+        raise ValueError(f"a field crop must be a 2-D grey image of at least 2x2 pixels, got shape {crop.shape}")
+    grey = crop.astype(np.float32)
+    paper = float(np.percentile(grey, 90))
+    ink_level = float(np.percentile(grey, 0.5))
+    ink = np.clip((paper - grey) / max(paper - ink_level, 40.0), 0.0, 1.0)
+    h, w = ink.shape
+    width = max(1, min(INPUT_WIDTH, round(w * INPUT_HEIGHT / h)))
+    scaled = cv2.resize(ink, (width, INPUT_HEIGHT), interpolation=cv2.INTER_AREA if h > INPUT_HEIGHT else cv2.INTER_LINEAR)
+    out = np.zeros((INPUT_HEIGHT, INPUT_WIDTH), np.float32)
+    out[:, :width] = scaled
+    return out
+
+
+def text_to_labels(text: str) -> list[int]:
+    return [ALPHABET.index(c) + 1 for c in text]
+
+
+@dataclass
+class CharacterSpan:
+    """One character of a reading and where the model placed it: output steps [first, last],
+    and its probability (the best step's)."""
+
+    char: str
+    first: int
+    last: int
+    probability: float
+    peak: int = 0  # the step where it is most probable
+
+
+@dataclass
+class StringDecoding:
+    """The model's reading of one field: `text` (digits and separators), its probability (the
+    sum over all the ways CTC may place it), and each character's span."""
+
+    text: str
+    probability: float
+    spans: list[CharacterSpan] = field(default_factory=list)
+    alternatives: list[tuple[str, float]] = field(default_factory=list)  # the beam's other readings
+    steps: np.ndarray | None = None  # (T, 15) the step probabilities it was decoded from
+
+
+def greedy_spans(probs: np.ndarray) -> list[CharacterSpan]:
+    """The best path's characters and the steps each holds: probs (T, C) -> spans."""
+    best = probs.argmax(1)
+    spans: list[CharacterSpan] = []
+    previous = BLANK
+    for t, k in enumerate(best):
+        if k != BLANK and k == previous and spans:
+            spans[-1].last = t
+            if probs[t, k] > spans[-1].probability:
+                spans[-1].probability, spans[-1].peak = float(probs[t, k]), t
+        elif k != BLANK:
+            spans.append(CharacterSpan(ALPHABET[k - 1], t, t, float(probs[t, k]), t))
+        previous = k
+    return spans
+
+
+def _logsumexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
+
+
+def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: float = 1e-4) -> list[tuple[str, float]]:
+    """CTC prefix beam search: probs (T, C) per step (class 0 the blank) -> [(text, probability)],
+    most probable first.
+
+    With a `pattern` (a regular expression for the whole text) only prefixes that can still
+    become a match are kept, and only full matches are returned: a date is read as one of the
+    strings a date may be. Characters under `prune` at a step are not tried there.
+    """
+    import regex  # partial matching of a prefix against the pattern
+
+    compiled = regex.compile(pattern) if pattern else None
+
+    def viable(prefix: str) -> bool:
+        return compiled is None or compiled.fullmatch(prefix, partial=True) is not None
+
+    logp = np.log(np.maximum(probs, 1e-30))
+    # prefix -> (log P ending in blank, log P ending in its last character)
+    beams: dict[str, tuple[float, float]] = {"": (0.0, -math.inf)}
+    for t in range(len(probs)):
+        candidates = [k for k in np.flatnonzero(probs[t] >= prune) if k != BLANK]
+        nxt: dict[str, tuple[float, float]] = {}
+
+        def add(prefix: str, blank: float, char: float, nxt: dict = nxt) -> None:
+            b, c = nxt.get(prefix, (-math.inf, -math.inf))
+            nxt[prefix] = (_logsumexp(b, blank), _logsumexp(c, char))
+
+        for prefix, (pb, pc) in beams.items():
+            total = _logsumexp(pb, pc)
+            add(prefix, total + logp[t, BLANK], -math.inf)
+            last = text_to_labels(prefix[-1])[0] if prefix else None
+            for k in candidates:
+                ch = ALPHABET[k - 1]
+                if k == last:
+                    add(prefix, -math.inf, pc + logp[t, k])  # the same character held
+                    extended = pb + logp[t, k]  # a repeat needs a blank between
+                else:
+                    extended = total + logp[t, k]
+                if extended > -math.inf and viable(prefix + ch):
+                    add(prefix + ch, -math.inf, extended)
+        beams = dict(sorted(nxt.items(), key=lambda kv: -_logsumexp(*kv[1]))[:beam])
+    readings = [(p, math.exp(_logsumexp(*v))) for p, v in beams.items()]
+    if compiled is not None:
+        readings = [r for r in readings if compiled.fullmatch(r[0])]
+    return sorted(readings, key=lambda r: -r[1])
+
+
+def decode(probs: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecoding:
+    """One field's reading from its step probabilities (T, C): the beam's best (held to the
+    pattern when there is one and some reading matches it), with the spans of the best path."""
+    readings = beam_search(probs, beam, pattern)
+    if pattern and not readings:  # nothing the beam kept can match: the unconstrained reading
+        readings = beam_search(probs, beam)
+    text, p = readings[0] if readings else ("", 0.0)
+    spans = greedy_spans(probs)
+    if "".join(s.char for s in spans) != text:
+        spans = _align_spans(probs, text)
+    return StringDecoding(text, p, spans, readings[1:], probs)
+
+
+def _align_spans(probs: np.ndarray, text: str) -> list[CharacterSpan]:
+    """Where each character of `text` lies: the best CTC alignment of it (Viterbi)."""
+    if not text:
+        return []
+    labels = [BLANK]
+    for k in text_to_labels(text):
+        labels += [k, BLANK]
+    T, S = len(probs), len(labels)
+    logp = np.log(np.maximum(probs, 1e-30))
+    score = np.full((T, S), -np.inf)
+    back = np.zeros((T, S), np.int64)
+    score[0, 0] = logp[0, labels[0]]
+    if S > 1:
+        score[0, 1] = logp[0, labels[1]]
+    for t in range(1, T):
+        for s in range(S):
+            options = [(score[t - 1, s], s)]
+            if s >= 1:
+                options.append((score[t - 1, s - 1], s - 1))
+            if s >= 2 and labels[s] != BLANK and labels[s] != labels[s - 2]:
+                options.append((score[t - 1, s - 2], s - 2))
+            best, frm = max(options)
+            score[t, s] = best + logp[t, labels[s]]
+            back[t, s] = frm
+    s = S - 1 if S == 1 or score[-1, S - 1] >= score[-1, S - 2] else S - 2
+    path = [s]
+    for t in range(T - 1, 0, -1):
+        s = back[t, s]
+        path.append(s)
+    path.reverse()
+    spans: dict[int, CharacterSpan] = {}
+    for t, s in enumerate(path):
+        if labels[s] != BLANK:
+            k = (s - 1) // 2
+            span = spans.setdefault(k, CharacterSpan(text[k], t, t, 0.0, t))
+            span.last = t
+            if probs[t, labels[s]] > span.probability:
+                span.probability, span.peak = float(probs[t, labels[s]]), t
+    return [spans[k] for k in sorted(spans)]
+
+
+def step_columns(span: CharacterSpan, crop_shape: tuple[int, int]) -> tuple[int, int]:
+    """The column range [x0, x1) of a field crop of `crop_shape` (H, W) that a span covers."""
+    h, w = crop_shape
+    scale = min(INPUT_HEIGHT / h, INPUT_WIDTH / w)  # field_input's scale
+    return int(span.first * STEP / scale), min(w, int(math.ceil((span.last + 1) * STEP / scale)))
+
+
+@dataclass
+class StringModel:
+    """The string model over the fast inference path (LiteRT), as DigitClassifier is.
+
+    `probabilities(inputs)`: inputs (N, 32, 256) float32 from field_input -> (N, 64, 15)
+    calibrated per-step probabilities (softmax of logits / temperature).
+    """
+
+    tflite: bytes
+    temperature: float
+    meta: dict
+    path: str = ""
+    threads: int = 0
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, threads: int | None = None) -> StringModel:
+        path = Path(path) if path else DEFAULT_STRING_MODEL
+        card = path.with_suffix(".json")
+        if not path.exists():
+            raise ModelError(f"string model not found: {path} (train one with `formreader train-strings`)")
+        try:
+            meta = json.loads(card.read_text())
+            temperature = float(meta["temperature"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
+        model = cls(cached_tflite(path, meta), temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        out = model.logits(np.zeros((1, INPUT_HEIGHT, INPUT_WIDTH), np.float32))
+        if out.shape[1:] != (INPUT_WIDTH // STEP, NUM_STRING_CLASSES):
+            raise ModelError(
+                f"string model {path} gives outputs {out.shape[1:]}, formreader needs "
+                f"({INPUT_WIDTH // STEP}, {NUM_STRING_CLASSES})"
+            )
+        return model
+
+    @property
+    def calibration(self) -> list[float] | None:
+        """The two readers' field calibration (two_reader_confidence), if one was fitted."""
+        return self.meta.get("field_calibration")
+
+    def __post_init__(self):
+        self._runners = threading.local()
+
+    def __getstate__(self):  # picklable for process pools: the interpreters are rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k != "_runners"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._runners = threading.local()
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """Raw logits (N, 64, 15) for inputs (N, 32, 256) float32 from field_input."""
+        x = np.ascontiguousarray(inputs, dtype=np.float32).reshape(-1, INPUT_HEIGHT, INPUT_WIDTH, 1)
+        return run_interpreter(self._runners, self.tflite, self.threads, x)
+
+    def probabilities(self, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        if len(inputs) == 0:
+            return np.zeros((0, INPUT_WIDTH // STEP, NUM_STRING_CLASSES), np.float32)
+        parts = [self.logits(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        return softmax(np.concatenate(parts), self.temperature)
+
+    def read(self, crops: list[np.ndarray], patterns: list[str] | None = None) -> list[StringDecoding]:
+        """Read grey field crops (each (H, W) uint8), optionally each held to a pattern."""
+        if not crops:
+            return []
+        probs = self.probabilities(np.stack([field_input(c) for c in crops]))
+        patterns = patterns or [""] * len(crops)
+        return [decode(p, pat) for p, pat in zip(probs, patterns)]
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def consistent(value: str, cut_raw: str) -> bool:
+    """Whether the cut reader's raw reading allows `value` (digits): its separators aside, each
+    '?' (a piece it could not read) may stand for up to three digits (a chain of zeros) or for nothing."""
+    import re
+
+    parts = [r"\d{0,3}" if c == "?" else c for c in cut_raw if c.isdigit() or c == "?"]
+    return re.fullmatch("".join(parts), value) is not None
+
+
+def reader_features(whole: float, cut: float, agree: bool, allowed: bool) -> list[float]:
+    """What the field calibration weighs: both readers' probabilities (as logits), whether they
+    read the same digits, whether the cut reading allows the whole one at all."""
+    return [_logit(whole), _logit(cut), float(agree), float(allowed)]
+
+
+def two_reader_confidence(whole: float, cut: float, agree: bool, allowed: bool, calibration: list[float] | None) -> float:
+    """P(the string model's reading is right): a logistic fit over `reader_features`
+    (`calibration`: their weights, then a bias; fitted on validation fields by
+    `formreader calibrate-strings`). Without one, the string model's own probability."""
+    if not calibration:
+        return whole
+    z = float(np.dot(calibration[:-1], reader_features(whole, cut, agree, allowed)) + calibration[-1])
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _digit_distribution(steps: np.ndarray | None, span: CharacterSpan) -> np.ndarray | None:
+    """A span's peak step as a digit reading's (11,) probabilities: the ten digits, then all
+    else (blank and separators) as 'not a digit'."""
+    if steps is None:
+        return None
+    p = steps[span.peak]
+    out = np.zeros(NUM_CLASSES, np.float32)
+    out[:10] = p[1:11]
+    out[10] = p[0] + p[11:].sum()
+    return out
+
+
+def combine_readings(
+    cut: StringReading, whole: StringDecoding, crop_shape: tuple[int, int], calibration: list[float] | None = None
+) -> StringReading:
+    """One free field read by both readers -> the reading it gets: the string model's text, with
+    a confidence from both, and each digit's place as the string model put it (`boxes`, crop px).
+
+    cut: segment-and-classify's reading (formreader.strings.decide_string); whole: the string
+    model's decoding of the same crop. When they contradict each other (`consistent`: a piece
+    the cut reader could not read contradicts nothing) the reading carries the reason, and the
+    field goes to review.
+    """
+    value = "".join(c for c in whole.text if c.isdigit())
+    agree = value == cut.value and not cut.unreadable
+    allowed = consistent(value, cut.raw)
+    h, _ = crop_shape
+    digits, boxes = [], []
+    for span in whole.spans:
+        if span.char.isdigit():
+            x0, x1 = step_columns(span, crop_shape)
+            digits.append(DigitReading(span.char, span.probability, _digit_distribution(whole.steps, span)))
+            boxes.append((x0, 0, max(1, x1 - x0), h))
+    reasons = [] if allowed else [f"the readers disagree: '{whole.text}' read whole, '{cut.raw}' cut into digits"]
+    confidence = two_reader_confidence(whole.probability, cut.confidence if cut.raw else 0.5, agree, allowed, calibration)
+    return StringReading(value, whole.text, confidence, digits, [], boxes, 0, reasons=reasons)

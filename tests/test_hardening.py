@@ -1,0 +1,334 @@
+"""Nothing lost, nothing mixed, no way in: the cases a careful user or an attacker finds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from formreader.export import OutputLock, results_complete
+from formreader.ingest import PageError, find_inputs, read_pages
+
+from .conftest import ROOT, SCANS, TEMPLATE, run_cli
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def read_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    fields = pd.read_csv(out, dtype=str, keep_default_na=False)
+    errors = pd.read_csv(out.with_name(out.stem + ".errors.csv"), dtype=str, keep_default_na=False)
+    return fields, errors
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_written(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = os.fsdecode(b"caf\xe9 scan.png")  # Latin-1 bytes, as a share written from Windows has them
+    shutil.copyfile(SCANS / "scan_c.png", folder / odd)
+    out = tmp_path / "r.csv"
+    run = run_cli("process", folder, "--template", TEMPLATE, "--out", out, "-q")
+    assert run.returncode == 0, run.stderr
+    fields, _ = read_results(out)
+    assert len(fields) == 6 and fields.file.str.endswith("caf\\xe9 scan.png").all()
+    assert results_complete(out)
+
+
+def test_links_and_folders_that_cannot_be_read_are_reported(tmp_path):
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(SCANS / "scan_c.png", elsewhere / "linked.png")
+    shutil.copyfile(SCANS / "fax_b.tif", inputs / "sub" / "fax.tif")
+    (inputs / "shared").symlink_to(elsewhere, target_is_directory=True)  # a symlinked subfolder is read
+    (inputs / "loop").symlink_to(inputs, target_is_directory=True)  # a link loop ends
+    (inputs / "gone.png").symlink_to(tmp_path / "deleted.png")  # a dangling link is an error row
+    found = find_inputs([inputs])
+    assert [p.name for p in found] == ["gone.png", "linked.png", "fax.tif"]  # in/, in/shared/, in/sub/
+    errors = [e for e in read_pages(found[0]) if isinstance(e, PageError)]
+    assert "symbolic link to a file that does not exist" in errors[0].reason
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root lists any folder: an unreadable one cannot be made")
+def test_a_folder_that_cannot_be_listed_is_an_error_row(tmp_path):
+    locked = tmp_path / "in" / "locked"
+    locked.mkdir(parents=True)
+    shutil.copyfile(SCANS / "scan_c.png", locked / "a.png")
+    locked.chmod(0)
+    try:
+        found = find_inputs([tmp_path / "in"])
+        assert found == [locked]
+        assert "cannot be listed" in next(iter(read_pages(locked))).reason
+    finally:
+        locked.chmod(0o755)
+
+
+def test_the_same_file_named_twice_is_read_once(tmp_path):
+    out = tmp_path / "r.csv"
+    # The folder, the file in it, and the file by another way there (a relative path through a link).
+    (tmp_path / "link").symlink_to(SCANS, target_is_directory=True)
+    run = run_cli(
+        "process", SCANS, SCANS / "scan_c.png", "link/scan_c.png", "--template", TEMPLATE, "--out", out, "-q", cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    fields, _ = read_results(out)
+    assert len(fields[fields.file.str.endswith("scan_c.png")]) == 6  # one page of six fields, once
+
+
+def test_out_naming_an_input_is_refused(tmp_path):
+    scan = tmp_path / "scan_c.png"
+    shutil.copyfile(SCANS / "scan_c.png", scan)
+    before = scan.read_bytes()
+    run = run_cli("process", tmp_path, "--template", TEMPLATE, "--out", tmp_path / "scan_c.png", "-q")
+    assert run.returncode == 2 and "would overwrite the input" in run.stderr
+    assert scan.read_bytes() == before
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "r.csv"
+    with OutputLock(out):
+        run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q")
+    assert run.returncode == 2 and "another formreader run is writing" in run.stderr
+    assert not out.exists()
+
+
+def test_resume_refuses_other_settings_and_a_journal_is_never_thrown_away(tmp_path):
+    out = tmp_path / "r.csv"
+    journal = tmp_path / "r.csv.partial.jsonl"
+    first = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q")
+    assert first.returncode == 0 and not journal.exists()
+    # What an interrupted run leaves: its settings and a finished file.
+    journal.write_text(
+        json.dumps({"kind": "run", "settings": {"review_threshold": 0.5}})
+        + "\n"
+        + json.dumps({"kind": "file_done", "source": str(SCANS / "scan_c.png")})
+        + "\n"
+    )
+    again = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q")
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", "--resume")
+    assert resumed.returncode == 2 and "other settings" in resumed.stderr and "review_threshold" in resumed.stderr
+    assert journal.exists()  # still there for the right --resume
+
+
+def test_a_damaged_converted_model_is_made_again(tmp_path):
+    from formreader.classify import DigitClassifier
+
+    for name in ("digits.keras", "digits.json", "digits.tflite"):
+        shutil.copyfile(ROOT / "models" / name, tmp_path / name)
+    cache = bytearray((tmp_path / "digits.tflite").read_bytes())
+    cache[len(cache) // 2] ^= 0xFF  # one flipped bit-pattern in the weights
+    (tmp_path / "digits.tflite").write_bytes(bytes(cache))
+    damaged = DigitClassifier.load(tmp_path / "digits.keras")
+    assert (tmp_path / "digits.tflite").read_bytes() == (ROOT / "models" / "digits.tflite").read_bytes()
+    x = np.random.default_rng(0).random((8, 28, 28), dtype=np.float32)
+    assert np.allclose(damaged.logits(x), DigitClassifier.load().logits(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_16_bit_and_float_scans_read_like_8_bit(tmp_path, mode):
+    grey = np.asarray(Image.open(SCANS / "scan_c.png").convert("L"))
+    data = grey.astype(np.uint16) * 257 if mode == "I;16" else grey.astype(np.float32) / 255
+    image = Image.fromarray(data)
+    assert image.mode == mode
+    image.save(tmp_path / "deep.tif", dpi=(150, 150))
+    page = next(iter(read_pages(tmp_path / "deep.tif")))
+    assert np.abs(page.image.astype(int) - grey).max() <= 1
+    out = tmp_path / "r.csv"
+    for src in (tmp_path / "deep.tif", SCANS / "scan_c.png"):
+        assert run_cli("process", src, "--template", TEMPLATE, "--out", out.with_name(src.stem + ".csv"), "-q").returncode == 0
+    deep, _ = read_results(out.with_name("deep.csv"))
+    eight, _ = read_results(out.with_name("scan_c.csv"))
+    assert deep.value.tolist() == eight.value.tolist()
+
+
+def test_pdfs_with_no_pages_or_a_huge_page(tmp_path):
+    from pypdf import PdfReader, PdfWriter
+
+    empty = PdfWriter()
+    with open(tmp_path / "none.pdf", "wb") as fh:
+        empty.write(fh)
+    assert [e.reason for e in read_pages(tmp_path / "none.pdf")] == ["the PDF has no pages"]
+    mixed = PdfWriter()
+    mixed.add_page(PdfReader(SCANS / "batch_a.pdf").pages[0])
+    mixed.add_blank_page(width=14400, height=14400)  # 200 inches a side: 2 gigapixels at 150 DPI
+    with open(tmp_path / "mixed.pdf", "wb") as fh:
+        mixed.write(fh)
+    pages = list(read_pages(tmp_path / "mixed.pdf", pdf_dpi=150))
+    assert pages[0].image.shape[1] > 1000  # the first page is read
+    assert isinstance(pages[1], PageError) and pages[1].page == 2 and "too large" in pages[1].reason
+
+
+def test_a_dpi_tag_cannot_blow_a_page_up(tmp_path):
+    from formreader.pipeline import read_page
+    from formreader.template import load_template
+
+    # 6000 x 6000 px said to be 55 DPI: at the form's 150 DPI it would be 268 megapixels.
+    Image.new("L", (6000, 6000), 255).save(tmp_path / "tagged.png", dpi=(55, 55))
+    page = next(iter(read_pages(tmp_path / "tagged.png")))
+    assert page.dpi == pytest.approx(55, abs=0.1)
+    read = read_page(page, load_template(TEMPLATE), classifier=None)
+    assert "megapixels" in read.error and "is its DPI right" in read.error
+    # A tag under 50 DPI is no scanner's: the resolution is taken as unknown.
+    Image.new("L", (600, 600), 255).save(tmp_path / "odd.png", dpi=(31, 31))
+    assert next(iter(read_pages(tmp_path / "odd.png"))).dpi is None
+
+
+def test_outputs_follow_the_umask_and_are_a_whole_set(tmp_path):
+    out = tmp_path / "r.csv"
+    run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", preexec_fn=lambda: os.umask(0o022))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "" and run.stdout == ""  # -q: not even the inference runtime's INFO line
+    for name in ("r.csv", "r.wide.csv", "r.digits.csv", "r.errors.csv", "r.manifest.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert results_complete(out)
+    with open(out, "a") as fh:
+        fh.write("x\n")
+    assert not results_complete(out)  # a set a crash mixed is told from a whole one
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def start_batch(tmp_path: Path) -> subprocess.Popen:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        shutil.copyfile(SCANS / "batch_a.pdf", folder / f"b{i}.pdf")
+    cmd = [
+        sys.executable,
+        "-m",
+        "formreader.cli",
+        "process",
+        folder,
+        "--template",
+        TEMPLATE,
+        "--out",
+        tmp_path / "r.csv",
+        "-j",
+        "2",
+    ]
+    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:  # gone meanwhile (a pdftoppm the run started, say)
+        return ""
+
+
+def wait_for_workers(proc: subprocess.Popen, count: int = 2, timeout: float = 60) -> list[int]:
+    """The run's pool workers (spawned Python processes), once `count` of them are up."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        workers = [p for p in children(proc.pid) if "multiprocessing" in cmdline(p)]
+        if len(workers) >= count:
+            return workers
+        time.sleep(0.2)
+    raise AssertionError("the run started no workers")
+
+
+def test_interrupted_run_exits_130_and_resumes_to_the_same_rows(tmp_path):
+    proc = start_batch(tmp_path)
+    journal = tmp_path / "r.csv.partial.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (journal.exists() and "file_done" in journal.read_text()):
+        time.sleep(0.2)
+    workers = wait_for_workers(proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err
+    time.sleep(1.0)
+    assert not any(alive(w) for w in workers)
+    resumed = run_cli("process", tmp_path / "in", "--template", TEMPLATE, "--out", tmp_path / "r.csv", "-q", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    fields, _ = read_results(tmp_path / "r.csv")
+    assert len(fields) == 6 * 4 * 6 and not fields.duplicated(["file", "page", "field"]).any()
+
+
+def test_workers_of_a_killed_run_end_too(tmp_path):
+    proc = start_batch(tmp_path)
+    workers = wait_for_workers(proc)
+    proc.kill()  # kill -9: the run gets no chance to stop its pool
+    proc.communicate(timeout=30)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(alive(w) for w in workers)
+
+
+BOMB = """a: &a ["x","x","x","x","x","x","x","x","x"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+reference: blank.png
+fields: *i
+"""
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("latin1", "not UTF-8 text"),
+        ("alias bomb", "anchors and aliases"),
+        ("reference is a folder", "is a folder, not a file"),
+        ("reference is a bomb", "image too large"),
+    ],
+)
+def test_bad_templates_get_exit_2_and_a_reason(tmp_path, case, message):
+    text = (ROOT / "templates" / "demo_form.yaml").read_text()
+    reference = (ROOT / "templates" / "demo_form.yaml").parent / "demo_form.png"
+    text = text.replace("reference: demo_form.png", f"reference: {reference}")
+    bad = tmp_path / "t.yaml"
+    if case == "latin1":
+        bad.write_bytes(text.replace("name: demo", "name: d\xe9mo").encode("latin-1"))
+    elif case == "alias bomb":
+        bad.write_text(BOMB)
+    elif case == "reference is a folder":
+        (tmp_path / "ref").mkdir()
+        bad.write_text(text.replace(f"reference: {reference}", "reference: ref"))
+    else:  # a tiny PNG that says it is 40000 x 40000 pixels
+        Image.new("1", (40000, 40000), 1).save(tmp_path / "bomb.png")
+        bad.write_text(text.replace(f"reference: {reference}", "reference: bomb.png"))
+    for command in (["template", "check", bad], ["process", SCANS / "scan_c.png", "-t", bad, "-o", tmp_path / "r.csv"]):
+        start = time.time()
+        run = run_cli(*command)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (case, run.stderr)
+        assert time.time() - start < 30
+
+
+def test_an_unwritable_out_is_exit_2_with_a_reason(tmp_path):
+    if IS_ROOT:
+        target = Path("/proc/formreader-results/r.csv")  # not even root writes there
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = tmp_path / "ro" / "r.csv"
+    run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", target, "-q")
+    assert run.returncode == 2 and "cannot write the results" in run.stderr and "Traceback" not in run.stderr

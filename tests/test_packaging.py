@@ -1,0 +1,62 @@
+"""The wheel: built here, it carries the shipped models and reads scans without TensorFlow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+
+from .conftest import ROOT, SCANS, TEMPLATE
+
+# What reading must never import: training, plotting and the pad are extras.
+BLOCKED = ("tensorflow", "keras", "flask", "matplotlib")
+
+
+def test_the_wheel_reads_the_samples_without_tensorflow(tmp_path, truth):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", ROOT],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "dist").glob("formreader-*.whl"))
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel], capture_output=True, text=True
+    )
+    assert install.returncode == 0, install.stderr
+    assert (site / "formreader" / "models" / "digits.tflite").exists()
+    launcher = tmp_path / "run.py"
+    launcher.write_text(
+        textwrap.dedent(f"""
+        import sys
+
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError("not installed here: " + name)
+
+        sys.meta_path.insert(0, Blocked())
+        sys.path.insert(0, {str(site)!r})
+        import formreader
+        assert formreader.__file__.startswith({str(site)!r}), formreader.__file__
+        from formreader.cli import main
+        main()
+    """)
+    )
+    out = tmp_path / "r.csv"
+    run = subprocess.run(
+        [sys.executable, launcher, "process", SCANS, "--template", TEMPLATE, "--out", out, "-q"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    fields = pd.read_csv(out, dtype={"value": str}, keep_default_na=False)
+    expected = {(r.file, int(r.page), r.field): r.value for r in truth.itertuples()}
+    right = sum(
+        expected[(f.split("/")[-1], int(p), n)] == v for f, p, n, v in zip(fields.file, fields.page, fields.field, fields.value)
+    )
+    assert len(fields) == len(truth) and right >= 0.85 * len(truth)
