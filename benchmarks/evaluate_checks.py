@@ -81,7 +81,7 @@ def uncut_pairs(classifier: DigitClassifier, images: np.ndarray, labels: np.ndar
         if len(blobs) == 1:  # the two digits touch: one blob, whose first reading is itself whole
             wholes.append(layout.images[blobs[0].alternatives[0][1][0]])
     print(f"Touching pairs of MNIST test digits, left uncut ({len(wholes)}):")
-    for name, model in (("box model", classifier), ("string model", classifier.for_strings)):
+    for name, model in (("box model", classifier), ("piece model", classifier.for_strings)):
         read = model.probabilities(np.stack(wholes))
         refused = read.argmax(1) == NOT_A_DIGIT
         confident = ~refused & (read.max(1) > 0.9)

@@ -109,9 +109,10 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=40, help="generated pages per source and form")
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--details", action="store_true", help="threshold and calibration tables for each set")
+    parser.add_argument("--model", type=Path, help="the digit model (.keras); default: the shipped one")
     args = parser.parse_args()
     template = load_template(ROOT / "templates" / "demo_form.yaml")
-    classifier = DigitClassifier.load()
+    classifier = DigitClassifier.load(args.model)
 
     truth = pd.read_csv(ROOT / "samples" / "truth.csv", dtype={"value": str}, keep_default_na=False)
     by_page = {(f, int(p)): dict(zip(g.field, g.value)) for (f, p), g in truth.groupby(["file", "page"])}

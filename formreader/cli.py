@@ -64,10 +64,24 @@ def main() -> None:
     help="Fields less sure than this go to review.",
 )
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="Model file (.keras); default: the shipped one.")
-@click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(1, 64), help="Processes for the image stages.")
-@click.option("--resume", is_flag=True, help="Keep files finished by an interrupted run with the same --out.")
+@click.option(
+    "--workers",
+    "-j",
+    default=0,
+    type=click.IntRange(0, 64),
+    help="Processes for the image stages; default (0): one per core, at most one per 4 pages.",
+)
+@click.option(
+    "--scheduler",
+    help="Run the image stages on a Dask distributed cluster: its scheduler's address, tcp://HOST:PORT.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep the files an earlier run with the same --out finished (interrupted: the rest is read; finished: new files only).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def process(inputs, template, out, review_threshold, model, workers, resume, quiet) -> None:
+def process(inputs, template, out, review_threshold, model, workers, scheduler, resume, quiet) -> None:
     """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
 
     Exit status: 0 when every file and page was read, 1 when some could not be (see the
@@ -79,15 +93,15 @@ def process(inputs, template, out, review_threshold, model, workers, resume, qui
 
     from tqdm import tqdm
 
-    from formreader.export import OutputBusyError, OutputLock, manifest_path, output_paths, write_results
-    from formreader.ingest import find_inputs
+    from formreader.export import OutputBusyError, OutputLock, journal_path_for, manifest_path, output_paths, write_results
+    from formreader.ingest import count_pages, find_inputs
     from formreader.pipeline import Journal, JournalError, process_paths
 
     tpl = _load_template(template)
     clf = _load_classifier(model)
     files = find_inputs(list(inputs))
     if not files:
-        _fail("no PDF, TIFF, PNG or JPEG files found in " + ", ".join(map(str, inputs)), 1)
+        _fail("no PDF, TIFF, PNG or JPEG files found in " + ", ".join(map(str, inputs)))
     outputs = {os.path.realpath(p) for p in [*output_paths(out).values(), manifest_path(out)]}
     clash = [f for f in files if os.path.realpath(f) in outputs]
     if clash:
@@ -100,23 +114,29 @@ def process(inputs, template, out, review_threshold, model, workers, resume, qui
     }
     # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: workers stopped, what is done kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    journal_path = out.with_name(out.name + ".partial.jsonl")
+    journal_path = journal_path_for(out)
     try:
         with OutputLock(out):
             journal = Journal(journal_path, resume=resume, settings=settings)
-            bar = tqdm(total=len(files), unit="file", disable=quiet or None, file=sys.stderr)
+            # The bar counts pages (a 300-page PDF moves it 300 times), with pages/s and the time left.
+            total = sum(count_pages(f) for f in files)
+            # Starting a worker costs about a second: not worth it for a handful of pages.
+            workers = workers or max(1, min(os.cpu_count() or 1, total // 4))
+            bar = tqdm(total=total, unit="page", disable=quiet or None, file=sys.stderr)
 
-            def on_file(source: str, pages: int) -> None:
+            def on_page(rec: dict) -> None:
                 bar.update(1)
-                bar.set_postfix_str(Path(source).name)
+                bar.set_postfix_str(Path(rec["source"]).name, refresh=False)
 
             try:
-                records = process_paths(files, tpl, clf, review_threshold, workers, journal, on_file)
+                records = process_paths(
+                    files, tpl, clf, review_threshold, workers, journal, on_page=on_page, scheduler=scheduler
+                )
             finally:
                 bar.close()
             paths = write_results(records, out)
-            journal.close(remove=True)
-    except (OutputBusyError, JournalError) as e:
+            journal.close()
+    except (OutputBusyError, JournalError, RuntimeError) as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot write the results for --out {out}: {e.strerror or e} ({e.filename or out})")
@@ -249,6 +269,13 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 )
 @click.option("--mnist-only", is_flag=True, help="Train on MNIST alone (no CVL or ORAND digits), as the first model was.")
 @click.option(
+    "--bitonal",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Add this share of the training digits again as a bitonal scan gives them.",
+)
+@click.option(
     "--strings",
     default=0,
     show_default=True,
@@ -264,7 +291,8 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     help="The prepared training splits (.npz): read if it exists, else built and written there.",
 )
 def train(
-    data, out, force, epochs, limit, seed, learning_rate, width, stretch, patience, mnist_only, strings, initial, prepared
+    data, out, force, epochs, limit, seed, learning_rate, width, stretch, patience, mnist_only, bitonal, strings, initial,
+    prepared,
 ) -> None:
     """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.
 
@@ -282,6 +310,7 @@ def train(
         learning_rate=learning_rate,
         width=width,
         stretch=stretch,
+        bitonal=bitonal,
         patience=patience,
         cvl=not mnist_only,
         orand=not mnist_only,
@@ -310,13 +339,27 @@ def train(
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--epochs", default=28, show_default=True, type=click.IntRange(1))
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(1), help="Batches of 64 fields per epoch.")
+@click.option(
+    "--real-share", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Share of ORAND amounts in a batch."
+)
+@click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option(
+    "--initial",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Start from this string model (go on training).",
+)
+@click.option(
+    "--average-with",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Then average the weights with this model's (the --initial one), kept if the validation loss is lower.",
+)
 @click.option("--seed", default=20261124, show_default=True, type=int)
 @click.option(
     "--prepared",
     type=click.Path(dir_okay=False, path_type=Path),
     help="The digit model's prepared training splits (.npz, see `train --prepared`): read if it exists, else built.",
 )
-def train_strings(data, out, force, epochs, steps, seed, prepared) -> None:
+def train_strings(data, out, force, epochs, steps, real_share, learning_rate, initial, average_with, seed, prepared) -> None:
     """Train the string model (CNN + CTC) on fields composed from the digit model's training
     digits and on ORAND's training check amounts (its test checks are never read)."""
     _need("keras", "train")
@@ -331,12 +374,20 @@ def train_strings(data, out, force, epochs, steps, seed, prepared) -> None:
     if prepared and not prepared.exists():
         splits.save(prepared)
 
-    def digits(x, y):
-        keep = y < 10  # not-a-digit images are not written into fields
-        return np.round(x[keep] * 255).astype(np.uint8), y[keep]
-
-    config = StringTrainConfig(epochs=epochs, steps=steps, seed=seed)
-    meta = train_string_model(out, config, *digits(splits.x_train, splits.y_train), *digits(splits.x_val, splits.y_val), data)
+    keep = splits.y_train < 10  # not-a-digit images are not written into fields
+    train = np.round(splits.x_train[keep] * 255).astype(np.uint8), splits.y_train[keep], splits.source_train[keep]
+    keep = splits.y_val < 10
+    val = np.round(splits.x_val[keep] * 255).astype(np.uint8), splits.y_val[keep]
+    config = StringTrainConfig(
+        epochs=epochs,
+        steps=steps,
+        seed=seed,
+        real_share=real_share,
+        learning_rate=learning_rate,
+        initial=str(initial) if initial else None,
+        average_with=str(average_with) if average_with else None,
+    )
+    meta = train_string_model(out, config, *train, *val, data)
     click.echo(f"{out}: {meta['parameters']} parameters in {meta['training_seconds']:.0f} s; {meta['validation_fields_right']}")
 
 
@@ -399,7 +450,7 @@ def calibrate(model, data, pages) -> None:
     "--model", type=click.Path(dir_okay=False, path_type=Path), help="The digit model; its string model lies beside it."
 )
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
-@click.option("--checks", default=300, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
+@click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
 def calibrate_strings(model, data, checks) -> None:
     """Fit the free fields' confidence (both readers together) on validation fields: ORAND's
     validation checks and generated checks of the digit model's validation digits; writes the
@@ -413,8 +464,9 @@ def calibrate_strings(model, data, checks) -> None:
     clf = _load_classifier(model)
     if clf.string_model is None:
         _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
-    samples = read_free_fields(clf, *two_reader_calibration_fields(clf, checks, seed=47, data_dir=data))
-    weights = fit_two_readers(samples)
+    crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data)
+    samples = read_free_fields(clf, crops, specs, truths)
+    weights = fit_two_readers(samples, sources)
     card = Path(clf.string_model.path).with_suffix(".json")
     meta = json.loads(card.read_text())
     right = np.mean([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples])

@@ -328,6 +328,7 @@ class FreeFieldSample:
     cut_value: str
     cut_confidence: float
     unreadable: int
+    support: float  # the cut reader's support for the string model's digits (strings.cut_support)
 
 
 def read_free_fields(
@@ -337,7 +338,7 @@ def read_free_fields(
     (`specs`, formreader.template.Field), in two batches."""
     from formreader.fields import reading_pattern
     from formreader.string_model import decode, field_input
-    from formreader.strings import decide_string, segment_string
+    from formreader.strings import cut_support, decide_string, segment_string
 
     layouts = [segment_string(c) for c in crops]
     images = [layout.images for layout in layouts]
@@ -348,30 +349,40 @@ def read_free_fields(
     for layout, p, q, spec, truth in zip(layouts, per_field, steps, specs, truths):
         cut = decide_string(layout, p, spec.separators, spec.pattern)
         whole = decode(q, reading_pattern(spec))
-        out.append(FreeFieldSample(truth, whole.text, whole.probability, cut.raw, cut.value, cut.confidence, cut.unreadable))
+        support = cut_support(layout, p, "".join(c for c in whole.text if c.isdigit()))
+        out.append(
+            FreeFieldSample(truth, whole.text, whole.probability, cut.raw, cut.value, cut.confidence, cut.unreadable, support)
+        )
     return out
 
 
 def sample_features(s: FreeFieldSample) -> list[float]:
-    from formreader.string_model import consistent, reader_features
+    from formreader.string_model import reader_features
 
     value = "".join(c for c in s.whole if c.isdigit())
     cut = s.cut_confidence if s.cut_raw else 0.5
-    return reader_features(s.whole_probability, cut, value == s.cut_value and not s.unreadable, consistent(value, s.cut_raw))
+    return reader_features(s.whole_probability, cut, value == s.cut_value and not s.unreadable, s.support)
 
 
-def fit_two_readers(samples: list[FreeFieldSample], l2: float = 0.01) -> list[float]:
+def fit_two_readers(samples: list[FreeFieldSample], groups: np.ndarray | None = None, l2: float = 0.01) -> list[float]:
     """Logistic regression of 'the string model read the digits right' on sample_features:
-    weights then bias (formreader.string_model.two_reader_confidence)."""
+    weights then bias (formreader.string_model.two_reader_confidence). `groups` (N,): the
+    source of each sample; every source weighs alike (a few hundred real checks are not
+    outvoted by more generated ones)."""
     from scipy.optimize import minimize
 
     x = np.array([sample_features(s) for s in samples], np.float64)
     y = np.array([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples], np.float64)
     x1 = np.hstack([x, np.ones((len(x), 1))])
 
+    groups = np.zeros(len(samples), int) if groups is None else np.asarray(groups)
+    _, index, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[index]
+    weight /= weight.sum()
+
     def loss(w):
         z = x1 @ w
-        nll = np.mean(np.logaddexp(0, z) - y * z)
+        nll = np.sum(weight * (np.logaddexp(0, z) - y * z))
         return nll + l2 * np.sum(w[:-1] ** 2)
 
     w0 = np.zeros(x1.shape[1])
@@ -381,7 +392,8 @@ def fit_two_readers(samples: list[FreeFieldSample], l2: float = 0.01) -> list[fl
 
 def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
     """Validation free fields: ORAND's validation checks (their amounts) and scanned generated
-    checks written with the digit model's MNIST validation digits. Returns (crops, specs, truths)."""
+    checks written with the digit model's MNIST validation digits. Returns (crops, specs, truths,
+    sources): sources 0 for ORAND, 1 for the generated."""
     from formreader.datasets import load_orand
     from formreader.pipeline import free_field_crop
     from formreader.register import RegistrationError, prepare_reference, register_page
@@ -396,6 +408,7 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
         crops.append(a.image)
         specs.append(amount)
         truths.append(a.value)
+    real = len(crops)
     config = TrainConfig(**classifier.meta.get("config", {}))
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
     val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
@@ -411,4 +424,5 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
             crops.append(free_field_crop(aligned, spec.box)[0])
             specs.append(spec)
             truths.append("".join(c for c in values[spec.name] if c.isdigit()))
-    return crops, specs, truths
+    sources = np.array([0] * real + [1] * (len(crops) - real))
+    return crops, specs, truths, sources

@@ -97,6 +97,13 @@ def output_paths(out: Path) -> dict[str, Path]:
     }
 
 
+def journal_path_for(out: Path) -> Path:
+    """Where a run writing `out` records its pages as they finish (formreader.pipeline.Journal)."""
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(stem + ".journal.jsonl")
+
+
 def manifest_path(out: Path) -> Path:
     out = Path(out)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name

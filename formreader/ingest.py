@@ -87,6 +87,23 @@ def find_inputs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def count_pages(path: Path) -> int:
+    """How many pages a file holds, cheaply (no page is decoded): for a progress bar. A file
+    that cannot be opened counts as one (its error row)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"%PDF") or path.suffix.lower() == ".pdf":
+            from pdf2image import pdfinfo_from_path
+
+            return max(1, int(pdfinfo_from_path(str(path))["Pages"]))
+        with Image.open(path) as img:
+            return max(1, int(getattr(img, "n_frames", 1)))
+    except Exception:  # noqa: BLE001 - counting must never fail a run; reading reports the problem
+        return 1
+
+
 def read_pages(path: Path, pdf_dpi: int = 200) -> Iterator[Page | PageError]:
     """Yield every page of one file, or a PageError for what cannot be read.
 

@@ -19,7 +19,8 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 def _digit_label(out: np.ndarray, digit: str, confidence: float, x: int, y: int, colour) -> None:
     cv2.putText(out, digit, (x + 2, y), FONT, 0.55, colour, 2, cv2.LINE_AA)
-    cv2.putText(out, f"{confidence:.2f}"[1:], (x + 12, y), FONT, 0.35, colour, 1, cv2.LINE_AA)
+    shown = "1" if confidence >= 0.995 else f"{confidence:.2f}"[1:]  # '.97'; a sure one is '1', not '.00'
+    cv2.putText(out, shown, (x + 12, y), FONT, 0.35, colour, 1, cv2.LINE_AA)
 
 
 def draw_overlay(aligned: np.ndarray, read: PageRead) -> np.ndarray:

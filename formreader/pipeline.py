@@ -37,7 +37,7 @@ from formreader.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
 from formreader.string_model import combine_readings, decode, field_input
-from formreader.strings import StringLayout, decide_string, segment_string
+from formreader.strings import StringLayout, cut_support, decide_string, segment_string
 from formreader.template import Template
 
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
@@ -143,7 +143,9 @@ def decide_page(
             start += len(cells.images)
             reading = decide_string(cells, probs, spec.separators, spec.pattern)
             if sequences is not None and whole is not None:
-                reading = combine_readings(reading, decode(next(wholes), reading_pattern(spec)), whole[1], string_calibration)
+                decoded = decode(next(wholes), reading_pattern(spec))
+                support = cut_support(cells, probs, "".join(c for c in decoded.text if c.isdigit()))
+                reading = combine_readings(reading, support, decoded, whole[1], string_calibration)
             fields.append(read_free_field(spec, reading, offset, threshold))
             continue
         readings = []
@@ -264,9 +266,11 @@ class Journal:
     """Append-only record of finished pages (JSON lines), so a crash loses nothing done.
 
     Its first line records the run's `settings` (what decides the results: template and model
-    fingerprints, threshold). With `resume`, files recorded as finished are taken from the
-    journal instead of re-read, provided the settings are the same: otherwise JournalError says
-    which differ. Without `resume`, an unfinished journal is not silently thrown away either.
+    fingerprints, threshold); a run that ends writes a last line saying so, and the journal
+    stays beside the results. With `resume`, files recorded as finished (by an interrupted run,
+    or a finished one: then only files new since are read) are taken from the journal instead
+    of re-read, provided the settings are the same: otherwise JournalError says which differ.
+    Without `resume`, an unfinished journal is not silently thrown away either.
     """
 
     def __init__(self, path: Path | None, resume: bool = False, settings: dict | None = None):
@@ -275,7 +279,7 @@ class Journal:
         settings = settings or {}
         if path is None:
             return
-        if path.exists() and not resume:
+        if path.exists() and not resume and not _finished(path):
             raise JournalError(f"an interrupted run left {path}: pass --resume to keep the pages it finished, "
                                "or delete that file to start afresh")
         if resume and path.exists():
@@ -289,8 +293,10 @@ class Journal:
                     before = rec.get("settings", {})
                     differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
                     if differ:
-                        raise JournalError(f"--resume refused: the interrupted run had other settings ({', '.join(differ)}); "
+                        raise JournalError(f"--resume refused: the earlier run had other settings ({', '.join(differ)}); "
                                            f"run with the same ones, or delete {path} to start afresh")
+                elif rec.get("kind") == "run_done":
+                    continue
                 elif rec.get("kind") == "file_done":
                     self.done[rec["source"]] = pending.pop(rec["source"], [])
                 else:
@@ -315,11 +321,26 @@ class Journal:
             self._fh.flush()
             os.fsync(self._fh.fileno())
 
-    def close(self, remove: bool = False) -> None:
+    def close(self, remove: bool = False, finished: bool = True) -> None:
+        """Close the journal; `finished`: the run ended (a later run may start afresh or, with
+        --resume, read only new files); `remove`: delete it."""
         if self.path is not None:
+            if finished:
+                self.write({"kind": "run_done"})
             self._fh.close()
             if remove:
                 self.path.unlink(missing_ok=True)
+
+
+def _finished(path: Path) -> bool:
+    """Whether a journal ends with its run's end (a finished run's, not an interrupted one's)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 200))
+            last = fh.read().decode("utf-8", "replace").strip().splitlines()
+        return bool(last) and json.loads(last[-1]).get("kind") == "run_done"
+    except (OSError, ValueError):
+        return False
 
 
 def page_record(read: PageRead) -> dict:
@@ -359,11 +380,16 @@ def process_paths(
     journal: Journal | None = None,
     on_file: Callable[[str, int], None] | None = None,
     chunk_pages: int = 8,
+    on_page: Callable[[dict], None] | None = None,
+    scheduler: str | None = None,
 ) -> list[dict]:
     """Read every page of every input; returns one record per page or unreadable file.
 
     Pages are segmented `workers` at a time; the digits of up to `chunk_pages` pages are
-    classified in one batch. `on_file(source, pages)` is called as each file finishes.
+    classified in one batch. `on_file(source, pages)` is called as each file finishes,
+    `on_page(record)` as each page (or unreadable file) is recorded. With `scheduler` (the
+    address of a Dask distributed scheduler, tcp://HOST:PORT) the image stages run on that
+    cluster's workers instead of local processes: the same page function, the same results.
     """
     journal = journal or Journal(None)
     features = prepare_reference(template.reference)
@@ -372,13 +398,18 @@ def process_paths(
     # Workers are spawned, not forked: forking a process that runs interpreter threads (LiteRT,
     # OpenCV) can deadlock the child.
     spawn = multiprocessing.get_context("spawn")
+    client = _dask_client(scheduler) if scheduler else None
     pool = (
         ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features))
-        if workers > 1
+        if workers > 1 and client is None
         else None
     )
+    if client is not None:  # the template and its features travel to each worker once
+        shared = client.scatter([template, features], broadcast=True)
 
     def segment_all(pages: list[Page]) -> list:
+        if client is not None:
+            return client.gather(client.map(_segment_or_error, pages, template=shared[0], features=shared[1], pure=False))
         if pool is None:
             return [_segment_or_error(p, template, features) for p in pages]
         return list(pool.map(_segment_or_error, pages))
@@ -393,12 +424,16 @@ def process_paths(
             rec = page_record(d)
             journal.write(rec)
             records.append(rec)
+            if on_page:
+                on_page(rec)
 
     try:
         for path in files:
             source = str(path)
             if source in journal.done:
                 records.extend(journal.done[source])
+                for rec in journal.done[source] if on_page else []:
+                    on_page(rec)
                 if on_file:
                     on_file(source, len(journal.done[source]))
                 continue
@@ -410,6 +445,8 @@ def process_paths(
                     rec = error_record(item)
                     journal.write(rec)
                     records.append(rec)
+                    if on_page:
+                        on_page(rec)
                     continue
                 pending.append(item)
                 if len(pending) >= chunk_pages:
@@ -423,7 +460,21 @@ def process_paths(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if client is not None:
+            client.close()
     return records
+
+
+def _dask_client(address: str):
+    """A client of the Dask distributed scheduler at `address` (formreader[cluster])."""
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise RuntimeError("--scheduler needs Dask distributed: pip install 'formreader[cluster]'") from e
+    try:
+        return Client(address, timeout="20s")
+    except OSError as e:
+        raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}") from e
 
 
 def _pages_of(path: Path, template: Template) -> Iterator[Page | PageError]:

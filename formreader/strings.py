@@ -427,3 +427,38 @@ def decide_string(layout: StringLayout, probabilities: np.ndarray, separators: s
     reading.value = "".join(d.digit for d in reading.digits if d.digit != "?")
     reading.unreadable = sum(d.digit == "?" for d in reading.digits)
     return reading
+
+
+def cut_support(layout: StringLayout, probabilities: np.ndarray, digits: str) -> float:
+    """How far the cut reader supports reading `digits` (a string of digits, e.g. another
+    reader's): the probability of its best way of reading exactly these digits from the blobs
+    (each blob cut as one of its segmentations, or set aside as a mark that is not a digit;
+    separators pass), over the probability of its own best reading. 1 when it reads the same
+    digits itself, near 0 when no segmentation of the ink gives them.
+    probabilities: (M, 11) for layout.images.
+    """
+    n = len(digits)
+    target = [int(c) for c in digits]
+    logp = np.log(np.clip(probabilities, 1e-12, 1.0)) if len(probabilities) else np.zeros((0, 11))
+    best_total = 0.0  # the cut reader's own best, blob by blob
+    f = np.full(n + 1, -np.inf)  # f[i]: best log-probability with the first i digits read
+    f[0] = 0.0
+    for blob in layout.blobs:
+        g = f.copy() if blob.kind == "separator" else np.full(n + 1, -np.inf)
+        own = 0.0 if blob.kind == "separator" else -np.inf
+        singles = [idx[0] for _, idx, _ in blob.alternatives if len(idx) == 1]
+        if blob.kind != "separator":  # set aside as not a digit, with that probability
+            skip = logp[singles[0], NOT_A_DIGIT] if singles else np.log(1e-3)
+            g = np.maximum(g, f + skip)
+            own = max(own, skip)
+        for _, idx, penalty in blob.alternatives:
+            k = len(idx)
+            own = max(own, float(logp[idx, :NOT_A_DIGIT].max(axis=1).sum()) - penalty)
+            for i in range(n - k + 1):
+                if f[i] > -np.inf:
+                    g[i + k] = max(g[i + k], f[i] + float(logp[idx, target[i : i + k]].sum()) - penalty)
+        f = g
+        best_total += own
+    if f[n] == -np.inf:
+        return 0.0
+    return float(np.exp(min(0.0, f[n] - best_total)))

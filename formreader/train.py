@@ -42,6 +42,9 @@ class TrainConfig:
     orand: bool = True  # train on the ORAND-CAR-A digits of the 'train' checks (cut by their boxes)
     width: float = 2.0  # the CNN's channel multiplier (formreader.model.build_digit_cnn)
     stretch: float = 0.0  # this share of each batch is stretched to fill the square (`augment_batch`)
+    # Add this share of the real training digits again as a bitonal scanner gives them
+    # (`bitonal_copies`): thin pen strokes break and thicken there, a style grey crops lack.
+    bitonal: float = 0.0
     # How often each source's images come per epoch, on average: the few thousand real digits
     # of other populations would otherwise be drowned by MNIST's fifty thousand.
     oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0})
@@ -238,6 +241,22 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, stretch: float =
     keep = rng.random(b) < 0.125
     out[keep] = images[keep]
     return out
+
+
+def bitonal_copies(images: np.ndarray, rng: np.random.Generator, size: int = 84) -> tuple[np.ndarray, np.ndarray]:
+    """Digits (N, 28, 28) float32, ink high, as a bitonal 300-DPI scan of them reaches the
+    classifier: written `size` px large (a box at 300 DPI), blurred as optics do, cut at a
+    fixed threshold somewhat off the middle (formreader.synth.bitonal's range), and segmented
+    and normalised by formreader's own code. Returns (images (M, 28, 28), index (M,) of the
+    ones kept: a digit the threshold wiped out is dropped)."""
+    crops = []
+    for image in images:
+        ink = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+        ink = cv2.GaussianBlur(ink, (0, 0), rng.uniform(0.5, 1.5))
+        paper = 255 - 255 * np.clip(ink, 0, 1)
+        threshold = rng.uniform(0.55, 0.7) * 255
+        crops.append(np.where(paper < threshold, 0, 255).astype(np.uint8))
+    return segment_crops(crops)
 
 
 def stretch_to_square(image: np.ndarray) -> np.ndarray:
@@ -442,6 +461,25 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
     return data
 
 
+def with_bitonal_copies(data: TrainingData, share: float, rng: np.random.Generator) -> TrainingData:
+    """The training split with `share` of its digits (of every source, not-a-digit aside) added
+    again as bitonal copies (`bitonal_copies`), labelled with their source. Validation is
+    left as it is."""
+    digits = np.flatnonzero(data.y_train < NOT_A_DIGIT)
+    chosen = rng.choice(digits, int(share * len(digits)), replace=False)
+    images, kept = bitonal_copies(data.x_train[chosen], rng)
+    picked = chosen[kept]
+    return TrainingData(
+        np.concatenate([data.x_train, images]),
+        np.concatenate([data.y_train, data.y_train[picked]]),
+        np.concatenate([data.source_train, data.source_train[picked]]),
+        data.x_val,
+        data.y_val,
+        data.source_val,
+        data.held_out,
+    )
+
+
 def epoch_order(source: np.ndarray, oversample: dict[str, float], rng: np.random.Generator) -> np.ndarray:
     """Indices of one epoch, shuffled: each source's images repeated `oversample[name]` times on
     average (fractions by random draw), so that the few thousand digits of other populations of
@@ -512,6 +550,9 @@ def train_model(
 
     keras.utils.set_random_seed(config.seed)
     data = data or build_training_data(config, data_dir, log)
+    if config.bitonal:
+        data = with_bitonal_copies(data, config.bitonal, np.random.default_rng([config.seed, 7]))
+        log(f"added {int((data.y_train < NOT_A_DIGIT).sum())} digits in all, bitonal copies included")
     train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers=min(8, os.cpu_count() or 1))
     val = (data.x_val[..., None], data.y_val)
     n_not = int((data.y_train == NOT_A_DIGIT).sum())

@@ -38,7 +38,12 @@ class StringTrainConfig:
     learning_rate: float = 2e-3
     width: float = 1.0
     real_share: float = 0.3  # of each batch: augmented ORAND training amounts
+    # Which population writes a composed field's digits: MNIST's fifty thousand would otherwise
+    # write nearly all of them, and checks are written by people like ORAND's and CVL's writers.
+    source_weights: tuple = (("mnist", 0.3), ("cvl", 0.3), ("orand", 0.4))
     seed: int = 20261124
+    initial: str | None = None  # start from this string model's weights instead of at random
+    average_with: str | None = None  # then average the weights with this model's, if validation says so
 
 
 def random_text(rng: np.random.Generator) -> str:
@@ -211,8 +216,37 @@ def ctc_loss(y_true, y_pred):
     return keras.ops.ctc_loss(labels, y_pred, label_length, steps, mask_index=0)
 
 
+class MixedSource:
+    """Digits drawn from several populations (formreader.synth.DigitSource each) by weight: a
+    field is written by one population (`new_writer`), as one person writes a check."""
+
+    def __init__(self, digits: np.ndarray, labels: np.ndarray, sources: np.ndarray, weights: dict, rng: np.random.Generator):
+        from formreader.train import SOURCES
+
+        self.rng = rng
+        self.parts, shares = [], []
+        for name, weight in weights.items():
+            keep = sources == SOURCES.index(name)
+            if keep.any() and weight > 0:
+                self.parts.append(DigitSource(digits[keep], labels[keep], rng, reuse=True))
+                shares.append(weight)
+        self.shares = np.array(shares) / sum(shares)
+        self.current = self.parts[0]
+
+    def new_writer(self) -> None:
+        self.current = self.parts[int(self.rng.choice(len(self.parts), p=self.shares))]
+
+    def take(self, digit: int) -> np.ndarray:
+        return self.current.take(digit)
+
+
 def _string_batches(
-    digits: np.ndarray, digit_labels: np.ndarray, real: list[np.ndarray], real_texts: list[str], config: StringTrainConfig
+    digits: np.ndarray,
+    digit_labels: np.ndarray,
+    digit_sources: np.ndarray,
+    real: list[np.ndarray],
+    real_texts: list[str],
+    config: StringTrainConfig,
 ):
     import keras
 
@@ -229,7 +263,7 @@ def _string_batches(
 
         def __getitem__(self, i):
             rng = np.random.default_rng([config.seed, self.epoch, i])
-            source = DigitSource(digits, digit_labels, rng, reuse=True)
+            source = MixedSource(digits, digit_labels, digit_sources, dict(config.source_weights), rng)
             images, texts = [], []
             for _ in range(config.batch_size):
                 if real and rng.random() < config.real_share:
@@ -240,6 +274,7 @@ def _string_batches(
                 text = random_text(rng)
                 while not fits(text):
                     text = random_text(rng)
+                source.new_writer()
                 images.append(field_input(compose_field(text, source, rng)))
                 texts.append(text)
             return np.stack(images)[..., None], encode_labels(texts)
@@ -286,6 +321,7 @@ def train_string_model(
     config: StringTrainConfig,
     digits: np.ndarray,
     digit_labels: np.ndarray,
+    digit_sources: np.ndarray,
     val_digits: np.ndarray,
     val_labels: np.ndarray,
     data_dir: Path | None = None,
@@ -299,7 +335,6 @@ def train_string_model(
     """
     import keras
 
-    from formreader.classify import cached_tflite
     from formreader.model import build_string_crnn
 
     keras.utils.set_random_seed(config.seed)
@@ -307,7 +342,7 @@ def train_string_model(
     train_amounts = load_orand("train", folder)
     val_amounts = load_orand("val", folder)
     real = [without_separators(a) for a in train_amounts]
-    batches = _string_batches(digits, digit_labels, real, [a.value for a in train_amounts], config)
+    batches = _string_batches(digits, digit_labels, digit_sources, real, [a.value for a in train_amounts], config)
     vx, vtexts, vreal = validation_fields(val_digits, val_labels, val_amounts, 1000, config.seed + 1)
     vy = encode_labels(vtexts)
     log(
@@ -315,7 +350,10 @@ def train_string_model(
         f"validating on {int((~vreal).sum())} composed fields and {int(vreal.sum())} ORAND validation amounts"
     )
 
-    model = build_string_crnn(width=config.width)
+    if config.initial:
+        model = keras.saving.load_model(config.initial, compile=False, safe_mode=True)
+    else:
+        model = build_string_crnn(width=config.width)
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, config.epochs * config.steps, alpha=0.02)
     model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0), loss=ctc_loss)
 
@@ -334,30 +372,88 @@ def train_string_model(
     history = model.fit(batches, validation_data=(vx, vy), epochs=config.epochs, callbacks=[Accuracy(), best], verbose=2)
     seconds = time.time() - start
     model = keras.saving.load_model(best.filepath, compile=False, safe_mode=True)
+    Path(best.filepath).unlink(missing_ok=True)
+    record = {
+        "epochs": config.epochs,
+        "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
+        "orand_checks": {"train": len(train_amounts), "val": len(val_amounts)},
+        "training_seconds": round(seconds, 1),
+        "config": dict(vars(config)),
+    }
+    if config.average_with:
+        # Weights averaged with the model this run started from (a "model soup"): kept only
+        # when the validation fields say it is better.
+        soup = average_weights([model, keras.saving.load_model(config.average_with, compile=False, safe_mode=True)])
+        if validation_loss(soup, vx, vy) < validation_loss(model, vx, vy):
+            model, record["averaged_with"] = soup, config.average_with
+    return save_string_model(model, Path(out), (vx, vtexts, vreal), record, log)
+
+
+def average_weights(models: list):
+    """One model whose weights are the mean of `models`' (all of one architecture)."""
+    import keras
+
+    soup = keras.models.clone_model(models[0])
+    soup.set_weights([np.mean(ws, axis=0) for ws in zip(*(m.get_weights() for m in models))])
+    return soup
+
+
+def validation_loss(model, vx: np.ndarray, vy: np.ndarray) -> float:
+    import keras
+
+    logits = np.asarray(model.predict(vx, batch_size=256, verbose=0))
+    return float(np.mean(keras.ops.convert_to_numpy(ctc_loss(vy, logits))))
+
+
+def save_string_model(model, out: Path, validation: tuple, record: dict, log=print) -> dict:
+    """Fit the temperature on the validation fields, write `out` (.keras), its card (.json)
+    with `record` and the validation figures, and its .tflite. Returns the card."""
+    import keras
+
+    from formreader.classify import cached_tflite
+
+    vx, vtexts, vreal = validation
+    vy = encode_labels(vtexts)
     logits = np.asarray(model.predict(vx, batch_size=256, verbose=0))
     temperature = fit_string_temperature(logits, vy)
-    read = greedy_texts(logits)
-    right = np.array([r == t for r, t in zip(read, vtexts)])
-    out = Path(out)
+    right = np.array([r == t for r, t in zip(greedy_texts(logits), vtexts)])
     tmp = out.with_name(out.stem + ".tmp.keras")
     model.save(tmp)
     tmp.replace(out)
-    Path(best.filepath).unlink(missing_ok=True)
     meta = {
         "temperature": temperature,
         "alphabet": ALPHABET,
         "input": "32x256 float32, ink 1.0 on 0.0 (formreader.string_model.field_input)",
         "output": "64 steps x 15 (CTC blank, then the alphabet)",
         "parameters": int(model.count_params()),
-        "epochs": config.epochs,
-        "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
         "validation_fields_right": {"orand_val": float(right[vreal].mean()), "composed": float(right[~vreal].mean())},
-        "orand_checks": {"train": len(train_amounts), "val": len(val_amounts)},
-        "training_seconds": round(seconds, 1),
+        **record,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Keras {keras.__version__} on {keras.backend.backend()}",
-        "config": dict(vars(config)),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     cached_tflite(out, meta)
     log(f"saved {out}; temperature {temperature:.3f}; {meta['validation_fields_right']}")
     return meta
+
+
+def average_models(
+    paths: list[Path],
+    out: Path,
+    val_digits: np.ndarray,
+    val_labels: np.ndarray,
+    seed: int = 20261124,
+    data_dir: Path | None = None,
+    log=print,
+) -> dict:
+    """Average string models' weights (runs of one architecture, one started from the other)
+    into `out`, with its temperature and card, on the validation fields training uses."""
+    import keras
+
+    folder = Path(data_dir) / "orand_car_a" if data_dir else None
+    validation = validation_fields(val_digits, val_labels, load_orand("val", folder), 1000, seed + 1)
+    soup = average_weights([keras.saving.load_model(p, compile=False, safe_mode=True) for p in paths])
+    cards = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
+    record = {
+        "averaged_from": [{"path": str(p), "config": c.get("config"), "epochs": c.get("epochs")} for p, c in zip(paths, cards)]
+    }
+    return save_string_model(soup, Path(out), validation, record, log)

@@ -106,3 +106,22 @@ def write_bad_inputs(folder: Path) -> None:
     Image.new("L", (30000, 20), 255).save(folder / "huge.png")
     jpeg = (SCANS / "phone_d.jpg").read_bytes()
     (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+
+
+def write_png_bomb(path: Path, side: int = 40000) -> None:
+    """A real PNG of side x side white 1-bit pixels (1.6 gigapixels at 40000), a few hundred KB
+    on disk, written row by row so that making it costs no memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + b"\xff" * ((side + 7) // 8)  # filter byte 0, then the row's bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.write(chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)))
+        fh.write(chunk(b"IDAT", data))
+        fh.write(chunk(b"IEND", b""))

@@ -19,7 +19,7 @@ from PIL import Image
 from formreader.export import OutputLock, results_complete
 from formreader.ingest import PageError, find_inputs, read_pages
 
-from .conftest import ROOT, SCANS, TEMPLATE, run_cli
+from .conftest import ROOT, SCANS, TEMPLATE, run_cli, write_png_bomb
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -104,10 +104,11 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 
 def test_resume_refuses_other_settings_and_a_journal_is_never_thrown_away(tmp_path):
     out = tmp_path / "r.csv"
-    journal = tmp_path / "r.csv.partial.jsonl"
+    journal = tmp_path / "r.journal.jsonl"
     first = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q")
-    assert first.returncode == 0 and not journal.exists()
-    # What an interrupted run leaves: its settings and a finished file.
+    assert first.returncode == 0 and journal.exists()  # a finished run's journal stays
+    assert run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q").returncode == 0
+    # What an interrupted run leaves: its settings and a finished file, and no end.
     journal.write_text(
         json.dumps({"kind": "run", "settings": {"review_threshold": 0.5}})
         + "\n"
@@ -119,6 +120,23 @@ def test_resume_refuses_other_settings_and_a_journal_is_never_thrown_away(tmp_pa
     resumed = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", "--resume")
     assert resumed.returncode == 2 and "other settings" in resumed.stderr and "review_threshold" in resumed.stderr
     assert journal.exists()  # still there for the right --resume
+
+
+def test_a_rerun_with_resume_reads_only_new_files(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(SCANS / "scan_c.png", folder / "first.png")
+    out = tmp_path / "r.csv"
+    assert run_cli("process", folder, "--template", TEMPLATE, "--out", out, "-q").returncode == 0
+    before, _ = read_results(out)
+    shutil.copyfile(SCANS / "fax_b.tif", folder / "second.tif")
+    # The first file is gone now: read again, it would be an error row; it is not read again.
+    (folder / "first.png").write_bytes(b"")
+    run = run_cli("process", folder, "--template", TEMPLATE, "--out", out, "-q", "--resume")
+    assert run.returncode == 0, run.stderr
+    after, errors = read_results(out)
+    assert errors.empty and len(after) == 6 + 3 * 6
+    assert after[after.file.str.endswith("first.png")].value.tolist() == before.value.tolist()
 
 
 def test_a_damaged_converted_model_is_made_again(tmp_path):
@@ -252,7 +270,7 @@ def wait_for_workers(proc: subprocess.Popen, count: int = 2, timeout: float = 60
 
 def test_interrupted_run_exits_130_and_resumes_to_the_same_rows(tmp_path):
     proc = start_batch(tmp_path)
-    journal = tmp_path / "r.csv.partial.jsonl"
+    journal = tmp_path / "r.journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (journal.exists() and "file_done" in journal.read_text()):
         time.sleep(0.2)
@@ -315,7 +333,7 @@ def test_bad_templates_get_exit_2_and_a_reason(tmp_path, case, message):
         (tmp_path / "ref").mkdir()
         bad.write_text(text.replace(f"reference: {reference}", "reference: ref"))
     else:  # a tiny PNG that says it is 40000 x 40000 pixels
-        Image.new("1", (40000, 40000), 1).save(tmp_path / "bomb.png")
+        write_png_bomb(tmp_path / "bomb.png")
         bad.write_text(text.replace(f"reference: {reference}", "reference: bomb.png"))
     for command in (["template", "check", bad], ["process", SCANS / "scan_c.png", "-t", bad, "-o", tmp_path / "r.csv"]):
         start = time.time()
@@ -332,3 +350,37 @@ def test_an_unwritable_out_is_exit_2_with_a_reason(tmp_path):
         target = tmp_path / "ro" / "r.csv"
     run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", target, "-q")
     assert run.returncode == 2 and "cannot write the results" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bombs_cost_an_error_row_each_and_little_memory(tmp_path):
+    """Inputs built to blow memory up: each is an error row, the rest is read, and the run's
+    peak memory stays far under 2 GB."""
+    from pypdf import PdfReader, PdfWriter
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(SCANS / "scan_c.png", folder / "good.png")
+    Image.new("L", (6000, 6000), 255).save(folder / "dpi_tag.png", dpi=(55, 55))  # 268 MP at the form's DPI
+    write_png_bomb(folder / "bomb.png")  # 200 KB that decode to 1.6 GB
+    pdf = PdfWriter()
+    pdf.add_page(PdfReader(SCANS / "batch_a.pdf").pages[0])
+    pdf.add_blank_page(width=14400, height=14400)
+    with open(folder / "huge_page.pdf", "wb") as fh:
+        pdf.write(fh)
+    out = tmp_path / "r.csv"
+    cmd = [sys.executable, "-m", "formreader.cli", "process", folder, "--template", TEMPLATE, "--out", out, "-q"]
+    # Started from a small Python of its own, so that its peak memory is its own (a child forked
+    # from this test process would be charged with the pages it shares with it).
+    probe = "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; " + (
+        "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    rc, peak_kib = map(
+        int, subprocess.run([sys.executable, "-c", probe, *map(str, cmd)], capture_output=True, text=True).stdout.split()
+    )
+    assert rc == 1
+    fields, errors = read_results(out)
+    assert set(fields.file.map(lambda f: Path(f).name)) == {"good.png", "huge_page.pdf"}
+    reasons = dict(zip(errors.file.map(lambda f: Path(f).name), errors.error))
+    assert "megapixels" in reasons["dpi_tag.png"] and "too large" in reasons["bomb.png"]
+    assert "too large" in reasons["huge_page.pdf"]
+    assert peak_kib < 2**20  # under 1 GB (the limit asked for is 2 GB)

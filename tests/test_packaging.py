@@ -42,13 +42,16 @@ def test_the_wheel_reads_the_samples_without_tensorflow(tmp_path, truth):
         sys.path.insert(0, {str(site)!r})
         import formreader
         assert formreader.__file__.startswith({str(site)!r}), formreader.__file__
-        from formreader.cli import main
-        main()
+
+        if __name__ == "__main__":  # worker processes import this file too (spawn)
+            from formreader.cli import main
+
+            main()
     """)
     )
     out = tmp_path / "r.csv"
-    run = subprocess.run(
-        [sys.executable, launcher, "process", SCANS, "--template", TEMPLATE, "--out", out, "-q"],
+    run = subprocess.run(  # with worker processes: they too must find everything in the wheel
+        [sys.executable, launcher, "process", SCANS, "--template", TEMPLATE, "--out", out, "-q", "--workers", "2"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -98,7 +98,7 @@ def test_bad_inputs_reported_while_the_batch_goes_on(messy_batch, tmp_path, trut
         assert len(got[name]) == 1 and reason in got[name][0], (name, got[name])
     fields = pd.read_csv(out, dtype={"value": str}, keep_default_na=False)
     assert len(fields) == 60  # every good page was still read
-    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob("*.partial.jsonl"))
+    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob(".*.tmp"))
 
 
 def test_cli_outputs_keep_leading_zeros_and_have_all_tables(tmp_path, truth):
@@ -161,3 +161,26 @@ def test_cli_bad_template_is_a_usage_error(tmp_path):
     bad.write_text("reference: nothing.png\nfields: []\n")
     run = run_cli("process", SCANS, "--template", bad, "--out", tmp_path / "r.csv")
     assert run.returncode == 2 and str(bad) in run.stderr
+
+
+def test_progress_counts_pages(template, classifier):
+    from formreader.ingest import count_pages
+
+    assert [count_pages(SCANS / n) for n in ("batch_a.pdf", "fax_b.tif", "scan_c.png")] == [4, 3, 1]
+    seen = []
+    records = process_paths([SCANS / "fax_b.tif", SCANS / "scan_c.png"], template, classifier, on_page=seen.append)
+    assert seen == records and len(seen) == 4
+
+
+def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records):
+    """The same batch on a real Dask LocalCluster (worker processes) reads what a local run reads."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        records = process_paths([SCANS], template, classifier, scheduler=cluster.scheduler_address)
+    assert records == sample_records
+
+
+def test_an_unreachable_scheduler_is_a_clear_refusal(tmp_path):
+    run = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", tmp_path / "r.csv", "--scheduler", "tcp://127.0.0.1:9")
+    assert run.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in run.stderr

@@ -17,7 +17,6 @@ from formreader.string_model import (
     INPUT_WIDTH,
     NUM_STRING_CLASSES,
     beam_search,
-    consistent,
     decode,
     field_input,
 )
@@ -89,12 +88,24 @@ def test_spans_say_where_each_character_was_read():
     assert held.text == "472" and [(s.char, s.first, s.last) for s in held.spans] == [("4", 1, 2), ("7", 3, 3), ("2", 4, 4)]
 
 
-def test_cut_reading_consistency():
-    assert consistent("70497", "7?497")  # a piece it could not read contradicts nothing
-    assert consistent("30000", "30.000?")  # separators and a trailing mark aside
-    assert consistent("5000", "5?")  # '?' as a chain of zeros
-    assert not consistent("5581", "5586")
-    assert not consistent("117718", "71?778")
+def test_cut_support_of_another_reading():
+    """How far the cut reader supports another reader's digits: its best way to read exactly
+    them, against its own best reading."""
+    from formreader.strings import Blob, StringLayout, cut_support
+
+    probs = np.zeros((3, 11))
+    probs[0, [0, 8, 10]] = [0.6, 0.3, 0.1]  # the blob whole: a 0, perhaps an 8
+    probs[1, 0], probs[2, 0] = 0.9, 0.8  # cut in two: two zeros
+    blob = Blob(0, 0, 10, 20, np.ones((20, 10), bool))
+    blob.alternatives = [([(0, 10)], [0], 0.0), ([(0, 5), (5, 10)], [1, 2], 0.5)]
+    dot = Blob(12, 16, 14, 18, np.ones((2, 2), bool), kind="separator", separator=".")
+    layout = StringLayout([blob, dot], np.zeros((3, 28, 28), np.float32), 20.0)
+    assert cut_support(layout, probs, "0") == pytest.approx(1.0)
+    assert cut_support(layout, probs, "00") == pytest.approx(0.9 * 0.8 * math.exp(-0.5) / 0.6)
+    assert cut_support(layout, probs, "8") == pytest.approx(0.5)
+    assert cut_support(layout, probs, "") == pytest.approx(0.1 / 0.6)  # the blob set aside as no digit
+    assert cut_support(layout, probs, "5") < 1e-9
+    assert cut_support(layout, probs, "000") == 0.0  # no segmentation gives three digits
 
 
 def test_field_input_normalises_any_crop():
@@ -142,3 +153,87 @@ def test_orand_dots_are_painted_out():
 
 
 needs_model = pytest.mark.skipif(not (ROOT / "models" / "strings.keras").exists(), reason="no string model shipped")
+
+
+def composed(text: str, seed: int, touching: float = 0.0, width: int = 260, height: int = 80) -> np.ndarray:
+    """A grey field with `text` written freely in it by MNIST test writers (formreader.synth)."""
+    from formreader.datasets import load_mnist
+    from formreader.synth import DigitSource, write_number
+
+    images, labels = load_mnist("test", download=False)
+    rng = np.random.default_rng(seed)
+    canvas = np.full((height, width), 245, np.uint8)
+    write_number(canvas, (5, 5, width - 10, height - 10), text, DigitSource(images, labels, rng), rng, 30, touching, 0.0)
+    return canvas
+
+
+@needs_model
+def test_a_chain_of_zeros_and_a_thousands_dot():
+    """Three zeros written touching, one loop after another, read as 000; a 1.250 keeps its dot."""
+    import formreader
+
+    zeros = [formreader.read_number(composed("000", seed, touching=1.0)).raw for seed in range(6)]
+    assert zeros.count("000") >= 5, zeros
+    amounts = [formreader.read_number(composed("1.250", seed), separators=".,") for seed in range(6)]
+    assert sum(a.raw == "1.250" and a.value == "1250" for a in amounts) >= 5, [a.raw for a in amounts]
+
+
+@needs_model
+def test_a_pattern_settles_a_slash_or_a_one_in_a_real_field():
+    import formreader
+
+    date = r"\d{1,2}/\d{1,2}"
+    slashes = [formreader.read_number(composed("1/5", seed), separators="/", pattern=date).raw for seed in range(4)]
+    ones = [formreader.read_number(composed("115", seed), separators="/", pattern=r"\d+").raw for seed in range(4)]
+    assert slashes.count("1/5") >= 3 and ones.count("115") >= 3, (slashes, ones)
+
+
+@needs_model
+def test_an_unreadable_scribble_goes_to_review():
+    import cv2
+
+    import formreader
+
+    for seed in range(5):
+        canvas = np.full((80, 260), 245, np.uint8)
+        points = np.random.default_rng(seed).integers([20, 8], [240, 72], size=(14, 2)).astype(np.int32)
+        cv2.polylines(canvas, [points], False, 30, 2, cv2.LINE_AA)  # a cross-out over the whole box
+        reading = formreader.read_number(canvas)
+        assert reading.status == "review" and reading.reasons, (seed, reading.raw, reading.confidence)
+
+
+@needs_model
+def test_real_check_amounts_never_trained_on():
+    """ORAND's test checks (the committed sample of them): read whole, most right, and at most
+    one wrong but ok (an open 4 with a tall stem read 1 at 0.87: on all 215 test checks 5 are
+    wrong and ok, benchmarks/evaluate_checks.py; the promise is not kept yet)."""
+    import formreader
+    from formreader.datasets import load_orand
+
+    amounts = load_orand("test")
+    readings = [formreader.read_number(a.image, separators=".,") for a in amounts]
+    right = [r.value == a.value for r, a in zip(readings, amounts)]
+    assert sum(right) >= 8, [(a.value, r.raw) for a, r in zip(amounts, readings)]
+    assert sum(r.status == "ok" and not ok for r, ok in zip(readings, right)) <= 1
+
+
+@needs_model
+def test_inspect_shows_where_the_string_model_placed_each_digit(tmp_path):
+    """The overlay of a check: each digit of a free field outlined where the string model read it."""
+    import cv2
+
+    from .conftest import run_cli
+
+    out = tmp_path / "check.png"
+    run = run_cli(
+        "inspect", ROOT / "samples" / "checks" / "check_b.png", "--template", ROOT / "templates" / "bank_check.yaml", "--out", out
+    )
+    assert run.returncode == 0, run.stderr
+    picture = cv2.imread(str(out))
+    from formreader.synth import AMOUNT_BOX
+
+    x, y, w, h = AMOUNT_BOX
+    field = picture[y - 4 : y + h + 4, x - 4 : x + w + 4].astype(int)
+    coloured = np.abs(field[..., 1] - field[..., 2]) > 60  # green (ok) or orange (review) outlines
+    columns = np.flatnonzero(coloured[h // 2])  # a line across the middle of the field
+    assert len(columns) >= 2 * 3  # the field's border and a box for each of its digits (two sides each)
