@@ -155,19 +155,53 @@ def run_interpreter(runners: threading.local, content: bytes, threads: int, x: n
 
 
 @dataclass
-class DigitClassifier:
-    """Calibrated digit classifier over the fast inference path.
-
-    Construct with `DigitClassifier.load(path)`. Call `probabilities(images)` with images
-    (N, 28, 28) float32, ink 1.0 on 0.0; get (N, 11) calibrated probabilities (digits 0-9, then
-    not-a-digit).
-    """
+class LiteRTModel:
+    """A model on the fast path: its converted form (run by LiteRT, one interpreter per
+    thread), the temperature calibrating its softmax, and its card."""
 
     tflite: bytes
     temperature: float
     meta: dict
     path: str = ""
     threads: int = 0
+
+    @staticmethod
+    def read_card(path: Path, missing: str) -> tuple[bytes, float, dict]:
+        """(converted model, temperature, card) for a .keras file and the card beside it;
+        ModelError with `missing` when there is no such file."""
+        card = path.with_suffix(".json")
+        if not path.exists():
+            raise ModelError(missing)
+        try:
+            meta = json.loads(card.read_text())
+            temperature = float(meta["temperature"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
+        return cached_tflite(path, meta), temperature, meta
+
+    def __post_init__(self):
+        self._runners = threading.local()
+
+    def __getstate__(self):  # picklable for process pools: the interpreters are rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k != "_runners"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._runners = threading.local()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The raw outputs for one batch, on this thread's interpreter."""
+        return run_interpreter(self._runners, self.tflite, self.threads, x)
+
+
+@dataclass
+class DigitClassifier(LiteRTModel):
+    """Calibrated digit classifier over the fast inference path.
+
+    Construct with `DigitClassifier.load(path)`. Call `probabilities(images)` with images
+    (N, 28, 28) float32, ink 1.0 on 0.0; get (N, 11) calibrated probabilities (digits 0-9, then
+    not-a-digit).
+    """
     # The same network fine-tuned on the pieces string segmentation cuts (models/digits.strings.keras),
     # which refuses wrong cuts; it reads free-written numbers, this one reads boxed cells.
     strings: DigitClassifier | None = None
@@ -178,15 +212,7 @@ class DigitClassifier:
     @classmethod
     def load(cls, path: Path | None = None, threads: int | None = None) -> DigitClassifier:
         path = Path(path) if path else DEFAULT_MODEL
-        card = path.with_suffix(".json")
-        if not path.exists():
-            raise ModelError(f"model file not found: {path} (train one with `formreader train`)")
-        try:
-            meta = json.loads(card.read_text())
-            temperature = float(meta["temperature"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
-        content = cached_tflite(path, meta)
+        content, temperature, meta = cls.read_card(path, f"model file not found: {path} (train one with `formreader train`)")
         clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
         clf._check()
         companion = path.with_suffix(STRING_MODEL_SUFFIX)
@@ -209,16 +235,6 @@ class DigitClassifier:
         """The classifier for free-written numbers' pieces: the string model beside this one, if any."""
         return self.strings or self
 
-    def __post_init__(self):
-        self._runners = threading.local()
-
-    def __getstate__(self):  # picklable for process pools: the interpreters are rebuilt there
-        return {k: v for k, v in self.__dict__.items() if k != "_runners"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._runners = threading.local()
-
     def _check(self) -> None:
         try:
             out = self.logits(np.zeros((1, 28, 28), np.float32))
@@ -232,7 +248,7 @@ class DigitClassifier:
         x = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
         if len(x) == 0:
             return np.zeros((0, 11), np.float32)
-        return run_interpreter(self._runners, self.tflite, self.threads, x)
+        return self.run(x)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Calibrated probabilities (N, 11): softmax of logits / temperature."""

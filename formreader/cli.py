@@ -44,6 +44,27 @@ def _load_classifier(model: Path | None):
         _fail(str(e))
 
 
+DATA_OPTION = click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder holding mnist/, cvl_digits/ and orand_car_a/; default $FORMREADER_DATA, else ../shared/data.",
+)
+FORCE_OPTION = click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+
+
+def _prepared_splits(prepared: Path | None, config, data: Path | None):
+    """The digit model's training splits: read from `prepared` if it exists, else built (and
+    written there when given)."""
+    from formreader.train import TrainingData, build_training_data
+
+    if prepared and prepared.exists():
+        return TrainingData.load(prepared)
+    splits = build_training_data(config, data)
+    if prepared:
+        splits.save(prepared)
+    return splits
+
+
 @click.group()
 @click.version_option(package_name="formreader")
 def main() -> None:
@@ -247,15 +268,11 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 
 
 @main.command()
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder holding mnist/, cvl_digits/ and orand_car_a/; default $FORMREADER_DATA, else ../shared/data.",
-)
+@DATA_OPTION
 @click.option(
     "--out", "-o", default=Path("models/digits.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
 )
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@FORCE_OPTION
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--limit", type=click.IntRange(50), help="Train on this many images of each source only (quick trials).")
 @click.option("--seed", default=20261124, show_default=True, type=int)
@@ -299,7 +316,7 @@ def train(
     Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
     """
     _need("keras", "train")
-    from formreader.train import TrainConfig, TrainingData, build_training_data, train_model
+    from formreader.train import TrainConfig, train_model
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
@@ -317,26 +334,16 @@ def train(
         strings=strings,
         initial=str(initial) if initial else None,
     )
-    if prepared and prepared.exists():
-        splits = TrainingData.load(prepared)
-    else:
-        splits = build_training_data(config, data)
-        if prepared:
-            splits.save(prepared)
-    meta = train_model(out, config, data=splits)
+    meta = train_model(out, config, data=_prepared_splits(prepared, config, data))
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 
 
 @main.command("train-strings")
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder holding mnist/, cvl_digits/ and orand_car_a/; default $FORMREADER_DATA, else ../shared/data.",
-)
+@DATA_OPTION
 @click.option(
     "--out", "-o", default=Path("models/strings.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
 )
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@FORCE_OPTION
 @click.option("--epochs", default=28, show_default=True, type=click.IntRange(1))
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(1), help="Batches of 64 fields per epoch.")
 @click.option(
@@ -363,16 +370,14 @@ def train_strings(data, out, force, epochs, steps, real_share, learning_rate, in
     """Train the string model (CNN + CTC) on fields composed from the digit model's training
     digits and on ORAND's training check amounts (its test checks are never read)."""
     _need("keras", "train")
-    from formreader.train import TrainConfig, TrainingData, build_training_data
+    from formreader.train import TrainConfig
     from formreader.train_strings import StringTrainConfig, train_string_model
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
     import numpy as np
 
-    splits = TrainingData.load(prepared) if prepared and prepared.exists() else build_training_data(TrainConfig(), data)
-    if prepared and not prepared.exists():
-        splits.save(prepared)
+    splits = _prepared_splits(prepared, TrainConfig(), data)
 
     keep = splits.y_train < 10  # not-a-digit images are not written into fields
     train = np.round(splits.x_train[keep] * 255).astype(np.uint8), splits.y_train[keep], splits.source_train[keep]

@@ -12,17 +12,15 @@ a prefix beam search that can be held to the field's `pattern`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from formreader.classify import MODELS, NUM_CLASSES, DigitReading, ModelError, cached_tflite, run_interpreter, softmax
+from formreader.classify import MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
 from formreader.strings import StringReading
 
 ALPHABET = "0123456789.,-/"  # class k + 1 is ALPHABET[k]; class 0 is the CTC blank
@@ -233,31 +231,19 @@ def step_columns(span: CharacterSpan, crop_shape: tuple[int, int]) -> tuple[int,
 
 
 @dataclass
-class StringModel:
+class StringModel(LiteRTModel):
     """The string model over the fast inference path (LiteRT), as DigitClassifier is.
 
     `probabilities(inputs)`: inputs (N, 32, 256) float32 from field_input -> (N, 64, 15)
     calibrated per-step probabilities (softmax of logits / temperature).
     """
 
-    tflite: bytes
-    temperature: float
-    meta: dict
-    path: str = ""
-    threads: int = 0
-
     @classmethod
     def load(cls, path: Path | str | None = None, threads: int | None = None) -> StringModel:
         path = Path(path) if path else DEFAULT_STRING_MODEL
-        card = path.with_suffix(".json")
-        if not path.exists():
-            raise ModelError(f"string model not found: {path} (train one with `formreader train-strings`)")
-        try:
-            meta = json.loads(card.read_text())
-            temperature = float(meta["temperature"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
-        model = cls(cached_tflite(path, meta), temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        missing = f"string model not found: {path} (train one with `formreader train-strings`)"
+        content, temperature, meta = cls.read_card(path, missing)
+        model = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
         out = model.logits(np.zeros((1, INPUT_HEIGHT, INPUT_WIDTH), np.float32))
         if out.shape[1:] != (INPUT_WIDTH // STEP, NUM_STRING_CLASSES):
             raise ModelError(
@@ -271,20 +257,9 @@ class StringModel:
         """The two readers' field calibration (two_reader_confidence), if one was fitted."""
         return self.meta.get("field_calibration")
 
-    def __post_init__(self):
-        self._runners = threading.local()
-
-    def __getstate__(self):  # picklable for process pools: the interpreters are rebuilt there
-        return {k: v for k, v in self.__dict__.items() if k != "_runners"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._runners = threading.local()
-
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Raw logits (N, 64, 15) for inputs (N, 32, 256) float32 from field_input."""
-        x = np.ascontiguousarray(inputs, dtype=np.float32).reshape(-1, INPUT_HEIGHT, INPUT_WIDTH, 1)
-        return run_interpreter(self._runners, self.tflite, self.threads, x)
+        return self.run(np.ascontiguousarray(inputs, dtype=np.float32).reshape(-1, INPUT_HEIGHT, INPUT_WIDTH, 1))
 
     def probabilities(self, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
         if len(inputs) == 0:
