@@ -113,7 +113,11 @@ def read_pages(path: Path, pdf_dpi: int = 200) -> Iterator[Page | PageError]:
     path = Path(path)
     source = str(path)
     if path.is_dir():
-        reason = "folder cannot be listed" if not os.access(path, os.R_OK | os.X_OK) else "is a folder, not a file"
+        try:
+            os.listdir(path)
+            reason = "is a folder, not a file"
+        except OSError as e:
+            reason = f"folder cannot be listed ({e.strerror or e})"
         yield PageError(source, 0, f"{reason}: its files were not read")
         return
     try:
