@@ -391,13 +391,15 @@ def fit_two_readers(samples: list[FreeFieldSample], groups: np.ndarray | None = 
 
 
 def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
-    """Validation free fields: ORAND's validation checks (their amounts) and scanned generated
-    checks written with the digit model's MNIST validation digits. Returns (crops, specs, truths,
-    sources): sources 0 for ORAND, 1 for the generated."""
-    from formreader.datasets import load_orand
-    from formreader.pipeline import free_field_crop
+    """Validation free fields: ORAND's validation checks (their amounts), scanned generated checks
+    written with the digit model's MNIST validation digits, and free-field forms (thick worn
+    borders, bitonal) written by its MNIST and CVL validation writers. Returns (crops, specs,
+    truths, sources): sources 0 for ORAND, 1 the checks, 2 and 3 the forms."""
+    from formreader.datasets import load_cvl, load_orand
+    from formreader.pipeline import free_field_crop, scale_to_template
     from formreader.register import RegistrationError, prepare_reference, register_page
-    from formreader.synth import make_checks, scan
+    from formreader.strings import without_frame
+    from formreader.synth import ink_on_black, make_checks, scan, scanned_free_forms
     from formreader.template import Field
     from formreader.train import TrainConfig, mnist_split
 
@@ -421,8 +423,32 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
         except RegistrationError:
             continue
         for spec in fields:
-            crops.append(free_field_crop(aligned, spec.box)[0])
+            crop, (x0, y0) = free_field_crop(aligned, spec.box)
+            bx, by, bw, bh = spec.box
+            crops.append(without_frame(crop, (bx - x0, by - y0, bw, bh)))  # as the pipeline reads it
             specs.append(spec)
             truths.append("".join(c for c in values[spec.name] if c.isdigit()))
-    sources = np.array([0] * real + [1] * (len(crops) - real))
-    return crops, specs, truths, sources
+    sources = [0] * real + [1] * (len(crops) - real)
+    # Free fields on thick-bordered bitonal forms, by the MNIST and the CVL writers held out
+    # for the digit model's validation.
+    writers = classifier.meta.get("held_out", {}).get("cvl_validation_writers", [])
+    populations = [(images[val], labels[val])]
+    if writers:
+        x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
+        populations.append(ink_on_black(x[np.isin(w, writers)], y[np.isin(w, writers)]))
+    for k, (digit_images, digit_labels) in enumerate(populations):
+        template, items = scanned_free_forms(digit_images, digit_labels, max(10, checks // 8), seed + 1 + k)
+        reference = prepare_reference(template.reference)
+        for page, truth in items:
+            try:
+                reg = register_page(scale_to_template(page.image, page.dpi, template), template.reference, reference)
+            except RegistrationError:
+                continue
+            for spec in template.fields:
+                crop, (x0, y0) = free_field_crop(reg.aligned, spec.box)
+                bx, by, bw, bh = spec.box
+                crops.append(without_frame(crop, (bx - x0, by - y0, bw, bh)))
+                specs.append(spec)
+                truths.append(truth[spec.name])
+                sources.append(2 + k)
+    return crops, specs, truths, np.array(sources)

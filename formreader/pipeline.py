@@ -37,7 +37,7 @@ from formreader.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
 from formreader.string_model import combine_readings, decode, field_input
-from formreader.strings import StringLayout, cut_support, decide_string, segment_string
+from formreader.strings import StringLayout, cut_support, decide_string, segment_string, without_frame
 from formreader.template import Template
 
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
@@ -99,6 +99,8 @@ def segment_page(page: Page, template: Template, features: ReferenceFeatures | N
     for spec in template.fields:
         if spec.kind == "free":
             crop, offset = free_field_crop(reg.aligned, spec.box)
+            x, y, w, h = spec.box
+            crop = without_frame(crop, (x - offset[0], y - offset[1], w, h))
             boxes.append([spec.box])
             segments.append(segment_string(crop))
             offsets.append(offset)

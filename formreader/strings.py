@@ -26,7 +26,7 @@ import numpy as np
 from skimage.filters import threshold_sauvola
 
 from formreader.classify import NOT_A_DIGIT, DigitReading
-from formreader.segment import normalize_digit
+from formreader.segment import normalize_digit, remove_frame
 
 MAX_PIECES = 4
 MAX_ALTERNATIVES = 200
@@ -280,6 +280,24 @@ def _piece_image(blob: Blob, a: int, b: int) -> np.ndarray | None:
         return None
     ink = cv2.GaussianBlur(piece.astype(np.float32), (3, 3), 0.6)
     return normalize_digit(ink)
+
+
+def without_frame(crop: np.ndarray, interior: tuple[int, int, int, int]) -> np.ndarray:
+    """A free field's crop with its box's own border painted over with the paper: (H, W) uint8.
+
+    interior: the box's inside (x, y, w, h) in crop pixels, as the template puts it. The border
+    is found as a boxed cell's is (formreader.segment.remove_frame: thick, ragged or broken runs
+    along each side, and the debris that reaches nowhere into the box), so that neither reader
+    takes pieces of it for a 1, a comma or a stray mark; strokes written across it stay.
+    """
+    ink = string_ink(crop)
+    frame = ink & ~remove_frame(ink, interior)
+    if not frame.any():
+        return crop
+    paper = np.percentile(crop, 90)
+    out = crop.copy()
+    out[cv2.dilate(frame.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~(ink & ~frame)] = paper
+    return out
 
 
 def segment_string(crop: np.ndarray) -> StringLayout:

@@ -439,3 +439,70 @@ def make_checks(
             write_number(page, spec.box, values[spec.name], source, rng, ink)
         checks.append((page, values))
     return blank, fields, checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Forms with free fields: a number written in one box
+# ---------------------------------------------------------------------------------------------
+
+FREE_FIELDS = (  # name, box (x, y, w, h) at 150 DPI, what is written there
+    ("amount", (330, 150, 300, 70), "amount"),
+    ("quantity", (820, 150, 180, 70), "count"),
+    ("account", (330, 290, 420, 70), "digits"),
+    ("date", (820, 290, 300, 70), "date"),
+    ("reference", (330, 430, 420, 70), "digits"),
+    ("total", (820, 430, 300, 70), "amount"),
+)
+
+
+def free_form(line: int = 4) -> tuple[np.ndarray, list[Field]]:
+    """A census-style form of free fields: each a box (borders `line` px thick) in which a number
+    is written with no cells. Returns the blank (874, 1240) uint8 and its fields."""
+    w, h = PAGE_SIZE
+    canvas = np.full((h, w), 255, np.uint8)
+    cv2.putText(canvas, "FORMREADER DEMO - RETURN", (60, 70), cv2.FONT_HERSHEY_DUPLEX, 1.1, 0, 2, cv2.LINE_AA)
+    cv2.line(canvas, (60, 92), (1180, 92), 0, 2)
+    fields = []
+    for name, (x, y, bw, bh), kind in FREE_FIELDS:
+        cv2.putText(canvas, name.capitalize(), (x, y - 14), FONT, 0.7, 0, 2, cv2.LINE_AA)
+        cv2.rectangle(canvas, (x - line, y - line), (x + bw + line - 1, y + bh + line - 1), 0, line)
+        rules = {"amount": (".,", r"\d+\.\d{2}"), "date": ("/", r"\d{1,2}/\d{1,2}/\d{4}")}
+        separators, pattern = rules.get(kind, ("", ""))
+        fields.append(Field(name, kind="free", box=(x, y, bw, bh), min_length=1, separators=separators, pattern=pattern))
+    cv2.putText(canvas, "Write each number inside its box.", (60, 720), FONT, 0.6, 0, 1, cv2.LINE_AA)
+    return canvas, fields
+
+
+def free_values(rng: np.random.Generator) -> dict[str, str]:
+    """What people write in free_form's fields (raw, with separators)."""
+    digits = lambda n: "".join(str(d) for d in rng.integers(0, 10, n))  # noqa: E731
+    out = {}
+    for name, _, kind in FREE_FIELDS:
+        if kind == "amount":
+            out[name] = f"{int(rng.integers(1, 10 ** int(rng.integers(1, 5))))}.{int(rng.integers(0, 100)):02d}"
+        elif kind == "count":
+            out[name] = str(int(rng.integers(1, 10 ** int(rng.integers(1, 4)))))
+        elif kind == "date":
+            out[name] = f"{int(rng.integers(1, 29))}/{int(rng.integers(1, 13))}/{int(rng.integers(1990, 2027))}"
+        else:
+            out[name] = digits(int(rng.integers(5, 9)))
+    return out
+
+
+def scanned_free_forms(images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[Template, list]:
+    """`n` free-field forms filled with the given digits (ink high on 0), worn and scanned
+    bitonal at 300 DPI: the template and [(Page, {field: digits written})]."""
+    rng = np.random.default_rng(seed)
+    blank, fields = free_form()
+    source = DigitSource(images, labels, rng, reuse=True)
+    items = []
+    for i in range(n):
+        values = free_values(rng)
+        page = wear_lines(blank, rng)
+        ink = rng.uniform(15, 70)
+        for spec in fields:
+            write_number(page, spec.box, values[spec.name], source, rng, ink, touching=0.2, broken=0.1)
+        image = bitonal(scan(page, rng, max_rotation=5, dpi_scale=2.0), rng)
+        truth = {k: "".join(c for c in v if c.isdigit()) for k, v in values.items()}
+        items.append((Page(image, DPI * 2.0, f"free-{i}", 1), truth))
+    return Template("free_form", blank, float(DPI), tuple(fields)), items

@@ -24,7 +24,7 @@ import numpy as np
 
 from formreader.datasets import CheckAmount, load_orand
 from formreader.string_model import ALPHABET, INPUT_WIDTH, STEP, field_input, text_to_labels
-from formreader.synth import DigitSource, write_number
+from formreader.synth import DigitSource, bitonal, write_number
 
 MAX_LABEL = 16
 assert 2 * MAX_LABEL - 1 <= INPUT_WIDTH // STEP
@@ -88,7 +88,7 @@ def compose_field(text: str, source: DigitSource, rng: np.random.Generator) -> n
 
     Neighbours touch (and zeros chain) at a rate drawn per field; the whole is slanted, the pen
     made thicker or thinner; box borders, a guide line, a security pattern, a stray stroke,
-    blur, noise and JPEG come each with some chance. Half the fields are cut tight around the
+    blur, noise, a bitonal scan or JPEG come each with some chance. Half the fields are cut tight around the
     writing, as an ORAND crop is, the rest with their box.
     """
     digits = sum(c.isdigit() for c in text)
@@ -135,7 +135,9 @@ def compose_field(text: str, source: DigitSource, rng: np.random.Generator) -> n
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.0))
     img += rng.normal(0, rng.uniform(0, 10), img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:  # a bitonal scan: thin strokes break, edges go ragged
+        img = bitonal(img, rng)
+    elif rng.random() < 0.3:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 90))])
         img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
     if rng.random() < 0.5:  # cut tight around the writing, as ORAND's crops are

@@ -237,3 +237,30 @@ def test_inspect_shows_where_the_string_model_placed_each_digit(tmp_path):
     coloured = np.abs(field[..., 1] - field[..., 2]) > 60  # green (ok) or orange (review) outlines
     columns = np.flatnonzero(coloured[h // 2])  # a line across the middle of the field
     assert len(columns) >= 2 * 3  # the field's border and a box for each of its digits (two sides each)
+
+
+def test_a_free_fields_thick_worn_border_is_painted_out(mnist_test):
+    """A number written in a box with thick, broken borders, scanned bitonal: the border goes,
+    every stroke of the digits stays, and the field reads right."""
+    import cv2
+
+    import formreader
+    from formreader.strings import without_frame
+    from formreader.synth import DigitSource, bitonal, wear_lines, write_number
+
+    images, labels = mnist_test
+    rng = np.random.default_rng(11)
+    x, y, w, h = box = (30, 25, 300, 70)
+    printed = np.full((120, 360), 255, np.uint8)
+    cv2.rectangle(printed, (x - 4, y - 4), (x + w + 3, y + h + 3), 0, 4)
+    printed = wear_lines(printed, rng)
+    written = printed.copy()
+    write_number(written, box, "4071", DigitSource(images, labels, rng), rng, 30, 0.0, 0.0)
+    window = (slice(y - 4, y + h + 4), slice(x - 4, x + w + 4))
+    crop = bitonal(written, rng)[window]
+    clean = without_frame(crop, (4, 4, w, h))
+    border = (printed[window] < 128) & (written[window] == printed[window])
+    digits = (written[window] < 128) & (printed[window] >= 128)
+    assert (clean[border] > 128).mean() > 0.95  # the border is gone
+    assert (clean[digits & (crop < 128)] < 128).mean() > 0.97  # the digits' ink is kept
+    assert formreader.read_number(clean, separators="").value == "4071"

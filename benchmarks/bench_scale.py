@@ -1,0 +1,92 @@
+"""A batch as an office runs one: many pages of scanned-form PDFs, default options, every core.
+
+    python benchmarks/bench_scale.py [--pages 200] [--per-pdf 10]
+
+Writes `--pages` pages of the samples' form (MNIST test digits, scanned at 200 DPI by
+formreader.synth) into PDFs of `--per-pdf` pages, then times, in the same run:
+- `pdftoppm -gray -r 200` rendering every PDF, two processes at a time (the floor: decoding);
+- `formreader process` on the folder with default options (a process of its own, as a user
+  runs it), and its peak memory.
+Prints both times, their ratio and pages/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from formreader.datasets import load_mnist  # noqa: E402
+from formreader.synth import make_pages, scan  # noqa: E402
+
+
+def write_pdfs(folder: Path, pages: int, per_pdf: int, seed: int = 2027) -> None:
+    images, labels = load_mnist("test")
+    _, _, filled = make_pages(pages, seed, images, labels)
+    rng = np.random.default_rng(seed)
+    scans = [Image.fromarray(scan(p.image, rng, dpi_scale=200 / 150)) for p in filled]
+    for k in range(0, pages, per_pdf):
+        group = scans[k : k + per_pdf]
+        group[0].save(folder / f"batch_{k // per_pdf:03d}.pdf", save_all=True, append_images=group[1:], resolution=200.0)
+
+
+def render_all(folder: Path, out: Path) -> float:
+    pdfs = sorted(folder.glob("*.pdf"))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda p: subprocess.run(["pdftoppm", "-gray", "-r", "200", str(p), str(out / p.stem)], check=True), pdfs))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pages", type=int, default=200)
+    parser.add_argument("--per-pdf", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "pdfs").mkdir()
+        (tmp / "ppm").mkdir()
+        write_pdfs(tmp / "pdfs", args.pages, args.per_pdf)
+        poppler = render_all(tmp / "pdfs", tmp / "ppm")
+        cmd = [
+            sys.executable,
+            "-m",
+            "formreader.cli",
+            "process",
+            str(tmp / "pdfs"),
+            "-t",
+            str(ROOT / "templates" / "demo_form.yaml"),
+            "-o",
+            str(tmp / "out" / "r.csv"),
+            "-q",
+        ]
+        probe = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        start = time.perf_counter()
+        peak_kib = int(subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True).stdout.split()[-1])
+        formreader = time.perf_counter() - start
+    print(f"{args.pages} pages of 200-DPI scanned forms in {args.pages // args.per_pdf} PDFs, {os.cpu_count()} cores")
+    print(f"  {'':34} {'seconds':>8} {'pages/s':>8}")
+    print(f"  {'pdftoppm -gray -r 200, 2 at a time':34} {poppler:8.1f} {args.pages / poppler:8.1f}")
+    print(f"  {'formreader process (defaults)':34} {formreader:8.1f} {args.pages / formreader:8.1f}")
+    print(
+        f"  ratio {formreader / poppler:.1f}x the rendering alone; peak memory of the largest process {peak_kib / 1024:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
