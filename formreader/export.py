@@ -38,13 +38,23 @@ def display_path(source: str) -> str:
         return str(source)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def as_text(value: str) -> str:
+    """A cell a spreadsheet will never run as a formula: text starting with = + - @ (or a tab or
+    carriage return) gets a leading apostrophe, as OWASP advises against CSV injection (a file
+    named '=HYPERLINK(...).png', a raw reading '-1-1')."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record)."""
     fields, digits, errors, wide = [], [], [], []
     for rec in records:
-        rec = {**rec, "source": display_path(rec["source"])}
+        rec = {**rec, "source": as_text(display_path(rec["source"]))}
         if rec.get("error"):
-            errors.append({"file": rec["source"], "page": rec["page"], "error": rec["error"]})
+            errors.append({"file": rec["source"], "page": rec["page"], "error": as_text(rec["error"])})
             continue
         row = {"file": rec["source"], "page": rec["page"]}
         flagged = []
@@ -57,8 +67,8 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                     "value": f["value"],
                     "confidence": round(f["confidence"], 4),
                     "status": f["status"],
-                    "reasons": "; ".join(f["reasons"]),
-                    "raw": f.get("raw", ""),
+                    "reasons": as_text("; ".join(f["reasons"])),
+                    "raw": as_text(f.get("raw", "")),
                     "registration_quality": rec.get("quality"),
                 }
             )

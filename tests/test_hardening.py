@@ -399,3 +399,12 @@ def test_bombs_cost_an_error_row_each_and_little_memory(tmp_path):
     assert "megapixels" in reasons["dpi_tag.png"] and "too large" in reasons["bomb.png"]
     assert "too large" in reasons["huge_page.pdf"]
     assert peak_kib < 2**20  # under 1 GB (the limit asked for is 2 GB)
+
+
+def test_no_cell_can_become_a_formula(tmp_path):
+    """A file named like a formula is written as text (OWASP's rule against CSV injection)."""
+    shutil.copyfile(SCANS / "scan_c.png", tmp_path / "=HYPERLINK(1).png")
+    run = run_cli("process", "=HYPERLINK(1).png", "--template", TEMPLATE, "--out", "r.csv", "-q", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    fields, _ = read_results(tmp_path / "r.csv")
+    assert (fields.file == "'=HYPERLINK(1).png").all()
