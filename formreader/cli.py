@@ -338,6 +338,44 @@ def train(
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 
 
+@main.command("export")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--xlsx", "xlsx", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The workbook to write.")
+def export_results(results, xlsx) -> None:
+    """Write RESULTS (the CSV of `process --out`) as a spreadsheet: a row per page, a column per
+    field, values as text (leading zeros kept), cells needing review filled with the reasons as
+    a comment; sheets of errors and of the run's settings."""
+    import json
+
+    import pandas as pd
+
+    from formreader.export import journal_path_for, output_paths, write_xlsx
+
+    _need("openpyxl", "xlsx")
+    if xlsx.suffix.lower() != ".xlsx":
+        _fail(f"--xlsx {xlsx}: the workbook's name must end in .xlsx")
+    paths = output_paths(results)
+    try:
+        fields = pd.read_csv(paths["fields"], dtype=str, keep_default_na=False)
+        errors = pd.read_csv(paths["errors"], dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        _fail(f"{results}: not the results of formreader process: {e}")
+    missing = {"file", "page", "field", "value", "status", "reasons", "confidence"} - set(fields.columns)
+    if missing:
+        _fail(f"{results}: not the results of formreader process (no column {', '.join(sorted(missing))})")
+    settings = {}
+    journal = journal_path_for(results)
+    if journal.exists():
+        with open(journal) as fh:
+            first = json.loads(fh.readline() or "{}")
+        settings = first.get("settings", {})
+    try:
+        write_xlsx(fields, errors, {"results": str(results), **settings}, xlsx)
+    except OSError as e:
+        _fail(f"cannot write {xlsx}: {e.strerror or e}")
+    click.echo(f"{xlsx}: {fields[['file', 'page']].drop_duplicates().shape[0]} pages, {len(errors)} errors")
+
+
 @main.command("train-strings")
 @DATA_OPTION
 @click.option(

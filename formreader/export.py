@@ -215,3 +215,66 @@ def results_complete(out: Path) -> bool:
         return all(_sha256(Path(out).with_name(name)) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Spreadsheet (openpyxl)
+# ---------------------------------------------------------------------------------------------
+
+REVIEW_FILL = "FFD27F"  # the cells a person should check
+
+
+def _plain(value: str) -> str:
+    """A CSV cell as its text: the apostrophe `as_text` put before a formula-like value removed."""
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA_STARTS):
+        return value[1:]
+    return value
+
+
+def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path: Path) -> None:
+    """A workbook of a run's results: 'fields' (a row per page, a column per field, every value a
+    text cell so leading zeros stay; cells needing review filled, their reasons as a comment),
+    'errors' and 'settings'. No cell is a formula, whatever it holds. Written atomically."""
+    from openpyxl import Workbook
+    from openpyxl.comments import Comment
+    from openpyxl.styles import Font, PatternFill
+
+    def put(sheet, row: int, column: int, value):
+        cell = sheet.cell(row=row, column=column, value=_plain(value) if isinstance(value, str) else value)
+        if isinstance(cell.value, str):
+            cell.data_type = "s"  # text, never a formula
+        return cell
+
+    book = Workbook()
+    sheet = book.active
+    sheet.title = "fields"
+    names = list(dict.fromkeys(fields["field"])) if len(fields) else []
+    for column, title in enumerate(["file", "page", *names], start=1):
+        put(sheet, 1, column, title).font = Font(bold=True)
+    fill = PatternFill("solid", start_color=REVIEW_FILL, end_color=REVIEW_FILL)
+    for row, ((file, page), group) in enumerate(fields.groupby(["file", "page"], sort=False), start=2):
+        put(sheet, row, 1, file)
+        put(sheet, row, 2, int(page))
+        for _, f in group.iterrows():
+            cell = put(sheet, row, 3 + names.index(f["field"]), str(f["value"]))
+            if f["status"] != "ok":
+                cell.fill = fill
+                cell.comment = Comment(f"{_plain(str(f['reasons']))} (confidence {float(f['confidence']):.2f})", "formreader")
+    sheet.freeze_panes = "C2"
+    for name, frame in (
+        ("errors", errors),
+        ("settings", pd.DataFrame({"setting": list(settings), "value": list(settings.values())})),
+    ):
+        ws = book.create_sheet(name)
+        for column, title in enumerate(frame.columns, start=1):
+            put(ws, 1, column, str(title)).font = Font(bold=True)
+        for row, values in enumerate(frame.itertuples(index=False), start=2):
+            for column, value in enumerate(values, start=1):
+                put(ws, row, column, value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value))
+    path = Path(path)
+    tmp = _write_temp(path, lambda fh: None)
+    try:
+        book.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -408,3 +408,36 @@ def test_no_cell_can_become_a_formula(tmp_path):
     assert run.returncode == 0, run.stderr
     fields, _ = read_results(tmp_path / "r.csv")
     assert (fields.file == "'=HYPERLINK(1).png").all()
+
+
+def test_results_as_a_spreadsheet(tmp_path):
+    """export --xlsx (real openpyxl): text cells keep leading zeros, review cells are filled with
+    their reasons as a comment, a formula-like file name stays text, errors and settings sheets."""
+    from openpyxl import load_workbook
+
+    shutil.copyfile(SCANS / "scan_c.png", tmp_path / "=HYPERLINK(1).png")
+    shutil.copyfile(SCANS / "fax_b.tif", tmp_path / "fax_b.tif")
+    (tmp_path / "empty.pdf").write_bytes(b"")
+    run = run_cli("process", ".", "--template", TEMPLATE, "--out", "r.csv", "-q", cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    made = run_cli("export", tmp_path / "r.csv", "--xlsx", tmp_path / "r.xlsx")
+    assert made.returncode == 0, made.stderr
+    book = load_workbook(tmp_path / "r.xlsx")
+    sheet = book["fields"]
+    header = [c.value for c in sheet[1]]
+    assert header[:2] == ["file", "page"] and "phone" in header
+    rows = list(sheet.iter_rows(min_row=2))
+    assert len(rows) == 4  # one page of scan_c, three of fax_b
+    assert {r[0].value for r in rows} == {"=HYPERLINK(1).png", "fax_b.tif"}
+    assert all(r[0].data_type == "s" for r in rows)  # the formula-like name is text
+    assert all(c.data_type == "s" for r in rows for c in r[2:] if c.value is not None)  # text, never numbers or formulas
+    phones = [r[header.index("phone")].value for r in rows]
+    assert all(p.startswith("0") for p in phones if p)  # leading zeros kept
+    fields = pd.read_csv(tmp_path / "r.csv", dtype=str, keep_default_na=False)
+    flagged = fields[fields.status != "ok"]
+    filled = [c for r in rows for c in r[2:] if c.fill.fgColor.rgb.endswith("FFD27F")]
+    assert len(filled) == len(flagged) and all(c.comment is not None for c in filled)
+    assert book["errors"].max_row == 2 and "empty file" in book["errors"].cell(2, 3).value
+    settings = {r[0].value: r[1].value for r in book["settings"].iter_rows(min_row=2)}
+    assert "review_threshold" in settings and "template" in settings
+    assert run_cli("export", tmp_path / "r.csv", "--xlsx", tmp_path / "r.csv.txt").returncode == 2
