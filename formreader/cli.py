@@ -123,6 +123,11 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
     files = find_inputs(list(inputs))
     if not files:
         _fail("no PDF, TIFF, PNG or JPEG files found in " + ", ".join(map(str, inputs)))
+    if out.suffix.lower() in (".xlsx", ".xls", ".ods"):
+        _fail(
+            f"--out {out}: the results are CSV files; write a workbook from them with "
+            f"`formreader export {out.with_suffix('.csv')} --xlsx {out}`"
+        )
     outputs = {os.path.realpath(p) for p in [*output_paths(out).values(), manifest_path(out)]}
     clash = [f for f in files if os.path.realpath(f) in outputs]
     if clash:
@@ -150,9 +155,7 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
                 bar.set_postfix_str(Path(rec["source"]).name, refresh=False)
 
             try:
-                records = process_paths(
-                    files, tpl, clf, review_threshold, workers, journal, on_page=on_page, scheduler=scheduler
-                )
+                records = process_paths(files, tpl, clf, review_threshold, workers, journal, on_page=on_page, scheduler=scheduler)
             finally:
                 bar.close()
             paths = write_results(records, out)
@@ -162,8 +165,11 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
     except OSError as e:
         _fail(f"cannot write the results for --out {out}: {e.strerror or e} ({e.filename or out})")
     except KeyboardInterrupt:
-        click.echo(f"\nformreader: interrupted; the pages finished are kept in {journal_path}: run the same "
-                   "command with --resume to go on", err=True)
+        click.echo(
+            f"\nformreader: interrupted; the pages finished are kept in {journal_path}: run the same "
+            "command with --resume to go on",
+            err=True,
+        )
         sys.exit(130)
     pages = [r for r in records if not r.get("error")]
     errors = [r for r in records if r.get("error")]
@@ -308,7 +314,20 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     help="The prepared training splits (.npz): read if it exists, else built and written there.",
 )
 def train(
-    data, out, force, epochs, limit, seed, learning_rate, width, stretch, patience, mnist_only, bitonal, strings, initial,
+    data,
+    out,
+    force,
+    epochs,
+    limit,
+    seed,
+    learning_rate,
+    width,
+    stretch,
+    patience,
+    mnist_only,
+    bitonal,
+    strings,
+    initial,
     prepared,
 ) -> None:
     """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.

@@ -69,6 +69,8 @@ _FIELD_KEYS = {"name", "cells", "length", "optional", "kind"}
 MAX_TEMPLATE_BYTES = 1_000_000
 _FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators", "pattern"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The wide sheet's own columns (formreader.export): a field of one of these names would overwrite them.
+RESERVED_NAMES = ("file", "page", "review")
 
 
 def load_template(path: Path) -> Template:
@@ -126,6 +128,11 @@ def _parse_field(where: str, index: int, doc, shape: tuple[int, int]) -> Field:
         raise TemplateError(f"{where}: fields[{index}]: expected a mapping with 'name' and 'cells'")
     name = doc.get("name")
     label = f"field '{name}'" if name else f"fields[{index}]"
+    if isinstance(name, str) and name.lower() in RESERVED_NAMES:
+        raise TemplateError(
+            f"{where}: {label}: the name '{name}' is taken by a column of the results "
+            f"({', '.join(RESERVED_NAMES)}): rename the field"
+        )
     if not isinstance(name, str) or not _NAME.match(name):
         raise TemplateError(f"{where}: {label}: 'name' must be an identifier (letters, digits, _), not {name!r}")
     kind = doc.get("kind", "boxes")

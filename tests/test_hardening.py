@@ -441,3 +441,18 @@ def test_results_as_a_spreadsheet(tmp_path):
     settings = {r[0].value: r[1].value for r in book["settings"].iter_rows(min_row=2)}
     assert "review_threshold" in settings and "template" in settings
     assert run_cli("export", tmp_path / "r.csv", "--xlsx", tmp_path / "r.csv.txt").returncode == 2
+
+
+@pytest.mark.parametrize("name", ["page", "review", "File"])
+def test_a_field_named_like_a_results_column_is_refused(tmp_path, name):
+    text = (ROOT / "templates" / "demo_form.yaml").read_text()
+    reference = ROOT / "templates" / "demo_form.png"
+    text = text.replace("reference: demo_form.png", f"reference: {reference}").replace("name: quantity", f"name: {name}")
+    (tmp_path / "t.yaml").write_text(text)
+    run = run_cli("template", "check", tmp_path / "t.yaml")
+    assert run.returncode == 2 and f"the name '{name}' is taken by a column of the results" in run.stderr
+
+
+def test_out_named_xlsx_is_refused_with_the_way_to_a_workbook(tmp_path):
+    run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", tmp_path / "r.xlsx", "-q")
+    assert run.returncode == 2 and "formreader export" in run.stderr and not (tmp_path / "r.xlsx").exists()
