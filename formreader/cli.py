@@ -196,11 +196,14 @@ def template() -> None:
 @click.argument("blank", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dpi", type=float, help="Resolution of BLANK; default: from the file, else 150.")
-def template_detect(blank, out, dpi) -> None:
+@FORCE_OPTION
+def template_detect(blank, out, dpi, force) -> None:
     """Propose a template from an image of the blank form: its boxes grouped into fields."""
     from formreader.ingest import PageError, read_pages
     from formreader.template import propose_template, template_yaml
 
+    if out.exists() and not force:
+        _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
     first = next(iter(read_pages(blank)))
     if isinstance(first, PageError):
         _fail(f"{blank}: {first.reason}")
@@ -212,7 +215,7 @@ def template_detect(blank, out, dpi) -> None:
         reference = os.path.relpath(blank.resolve(), out.resolve().parent)
     except ValueError:
         reference = str(blank.resolve())
-    out.write_text(template_yaml(fields, reference, dpi, out.stem))
+    out.write_text(template_yaml(fields, reference, dpi, out.stem), encoding="utf-8")
     cells = sum(len(f.cells) for f in fields)
     click.echo(f"{out}: {len(fields)} fields, {cells} boxes. Rename the fields and add rules (length, optional).")
 

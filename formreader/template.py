@@ -229,27 +229,23 @@ def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimit
 
 
 def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) -> str:
-    """The YAML text of a template (cells written one per line, as people edit them)."""
-    lines = [f"name: {name}", f"reference: {reference}", f"dpi: {dpi:g}", "fields:"]
+    """The YAML text of a template, written by the YAML library (so any name or pattern is
+    quoted as it must be); lists of numbers (cells, boxes) on one line each, as people edit them.
+    A dpi within half a unit of a whole number is written whole (150, not 150.012)."""
+    docs = []
     for f in fields:
-        lines.append(f"  - name: {f.name}")
+        doc: dict = {"name": f.name}
         if f.kind == "free":
-            lines.append("    kind: free")
-            lines.append(f"    box: [{', '.join(map(str, f.box))}]")
-            for key in ("length", "min_length", "max_length"):
-                if getattr(f, key) is not None:
-                    lines.append(f"    {key}: {getattr(f, key)}")
-            if f.optional:
-                lines.append("    optional: true")
-            if f.separators:
-                lines.append(f'    separators: "{f.separators}"')
-            if f.pattern:
-                lines.append("    pattern: '" + f.pattern.replace("'", "''") + "'")
-            continue
-        if f.length is not None:
-            lines.append(f"    length: {f.length}")
-        if f.optional:
-            lines.append("    optional: true")
-        lines.append("    cells:")
-        lines += [f"      - [{x}, {y}, {w}, {h}]" for x, y, w, h in f.cells]
-    return "\n".join(lines) + "\n"
+            doc.update(kind="free", box=list(f.box))
+            doc.update({k: getattr(f, k) for k in ("length", "min_length", "max_length") if getattr(f, k) is not None})
+            doc.update({"optional": True} if f.optional else {})
+            doc.update({"separators": f.separators} if f.separators else {})
+            doc.update({"pattern": f.pattern} if f.pattern else {})
+        else:
+            doc.update({"length": f.length} if f.length is not None else {})
+            doc.update({"optional": True} if f.optional else {})
+            doc["cells"] = [list(c) for c in f.cells]
+        docs.append(doc)
+    whole = round(dpi)
+    template = {"name": name, "reference": reference, "dpi": whole if abs(dpi - whole) < 0.5 else float(dpi), "fields": docs}
+    return yaml.safe_dump(template, default_flow_style=None, sort_keys=False, allow_unicode=True, width=120)

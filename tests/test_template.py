@@ -162,3 +162,32 @@ def test_cli_template_check_lists_free_fields_with_their_rules():
     date, amount = result.output.splitlines()
     assert date.startswith("date: written freely in box [742, 40, 268, 58]") and 'separators "/.-"' in date
     assert "min length 3" in amount and "pattern '(" in amount
+
+
+def test_detect_writes_yaml_by_the_library_and_never_overwrites(tmp_path):
+    """A name with ': ' and '#' round-trips; a dpi of 150.012 is written 150; an existing file
+    is kept unless --force."""
+    from formreader.template import Field, template_yaml
+
+    blank, _ = blank_form()
+    cv2.imwrite(str(tmp_path / "blank.png"), blank)
+    fields = [Field("total", kind="free", box=(10, 10, 200, 60), separators=".,", pattern=r"\d+\.\d{2}  # cents")]
+    text = template_yaml(fields, "blank.png", 150.012, "Form: A #2")
+    (tmp_path / "t.yaml").write_text(text)
+    tpl = load_template(tmp_path / "t.yaml")
+    assert tpl.name == "Form: A #2" and tpl.dpi == 150 and "dpi: 150\n" in text
+    assert tpl.fields[0].pattern == r"\d+\.\d{2}  # cents"
+    out = tmp_path / "t.yaml"
+    before = out.read_text()
+    run = subprocess.run(
+        [sys.executable, "-m", "formreader.cli", "template", "detect", str(tmp_path / "blank.png"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "--force" in run.stderr and out.read_text() == before
+    run = subprocess.run(
+        [sys.executable, "-m", "formreader.cli", "template", "detect", str(tmp_path / "blank.png"), "--out", str(out), "--force"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and len(load_template(out).cells) == 42
