@@ -102,9 +102,9 @@ def orand_test(classifier: DigitClassifier) -> None:
     spec = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
     print(f"ORAND-CAR-A test checks ({len(amounts)} real amounts, held out):")
     if classifier.string_model is not None:
-        samples = read_free_fields(classifier, [a.image for a in amounts], [spec] * len(amounts), [a.value for a in amounts])
-        whole = np.mean([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples])
-        cut = np.mean([s.truth == s.cut_value for s in samples])
+        readings = read_free_fields(classifier, [a.image for a in amounts], [spec] * len(amounts))
+        whole = np.mean([r.value == a.value for r, a in zip(readings, amounts)])
+        cut = np.mean([r.cut.value == a.value for r, a in zip(readings, amounts)])
         print(f"  string model alone {whole:.1%} of amounts right; cut-and-classify alone {cut:.1%}")
     results = []
     for a in amounts:
@@ -117,19 +117,12 @@ def orand_test(classifier: DigitClassifier) -> None:
 def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
     """Free fields on forms: a number written in a thick-bordered box, worn print, bitonal 300-DPI
     scans, digits of writers no model was trained on."""
-    from formreader.datasets import load_cvl, load_nsysu
+    from formreader.evaluate import held_out_writers
     from formreader.pipeline import decide_pages, segment_page
     from formreader.register import RegistrationError
-    from formreader.synth import ink_on_black, scanned_free_forms
+    from formreader.synth import scanned_free_forms
 
-    sources = {"MNIST test": load_mnist("test")}
-    try:
-        x, y, _ = load_cvl("valid")
-        sources["CVL validation writers"] = ink_on_black(x, y)
-        x, y, _ = load_nsysu()
-        sources["NSYSU exam boxes"] = ink_on_black(x, y)
-    except FileNotFoundError as e:
-        print(f"  left out: {e}")
+    sources = held_out_writers()
     print(f"Free fields on forms ({pages} pages of 6 fields each, thick worn borders, bitonal 300 dpi, seed {seed}):")
     for name, (images, labels) in sources.items():
         template, items = scanned_free_forms(images, labels, pages, seed)

@@ -24,12 +24,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from formreader.classify import DigitClassifier  # noqa: E402
-from formreader.datasets import load_cvl, load_mnist, load_nsysu  # noqa: E402
+from formreader.evaluate import held_out_writers  # noqa: E402
 from formreader.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 from formreader.ingest import find_inputs, read_pages  # noqa: E402
 from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
 from formreader.register import RegistrationError, prepare_reference  # noqa: E402
-from formreader.synth import FORM_STYLES, ink_on_black, scanned_forms  # noqa: E402
+from formreader.synth import FORM_STYLES, scanned_forms  # noqa: E402
 from formreader.template import load_template  # noqa: E402
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
@@ -90,20 +90,6 @@ def report(name: str, segmented, template, classifier) -> None:
             )
 
 
-def held_out_sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Digits of writers no model was trained on, ink high on 0: MNIST test, CVL's validation
-    writers, NSYSU exam boxes (those found)."""
-    sources = {"MNIST test": load_mnist("test")}
-    try:
-        x, y, _ = load_cvl("valid")
-        sources["CVL validation writers"] = ink_on_black(x, y)
-        x, y, _ = load_nsysu()
-        sources["NSYSU exam boxes"] = ink_on_black(x, y)
-    except FileNotFoundError as e:
-        print(f"  left out: {e}")
-    return sources
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=40, help="generated pages per source and form")
@@ -123,7 +109,7 @@ def main() -> None:
     report("Samples (samples/scans)", segment_all(items, template, classifier), template, classifier)
 
     rows = []
-    for source, (images, labels) in held_out_sources().items():
+    for source, (images, labels) in held_out_writers().items():
         for form in FORM_STYLES:
             t, items = scanned_forms(form, images, labels, args.pages, args.seed)
             segmented = segment_all(items, t, classifier)

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 
 from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field, reading_pattern
+from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
 from formreader.pipeline import Journal, process_paths
 from formreader.segment import segment_crops
-from formreader.string_model import combine_readings
-from formreader.strings import StringReading, cut_support, decide_string, segment_string
+from formreader.string_model import combine_readings, field_input, read_twice
+from formreader.strings import StringReading, decide_string, segment_string
 from formreader.template import Field, Template, load_template
 
 _classifiers: dict[str, DigitClassifier] = {}
@@ -82,13 +82,13 @@ def read_number(
     classifier = get_classifier(model)
     layout = segment_string(image)
     pieces = classifier.for_strings.probabilities(layout.images)
-    reading = decide_string(layout, pieces, separators, pattern)
     spec = Field("number", kind="free", optional=True, separators=separators, pattern=pattern)
     reader = classifier.string_model
     if reader is not None:  # read whole by the string model too: the field gets both readers' decision
-        whole = reader.read([image], [reading_pattern(spec)])[0]
-        support = cut_support(layout, pieces, "".join(c for c in whole.text if c.isdigit()))
-        reading = combine_readings(reading, support, whole, image.shape, reader.calibration)
+        steps = reader.probabilities(field_input(image)[None])[0]
+        reading = combine_readings(read_twice(layout, pieces, steps, spec), image.shape, reader.calibration)
+    else:
+        reading = decide_string(layout, pieces, separators, pattern)
     decision = read_free_field(spec, reading, threshold=review_threshold)
     reading.status, reading.reasons = decision.status, decision.reasons
     return reading

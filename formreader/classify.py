@@ -100,7 +100,7 @@ def _interpreter(content: bytes, threads: int):
     return interpreter
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -111,7 +111,7 @@ def cached_tflite(path: Path, meta: dict) -> bytes:
     .tflite itself; file times are not trusted (a git checkout sets them all alike).
     """
     cache = path.with_suffix(".tflite")
-    source = _sha256(path)
+    source = file_sha256(path)
     if cache.exists() and meta.get("tflite_source_sha256") == source:
         content = cache.read_bytes()
         # The cache's own digest too: a cache damaged on disk (or swapped) is made again, not run.

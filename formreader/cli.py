@@ -530,15 +530,15 @@ def calibrate_strings(model, data, checks) -> None:
     if clf.string_model is None:
         _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
     crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data)
-    samples = read_free_fields(clf, crops, specs, truths)
-    weights = fit_two_readers(samples, sources)
+    readings = read_free_fields(clf, crops, specs)
+    weights = fit_two_readers(readings, truths, sources)
     card = Path(clf.string_model.path).with_suffix(".json")
     meta = json.loads(card.read_text())
-    right = np.mean([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples])
+    right = np.mean([r.value == t for r, t in zip(readings, truths)])
     meta["field_calibration"] = [round(w, 4) for w in weights]
-    meta["field_calibration_fit"] = {"fields": len(samples), "string_model_right": round(float(right), 4), "checks": checks}
+    meta["field_calibration_fit"] = {"fields": len(readings), "string_model_right": round(float(right), 4), "checks": checks}
     card.write_text(json.dumps(meta, indent=2) + "\n")
-    click.echo(f"{card}: field_calibration {meta['field_calibration']} on {len(samples)} fields ({right:.1%} read right whole)")
+    click.echo(f"{card}: field_calibration {meta['field_calibration']} on {len(readings)} fields ({right:.1%} read right whole)")
 
 
 @main.command()

@@ -204,6 +204,25 @@ def held_out_digits(
     return sets
 
 
+def held_out_writers(log=print) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Digits of writers no model was trained on, to write into generated forms and checks:
+    (N, 28, 28) uint8 ink high on 0 and labels, for MNIST test, CVL's validation writers and
+    NSYSU exam boxes (the real crops through formreader's own segmentation, synth.ink_on_black).
+    Sets not found are left out, and `log` says so."""
+    from formreader.datasets import load_cvl
+    from formreader.synth import ink_on_black
+
+    sources = {"MNIST test": load_mnist("test")}
+    try:
+        x, y, _ = load_cvl("valid")
+        sources["CVL validation writers"] = ink_on_black(x, y)
+        x, y, _ = load_nsysu()
+        sources["NSYSU exam boxes"] = ink_on_black(x, y)
+    except FileNotFoundError as e:
+        log(f"  left out: {e}")
+    return sources
+
+
 def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float = 0.85) -> list[SourceFigures]:
     """Per-source figures for crops read through segmentation and the classifier."""
     rows = []
@@ -317,65 +336,32 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FreeFieldSample:
-    """One free field read by both readers: what calibration and the benchmarks weigh."""
-
-    truth: str  # the digits written
-    whole: str  # the string model's text
-    whole_probability: float
-    cut_raw: str
-    cut_value: str
-    cut_confidence: float
-    unreadable: int
-    support: float  # the cut reader's support for the string model's digits (strings.cut_support)
-
-
-def read_free_fields(
-    classifier: DigitClassifier, crops: list[np.ndarray], specs: list, truths: list[str]
-) -> list[FreeFieldSample]:
+def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs: list) -> list:
     """Read grey free-field crops with both readers, each held to its template field's rules
-    (`specs`, formreader.template.Field), in two batches."""
-    from formreader.fields import reading_pattern
-    from formreader.string_model import decode, field_input
-    from formreader.strings import cut_support, decide_string, segment_string
+    (`specs`, formreader.template.Field), in two batches: [formreader.string_model.TwoReadings]."""
+    from formreader.string_model import field_input, read_twice
+    from formreader.strings import segment_string
 
     layouts = [segment_string(c) for c in crops]
     images = [layout.images for layout in layouts]
     probs = classifier.for_strings.probabilities(np.concatenate(images)) if sum(map(len, images)) else np.zeros((0, 11))
     per_field = np.split(probs, np.cumsum([len(i) for i in images])[:-1])
     steps = classifier.string_model.probabilities(np.stack([field_input(c) for c in crops]))
-    out = []
-    for layout, p, q, spec, truth in zip(layouts, per_field, steps, specs, truths):
-        cut = decide_string(layout, p, spec.separators, spec.pattern)
-        whole = decode(q, reading_pattern(spec))
-        support = cut_support(layout, p, "".join(c for c in whole.text if c.isdigit()))
-        out.append(
-            FreeFieldSample(truth, whole.text, whole.probability, cut.raw, cut.value, cut.confidence, cut.unreadable, support)
-        )
-    return out
+    return [read_twice(layout, p, q, spec) for layout, p, q, spec in zip(layouts, per_field, steps, specs)]
 
 
-def sample_features(s: FreeFieldSample) -> list[float]:
-    from formreader.string_model import reader_features
-
-    value = "".join(c for c in s.whole if c.isdigit())
-    cut = s.cut_confidence if s.cut_raw else 0.5
-    return reader_features(s.whole_probability, cut, value == s.cut_value and not s.unreadable, s.support)
-
-
-def fit_two_readers(samples: list[FreeFieldSample], groups: np.ndarray | None = None, l2: float = 0.01) -> list[float]:
-    """Logistic regression of 'the string model read the digits right' on sample_features:
-    weights then bias (formreader.string_model.two_reader_confidence). `groups` (N,): the
+def fit_two_readers(readings: list, truths: list[str], groups: np.ndarray | None = None, l2: float = 0.01) -> list[float]:
+    """Logistic regression of 'the string model read the digits right' on the readings'
+    features (formreader.string_model.TwoReadings): weights then bias. `groups` (N,): the
     source of each sample; every source weighs alike (a few hundred real checks are not
     outvoted by more generated ones)."""
     from scipy.optimize import minimize
 
-    x = np.array([sample_features(s) for s in samples], np.float64)
-    y = np.array([s.truth == "".join(c for c in s.whole if c.isdigit()) for s in samples], np.float64)
+    x = np.array([r.features() for r in readings], np.float64)
+    y = np.array([r.value == t for r, t in zip(readings, truths)], np.float64)
     x1 = np.hstack([x, np.ones((len(x), 1))])
 
-    groups = np.zeros(len(samples), int) if groups is None else np.asarray(groups)
+    groups = np.zeros(len(readings), int) if groups is None else np.asarray(groups)
     _, index, counts = np.unique(groups, return_inverse=True, return_counts=True)
     weight = 1.0 / counts[index]
     weight /= weight.sum()

@@ -16,13 +16,14 @@ File names that are not UTF-8 are written with their odd bytes as \\xNN escapes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from formreader.classify import file_sha256
 
 FIELD_COLUMNS = ["file", "page", "field", "value", "confidence", "status", "reasons", "raw", "registration_quality"]
 DIGIT_COLUMNS = ["file", "page", "field", "cell", "digit", "confidence"]
@@ -96,28 +97,27 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     }
 
 
+def _beside(out: Path, ending: str) -> Path:
+    """A companion file of `out`: results.csv -> results<ending>."""
+    return Path(out).with_name(Path(out).stem + ending)
+
+
 def output_paths(out: Path) -> dict[str, Path]:
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     return {
-        "fields": out,
-        "digits": out.with_name(stem + ".digits.csv"),
-        "wide": out.with_name(stem + ".wide.csv"),
-        "errors": out.with_name(stem + ".errors.csv"),
+        "fields": Path(out),
+        "digits": _beside(out, ".digits.csv"),
+        "wide": _beside(out, ".wide.csv"),
+        "errors": _beside(out, ".errors.csv"),
     }
 
 
 def journal_path_for(out: Path) -> Path:
     """Where a run writing `out` records its pages as they finish (formreader.pipeline.Journal)."""
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(stem + ".journal.jsonl")
+    return _beside(out, ".journal.jsonl")
 
 
 def manifest_path(out: Path) -> Path:
-    out = Path(out)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    return out.with_name(stem + ".manifest.json")
+    return _beside(out, ".manifest.json")
 
 
 def _umask() -> int:
@@ -178,15 +178,6 @@ class OutputBusyError(RuntimeError):
     """Another run holds the lock on these results."""
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write a CSV so that the file is either the old one or the complete new one, never half."""
-    os.replace(_write_temp(Path(path), lambda fh: frame.to_csv(fh, index=False)), path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def write_results(records: list[dict], out: Path) -> dict[str, Path]:
     """Write the four CSVs for `out` and the manifest naming them; returns their paths by table name."""
     frames = results_frames(records)
@@ -200,7 +191,7 @@ def write_results(records: list[dict], out: Path) -> dict[str, Path]:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
-    manifest = {"files": {paths[name].name: _sha256(tmp) for name, tmp in temps.items()}, "records": len(records)}
+    manifest = {"files": {paths[name].name: file_sha256(tmp) for name, tmp in temps.items()}, "records": len(records)}
     manifest_path(out).unlink(missing_ok=True)  # no manifest while the set is being swapped in
     for name, tmp in temps.items():
         os.replace(tmp, paths[name])
@@ -212,7 +203,7 @@ def results_complete(out: Path) -> bool:
     """Whether the results for `out` are one whole set, as its manifest says."""
     try:
         manifest = json.loads(manifest_path(out).read_text())
-        return all(_sha256(Path(out).with_name(name)) == digest for name, digest in manifest["files"].items())
+        return all(file_sha256(Path(out).with_name(name)) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

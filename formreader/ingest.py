@@ -24,6 +24,7 @@ MAX_PIXELS = 200_000_000
 # template's resolution is a few MP): a DPI tag that says 31 cannot blow a page up to gigabytes.
 MAX_PAGE_PIXELS = 60_000_000
 MIN_DPI = 50  # a resolution tag under this is not a scan's: taken as unknown
+MAX_PDF_PAGES = 1_000_000  # more than any PDF holds: pdfinfo is asked about every page
 
 
 @dataclass
@@ -143,12 +144,9 @@ def _read_pdf(path: Path, dpi: int) -> Iterator[Page | PageError]:
 
     source = str(path)
     try:
-        info = pdfinfo_from_path(str(path))
+        # One pdfinfo call for the page count and every page's size (poppler stops at the last page).
+        info = pdfinfo_from_path(str(path), first_page=1, last_page=MAX_PDF_PAGES)
         pages = int(info["Pages"])
-        if pages == 0:
-            yield PageError(source, 0, "the PDF has no pages")
-            return
-        sizes = pdfinfo_from_path(str(path), first_page=1, last_page=pages)
     except (PDFPageCountError, PDFSyntaxError, KeyError, ValueError) as e:
         message = str(e)
         if "password" in message.lower() or "encrypt" in message.lower():
@@ -160,7 +158,7 @@ def _read_pdf(path: Path, dpi: int) -> Iterator[Page | PageError]:
         return
     for number in range(1, pages + 1):
         # Every page's own size, before it is rendered: one huge page among small ones.
-        width_pt, height_pt = _page_size_points(sizes.get(f"Page {number:4d} size", info.get("Page size", "")))
+        width_pt, height_pt = _page_size_points(info.get(f"Page {number:4d} size", ""))
         w_px, h_px = width_pt * dpi / 72, height_pt * dpi / 72
         if max(w_px, h_px) > MAX_SIDE_PX or w_px * h_px > MAX_PAGE_PIXELS:
             yield PageError(source, number, f"PDF page too large: {width_pt:.0f}x{height_pt:.0f} pt at {dpi} DPI is "

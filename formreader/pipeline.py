@@ -30,14 +30,13 @@ from formreader.fields import (
     FieldReading,
     read_field,
     read_free_field,
-    reading_pattern,
 )
 from formreader.ingest import MAX_PAGE_PIXELS, Page, PageError, find_inputs, read_pages
 from formreader.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
-from formreader.string_model import combine_readings, decode, field_input
-from formreader.strings import StringLayout, cut_support, decide_string, segment_string, without_frame
+from formreader.string_model import combine_readings, field_input, read_twice
+from formreader.strings import StringLayout, decide_string, segment_string, without_frame
 from formreader.template import Template
 
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
@@ -143,11 +142,10 @@ def decide_page(
         if isinstance(cells, StringLayout):
             probs = probabilities[start : start + len(cells.images)]
             start += len(cells.images)
-            reading = decide_string(cells, probs, spec.separators, spec.pattern)
             if sequences is not None and whole is not None:
-                decoded = decode(next(wholes), reading_pattern(spec))
-                support = cut_support(cells, probs, "".join(c for c in decoded.text if c.isdigit()))
-                reading = combine_readings(reading, support, decoded, whole[1], string_calibration)
+                reading = combine_readings(read_twice(cells, probs, next(wholes), spec), whole[1], string_calibration)
+            else:
+                reading = decide_string(cells, probs, spec.separators, spec.pattern)
             fields.append(read_free_field(spec, reading, offset, threshold))
             continue
         readings = []

@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 
 from formreader.classify import MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
-from formreader.strings import StringReading
+from formreader.fields import reading_pattern
+from formreader.strings import StringLayout, StringReading, cut_support, decide_string
+from formreader.template import Field
 
 ALPHABET = "0123456789.,-/"  # class k + 1 is ALPHABET[k]; class 0 is the CTC blank
 BLANK = 0
@@ -79,7 +81,6 @@ class StringDecoding:
     text: str
     probability: float
     spans: list[CharacterSpan] = field(default_factory=list)
-    alternatives: list[tuple[str, float]] = field(default_factory=list)  # the beam's other readings
     steps: np.ndarray | None = None  # (T, 15) the step probabilities it was decoded from
 
 
@@ -164,7 +165,7 @@ def decode(probs: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecodi
     spans = greedy_spans(probs)
     if "".join(s.char for s in spans) != text:
         spans = _align_spans(probs, text)
-    return StringDecoding(text, p, spans, readings[1:], probs)
+    return StringDecoding(text, p, spans, probs)
 
 
 def _align_spans(probs: np.ndarray, text: str) -> list[CharacterSpan]:
@@ -254,7 +255,7 @@ class StringModel(LiteRTModel):
 
     @property
     def calibration(self) -> list[float] | None:
-        """The two readers' field calibration (two_reader_confidence), if one was fitted."""
+        """The two readers' field calibration (TwoReadings.confidence), if one was fitted."""
         return self.meta.get("field_calibration")
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
@@ -266,14 +267,6 @@ class StringModel(LiteRTModel):
             return np.zeros((0, INPUT_WIDTH // STEP, NUM_STRING_CLASSES), np.float32)
         parts = [self.logits(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
         return softmax(np.concatenate(parts), self.temperature)
-
-    def read(self, crops: list[np.ndarray], patterns: list[str] | None = None) -> list[StringDecoding]:
-        """Read grey field crops (each (H, W) uint8), optionally each held to a pattern."""
-        if not crops:
-            return []
-        probs = self.probabilities(np.stack([field_input(c) for c in crops]))
-        patterns = patterns or [""] * len(crops)
-        return [decode(p, pat) for p, pat in zip(probs, patterns)]
 
 
 def _logit(p: float) -> float:
@@ -288,21 +281,51 @@ def _logit(p: float) -> float:
 MIN_SUPPORT = 1e-3
 
 
-def reader_features(whole: float, cut: float, agree: bool, support: float) -> list[float]:
-    """What the field calibration weighs: both readers' probabilities (as logits), whether they
-    read the same digits, and how far the cut reader supports the string model's digits
-    (strings.cut_support, as a log10 from -6 to 0)."""
-    return [_logit(whole), _logit(cut), float(agree), max(-6.0, math.log10(max(support, 1e-12)))]
+def digits_of(text: str) -> str:
+    """The digits of a reading, its separators left out: what a field's value is."""
+    return "".join(c for c in text if c.isdigit())
 
 
-def two_reader_confidence(whole: float, cut: float, agree: bool, support: float, calibration: list[float] | None) -> float:
-    """P(the string model's reading is right): a logistic fit over `reader_features`
-    (`calibration`: their weights, then a bias; fitted on validation fields by
-    `formreader calibrate-strings`). Without one, the string model's own probability."""
-    if not calibration:
-        return whole
-    z = float(np.dot(calibration[:-1], reader_features(whole, cut, agree, support)) + calibration[-1])
-    return 1.0 / (1.0 + math.exp(-z))
+@dataclass
+class TwoReadings:
+    """One free field read by both readers: cut-and-classify's reading (strings.decide_string),
+    the string model's decoding, and how far the cut reader supports the string model's digits
+    (strings.cut_support)."""
+
+    cut: StringReading
+    whole: StringDecoding
+    support: float
+
+    @property
+    def value(self) -> str:
+        return digits_of(self.whole.text)
+
+    def features(self) -> list[float]:
+        """What the field calibration weighs: both readers' probabilities (as logits), whether
+        they read the same digits, and the support (as a log10 from -6 to 0)."""
+        agree = self.value == self.cut.value and not self.cut.unreadable
+        cut = self.cut.confidence if self.cut.raw else 0.5
+        return [_logit(self.whole.probability), _logit(cut), float(agree), max(-6.0, math.log10(max(self.support, 1e-12)))]
+
+    def confidence(self, calibration: list[float] | None) -> float:
+        """P(the string model's reading is right): a logistic fit over `features` (`calibration`:
+        their weights, then a bias; fitted on validation fields by `formreader calibrate-strings`).
+        Without one, the string model's own probability."""
+        if not calibration:
+            return self.whole.probability
+        z = float(np.dot(calibration[:-1], self.features()) + calibration[-1])
+        return 1.0 / (1.0 + math.exp(-z))
+
+
+def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec: Field) -> TwoReadings:
+    """Read a free field with both readers, each held to the field's rules.
+
+    layout, pieces: the field's string segmentation and its pieces' probabilities (M, 11);
+    steps: the string model's step probabilities (64, 15) for the same crop.
+    """
+    cut = decide_string(layout, pieces, spec.separators, spec.pattern)
+    whole = decode(steps, reading_pattern(spec))
+    return TwoReadings(cut, whole, cut_support(layout, pieces, digits_of(whole.text)))
 
 
 def _digit_distribution(steps: np.ndarray | None, span: CharacterSpan) -> np.ndarray | None:
@@ -317,31 +340,20 @@ def _digit_distribution(steps: np.ndarray | None, span: CharacterSpan) -> np.nda
     return out
 
 
-def combine_readings(
-    cut: StringReading,
-    support: float,
-    whole: StringDecoding,
-    crop_shape: tuple[int, int],
-    calibration: list[float] | None = None,
-) -> StringReading:
+def combine_readings(both: TwoReadings, crop_shape: tuple[int, int], calibration: list[float] | None = None) -> StringReading:
     """One free field read by both readers -> the reading it gets: the string model's text, with
     a confidence from both, each digit's place as the string model put it (`boxes`, crop px),
-    and where the cut reader split touching ink (`cuts`).
-
-    cut: segment-and-classify's reading (formreader.strings.decide_string); support: how far
-    the cut reader supports the string model's digits (formreader.strings.cut_support); whole:
-    the string model's decoding of the same crop. When the cut reader finds those digits less
-    than MIN_SUPPORT as likely as its own reading, the readers disagree: the reading carries the
-    reason, and the field goes to review.
+    and where the cut reader split touching ink (`cuts`). When the cut reader finds the string
+    model's digits less than MIN_SUPPORT as likely as its own reading, the readers disagree: the
+    reading carries the reason, and the field goes to review.
     """
-    value = "".join(c for c in whole.text if c.isdigit())
-    agree = value == cut.value and not cut.unreadable
+    cut, whole = both.cut, both.whole
     h, _ = crop_shape
     digits = [DigitReading(s.char, s.probability, _digit_distribution(whole.steps, s)) for s in whole.spans if s.char.isdigit()]
     boxes = [
         (x0, 0, x1 - x0, h) for (x0, x1), s in zip(character_columns(whole.spans, crop_shape), whole.spans) if s.char.isdigit()
     ]
-    reasons = [] if support >= MIN_SUPPORT else [f"the readers disagree: '{whole.text}' read whole, '{cut.raw}' cut into digits"]
-    confidence = two_reader_confidence(whole.probability, cut.confidence if cut.raw else 0.5, agree, support, calibration)
+    disagree = both.support < MIN_SUPPORT
+    reasons = [f"the readers disagree: '{whole.text}' read whole, '{cut.raw}' cut into digits"] if disagree else []
     # The cut reader's cuts stay: the inspect picture shows where it split touching ink too.
-    return StringReading(value, whole.text, confidence, digits, cut.cuts, boxes, 0, reasons=reasons)
+    return StringReading(both.value, whole.text, both.confidence(calibration), digits, cut.cuts, boxes, 0, reasons=reasons)
