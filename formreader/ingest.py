@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,16 @@ class PageError:
     source: str
     page: int
     reason: str
+
+
+@dataclass(frozen=True)
+class PdfPage:
+    """A PDF page to be rendered: deferred, so that it is rendered where it is read (a worker),
+    not by the process that lists the batch's pages."""
+
+    source: str
+    page: int  # 1-based
+    dpi: int
 
 
 def find_inputs(paths: list[Path]) -> list[Path]:
@@ -105,11 +116,12 @@ def count_pages(path: Path) -> int:
         return 1
 
 
-def read_pages(path: Path, pdf_dpi: int = 200) -> Iterator[Page | PageError]:
+def read_pages(path: Path, pdf_dpi: int = 200, render: bool = True) -> Iterator[Page | PdfPage | PageError]:
     """Yield every page of one file, or a PageError for what cannot be read.
 
-    PDFs are rendered by poppler (through pdf2image) one page at a time at `pdf_dpi`, so a long
-    PDF never sits in memory whole; TIFFs yield every frame.
+    PDFs are rendered by poppler one page at a time at `pdf_dpi`, so a long PDF never sits in
+    memory whole; with `render` False their pages come as PdfPage, for `render_pdf_page` to
+    render where they are to be read. TIFFs yield every frame.
     """
     path = Path(path)
     source = str(path)
@@ -133,13 +145,13 @@ def read_pages(path: Path, pdf_dpi: int = 200) -> Iterator[Page | PageError]:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"%PDF") or path.suffix.lower() == ".pdf":
-        yield from _read_pdf(path, pdf_dpi)
+        yield from _read_pdf(path, pdf_dpi, render)
     else:
         yield from _read_image(path)
 
 
-def _read_pdf(path: Path, dpi: int) -> Iterator[Page | PageError]:
-    from pdf2image import convert_from_path, pdfinfo_from_path
+def _read_pdf(path: Path, dpi: int, render: bool) -> Iterator[Page | PdfPage | PageError]:
+    from pdf2image import pdfinfo_from_path
     from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
 
     source = str(path)
@@ -164,15 +176,30 @@ def _read_pdf(path: Path, dpi: int) -> Iterator[Page | PageError]:
             yield PageError(source, number, f"PDF page too large: {width_pt:.0f}x{height_pt:.0f} pt at {dpi} DPI is "
                             f"{w_px * h_px / 1e6:.0f} megapixels (limit {MAX_PAGE_PIXELS / 1e6:.0f})")
             continue
-        try:
-            images = convert_from_path(str(path), dpi=dpi, first_page=number, last_page=number, grayscale=True, timeout=120)
-        except Exception as e:  # poppler reports damaged pages in many ways
-            yield PageError(source, number, f"page could not be rendered: {_first_line(str(e))}")
-            continue
-        if not images:
-            yield PageError(source, number, "page could not be rendered: poppler returned nothing")
-            continue
-        yield Page(np.asarray(images[0].convert("L")), float(dpi), source, number)
+        task = PdfPage(source, number, dpi)
+        yield render_pdf_page(task) if render else task
+
+
+def render_pdf_page(task: PdfPage) -> Page | PageError:
+    """Render one PDF page in grey with poppler's pdftoppm (its PGM read from the pipe: no
+    temporary files, and no second poppler call per page for the page count)."""
+    try:
+        done = subprocess.run(
+            ["pdftoppm", "-gray", "-r", str(task.dpi), "-f", str(task.page), "-l", str(task.page), task.source],
+            capture_output=True, timeout=120, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return PageError(task.source, task.page, "page could not be rendered: poppler took longer than 120 s")
+    except OSError as e:
+        return PageError(task.source, task.page, f"page could not be rendered: cannot run pdftoppm ({e.strerror or e})")
+    if done.returncode != 0 or not done.stdout:
+        reason = _first_line(done.stderr.decode("utf-8", "replace")) if done.stderr.strip() else "poppler returned nothing"
+        return PageError(task.source, task.page, f"page could not be rendered: {reason}")
+    try:
+        with Image.open(io.BytesIO(done.stdout)) as img:
+            return Page(np.asarray(img.convert("L")).copy(), float(task.dpi), task.source, task.page)
+    except (OSError, ValueError) as e:
+        return PageError(task.source, task.page, f"page could not be rendered: {_first_line(str(e))}")
 
 
 def _read_image(path: Path) -> Iterator[Page | PageError]:

@@ -93,11 +93,18 @@ def refine_cells(aligned: np.ndarray, cells: list[Box], dpi: float, min_overlap:
     if not cells:
         return []
     sides = [min(w, h) for _, _, w, h in cells]
-    limits = BoxLimits(min_side=0.5 * min(sides) / dpi, max_side=1.5 * max(max(w, h) for *_, w, h in cells) / dpi)
+    largest = max(max(w, h) for *_, w, h in cells)
+    limits = BoxLimits(min_side=0.5 * min(sides) / dpi, max_side=1.5 * largest / dpi)
+    # Only the field's surroundings are searched (a box size around its cells): the lines that
+    # make its boxes lie there, and a page's other fields cost nothing.
+    x0, y0 = (max(0, min(c[i] for c in cells) - largest) for i in (0, 1))
+    x1 = min(aligned.shape[1], max(c[0] + c[2] for c in cells) + largest)
+    y1 = min(aligned.shape[0], max(c[1] + c[3] for c in cells) + largest)
     # Lines nearly as long as a box's side: longer than most straight strokes of a digit.
-    found = find_boxes(aligned, dpi, limits, min_line=max(8, int(0.8 * min(sides))))
+    found = find_boxes(aligned[y0:y1, x0:x1], dpi, limits, min_line=max(8, int(0.8 * min(sides))))
     if not found:
         return [(c, False) for c in cells]
+    found = [(x + x0, y + y0, w, h) for x, y, w, h in found]
     found_arr = np.array(found, dtype=np.float64)
     out = []
     for cell in cells:

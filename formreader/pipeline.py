@@ -14,9 +14,10 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -31,7 +32,7 @@ from formreader.fields import (
     read_field,
     read_free_field,
 )
-from formreader.ingest import MAX_PAGE_PIXELS, Page, PageError, find_inputs, read_pages
+from formreader.ingest import MAX_PAGE_PIXELS, Page, PageError, PdfPage, find_inputs, read_pages, render_pdf_page
 from formreader.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.segment import DigitSegment, segment_digit
@@ -247,15 +248,23 @@ def _init_worker(template: Template, features: ReferenceFeatures) -> None:
     threading.Thread(target=watch_parent, daemon=True).start()
 
 
-def _segment_or_error(page: Page, template: Template | None = None, features: ReferenceFeatures | None = None):
+def _segment_or_error(page: Page | PdfPage, template: Template | None = None, features: ReferenceFeatures | None = None):
+    """Render (a PDF page) and segment one page: a SegmentedPage, a PageRead with the reason it
+    could not be registered, or the PageError of a page that could not be rendered."""
     template = template or _worker_state["template"]
     features = features or _worker_state["features"]
+    if isinstance(page, PdfPage):
+        page = render_pdf_page(page)
+        if isinstance(page, PageError):
+            return page
     try:
-        return segment_page(page, template, features)
+        seg = segment_page(page, template, features)
     except RegistrationError as e:
         return PageRead(page.source, page.page, error=str(e))
     except Exception as e:  # one broken page must not stop the batch
         return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}")
+    # The registered page image stays here: deciding the fields needs only what was cut from it.
+    return replace(seg, registration=replace(seg.registration, aligned=np.zeros((0, 0), np.uint8)))
 
 
 class JournalError(RuntimeError):
@@ -407,62 +416,90 @@ def process_paths(
     if client is not None:  # the template and its features travel to each worker once
         shared = client.scatter([template, features], broadcast=True)
 
-    def segment_all(pages: list[Page]) -> list:
+    def submit(page: Page):
+        """Start segmenting a page; what comes back has .result()."""
         if client is not None:
-            return client.gather(client.map(_segment_or_error, pages, template=shared[0], features=shared[1], pure=False))
-        if pool is None:
-            return [_segment_or_error(p, template, features) for p in pages]
-        return list(pool.map(_segment_or_error, pages))
+            return client.submit(_segment_or_error, page, template=shared[0], features=shared[1], pure=False)
+        if pool is not None:
+            return pool.submit(_segment_or_error, page)
+        return _Finished(_segment_or_error(page, template, features))
 
-    def flush(pages: list[Page]) -> None:
-        done = segment_all(pages)
-        segs = [d for d in done if isinstance(d, SegmentedPage)]
+    def record(rec: dict) -> None:
+        journal.write(rec)
+        records.append(rec)
+        if on_page:
+            on_page(rec)
+
+    segmented: list = []  # finished pages, in order, whose digits are not yet classified
+
+    def classify_segmented() -> None:
+        segs = [d for d in segmented if isinstance(d, SegmentedPage)]
         per_page = iter(decide_pages(segs, template, classifier, threshold))
-        for d in done:
-            if isinstance(d, SegmentedPage):
-                d = next(per_page)
-            rec = page_record(d)
-            journal.write(rec)
-            records.append(rec)
-            if on_page:
-                on_page(rec)
+        for d in segmented:
+            if isinstance(d, PageError):
+                record(error_record(d))
+            else:
+                record(page_record(next(per_page) if isinstance(d, SegmentedPage) else d))
+        segmented.clear()
+
+    # Pages are rendered here and segmented by the workers while the next ones render: a window
+    # of pages in flight keeps every core busy, and bounds memory whatever the batch. Its items,
+    # in input order: a page being segmented, an unreadable page's record, or a file's end.
+    in_flight: deque = deque()
+    window = 2 * workers + chunk_pages if (pool or client) else 0
+
+    def settle(keep: int) -> None:
+        """Take finished items off the window's front until at most `keep` remain."""
+        while len(in_flight) > keep:
+            kind, item = in_flight.popleft()
+            if kind == "page":
+                segmented.append(item.result())
+                if len(segmented) >= chunk_pages:
+                    classify_segmented()
+                continue
+            classify_segmented()  # what came before is recorded first
+            if kind == "error":
+                record(item)
+            else:
+                source, count = item
+                journal.write({"kind": "file_done", "source": source})
+                if on_file:
+                    on_file(source, count)
 
     try:
         for path in files:
             source = str(path)
             if source in journal.done:
+                settle(0)
                 records.extend(journal.done[source])
                 for rec in journal.done[source] if on_page else []:
                     on_page(rec)
                 if on_file:
                     on_file(source, len(journal.done[source]))
                 continue
-            pending: list[Page] = []
             count = 0
             for item in _pages_of(path, template):
                 count += 1
-                if isinstance(item, PageError):
-                    rec = error_record(item)
-                    journal.write(rec)
-                    records.append(rec)
-                    if on_page:
-                        on_page(rec)
-                    continue
-                pending.append(item)
-                if len(pending) >= chunk_pages:
-                    flush(pending)
-                    pending = []
-            if pending:
-                flush(pending)
-            journal.write({"kind": "file_done", "source": source})
-            if on_file:
-                on_file(source, count)
+                in_flight.append(("error", error_record(item)) if isinstance(item, PageError) else ("page", submit(item)))
+                settle(window)
+            in_flight.append(("file_done", (source, count)))
+        settle(0)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         if client is not None:
             client.close()
     return records
+
+
+class _Finished:
+    """A result computed on the spot, behaving as a finished future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def _dask_client(address: str):
@@ -477,8 +514,8 @@ def _dask_client(address: str):
         raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}") from e
 
 
-def _pages_of(path: Path, template: Template) -> Iterator[Page | PageError]:
+def _pages_of(path: Path, template: Template) -> Iterator[Page | PdfPage | PageError]:
     try:
-        yield from read_pages(path, pdf_dpi=int(round(template.dpi)))
+        yield from read_pages(path, pdf_dpi=int(round(template.dpi)), render=False)
     except Exception as e:  # a reader failing in an unforeseen way costs one file, not the batch
         yield PageError(str(path), 0, f"cannot read file: {type(e).__name__}: {e}")

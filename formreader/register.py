@@ -1,10 +1,14 @@
 """Register: map a scanned page onto the template's reference image.
 
-Features (ORB keypoints, which are rotation invariant, so pages fed upside down register too)
-are matched between page and reference, a homography is fitted robustly (RANSAC), then refined
-by ECC on the whole image. The page is warped into the reference's frame, and a quality score
-says how much of the reference's printed structure is found there: a blank page or a page of
-another form scores low and is reported instead of read.
+Coarse to fine. Coarse: ORB keypoints (rotation invariant, so pages fed upside down register
+too) of a reduced page are matched to the reference's, and a transform is fitted robustly
+(RANSAC); a few hundred keypoints suffice for most pages, and a page they fail on is tried
+again with several thousand. Fine: the page is warped by that estimate, and the reference's
+corners (points with structure in two directions, chosen once per template) are tracked into it
+at full resolution by pyramidal Lucas-Kanade, checked forward and backward; a homography fitted
+to them corrects the estimate to a fraction of a pixel. A quality score then says how much of
+the reference's printed structure is found on the page: a blank page or a page of another form
+scores low and is reported instead of read.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ import cv2
 import numpy as np
 
 WORK_SIDE = 1100  # pixels of the longer side at which features are matched
+FEATURES = (1200, 4000)  # keypoints tried in turn: enough for most pages, then for hard ones
+CORNERS = 200  # reference corners tracked to refine the estimate
+# A correction that moves the page by less than this is final: tracking is exact within it.
+SETTLED_PX = 3.0
 
 
 class RegistrationError(ValueError):
@@ -27,8 +35,10 @@ class ReferenceFeatures:
 
     shape: tuple[int, int]
     scale: float  # work-resolution pixels per reference pixel
-    points: np.ndarray  # (N, 2) float32 keypoint positions, work resolution
-    descriptors: np.ndarray  # (N, 32) uint8 ORB descriptors
+    # per FEATURES: (N, 2) float32 keypoint positions (work resolution), (N, 32) uint8 ORB descriptors
+    keypoints: list[tuple[np.ndarray, np.ndarray]]
+    corners: np.ndarray  # (M, 1, 2) float32, reference pixels: well-textured points to track
+    smooth: np.ndarray  # (H, W) uint8, the reference slightly blurred, as corners are tracked on it
     structure: np.ndarray  # (H, W) bool, printed lines and text of the reference
 
 
@@ -40,11 +50,10 @@ class Registration:
     rotation_deg: float  # counter-clockwise, as the page lay on the scanner
 
 
-def _orb(grey: np.ndarray, n: int = 4000):
+def _orb(grey: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     orb = cv2.ORB_create(nfeatures=n, scaleFactor=1.2, nlevels=8, fastThreshold=10)
     kps, desc = orb.detectAndCompute(grey, None)
-    pts = np.float32([k.pt for k in kps]).reshape(-1, 2)
-    return pts, desc
+    return np.float32([k.pt for k in kps]).reshape(-1, 2), desc
 
 
 def _ink(grey: np.ndarray) -> np.ndarray:
@@ -52,17 +61,28 @@ def _ink(grey: np.ndarray) -> np.ndarray:
     return cv2.adaptiveThreshold(grey, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, block, 15) > 0
 
 
+def _smooth(grey: np.ndarray) -> np.ndarray:
+    # Tracking compares grey levels: a little blur makes scan noise and a clean reference alike.
+    return cv2.GaussianBlur(grey, (0, 0), 1.0)
+
+
+def _reduced(grey: np.ndarray) -> tuple[np.ndarray, float]:
+    scale = min(1.0, WORK_SIDE / max(grey.shape))
+    return cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), scale
+
+
 def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     """Compute the reference's features once. reference: (H, W) uint8 blank form."""
-    scale = min(1.0, WORK_SIDE / max(reference.shape))
-    small = cv2.resize(reference, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    pts, desc = _orb(small)
-    if desc is None or len(pts) < 20:
+    small, scale = _reduced(reference)
+    keypoints = [_orb(small, n) for n in FEATURES]
+    if any(desc is None or len(pts) < 20 for pts, desc in keypoints):
         raise RegistrationError("the template's reference image has too little printed structure to register against")
+    corners = cv2.goodFeaturesToTrack(reference, CORNERS, 0.01, max(reference.shape) / 40, blockSize=7)
+    corners = np.zeros((0, 1, 2), np.float32) if corners is None else corners.astype(np.float32)
     # The structure that must be found again: dark print (lines, text), not a light background
     # pattern or tint, which scanning blurs away.
     structure = _ink(reference) & (reference < 160)
-    return ReferenceFeatures(reference.shape, scale, pts, desc, structure)
+    return ReferenceFeatures(reference.shape, scale, keypoints, corners, _smooth(reference), structure)
 
 
 def register_page(
@@ -76,22 +96,49 @@ def register_page(
     or matches too poorly (quality below `min_quality`).
     """
     features = features or prepare_reference(reference)
-    ink = _ink(page)
-    if ink.mean() < 0.002 or float(np.std(page)) < 4:
+    small, scale = _reduced(page)
+    if _ink(small).mean() < 0.002 or float(cv2.meanStdDev(page)[1][0, 0]) < 4:
         raise RegistrationError("blank page: no printed form found")
-    scale = min(1.0, WORK_SIDE / max(page.shape))
-    small = cv2.resize(page, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    pts, desc = _orb(small)
+    failure = RegistrationError("page does not match the template")
+    for n, (ref_points, ref_desc) in zip(FEATURES, features.keypoints):
+        try:
+            coarse = _match(small, scale, n, ref_points, ref_desc, features.scale, page.shape)
+        except RegistrationError as e:
+            failure = e
+            continue
+        homography = _refine(page, features, coarse)
+        if homography is None:
+            if n != FEATURES[-1]:
+                continue  # unconfirmed: try again with more keypoints
+            homography = coarse  # the best there is; the quality score decides
+        aligned = cv2.warpPerspective(
+            page, homography, (reference.shape[1], reference.shape[0]), flags=cv2.INTER_LINEAR, borderValue=255
+        )
+        quality = registration_quality(aligned, features.structure)
+        if quality >= min_quality:
+            rotation = float(np.degrees(np.arctan2(homography[1, 0], homography[0, 0])))
+            return Registration(aligned, homography, quality, rotation)
+        failure = RegistrationError(
+            f"page does not match the template: only {quality:.0%} of the form's printed lines found (need {min_quality:.0%})"
+        )
+    raise failure
+
+
+def _match(
+    small: np.ndarray, scale: float, n: int, ref_points: np.ndarray, ref_desc: np.ndarray, ref_scale: float, shape
+) -> np.ndarray:
+    """A page -> reference homography from `n` ORB keypoints of the reduced page. Raises
+    RegistrationError when too few match consistently."""
+    pts, desc = _orb(small, n)
     if desc is None or len(pts) < 20:
         raise RegistrationError("too few features on the page: not a form, or an empty scan")
-    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
-    pairs = matcher.knnMatch(desc, features.descriptors, k=2)
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(desc, ref_desc, k=2)
     good = [m for m, *rest in pairs if rest and m.distance < 0.8 * rest[0].distance]
     if len(good) < 12:
         raise RegistrationError(f"page does not match the template (only {len(good)} feature matches)")
     src = pts[[m.queryIdx for m in good]] / scale
-    dst = features.points[[m.trainIdx for m in good]] / features.scale
-    tolerance = 4.0 / features.scale
+    dst = ref_points[[m.trainIdx for m in good]] / ref_scale
+    tolerance = 4.0 / ref_scale
     # A similarity transform first (4 degrees of freedom: robust with few true matches), then a
     # homography among its inliers for perspective.
     sim, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=5000)
@@ -100,21 +147,10 @@ def register_page(
     keep = inliers.ravel().astype(bool)
     homography = np.vstack([sim, [0, 0, 1]])
     if keep.sum() >= 20:
-        h, mask = cv2.findHomography(src[keep], dst[keep], cv2.RANSAC, tolerance)
-        if h is not None and _plausible(h, page.shape):
+        h, _ = cv2.findHomography(src[keep], dst[keep], cv2.RANSAC, tolerance)
+        if h is not None and _plausible(h, shape):
             homography = h
-    homography = _refine_ecc(page, reference, homography)
-    aligned = cv2.warpPerspective(
-        page, homography, (reference.shape[1], reference.shape[0]), flags=cv2.INTER_LINEAR, borderValue=255
-    )
-    quality = registration_quality(aligned, features.structure)
-    a, b = homography[0, 0], homography[1, 0]
-    rotation = float(np.degrees(np.arctan2(b, a)))
-    if quality < min_quality:
-        raise RegistrationError(
-            f"page does not match the template: only {quality:.0%} of the form's printed lines found (need {min_quality:.0%})"
-        )
-    return Registration(aligned, homography, quality, rotation)
+    return homography
 
 
 def _plausible(h: np.ndarray, shape: tuple[int, int]) -> bool:
@@ -127,31 +163,38 @@ def _plausible(h: np.ndarray, shape: tuple[int, int]) -> bool:
     return abs(h[2, 0]) * wid < 0.2 and abs(h[2, 1]) * hgt < 0.2
 
 
-def _refine_ecc(page: np.ndarray, reference: np.ndarray, homography: np.ndarray) -> np.ndarray:
-    """Refine a page->reference homography by maximising the correlation of the two images.
+def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarray, rounds: int = 3) -> np.ndarray | None:
+    """Correct a page -> reference homography by tracking the reference's corners on the page.
 
-    ECC works at half resolution on blurred images (robust to noise and to the handwriting,
-    which the reference lacks); if it fails to converge the feature estimate is kept.
+    The page is warped by the estimate; each corner is followed from the reference into it
+    (pyramidal Lucas-Kanade) and back again, and kept only if it returns to within 0.3 px, so
+    handwriting over a corner or a torn line drops that corner rather than pulling the fit. A
+    homography fitted to the kept ones (RANSAC) is the correction, applied again while it still
+    moves the page by SETTLED_PX or more (up to `rounds` times). None when the estimate cannot be
+    confirmed: too few corners follow, or the correction stays large (tracking gone astray).
     """
-    f = 0.5
-    s = np.diag([f, f, 1.0])
-    ref_small = cv2.GaussianBlur(cv2.resize(reference, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), (5, 5), 0)
-    page_small = cv2.resize(page, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
-    # ECC's warp maps template (reference) coordinates to input (page) coordinates.
-    warp = (s @ np.linalg.inv(homography) @ np.linalg.inv(s)).astype(np.float32)
-    warp /= warp[2, 2]
-    page_small = cv2.GaussianBlur(page_small, (5, 5), 0)
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 60, 1e-5)
-    try:
-        _, warp = cv2.findTransformECC(ref_small, page_small, warp, cv2.MOTION_HOMOGRAPHY, criteria, None, 1)
-    except cv2.error:
-        return homography
-    refined = np.linalg.inv(s) @ np.linalg.inv(warp.astype(np.float64)) @ s
-    refined /= refined[2, 2]
-    # Accept the refinement only if it stays close to the feature estimate (ECC can run off).
-    corners = np.float32([[0, 0], [page.shape[1], 0], [page.shape[1], page.shape[0]], [0, page.shape[0]]]).reshape(-1, 1, 2)
-    moved = np.abs(cv2.perspectiveTransform(corners, refined) - cv2.perspectiveTransform(corners, homography)).max()
-    return refined if moved < 0.02 * max(reference.shape) else homography
+    h, w = features.shape
+    if len(features.corners) < 12:
+        return None
+    frame = np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)
+    track = dict(winSize=(21, 21), maxLevel=3, criteria=criteria)
+    for _ in range(rounds):
+        warped = _smooth(cv2.warpPerspective(page, homography, (w, h), flags=cv2.INTER_LINEAR, borderValue=255))
+        found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, warped, features.corners, None, **track)
+        back, ok_back, _ = cv2.calcOpticalFlowPyrLK(warped, features.smooth, found, None, **track)
+        returned = np.abs(back - features.corners).reshape(-1, 2).max(axis=1) < 0.3
+        keep = (ok.ravel() == 1) & (ok_back.ravel() == 1) & returned
+        if keep.sum() < 12:
+            return None
+        correction, inliers = cv2.findHomography(found[keep], features.corners[keep], cv2.RANSAC, 1.0)
+        if correction is None or inliers.sum() < 12:
+            return None
+        homography = correction @ homography
+        homography /= homography[2, 2]
+        if np.abs(cv2.perspectiveTransform(frame, correction) - frame).max() < SETTLED_PX:
+            return homography
+    return None
 
 
 def registration_quality(aligned: np.ndarray, structure: np.ndarray) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 from skimage.filters import threshold_sauvola
 
 from formreader.classify import NOT_A_DIGIT, DigitReading
-from formreader.segment import normalize_digit, remove_frame
+from formreader.segment import hysteresis, normalize_digit, remove_frame
 
 MAX_PIECES = 4
 MAX_ALTERNATIVES = 200
@@ -93,8 +93,6 @@ def string_ink(crop: np.ndarray, min_contrast: float = 25.0) -> np.ndarray:
     90th percentile of darkness once the strong ink is set aside: a light security pattern
     or paper texture sets it).
     """
-    from skimage.filters import apply_hysteresis_threshold
-
     g = cv2.GaussianBlur(crop.astype(np.float32), (3, 3), 0.7)
     window = max(15, (min(crop.shape) // 2) | 1)
     sauvola = g < threshold_sauvola(g, window_size=window, k=0.2)
@@ -107,7 +105,7 @@ def string_ink(crop: np.ndarray, min_contrast: float = 25.0) -> np.ndarray:
     seed = max(grow, 0.5 * depth)
     if depth < min_contrast:
         return np.zeros(crop.shape, bool)
-    return sauvola & apply_hysteresis_threshold(dark, grow, seed)
+    return sauvola & hysteresis(dark > grow, dark > seed)
 
 
 def remove_guide_lines(mask: np.ndarray) -> np.ndarray:

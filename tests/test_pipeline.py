@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
@@ -11,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from formreader.ingest import Page
+from formreader import pipeline
+from formreader.ingest import Page, PdfPage
 from formreader.pipeline import Journal, process_paths, read_page
 from formreader.synth import scan
 
@@ -137,11 +140,39 @@ def test_resume_keeps_finished_files(tmp_path, template, classifier):
     assert sum(rec["kind"] == "file_done" for rec in lines) == 2
 
 
-def test_workers_give_the_same_results(template, classifier, sample_records):
+def _in_worker(fn, item):
+    """Run a pool task and say which process ran it."""
+    return os.getpid(), fn(item)
+
+
+class _TracedPool(ProcessPoolExecutor):
+    """The pipeline's process pool, recording what it was given and which worker did each task."""
+
+    tasks: list = []
+    pids: list = []
+
+    def submit(self, fn, item):
+        _TracedPool.tasks.append(item)
+        future = super().submit(_in_worker, fn, item)
+
+        class Traced:
+            def result(self):
+                pid, value = future.result()
+                _TracedPool.pids.append(pid)
+                return value
+
+        return Traced()
+
+
+def test_workers_give_the_same_results_page_by_page(template, classifier, sample_records, monkeypatch):
+    """With workers, each page of a PDF is a task of its own, rendered and segmented by a worker
+    process (so one long PDF uses every core); the results are those of one process."""
+    monkeypatch.setattr(pipeline, "ProcessPoolExecutor", _TracedPool)
     parallel = process_paths([SCANS], template, classifier, workers=2)
-    assert [(r["source"], r["page"], [f["value"] for f in r["fields"]]) for r in parallel] == [
-        (r["source"], r["page"], [f["value"] for f in r["fields"]]) for r in sample_records
-    ]
+    assert parallel == sample_records
+    pdf_tasks = [t for t in _TracedPool.tasks if str(t.source).endswith("batch_a.pdf")]
+    assert [(type(t), t.page) for t in pdf_tasks] == [(PdfPage, n) for n in (1, 2, 3, 4)]
+    assert len(_TracedPool.pids) == len(sample_records) and os.getpid() not in _TracedPool.pids
 
 
 def test_inspect_draws_the_overlay(tmp_path):
