@@ -114,9 +114,19 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
 
     from tqdm import tqdm
 
-    from formreader.export import OutputBusyError, OutputLock, journal_path_for, manifest_path, output_paths, write_results
+    from formreader.export import (
+        OutputBusyError,
+        OutputLock,
+        journal_path_for,
+        manifest_path,
+        output_paths,
+        reviews_path_for,
+        rewrite_results,
+        views_path_for,
+    )
     from formreader.ingest import count_pages, find_inputs
     from formreader.pipeline import Journal, JournalError, process_paths
+    from formreader.review import apply_decisions, load_decisions
 
     tpl = _load_template(template)
     clf = _load_classifier(model)
@@ -155,10 +165,15 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
                 bar.set_postfix_str(Path(rec["source"]).name, refresh=False)
 
             try:
-                records = process_paths(files, tpl, clf, review_threshold, workers, journal, on_page=on_page, scheduler=scheduler)
+                records = process_paths(
+                    files, tpl, clf, review_threshold, workers, journal, on_page=on_page, scheduler=scheduler,
+                    views=views_path_for(out),
+                )
             finally:
                 bar.close()
-            paths = write_results(records, out)
+            # A person's decisions at the review station stay in the results of a later run.
+            rewrite_results(out, apply_decisions(records, load_decisions(reviews_path_for(out))))
+            paths = output_paths(out)
             journal.close()
     except (OutputBusyError, JournalError, RuntimeError) as e:
         _fail(str(e))
@@ -180,6 +195,7 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
             f"{len(pages)} pages read from {len(files)} files; {len(fields)} fields, "
             f"{flagged} for review; {len(errors)} errors.\nResults: {paths['fields']}\n"
             f"Also: {paths['wide']}, {paths['digits']}, {paths['errors']}"
+            + (f"\nCheck the flagged fields: formreader review {out}" if flagged else "")
         )
         for e in errors:
             where = f"{e['source']}" + (f" page {e['page']}" if e["page"] else "")
@@ -367,35 +383,18 @@ def export_results(results, xlsx) -> None:
     """Write RESULTS (the CSV of `process --out`) as a spreadsheet: a row per page, a column per
     field, values as text (leading zeros kept), cells needing review filled with the reasons as
     a comment; sheets of errors and of the run's settings."""
-    import json
-
-    import pandas as pd
-
-    from formreader.export import journal_path_for, output_paths, write_xlsx
+    from formreader.export import NotResultsError, write_workbook
 
     _need("openpyxl", "xlsx")
     if xlsx.suffix.lower() != ".xlsx":
         _fail(f"--xlsx {xlsx}: the workbook's name must end in .xlsx")
-    paths = output_paths(results)
     try:
-        fields = pd.read_csv(paths["fields"], dtype=str, keep_default_na=False)
-        errors = pd.read_csv(paths["errors"], dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as e:
-        _fail(f"{results}: not the results of formreader process: {e}")
-    missing = {"file", "page", "field", "value", "status", "reasons", "confidence"} - set(fields.columns)
-    if missing:
-        _fail(f"{results}: not the results of formreader process (no column {', '.join(sorted(missing))})")
-    settings = {}
-    journal = journal_path_for(results)
-    if journal.exists():
-        with open(journal) as fh:
-            first = json.loads(fh.readline() or "{}")
-        settings = first.get("settings", {})
-    try:
-        write_xlsx(fields, errors, {"results": str(results), **settings}, xlsx)
+        pages = write_workbook(results, xlsx)
+    except NotResultsError as e:
+        _fail(str(e))
     except OSError as e:
         _fail(f"cannot write {xlsx}: {e.strerror or e}")
-    click.echo(f"{xlsx}: {fields[['file', 'page']].drop_duplicates().shape[0]} pages, {len(errors)} errors")
+    click.echo(f"{xlsx}: {pages} pages")
 
 
 @main.command("train-strings")
@@ -550,7 +549,7 @@ def pad(host, port, model) -> None:
 
     On 127.0.0.1 (the default) it answers this machine only. Bound beyond loopback (--host
     0.0.0.0) it asks every request for a random token, given in the URL it prints."""
-    _need("flask", "pad")
+    _need("flask", "web")
     import secrets
 
     from formreader.web import create_app, is_loopback
@@ -559,6 +558,47 @@ def pad(host, port, model) -> None:
     url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"formreader drawing pad on {url} (Ctrl-C to stop)")
     create_app(model, token=token).run(host=host, port=port, threaded=True)
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--port", default=8766, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--reviewer", help="The name written with each decision; default: your login name.")
+def review(results, port, reviewer) -> None:
+    """Check the flagged fields of RESULTS (the CSV of `process --out`) in the browser.
+
+    Serves a page on 127.0.0.1 with a random token in its URL: the flagged fields least sure
+    first, each cut from its page; Enter accepts the reading or saves what you typed, x marks it
+    unreadable, the arrow keys go back and forth. Each decision is kept at once (RESULTS'
+    .reviews.jsonl) and written into the CSVs (and the .xlsx beside them, if there is one)."""
+    _need("flask", "web")
+    import getpass
+    import secrets
+
+    from werkzeug.serving import make_server
+
+    from formreader.export import OutputBusyError, OutputLock
+    from formreader.web import create_review_app
+
+    token = secrets.token_urlsafe(24)
+    try:
+        app = create_review_app(results, reviewer or getpass.getuser(), token)
+    except (FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    try:
+        with OutputLock(results):  # no `process` may rewrite these results meanwhile
+            try:
+                server = make_server("127.0.0.1", port, app, threaded=True)
+            except OSError as e:
+                _fail(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e} (try --port 0)")
+            click.echo(f"formreader review station on http://127.0.0.1:{server.server_port}/?token={token} (Ctrl-C to stop)")
+            sys.stdout.flush()
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                click.echo("\nformreader: review stopped; every decision made is kept", err=True)
+    except OutputBusyError as e:
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ File names that are not UTF-8 are written with their odd bytes as \\xNN escapes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,7 +26,12 @@ import pandas as pd
 
 from formreader.classify import file_sha256
 
-FIELD_COLUMNS = ["file", "page", "field", "value", "confidence", "status", "reasons", "raw", "registration_quality"]
+FIELD_COLUMNS = [
+    "file", "page", "field", "value", "confidence", "status", "reasons", "raw", "registration_quality",
+    "reviewed_value", "reviewed_by", "reviewed_at",
+]
+# A field's status: the machine's ('ok', 'review'), or a person's decision at the review station.
+REVIEWED = ("confirmed", "corrected", "unreadable")
 DIGIT_COLUMNS = ["file", "page", "field", "cell", "digit", "confidence"]
 ERROR_COLUMNS = ["file", "page", "error"]
 
@@ -49,8 +55,15 @@ def as_text(value: str) -> str:
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
+def final_value(field: dict) -> str:
+    """What a field holds once reviewed: the person's value where there is one, else the reading."""
+    return field.get("reviewed_value", field["value"]) if field.get("status") in REVIEWED else field["value"]
+
+
 def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
-    """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record)."""
+    """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record,
+    with a person's decisions where formreader.review put them). The wide table holds each
+    field's final value; its 'review' column names the fields still waiting for a person."""
     fields, digits, errors, wide = [], [], [], []
     for rec in records:
         rec = {**rec, "source": as_text(display_path(rec["source"]))}
@@ -71,9 +84,12 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                     "reasons": as_text("; ".join(f["reasons"])),
                     "raw": as_text(f.get("raw", "")),
                     "registration_quality": rec.get("quality"),
+                    "reviewed_value": f.get("reviewed_value", ""),
+                    "reviewed_by": as_text(f.get("reviewed_by", "")),
+                    "reviewed_at": f.get("reviewed_at", ""),
                 }
             )
-            for i, (digit, conf) in enumerate(f["digits"], start=1):
+            for i, (digit, conf, *_) in enumerate(f["digits"], start=1):
                 digits.append(
                     {
                         "file": rec["source"],
@@ -84,13 +100,15 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                         "confidence": round(conf, 4),
                     }
                 )
-            row[f["field"]] = f["value"]
-            if f["status"] != "ok":
+            row[f["field"]] = final_value(f)
+            if f["status"] == "review":
                 flagged.append(f["field"])
         row["review"] = " ".join(flagged)
         wide.append(row)
     return {
-        "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype({"value": str, "reasons": str, "raw": str}),
+        "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype(
+            {"value": str, "reasons": str, "raw": str, "reviewed_value": str, "reviewed_by": str, "reviewed_at": str}
+        ),
         "digits": pd.DataFrame(digits, columns=DIGIT_COLUMNS).astype({"digit": str}),
         "wide": pd.DataFrame(wide),
         "errors": pd.DataFrame(errors, columns=ERROR_COLUMNS),
@@ -118,6 +136,37 @@ def journal_path_for(out: Path) -> Path:
 
 def manifest_path(out: Path) -> Path:
     return _beside(out, ".manifest.json")
+
+
+def views_path_for(out: Path) -> Path:
+    """The folder of the registered page pictures a run keeps for the review station."""
+    return _beside(out, ".pages")
+
+
+def reviews_path_for(out: Path) -> Path:
+    """The review station's append-only record of a person's decisions (formreader.review)."""
+    return _beside(out, ".reviews.jsonl")
+
+
+def view_name(source: str, page: int) -> str:
+    """The file name of a page's picture in the views folder: a digest of where the page came
+    from, so that any file name (odd bytes, slashes, formula characters) gives a plain one."""
+    key = f"{source}\0{page}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(key).hexdigest()[:24] + ".jpg"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write bytes to `path` so that it is either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:
@@ -247,10 +296,12 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
         put(sheet, row, 1, file)
         put(sheet, row, 2, int(page))
         for _, f in group.iterrows():
-            cell = put(sheet, row, 3 + names.index(f["field"]), str(f["value"]))
-            if f["status"] != "ok":
+            cell = put(sheet, row, 3 + names.index(f["field"]), final_value(f))
+            if f["status"] in ("review", "unreadable"):
                 cell.fill = fill
-                cell.comment = Comment(f"{_plain(str(f['reasons']))} (confidence {float(f['confidence']):.2f})", "formreader")
+                unreadable = f["status"] == "unreadable"
+                why = f"unreadable, said {_plain(str(f.get('reviewed_by', '')))}" if unreadable else _plain(str(f["reasons"]))
+                cell.comment = Comment(f"{why} (confidence {float(f['confidence']):.2f})", "formreader")
     sheet.freeze_panes = "C2"
     for name, frame in (
         ("errors", errors),
@@ -269,3 +320,41 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def workbook_path_for(out: Path) -> Path:
+    """Where the README's workflow keeps the workbook: results.csv -> results.xlsx."""
+    return _beside(out, ".xlsx")
+
+
+class NotResultsError(ValueError):
+    """A file that is not the results of `formreader process`."""
+
+
+def write_workbook(results: Path, xlsx: Path) -> int:
+    """Write the workbook of the results of `process --out results` (its CSVs, and the run's
+    settings from its journal) to `xlsx`; returns the number of pages. Raises NotResultsError."""
+    paths = output_paths(results)
+    try:
+        fields = pd.read_csv(paths["fields"], dtype=str, keep_default_na=False)
+        errors = pd.read_csv(paths["errors"], dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise NotResultsError(f"{results}: not the results of formreader process: {e}") from e
+    missing = {"file", "page", "field", "value", "status", "reasons", "confidence"} - set(fields.columns)
+    if missing:
+        raise NotResultsError(f"{results}: not the results of formreader process (no column {', '.join(sorted(missing))})")
+    settings = {}
+    journal = journal_path_for(results)
+    if journal.exists():
+        with open(journal) as fh:
+            settings = json.loads(fh.readline() or "{}").get("settings", {})
+    write_xlsx(fields, errors, {"results": str(results), **settings}, xlsx)
+    return fields[["file", "page"]].drop_duplicates().shape[0]
+
+
+def rewrite_results(out: Path, records: list[dict]) -> None:
+    """Write the results again (a person's decisions in them): the CSVs and manifest, then the
+    workbook beside them if the user made one."""
+    write_results(records, out)
+    if workbook_path_for(out).exists():
+        write_workbook(out, workbook_path_for(out))

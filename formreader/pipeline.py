@@ -23,7 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.classify import NUM_CLASSES, DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.classify import LABELS, NOT_A_DIGIT, NUM_CLASSES, DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.export import view_name, write_atomically
 from formreader.fields import (
     BLANK_CONFIDENCE,
     DEFAULT_REVIEW_THRESHOLD,
@@ -40,6 +41,7 @@ from formreader.string_model import combine_readings, field_input, read_twice
 from formreader.strings import StringLayout, decide_string, segment_string, without_frame
 from formreader.template import Template
 
+VIEW_QUALITY = 80  # JPEG quality of the page pictures kept for review: digits stay legible at a tenth of the size
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
 
 
@@ -55,6 +57,7 @@ class SegmentedPage:
     offsets: list[tuple[int, int]]  # per field: where its crop starts on the page (free fields)
     # per field: a free field's input to the string model (32, 256) and its crop's (H, W); else None
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
+    view: bytes | None = None  # the registered page as JPEG, for the review station (see process_paths)
 
 
 @dataclass
@@ -234,9 +237,9 @@ def read_page(
 _worker_state: dict = {}
 
 
-def _init_worker(template: Template, features: ReferenceFeatures) -> None:
+def _init_worker(template: Template, features: ReferenceFeatures, views: bool = False) -> None:
     cv2.setNumThreads(1)
-    _worker_state["template"], _worker_state["features"] = template, features
+    _worker_state.update(template=template, features=features, views=views)
     # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself.
     parent = os.getppid()
 
@@ -248,11 +251,15 @@ def _init_worker(template: Template, features: ReferenceFeatures) -> None:
     threading.Thread(target=watch_parent, daemon=True).start()
 
 
-def _segment_or_error(page: Page | PdfPage, template: Template | None = None, features: ReferenceFeatures | None = None):
-    """Render (a PDF page) and segment one page: a SegmentedPage, a PageRead with the reason it
-    could not be registered, or the PageError of a page that could not be rendered."""
+def _segment_or_error(
+    page: Page | PdfPage, template: Template | None = None, features: ReferenceFeatures | None = None, views: bool | None = None
+):
+    """Render (a PDF page) and segment one page: a SegmentedPage (with `views`, the registered
+    page as JPEG), a PageRead with the reason it could not be registered, or the PageError of a
+    page that could not be rendered."""
     template = template or _worker_state["template"]
     features = features or _worker_state["features"]
+    views = _worker_state.get("views", False) if views is None else views
     if isinstance(page, PdfPage):
         page = render_pdf_page(page)
         if isinstance(page, PageError):
@@ -263,8 +270,11 @@ def _segment_or_error(page: Page | PdfPage, template: Template | None = None, fe
         return PageRead(page.source, page.page, error=str(e))
     except Exception as e:  # one broken page must not stop the batch
         return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}")
+    view = None
+    if views:
+        view = cv2.imencode(".jpg", seg.registration.aligned, [cv2.IMWRITE_JPEG_QUALITY, VIEW_QUALITY])[1].tobytes()
     # The registered page image stays here: deciding the fields needs only what was cut from it.
-    return replace(seg, registration=replace(seg.registration, aligned=np.zeros((0, 0), np.uint8)))
+    return replace(seg, registration=replace(seg.registration, aligned=np.zeros((0, 0), np.uint8)), view=view)
 
 
 class JournalError(RuntimeError):
@@ -370,10 +380,29 @@ def page_record(read: PageRead) -> dict:
                 "status": f.status,
                 "reasons": f.reasons,
                 "digits": [[d.digit, round(d.confidence, 6)] for d in f.digits],
+                "runner_up": [runner_up(d) for d in f.digits],
+                "box": field_box(boxes),
             }
-            for f in read.fields
+            for f, boxes in zip(read.fields, read.boxes or [[]] * len(read.fields))
         ],
     }
+
+
+def runner_up(reading: DigitReading) -> list | None:
+    """The second most probable digit of a cell and its probability, where the cell has them."""
+    p = reading.probabilities
+    if p is None or len(p) < 2:
+        return None
+    k = int(np.argsort(p)[-2])
+    return ["?" if k == NOT_A_DIGIT else LABELS[k], round(float(p[k]), 6)]
+
+
+def field_box(boxes: list[Box]) -> list[int] | None:
+    """The box (x, y, w, h) around a field's cells on the registered page, template pixels."""
+    if not boxes:
+        return None
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return [int(x0), int(y0), int(max(b[0] + b[2] for b in boxes) - x0), int(max(b[1] + b[3] for b in boxes) - y0)]
 
 
 def error_record(err: PageError) -> dict:
@@ -391,6 +420,7 @@ def process_paths(
     chunk_pages: int = 8,
     on_page: Callable[[dict], None] | None = None,
     scheduler: str | None = None,
+    views: Path | None = None,
 ) -> list[dict]:
     """Read every page of every input; returns one record per page or unreadable file.
 
@@ -399,6 +429,9 @@ def process_paths(
     `on_page(record)` as each page (or unreadable file) is recorded. With `scheduler` (the
     address of a Dask distributed scheduler, tcp://HOST:PORT) the image stages run on that
     cluster's workers instead of local processes: the same page function, the same results.
+    With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
+    formreader.export.view_name), written before its record: the review station shows fields
+    from it, cut where the record's `box` says.
     """
     journal = journal or Journal(None)
     features = prepare_reference(template.reference)
@@ -409,7 +442,7 @@ def process_paths(
     spawn = multiprocessing.get_context("spawn")
     client = _dask_client(scheduler) if scheduler else None
     pool = (
-        ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features))
+        ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features, views is not None))
         if workers > 1 and client is None
         else None
     )
@@ -419,10 +452,12 @@ def process_paths(
     def submit(page: Page):
         """Start segmenting a page; what comes back has .result()."""
         if client is not None:
-            return client.submit(_segment_or_error, page, template=shared[0], features=shared[1], pure=False)
+            return client.submit(
+                _segment_or_error, page, template=shared[0], features=shared[1], views=views is not None, pure=False
+            )
         if pool is not None:
             return pool.submit(_segment_or_error, page)
-        return _Finished(_segment_or_error(page, template, features))
+        return _Finished(_segment_or_error(page, template, features, views is not None))
 
     def record(rec: dict) -> None:
         journal.write(rec)
@@ -438,8 +473,12 @@ def process_paths(
         for d in segmented:
             if isinstance(d, PageError):
                 record(error_record(d))
+            elif isinstance(d, SegmentedPage):
+                if views is not None and d.view is not None:
+                    write_atomically(views / view_name(d.source, d.page), d.view)
+                record(page_record(next(per_page)))
             else:
-                record(page_record(next(per_page) if isinstance(d, SegmentedPage) else d))
+                record(page_record(d))
         segmented.clear()
 
     # Pages are rendered here and segmented by the workers while the next ones render: a window

@@ -31,6 +31,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _guard(app: Flask, token: str | None, loopback_only: str) -> None:
+    """Refuse what is not the user's own: a request whose Host is not this machine by a loopback
+    name (unless a token guards the app), a POST from another web page (Origin), and, with a
+    `token`, any request that does not carry it (?token= in the URL or the X-Formreader-Token
+    header). Refusals are JSON with the reason."""
+
+    @app.before_request
+    def guard():
+        host = urlsplit("//" + request.host).hostname or ""
+        if token is None and not is_loopback(host):
+            abort(403, loopback_only)
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin and urlsplit(origin).netloc != request.host:
+            abort(403, "requests from other web pages are refused")
+        given = request.args.get("token") or request.headers.get("X-Formreader-Token") or ""
+        if token is not None and not hmac.compare_digest(given.encode(), token.encode()):
+            abort(403, "a token is needed: use the URL formreader printed")
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    @app.errorhandler(409)
+    @app.errorhandler(413)
+    def refused(e):
+        return jsonify(error=e.description), e.code
+
+
 def create_app(model: Path | None = None, threshold: float = DEFAULT_REVIEW_THRESHOLD, token: str | None = None) -> Flask:
     """The Flask app: GET / is the pad, POST /read takes a PNG of the drawing (dark on light).
 
@@ -47,23 +74,7 @@ def create_app(model: Path | None = None, threshold: float = DEFAULT_REVIEW_THRE
     get_classifier(model)  # load the model now, not at the first drawing
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD
-
-    @app.before_request
-    def guard():
-        host = urlsplit("//" + request.host).hostname or ""
-        if token is None and not is_loopback(host):
-            abort(403, "this pad answers on 127.0.0.1 or localhost only")
-        origin = request.headers.get("Origin")
-        if request.method == "POST" and origin and urlsplit(origin).netloc != request.host:
-            abort(403, "requests from other web pages are refused")
-        given = request.args.get("token") or request.headers.get("X-Formreader-Token") or ""
-        if token is not None and not hmac.compare_digest(given.encode(), token.encode()):
-            abort(403, "a token is needed: use the URL formreader pad printed")
-
-    @app.errorhandler(403)
-    @app.errorhandler(413)
-    def refused(e):
-        return jsonify(error=e.description), e.code
+    _guard(app, token, "this pad answers on 127.0.0.1 or localhost only")
 
     @app.get("/")
     def pad():
@@ -102,5 +113,94 @@ def create_app(model: Path | None = None, threshold: float = DEFAULT_REVIEW_THRE
             digits=digits,
             cuts=reading.cuts,
         )
+
+    return app
+
+
+def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
+    """The review station for the results of `process --out results` (formreader.review).
+
+    GET / is the page; GET /api/items lists the flagged fields (least sure first) or, with
+    ?field=NAME, one field on every page; POST /api/decide takes {file, page, field, action,
+    value}, writes it to the review journal, then rewrites the CSVs (and results.xlsx beside
+    them, if there is one) atomically; GET /view/NAME is a page picture, only those of these
+    results. Every request must carry `token`; the Host must be a loopback name."""
+    import threading
+
+    from formreader.export import display_path, journal_path_for, reviews_path_for, rewrite_results, view_name, views_path_for
+    from formreader.review import (
+        ACTIONS,
+        ReviewError,
+        apply_decisions,
+        decide,
+        load_decisions,
+        load_records,
+        record_decision,
+        review_items,
+    )
+
+    journal = journal_path_for(results)
+    if not journal.exists():
+        raise FileNotFoundError(f"{journal} not found: review needs the results of `formreader process --out {results}`")
+    records = load_records(journal)
+    reviews, views = reviews_path_for(results), views_path_for(results)
+    pictures = {view_name(r["source"], r["page"]) for r in records if not r.get("error")}
+    writing = threading.Lock()
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    _guard(app, token, "the review station answers on 127.0.0.1 or localhost only")
+
+    def item_json(f: dict) -> dict:
+        picture = view_name(f["source"], f["page"])
+        return {
+            "file": f["source"],
+            "shown_as": display_path(f["source"]),
+            "page": f["page"],
+            "field": f["field"],
+            "value": f["value"],
+            "raw": f.get("raw", ""),
+            "confidence": f["confidence"],
+            "status": f["status"],
+            "reasons": f.get("reasons", []),
+            "digits": f.get("digits", []),
+            "runner_up": f.get("runner_up", []),
+            "box": f.get("box"),
+            "view": picture if (views / picture).exists() else None,
+            "reviewed_value": f.get("reviewed_value"),
+        }
+
+    @app.get("/")
+    def page():
+        return send_from_directory(STATIC, "review.html")
+
+    @app.get("/api/items")
+    def items():
+        field = request.args.get("field") or None
+        current = apply_decisions(records, load_decisions(reviews))
+        names = list(dict.fromkeys(f["field"] for r in records for f in r.get("fields", [])))
+        return jsonify(items=[item_json(f) for f in review_items(current, field)], fields=names, reviewer=reviewer)
+
+    @app.post("/api/decide")
+    def decide_field():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            abort(400, "a JSON object is expected: {file, page, field, action, value}")
+        try:
+            decision = decide(
+                records, str(body.get("file")), int(body.get("page", 0)), str(body.get("field")),
+                str(body.get("action")), str(body.get("value", "")), reviewer,
+            )
+        except (ReviewError, ValueError, TypeError) as e:
+            abort(400, str(e))
+        with writing:
+            record_decision(reviews, decision)
+            rewrite_results(results, apply_decisions(records, load_decisions(reviews)))
+        return jsonify(status=ACTIONS[decision["action"]], value=decision["value"])
+
+    @app.get("/view/<name>")
+    def view(name: str):
+        if name not in pictures or not (views / name).exists():
+            abort(404, "no such page picture in these results")
+        return send_from_directory(views, name, mimetype="image/jpeg")
 
     return app

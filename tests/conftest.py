@@ -4,6 +4,7 @@ committed copy in tests/fixtures/data)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,26 @@ SCANS = ROOT / "samples" / "scans"
 def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
     """formreader's command line in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "formreader.cli", *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, driven by Playwright (never a downloaded browser)."""
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which("chromium") and not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed (make setup installs it)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +57,6 @@ def server(app):
     thread.start()
     yield f"http://127.0.0.1:{srv.server_port}/"
     srv.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not shutil.which("chromium") and not shutil.which(CHROMIUM):
-        pytest.fail("Debian's chromium is not installed (make setup installs it)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        yield b
-        b.close()
 
 
 def stroke(page, points):

@@ -1,0 +1,130 @@
+"""The review station's bookkeeping: the fields a person should check, and their decisions.
+
+A decision is kept the moment it is made, as one line of an append-only journal
+(`results.reviews.jsonl`, flushed to disk), and then written into the results' CSVs: a killed
+server or a closed tab loses nothing, reopening resumes at the first field not yet decided, and
+a later `process --resume` of the same batch writes the decisions into its CSVs again. The last
+decision on a field counts (going back and deciding again adds a line). A decision is about one
+reading: if a later run reads the field differently, the decision no longer applies and the
+field waits for a person again.
+
+Nothing here knows about the web: formreader.web serves these functions to the browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+ACTIONS = {"confirm": "confirmed", "correct": "corrected", "unreadable": "unreadable"}
+VALUE = re.compile(r"[0-9]{0,64}")  # what a person may type as a field's value: its digits, or nothing
+
+
+class ReviewError(ValueError):
+    """A decision that cannot be taken (unknown field, bad value); the message says why."""
+
+
+def field_key(source: str, page: int, field: str) -> str:
+    """One field of one page, as the station and its journal name it."""
+    return json.dumps([source, int(page), field], ensure_ascii=True)
+
+
+def load_records(journal: Path) -> list[dict]:
+    """The page records a run wrote to its journal (formreader.pipeline.Journal), in order."""
+    records = []
+    with open(journal, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if rec.get("kind") == "page":
+                records.append(rec)
+    return records
+
+
+def load_decisions(path: Path) -> dict[str, dict]:
+    """The decisions in a review journal, the last one per field: {field_key: decision}."""
+    decisions: dict[str, dict] = {}
+    if not Path(path).exists():
+        return decisions
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                d = json.loads(line)
+                decisions[field_key(d["file"], d["page"], d["field"])] = d
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+    return decisions
+
+
+def apply_decisions(records: list[dict], decisions: dict[str, dict]) -> list[dict]:
+    """Page records with each decided field's final status, reviewed value, reviewer and time
+    (new dicts; the records given are not changed). A decision made on another reading than
+    the record's is left out."""
+    out = []
+    for rec in records:
+        fields = []
+        for f in rec.get("fields", []):
+            d = decisions.get(field_key(rec["source"], rec["page"], f["field"]))
+            if d is not None and d.get("read") == f["value"]:
+                decided = {"reviewed_value": d["value"], "reviewed_by": d["by"], "reviewed_at": d["at"]}
+                f = {**f, "status": ACTIONS[d["action"]], "machine_status": f["status"], **decided}
+            fields.append(f)
+        out.append({**rec, "fields": fields})
+    return out
+
+
+def decide(records: list[dict], source: str, page: int, field: str, action: str, value: str, by: str) -> dict:
+    """A person's decision on one field, checked against the records: a dict for the journal.
+
+    action: 'confirm' (the reading is right), 'correct' (`value` is what is written) or
+    'unreadable'. Raises ReviewError for a field the results do not have, an unknown action or
+    a value that is not digits."""
+    if action not in ACTIONS:
+        raise ReviewError(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
+    found = next(
+        (f for r in records if r["source"] == source and r["page"] == page for f in r.get("fields", []) if f["field"] == field),
+        None,
+    )
+    if found is None:
+        raise ReviewError(f"no field {field!r} on page {page} of {source!r} in these results")
+    if action == "confirm":
+        value = found["value"]
+    elif action == "unreadable":
+        value = ""
+    elif not VALUE.fullmatch(value or ""):
+        raise ReviewError(f"a value is the field's digits only (0-9), not {value!r}")
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    read = found["value"]
+    return {"file": source, "page": page, "field": field, "action": action, "value": value, "read": read, "by": by, "at": at}
+
+
+def record_decision(path: Path, decision: dict) -> None:
+    """Append a decision to the review journal and flush it to disk before anything else."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(decision) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def review_items(records: list[dict], field: str | None = None) -> list[dict]:
+    """What the station shows, in order: every field formreader flagged (decided or not), least
+    confident first; or, with `field`, that field on every page in reading order (to
+    check one field across a batch)."""
+    items = []
+    for rec in records:
+        for f in rec.get("fields", []):
+            if field is None and f.get("machine_status", f["status"]) == "ok":
+                continue
+            if field is not None and f["field"] != field:
+                continue
+            items.append({**f, "source": rec["source"], "page": rec["page"]})
+    if field is None:
+        items.sort(key=lambda f: f["confidence"])
+    return items

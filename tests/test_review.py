@@ -1,0 +1,169 @@
+"""The review station: a clerk checks a batch with the keyboard in a real browser (Debian
+chromium); every decision is on disk the moment it is made; a killed server loses nothing; only
+the holder of the printed token, and only the results' own page pictures, get through."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from formreader.review import apply_decisions, decide
+
+from .conftest import SCANS, TEMPLATE, run_cli
+
+SCREENSHOTS = os.environ.get("FORMREADER_SCREENSHOTS")  # a folder: the README's pictures are taken here
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """The shipped samples read once: results.csv and its companions (page pictures included)."""
+    out = tmp_path_factory.mktemp("batch") / "results.csv"
+    run = run_cli("process", SCANS, "-t", TEMPLATE, "-o", out, "-q")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.fixture
+def batch(processed, tmp_path):
+    """A fresh copy of the processed batch for one test to change."""
+    for f in processed.parent.iterdir():
+        (shutil.copytree if f.is_dir() else shutil.copy)(f, tmp_path / f.name)
+    return tmp_path / "results.csv"
+
+
+def start_station(results: Path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "formreader.cli", "review", str(results), "--port", "0", "--reviewer", "clerk"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline()
+    found = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", line)
+    assert found, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, found.group(0)
+
+
+def fields_csv(results: Path) -> pd.DataFrame:
+    return pd.read_csv(results, dtype=str, keep_default_na=False)
+
+
+def row(results: Path, decision: dict) -> pd.Series:
+    table = fields_csv(results)
+    hit = table[(table.file == decision["file"]) & (table.page == str(decision["page"])) & (table.field == decision["field"])]
+    assert len(hit) == 1
+    return hit.iloc[0]
+
+
+def decisions(results: Path) -> list[dict]:
+    path = results.with_name("results.reviews.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def progress(page) -> str:
+    return page.text_content("#progress")
+
+
+def test_a_batch_reviewed_with_the_keyboard_only(batch, browser):
+    from openpyxl import load_workbook
+
+    assert run_cli("export", batch, "--xlsx", batch.with_suffix(".xlsx")).returncode == 0
+    flagged = int((fields_csv(batch).status == "review").sum())
+    assert flagged >= 5
+    proc, url = start_station(batch)
+    try:
+        page = browser.new_page(viewport={"width": 980, "height": 760})
+        page.goto(url)
+        page.wait_for_function("document.getElementById('progress').textContent.includes(' of ')")
+        assert progress(page) == f"1 of {flagged}"
+        page.wait_for_function("document.getElementById('crop').height > 40")  # the field, cut from its page
+        if SCREENSHOTS:
+            page.screenshot(path=str(Path(SCREENSHOTS) / "review.png"))
+        shown = page.input_value("#value")
+
+        page.keyboard.press("Enter")  # 1: the reading is right
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('2 of')")
+        first = decisions(batch)[-1]
+        assert (first["action"], first["value"], first["by"]) == ("confirm", shown, "clerk")
+        got = row(batch, first)
+        assert (got.status, got.reviewed_value, got.reviewed_by, got.value) == ("confirmed", shown, "clerk", shown)
+
+        page.keyboard.type("0123")  # 2: typed over the pre-filled, selected reading
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 of')")
+        second = decisions(batch)[-1]
+        assert (second["action"], second["value"]) == ("correct", "0123")
+        assert (row(batch, second).status, row(batch, second).reviewed_value) == ("corrected", "0123")
+        wide = pd.read_csv(batch.with_name("results.wide.csv"), dtype=str, keep_default_na=False)
+        on_page = wide[(wide.file == second["file"]) & (wide.page == str(second["page"]))].iloc[0]
+        assert on_page[second["field"]] == "0123" and second["field"] not in on_page["review"].split()
+        book = load_workbook(batch.with_suffix(".xlsx"))["fields"]
+        assert "0123" in [c.value for r in book.iter_rows() for c in r]
+
+        page.keyboard.press("x")  # 3: unreadable
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('4 of')")
+        third = decisions(batch)[-1]
+        assert third["action"] == "unreadable" and row(batch, third).status == "unreadable"
+
+        page.keyboard.press("ArrowUp")  # back to the third: its decision is shown
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 of')")
+        assert "unreadable" in page.text_content("#decision")
+        assert len(decisions(batch)) == 3
+    finally:
+        proc.kill()  # SIGKILL: no chance to tidy up
+        proc.wait()
+
+    proc, url = start_station(batch)  # reopened: it resumes at the first field not decided
+    try:
+        page.goto(url)
+        page.wait_for_function("document.getElementById('progress').textContent.includes(' of ')")
+        assert progress(page) == f"4 of {flagged}" and page.text_content("#decided") == "3 decided"
+        page.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+    # A later `process --resume` of the same batch keeps every decision in its CSVs.
+    assert run_cli("process", SCANS, "-t", TEMPLATE, "-o", batch, "-q", "--resume").returncode == 0
+    assert [row(batch, d).status for d in (first, second, third)] == ["confirmed", "corrected", "unreadable"]
+
+
+def test_only_the_token_and_the_results_own_pictures_get_through(processed):
+    from formreader.export import view_name
+    from formreader.web import create_review_app
+
+    app = create_review_app(processed, "clerk", token="s3cret")
+    client = app.test_client()
+    assert client.get("/api/items").status_code == 403
+    assert client.get("/api/items?token=wrong").status_code == 403
+    assert client.get("/").status_code == 403
+    items = client.get("/api/items", headers={"X-Formreader-Token": "s3cret"}).get_json()["items"]
+    name = view_name(items[0]["file"], items[0]["page"])
+    picture = client.get(f"/view/{name}?token=s3cret")
+    assert picture.status_code == 200 and picture.data[:2] == b"\xff\xd8"  # a JPEG
+    assert client.get(f"/view/{name}").status_code == 403
+    for outside in ("..%2Fresults.csv", "../results.csv", "results.csv", "0" * 24 + ".jpg", "%2Fetc%2Fpasswd"):
+        assert client.get(f"/view/{outside}?token=s3cret").status_code == 404, outside
+    body = {"file": items[0]["file"], "page": items[0]["page"], "field": items[0]["field"], "action": "confirm"}
+    other_site = client.post("/api/decide?token=s3cret", json=body, headers={"Origin": "http://evil.example"})
+    assert other_site.status_code == 403
+    for bad in ({**body, "action": "correct", "value": "=1+1"}, {**body, "field": "nope"}, {**body, "action": "delete"}):
+        res = client.post("/api/decide?token=s3cret", json=bad)
+        assert res.status_code == 400 and res.get_json()["error"]
+    assert not processed.with_name("results.reviews.jsonl").exists()  # nothing refused was recorded
+
+
+def test_a_decision_holds_only_for_the_reading_it_was_made_on():
+    records = [{"source": "a.pdf", "page": 1, "fields": [{"field": "n", "value": "17", "status": "review", "confidence": 0.5}]}]
+    d = decide(records, "a.pdf", 1, "n", "correct", "71", "clerk")
+    key = json.dumps(["a.pdf", 1, "n"])
+    assert apply_decisions(records, {key: d})[0]["fields"][0]["status"] == "corrected"
+    reread = [{**records[0], "fields": [{**records[0]["fields"][0], "value": "11"}]}]
+    assert apply_decisions(reread, {key: d})[0]["fields"][0]["status"] == "review"
+    assert records[0]["fields"][0]["status"] == "review"  # the records given are not changed
