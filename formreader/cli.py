@@ -147,6 +147,8 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
         "model": clf.meta.get("tflite_sha256", "")[:16],
         "string_model": clf.string_model.meta.get("tflite_sha256", "")[:16] if clf.string_model else "",
         "review_threshold": review_threshold,
+        # Which fields are quantities, for workbooks made from these results (number cells).
+        "numeric_fields": " ".join(f.name for f in tpl.fields if f.numeric),
     }
     # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: workers stopped, what is done kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pandas as pd
 from formreader.classify import file_sha256
 
 FIELD_COLUMNS = [
-    "file", "page", "field", "value", "confidence", "status", "reasons", "raw", "registration_quality",
+    "file", "page", "field", "value", "text", "confidence", "status", "reasons", "raw", "registration_quality",
     "reviewed_value", "reviewed_by", "reviewed_at",
 ]
 # A field's status: the machine's ('ok', 'review'), or a person's decision at the review station.
@@ -55,9 +56,12 @@ def as_text(value: str) -> str:
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def final_value(field: dict) -> str:
-    """What a field holds once reviewed: the person's value where there is one, else the reading."""
-    return field.get("reviewed_value", field["value"]) if field.get("status") in REVIEWED else field["value"]
+def final_value(field) -> str:
+    """What a field holds, as written: the person's value where one was given, else the reading
+    as written (`text`; records and CSVs of older runs have only `value`). A dict or a row."""
+    if field.get("status") in REVIEWED:
+        return field.get("reviewed_value", "")
+    return field.get("text") or field["value"]
 
 
 def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
@@ -79,6 +83,7 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                     "page": rec["page"],
                     "field": f["field"],
                     "value": f["value"],
+                    "text": as_text(f.get("text", f["value"])),
                     "confidence": round(f["confidence"], 4),
                     "status": f["status"],
                     "reasons": as_text("; ".join(f["reasons"])),
@@ -100,14 +105,14 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                         "confidence": round(conf, 4),
                     }
                 )
-            row[f["field"]] = final_value(f)
+            row[f["field"]] = as_text(final_value(f))
             if f["status"] == "review":
                 flagged.append(f["field"])
         row["review"] = " ".join(flagged)
         wide.append(row)
     return {
         "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype(
-            {"value": str, "reasons": str, "raw": str, "reviewed_value": str, "reviewed_by": str, "reviewed_at": str}
+            {"value": str, "text": str, "reasons": str, "raw": str, "reviewed_value": str, "reviewed_by": str, "reviewed_at": str}
         ),
         "digits": pd.DataFrame(digits, columns=DIGIT_COLUMNS).astype({"digit": str}),
         "wide": pd.DataFrame(wide),
@@ -271,10 +276,28 @@ def _plain(value: str) -> str:
     return value
 
 
+def as_number(text: str) -> tuple[float, str] | None:
+    """A quantity as written ('1,234.56', '923.15', '12,5', '0042') as a number and the Excel
+    number format that shows it with its decimals; None when it is not one. The last of '.'
+    and ',' before one or two final digits is the decimal mark; others group thousands."""
+    text = text.strip()
+    found = re.fullmatch(r"(\d[\d.,]*?)(?:([.,])(\d{1,2}))?", text)
+    if not text or not found:
+        return None
+    whole, _, decimals = found.groups()
+    whole = whole.replace(",", "").replace(".", "")
+    if not whole.isdigit():
+        return None
+    number = float(whole + ("." + decimals if decimals else ""))
+    return number, "0." + "0" * len(decimals) if decimals else "0"
+
+
 def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path: Path) -> None:
-    """A workbook of a run's results: 'fields' (a row per page, a column per field, every value a
-    text cell so leading zeros stay; cells needing review filled, their reasons as a comment),
-    'errors' and 'settings'. No cell is a formula, whatever it holds. Written atomically."""
+    """A workbook of a run's results: 'fields' (a row per page, a column per field, each value
+    as written: a text cell so leading zeros stay or, for fields the template calls numeric
+    and a person need not check, a number cell showing its decimals; cells needing review filled,
+    their reasons as a comment), 'errors' and 'settings'. No cell is a formula, whatever it
+    holds. Written atomically."""
     from openpyxl import Workbook
     from openpyxl.comments import Comment
     from openpyxl.styles import Font, PatternFill
@@ -285,6 +308,7 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
             cell.data_type = "s"  # text, never a formula
         return cell
 
+    numeric = set(str(settings.get("numeric_fields", "")).split())
     book = Workbook()
     sheet = book.active
     sheet.title = "fields"
@@ -296,7 +320,11 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
         put(sheet, row, 1, file)
         put(sheet, row, 2, int(page))
         for _, f in group.iterrows():
-            cell = put(sheet, row, 3 + names.index(f["field"]), final_value(f))
+            text = _plain(final_value(f))
+            number = as_number(text) if f["field"] in numeric and f["status"] not in ("review", "unreadable") else None
+            cell = put(sheet, row, 3 + names.index(f["field"]), number[0] if number else text)
+            if number:
+                cell.number_format = number[1]
             if f["status"] in ("review", "unreadable"):
                 cell.fill = fill
                 unreadable = f["status"] == "unreadable"

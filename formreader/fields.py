@@ -36,6 +36,7 @@ class FieldReading:
     raw: str = ""  # free fields: the digits with their separators, as written
     cuts: list[int] = field(default_factory=list)  # free fields: x (page px) of splits between touching digits
     marks: list[tuple[int, int, int, int]] = field(default_factory=list)  # free fields: each digit's box, page px
+    text: str = ""  # the number as written: a free field's raw reading, boxes put in their field's format
 
 
 def read_field(
@@ -68,7 +69,22 @@ def read_field(
     if confidence < threshold:
         reasons.append(f"low confidence {confidence:.2f}")
     status = "review" if reasons else "ok"
-    return FieldReading(spec.name, value, confidence, status, reasons, cells)
+    return FieldReading(spec.name, value, confidence, status, reasons, cells, text=written(spec, marks))
+
+
+def written(spec: Field, marks: str) -> str:
+    """A boxed field's reading as written: `marks` (one character per cell, ' ' for a blank
+    one) put into the field's format, blank cells left out and print before the first or after
+    the last digit dropped ('  923.15' in '#####.##' -> '923.15'; '' for an empty field)."""
+    if not spec.format:
+        return marks.replace(" ", "")
+    cells = iter(marks)
+    pieces = [(next(cells), True) if c == "#" else (c, False) for c in spec.format]
+    written_cells = [i for i, (c, cell) in enumerate(pieces) if cell and c != " "]
+    if not written_cells:
+        return ""
+    inside = pieces[written_cells[0] : written_cells[-1] + 1]
+    return "".join(c for c, cell in inside if not (cell and c == " "))
 
 
 def reading_pattern(spec: Field) -> str:
@@ -121,4 +137,5 @@ def read_free_field(
         reading.raw,
         [x + dx for x in reading.cuts],
         [(x + dx, y + dy, w, h) for x, y, w, h in reading.boxes],
+        text=reading.raw,
     )

@@ -376,6 +376,7 @@ def page_record(read: PageRead) -> dict:
                 "field": f.name,
                 "value": f.value,
                 "raw": f.raw,
+                "text": f.text,
                 "confidence": round(f.confidence, 6),
                 "status": f.status,
                 "reasons": f.reasons,

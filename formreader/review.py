@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ACTIONS = {"confirm": "confirmed", "correct": "corrected", "unreadable": "unreadable"}
-VALUE = re.compile(r"[0-9]{0,64}")  # what a person may type as a field's value: its digits, or nothing
+# What a person may type as a field's value: the number as written (digits, and the marks that
+# print between them), or nothing.
+VALUE = re.compile(r"([0-9][0-9.,/: -]{0,63})?")
 
 
 class ReviewError(ValueError):
@@ -81,9 +83,9 @@ def apply_decisions(records: list[dict], decisions: dict[str, dict]) -> list[dic
 def decide(records: list[dict], source: str, page: int, field: str, action: str, value: str, by: str) -> dict:
     """A person's decision on one field, checked against the records: a dict for the journal.
 
-    action: 'confirm' (the reading is right), 'correct' (`value` is what is written) or
-    'unreadable'. Raises ReviewError for a field the results do not have, an unknown action or
-    a value that is not digits."""
+    action: 'confirm' (the reading is right), 'correct' (`value` is what is written, as
+    written: '923.15') or 'unreadable'. Raises ReviewError for a field the results do not have,
+    an unknown action or a value that is not a number as written."""
     if action not in ACTIONS:
         raise ReviewError(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
     found = next(
@@ -93,11 +95,11 @@ def decide(records: list[dict], source: str, page: int, field: str, action: str,
     if found is None:
         raise ReviewError(f"no field {field!r} on page {page} of {source!r} in these results")
     if action == "confirm":
-        value = found["value"]
+        value = found.get("text") or found["value"]
     elif action == "unreadable":
         value = ""
     elif not VALUE.fullmatch(value or ""):
-        raise ReviewError(f"a value is the field's digits only (0-9), not {value!r}")
+        raise ReviewError(f"a value is the number as written (digits, and . , / : - between them), not {value!r}")
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     read = found["value"]
     return {"file": source, "page": page, "field": field, "action": action, "value": value, "read": read, "by": by, "at": at}

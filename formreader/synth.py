@@ -82,13 +82,13 @@ def blank_form(line: int = LINE) -> tuple[np.ndarray, list[Field]]:
     x0 = 340
     fields = [
         Field("customer_no", tuple(_separate_boxes(canvas, x0, rows[0], 8, line=line)), length=8),
-        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/", line)), length=8),
+        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/", line)), length=8, format="##/##/####"),
         Field("quantity", tuple(_separate_boxes(canvas, x0, rows[2], 4, line=line)), optional=True),
     ]
     cv2.putText(canvas, "Postal code", (700, rows[2] + 30), FONT, 0.75, 0, 2, cv2.LINE_AA)
     fields.append(Field("postal_code", tuple(_separate_boxes(canvas, 880, rows[2], 5, line=line)), length=5))
-    fields.append(Field("amount", tuple(_combs(canvas, x0, rows[3], [5, 2], ".", line))))
-    fields.append(Field("phone", tuple(_combs(canvas, x0, rows[4], [3, 3, 4], "-", line)), length=10))
+    fields.append(Field("amount", tuple(_combs(canvas, x0, rows[3], [5, 2], ".", line)), format="#####.##", numeric=True))
+    fields.append(Field("phone", tuple(_combs(canvas, x0, rows[4], [3, 3, 4], "-", line)), length=10, format="###-###-####"))
     cv2.putText(canvas, "Signature", (60, 720), FONT, 0.75, 0, 2, cv2.LINE_AA)
     cv2.line(canvas, (200, 722), (700, 722), 0, 1)
     cv2.putText(canvas, "Office use only - do not write below this line", (60, 800), FONT, 0.5, 0, 1, cv2.LINE_AA)

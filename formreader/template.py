@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 
@@ -49,6 +50,8 @@ class Field:
     max_length: int | None = None
     separators: str = ""  # kind 'free': separators that may stand between digits, of . , - /
     pattern: str = ""  # kind 'free': regular expression the whole raw reading must match
+    format: str = ""  # kind 'boxes': how the number is written, '#' a box, e.g. '#####.##', '##/##/####'
+    numeric: bool = False  # a quantity (not an identifier): a number cell in workbooks
 
 
 @dataclass
@@ -65,7 +68,8 @@ class Template:
         return [c for f in self.fields for c in f.cells]
 
 
-_FIELD_KEYS = {"name", "cells", "length", "optional", "kind"}
+_FIELD_KEYS = {"name", "cells", "length", "optional", "kind", "format", "numeric"}
+FORMAT_MARKS = " .,-/:"  # what a format may print between boxes
 MAX_TEMPLATE_BYTES = 1_000_000
 _FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators", "pattern"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -153,7 +157,16 @@ def _parse_field(where: str, index: int, doc, shape: tuple[int, int]) -> Field:
     length = doc.get("length")
     if length is not None and (not isinstance(length, int) or not 1 <= length <= len(boxes)):
         raise TemplateError(f"{where}: {label}: 'length' must be an integer from 1 to {len(boxes)} (its cells), not {length!r}")
-    return Field(name, tuple(boxes), length, optional)
+    numeric = doc.get("numeric", False)
+    if not isinstance(numeric, bool):
+        raise TemplateError(f"{where}: {label}: 'numeric' must be true or false, not {numeric!r}")
+    form = doc.get("format", "")
+    if not isinstance(form, str) or set(form) - set("#" + FORMAT_MARKS) or (form and form.count("#") != len(boxes)):
+        raise TemplateError(
+            f"{where}: {label}: 'format' must have one # per cell ({len(boxes)}) and between them only "
+            f"some of {FORMAT_MARKS.strip()} or spaces (as '##/##/####'), not {form!r}"
+        )
+    return Field(name, tuple(boxes), length, optional, format=form, numeric=numeric)
 
 
 def _parse_box(where: str, label: str, c, shape: tuple[int, int]) -> Box:
@@ -223,9 +236,49 @@ def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
 
 
 def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits()) -> list[Field]:
-    """Propose fields from a blank form: its boxes, grouped, named field_1, field_2, ..."""
+    """Propose fields from a blank form: its boxes, grouped, named field_1, field_2, ..., each
+    with the format its printed separators give (`printed_format`) where it has any."""
     groups = group_fields(find_boxes(blank, dpi, limits))
-    return [Field(f"field_{i}", tuple(g)) for i, g in enumerate(groups, start=1)]
+    return [Field(f"field_{i}", tuple(g), format=printed_format(blank, g)) for i, g in enumerate(groups, start=1)]
+
+
+def printed_format(blank: np.ndarray, cells: list[Box]) -> str:
+    """The format of a run of boxes: '#' per box and, in each gap wider than the field's usual
+    one, the mark printed there, told by its shape against the boxes' height: a dot or comma
+    low down ('.'), a short bar at mid-height ('-'), a tall stroke ('/'). '' when no gap holds
+    a mark. blank: (H, W) uint8 blank form; cells: the run's interiors, left to right."""
+    gaps = [b[0] - (a[0] + a[2]) for a, b in zip(cells, cells[1:])]
+    if not gaps:
+        return ""
+    usual = float(np.median(gaps))
+    out, marked = "#", False
+    for (a, b), gap in zip(zip(cells, cells[1:]), gaps):
+        mark = _gap_mark(blank, a, b) if gap > usual + 0.25 * a[3] else ""
+        marked |= bool(mark)
+        out += mark + "#"
+    return out if marked else ""
+
+
+def _gap_mark(blank: np.ndarray, left: Box, right: Box) -> str:
+    """The separator printed between two boxes, or '' (see printed_format)."""
+    h = max(left[3], right[3])
+    line = max(2, round(0.15 * h))  # keep clear of the boxes' own lines
+    x0, x1 = left[0] + left[2] + line, right[0] - line
+    y0, y1 = min(left[1], right[1]), max(left[1] + left[3], right[1] + right[3])
+    if x1 - x0 < 2:
+        return ""
+    ink = (blank[y0:y1, x0:x1] < 128).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    if count < 2:
+        return ""
+    x, y, w, hh, _ = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))]
+    if hh >= 0.45 * h:
+        return "/"
+    if w >= 1.5 * hh and 0.25 * h <= y + hh / 2 <= 0.75 * h:
+        return "-"
+    if y + hh / 2 > 0.6 * h:
+        return "."
+    return ""
 
 
 def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) -> str:
@@ -244,6 +297,8 @@ def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) ->
         else:
             doc.update({"length": f.length} if f.length is not None else {})
             doc.update({"optional": True} if f.optional else {})
+            doc.update({"format": f.format} if f.format else {})
+            doc.update({"numeric": True} if f.numeric else {})
             doc["cells"] = [list(c) for c in f.cells]
         docs.append(doc)
     whole = round(dpi)

@@ -158,6 +158,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
             "page": f["page"],
             "field": f["field"],
             "value": f["value"],
+            "text": f.get("text") or f["value"],
             "raw": f.get("raw", ""),
             "confidence": f["confidence"],
             "status": f["status"],

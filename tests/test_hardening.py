@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -430,11 +431,25 @@ def test_results_as_a_spreadsheet(tmp_path):
     assert len(rows) == 4  # one page of scan_c, three of fax_b
     assert {r[0].value for r in rows} == {"=HYPERLINK(1).png", "fax_b.tif"}
     assert all(r[0].data_type == "s" for r in rows)  # the formula-like name is text
-    assert all(c.data_type == "s" for r in rows for c in r[2:] if c.value is not None)  # text, never numbers or formulas
-    phones = [r[header.index("phone")].value for r in rows]
-    assert all(p.startswith("0") for p in phones if p)  # leading zeros kept
     fields = pd.read_csv(tmp_path / "r.csv", dtype=str, keep_default_na=False)
     flagged = fields[fields.status != "ok"]
+    # Values as written: identifiers and dates as text (leading zeros kept), with their printed
+    # separators; the amount, which the template calls numeric, a number cell with its decimals
+    # where nobody need check it.
+    amount = header.index("amount")
+    assert all(c.data_type == "s" for r in rows for i, c in enumerate(r[2:], start=2) if c.value is not None and i != amount)
+    phones = [r[header.index("phone")].value for r in rows]
+    assert all(re.fullmatch(r"0\d\d-\d{3}-\d{4}", p) for p in phones if p and "?" not in p)
+    dates = [r[header.index("date")].value for r in rows]
+    assert all(re.fullmatch(r"\d\d/\d\d/\d{4}", d) for d in dates if d and "?" not in d)
+    for r in rows:
+        read = fields[(fields.file == ("'" if r[0].value.startswith("=") else "") + r[0].value)
+                      & (fields.page == str(r[1].value)) & (fields.field == "amount")].iloc[0]
+        if read.status == "ok":
+            assert r[amount].data_type == "n" and r[amount].number_format == "0.00"
+            assert r[amount].value == float(read.text) and read.text.replace(".", "") == read.value and read.text[-3] == "."
+        else:
+            assert r[amount].data_type == "s"
     filled = [c for r in rows for c in r[2:] if c.fill.fgColor.rgb.endswith("FFD27F")]
     assert len(filled) == len(flagged) and all(c.comment is not None for c in filled)
     assert book["errors"].max_row == 2 and "empty file" in book["errors"].cell(2, 3).value

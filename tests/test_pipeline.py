@@ -109,12 +109,15 @@ def test_cli_outputs_keep_leading_zeros_and_have_all_tables(tmp_path, truth):
     run = run_cli("process", SCANS, "--template", TEMPLATE, "--out", out, "--quiet")
     assert run.returncode == 0, run.stderr
     fields = pd.read_csv(out, dtype={"value": str}, keep_default_na=False)
-    assert list(fields.columns[:6]) == ["file", "page", "field", "value", "confidence", "status"]
+    assert list(fields.columns[:7]) == ["file", "page", "field", "value", "text", "confidence", "status"]
     assert fields.confidence.between(0, 1).all() and set(fields.status) <= {"ok", "review"}
-    phones = fields[fields.field == "phone"].value
-    assert phones.str.startswith("0").all()  # every phone number starts with 0 and keeps it
+    phones = fields[fields.field == "phone"]
+    assert phones.value.str.startswith("0").all()  # every phone number starts with 0 and keeps it
+    # `text` is the number as written on the form: its printed separators in place.
+    assert (phones.text.str.replace("-", "") == phones.value).all() and phones.text.str.fullmatch(r"\d{3}-\d{3}-[\d?]{4}").all()
     wide = pd.read_csv(tmp_path / "results.wide.csv", dtype=str, keep_default_na=False)
     assert len(wide) == 10 and {"customer_no", "phone", "review"} <= set(wide.columns)
+    assert sorted(wide.phone) == sorted(phones.text) and wide.amount.str.fullmatch(r"\d*\.\d\d|").all()
     digits = pd.read_csv(tmp_path / "results.digits.csv", dtype={"digit": str}, keep_default_na=False)
     assert len(digits) == 10 * 42
     assert pd.read_csv(tmp_path / "results.errors.csv").empty

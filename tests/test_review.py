@@ -92,7 +92,7 @@ def test_a_batch_reviewed_with_the_keyboard_only(batch, browser):
         first = decisions(batch)[-1]
         assert (first["action"], first["value"], first["by"]) == ("confirm", shown, "clerk")
         got = row(batch, first)
-        assert (got.status, got.reviewed_value, got.reviewed_by, got.value) == ("confirmed", shown, "clerk", shown)
+        assert (got.status, got.reviewed_value, got.reviewed_by, got.text) == ("confirmed", shown, "clerk", shown)
 
         page.keyboard.type("0123")  # 2: typed over the pre-filled, selected reading
         page.keyboard.press("Enter")
@@ -153,7 +153,8 @@ def test_only_the_token_and_the_results_own_pictures_get_through(processed):
     body = {"file": items[0]["file"], "page": items[0]["page"], "field": items[0]["field"], "action": "confirm"}
     other_site = client.post("/api/decide?token=s3cret", json=body, headers={"Origin": "http://evil.example"})
     assert other_site.status_code == 403
-    for bad in ({**body, "action": "correct", "value": "=1+1"}, {**body, "field": "nope"}, {**body, "action": "delete"}):
+    bad_values = ({**body, "action": "correct", "value": v} for v in ("=1+1", "12a", "-5"))
+    for bad in (*bad_values, {**body, "field": "nope"}, {**body, "action": "delete"}):
         res = client.post("/api/decide?token=s3cret", json=bad)
         assert res.status_code == 400 and res.get_json()["error"]
     assert not processed.with_name("results.reviews.jsonl").exists()  # nothing refused was recorded

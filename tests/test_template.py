@@ -77,6 +77,8 @@ def test_propose_template_finds_every_box_exactly():
     blank, fields = blank_form()
     proposed = propose_template(blank, 150)
     assert [f.name for f in proposed] == [f"field_{i}" for i in range(1, 7)]
+    # The printed separators between groups of boxes become the fields' formats.
+    assert [f.format for f in proposed] == [f.format for f in fields] == ["", "##/##/####", "", "", "#####.##", "###-###-####"]
     # Separate squares, combs split by / . - separators, and two fields far apart on one line.
     assert [f.cells for f in proposed] == [f.cells for f in fields]
 
@@ -191,3 +193,27 @@ def test_detect_writes_yaml_by_the_library_and_never_overwrites(tmp_path):
         text=True,
     )
     assert run.returncode == 0 and len(load_template(out).cells) == 42
+
+
+@pytest.mark.parametrize(
+    "form, message",
+    [("'###'", r"one # per cell \(8\)"), ("'####x####'", "one # per cell"), ("7", "one # per cell")],
+)
+def test_a_format_must_fit_the_cells(tmp_path, form, message):
+    text = TEMPLATE.read_text().replace("reference: demo_form.png", f"reference: {TEMPLATE.with_suffix('.png')}")
+    text = text.replace("- name: customer_no\n", f"- name: customer_no\n  format: {form}\n")
+    (tmp_path / "t.yaml").write_text(text)
+    with pytest.raises(TemplateError, match=message):
+        load_template(tmp_path / "t.yaml")
+
+
+def test_a_reading_is_written_in_its_field_format():
+    from formreader.fields import written
+    from formreader.template import Field
+
+    amount = Field("amount", ((0, 0, 9, 9),) * 7, format="#####.##")
+    assert written(amount, "  92315") == "923.15"
+    assert written(amount, "1234567") == "12345.67"
+    assert written(amount, "       ") == ""
+    assert written(Field("d", ((0, 0, 9, 9),) * 8, format="##/##/####"), "0110201 ") == "01/10/201"
+    assert written(Field("n", ((0, 0, 9, 9),) * 3), " 4?") == "4?"
