@@ -330,6 +330,11 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     "--initial", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from this model (fine-tune)."
 )
 @click.option(
+    "--extra",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Also learn these labelled digits (DIGIT/NAME.png): the corrections folder the review station fills.",
+)
+@click.option(
     "--prepared",
     type=click.Path(dir_okay=False, path_type=Path),
     help="The prepared training splits (.npz): read if it exists, else built and written there.",
@@ -349,6 +354,7 @@ def train(
     bitonal,
     strings,
     initial,
+    extra,
     prepared,
 ) -> None:
     """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.
@@ -373,6 +379,7 @@ def train(
         orand=not mnist_only,
         strings=strings,
         initial=str(initial) if initial else None,
+        extra=str(extra) if extra else None,
     )
     meta = train_model(out, config, data=_prepared_splits(prepared, config, data))
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")

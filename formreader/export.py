@@ -153,6 +153,12 @@ def reviews_path_for(out: Path) -> Path:
     return _beside(out, ".reviews.jsonl")
 
 
+def corrections_path_for(out: Path) -> Path:
+    """The folder of labelled digit crops a person's decisions give (LABEL/NAME.png), for
+    `formreader train --extra`."""
+    return _beside(out, ".corrections")
+
+
 def view_name(source: str, page: int) -> str:
     """The file name of a page's picture in the views folder: a digest of where the page came
     from, so that any file name (odd bytes, slashes, formula characters) gives a plain one."""

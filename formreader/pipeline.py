@@ -383,6 +383,7 @@ def page_record(read: PageRead) -> dict:
                 "digits": [[d.digit, round(d.confidence, 6)] for d in f.digits],
                 "runner_up": [runner_up(d) for d in f.digits],
                 "box": field_box(boxes),
+                "cells": [list(map(int, b)) for b in boxes],  # located boxes (a free field: its one box)
             }
             for f, boxes in zip(read.fields, read.boxes or [[]] * len(read.fields))
         ],

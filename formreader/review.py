@@ -19,6 +19,11 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
+from formreader.locate import cell_crop, cell_interior
+from formreader.segment import segment_digit
+
 ACTIONS = {"confirm": "confirmed", "correct": "corrected", "unreadable": "unreadable"}
 # What a person may type as a field's value: the number as written (digits, and the marks that
 # print between them), or nothing.
@@ -113,6 +118,29 @@ def record_decision(path: Path, decision: dict) -> None:
         fh.write(json.dumps(decision) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def labelled_cells(field: dict, picture: np.ndarray, text: str) -> list[tuple[int, np.ndarray, str]]:
+    """The digits of a boxed field a person confirmed or corrected, as training examples:
+    [(cell index, (28, 28) float32 image as the model sees it, label)].
+
+    field: its record (with its located `cells`); picture: (H, W) uint8, its page registered to
+    the template (the page picture process keeps); text: the decided number as written. Each
+    digit of `text` labels, in order, the cells the reading found ink in; when their counts
+    differ (a digit in a cell read as blank), which cell holds which digit is not known and
+    nothing is returned. Free fields give nothing (their digits have no boxes of their own)."""
+    cells, digits = field.get("cells") or [], [d[0] for d in field.get("digits", [])]
+    written = [c for c in text if c.isdigit()]
+    inked = [i for i, d in enumerate(digits) if d != ""]
+    if field.get("raw") or len(cells) != len(digits) or len(written) != len(inked):
+        return []
+    out = []
+    for i, label in zip(inked, written):
+        box = tuple(cells[i])
+        seg = segment_digit(cell_crop(picture, box), interior=cell_interior(picture.shape, box))
+        if seg.image is not None:
+            out.append((i, seg.image, label))
+    return out
 
 
 def review_items(records: list[dict], field: str | None = None) -> list[dict]:

@@ -47,7 +47,10 @@ class TrainConfig:
     bitonal: float = 0.0
     # How often each source's images come per epoch, on average: the few thousand real digits
     # of other populations would otherwise be drowned by MNIST's fifty thousand.
-    oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0})
+    oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0, "corrections": 20.0})
+    # A folder of labelled digits to learn too (LABEL/*.png): what people confirmed and corrected
+    # at the review station (results.corrections/), trained with the base data so nothing is forgotten.
+    extra: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 # Training data: several populations of writers, split by writer and by check
 # ---------------------------------------------------------------------------------------------
 
-SOURCES = ("mnist", "cvl", "orand", "not_a_digit", "string_pieces")
+SOURCES = ("mnist", "cvl", "orand", "not_a_digit", "string_pieces", "corrections")
 
 
 @dataclass
@@ -361,6 +364,32 @@ def segmented(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     judged blank left out."""
     images, index = segment_crops(crops)
     return images, labels[index]
+
+
+def labelled_digits(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of a labelled folder (LABEL/NAME.png, LABEL one of 0-9): (N, 28, 28) float32
+    and (N,) labels. 28x28 images are taken as the model's input (ink high, as the review station
+    saves them); crops of other sizes (dark ink on light paper) go through the segmentation.
+    Raises ValueError when the folder holds no such digit."""
+    from PIL import Image
+
+    images, labels, crops, crop_labels = [], [], [], []
+    for path in sorted(Path(folder).glob("[0-9]/*.png")):
+        with Image.open(path) as img:
+            grey = np.asarray(img.convert("L"))
+        if grey.shape == (28, 28):
+            images.append(grey.astype(np.float32) / 255.0)
+            labels.append(int(path.parent.name))
+        else:
+            crops.append(grey)
+            crop_labels.append(int(path.parent.name))
+    if crops:
+        x, y = segmented(crops, np.array(crop_labels))
+        images += list(x)
+        labels += list(y)
+    if not images:
+        raise ValueError(f"{folder}: no labelled digits (expected DIGIT/NAME.png, DIGIT one of 0-9)")
+    return np.stack(images).astype(np.float32), np.array(labels, np.uint8)
 
 
 def mnist_split(count: int, config: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -461,6 +490,18 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
     return data
 
 
+def with_extra_digits(data: TrainingData, folder: Path) -> TrainingData:
+    """The training split with a labelled folder's digits added (`labelled_digits`), as the
+    source 'corrections'; validation is left as it is (it guards against forgetting)."""
+    x, y = labelled_digits(Path(folder))
+    source = np.full(len(y), SOURCES.index("corrections"), np.uint8)
+    held_out = {**data.held_out, "extra": {"folder": str(folder), "digits": int(len(y))}}
+    return TrainingData(
+        np.concatenate([data.x_train, x]), np.concatenate([data.y_train, y.astype(data.y_train.dtype)]),
+        np.concatenate([data.source_train, source]), data.x_val, data.y_val, data.source_val, held_out,
+    )
+
+
 def with_bitonal_copies(data: TrainingData, share: float, rng: np.random.Generator) -> TrainingData:
     """The training split with `share` of its digits (of every source, not-a-digit aside) added
     again as bitonal copies (`bitonal_copies`), labelled with their source. Validation is
@@ -550,25 +591,34 @@ def train_model(
 
     keras.utils.set_random_seed(config.seed)
     data = data or build_training_data(config, data_dir, log)
+    if config.extra:
+        data = with_extra_digits(data, Path(config.extra))
+        log(f"added {data.held_out['extra']['digits']} labelled digits of {config.extra}")
     if config.bitonal:
         data = with_bitonal_copies(data, config.bitonal, np.random.default_rng([config.seed, 7]))
         log(f"added {int((data.y_train < NOT_A_DIGIT).sum())} digits in all, bitonal copies included")
-    train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers=min(8, os.cpu_count() or 1))
-    val = (data.x_val[..., None], data.y_val)
     n_not = int((data.y_train == NOT_A_DIGIT).sum())
     log(f"training on {len(data.x_train)} images ({n_not} not-a-digit), validating on {len(data.x_val)}")
 
     if config.initial:
         model = keras.models.load_model(config.initial, compile=False, safe_mode=True)
+        # Fine-tuning keeps the batch-normalisation statistics of the full training: re-estimated
+        # on a few thousand images (and a few hundred corrections) they would shift every digit.
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
     else:
         model = build_digit_cnn(width=config.width)
+    train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers=min(8, os.cpu_count() or 1))
+    val = (data.x_val[..., None], data.y_val)
     steps = config.epochs * len(train_batches)
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.01)
     # An exponential moving average of the weights (used for validation, early stopping and
     # the saved model) smooths the last epochs' noise: better accuracy and calibration, no cost
     # at inference.
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule, use_ema=True, ema_momentum=0.999),
+        # (A short fine-tune averages over fewer steps: at 0.999 its average would barely move.)
+        optimizer=keras.optimizers.Adam(schedule, use_ema=True, ema_momentum=min(0.999, 1 - 1 / max(10, steps / 20))),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )

@@ -8,11 +8,13 @@ shows each digit read with its confidence, and whether formreader would send it 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 from flask import Flask, abort, jsonify, request, send_from_directory
 
 from formreader.fields import DEFAULT_REVIEW_THRESHOLD
@@ -127,12 +129,23 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     results. Every request must carry `token`; the Host must be a loopback name."""
     import threading
 
-    from formreader.export import display_path, journal_path_for, reviews_path_for, rewrite_results, view_name, views_path_for
+    from formreader.export import (
+        corrections_path_for,
+        display_path,
+        journal_path_for,
+        reviews_path_for,
+        rewrite_results,
+        view_name,
+        views_path_for,
+        write_atomically,
+    )
     from formreader.review import (
         ACTIONS,
         ReviewError,
         apply_decisions,
         decide,
+        field_key,
+        labelled_cells,
         load_decisions,
         load_records,
         record_decision,
@@ -143,7 +156,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     if not journal.exists():
         raise FileNotFoundError(f"{journal} not found: review needs the results of `formreader process --out {results}`")
     records = load_records(journal)
-    reviews, views = reviews_path_for(results), views_path_for(results)
+    reviews, views, corrections = reviews_path_for(results), views_path_for(results), corrections_path_for(results)
     pictures = {view_name(r["source"], r["page"]) for r in records if not r.get("error")}
     writing = threading.Lock()
     app = Flask(__name__, static_folder=None)
@@ -196,7 +209,26 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         with writing:
             record_decision(reviews, decision)
             rewrite_results(results, apply_decisions(records, load_decisions(reviews)))
+            keep_labelled_digits(decision)
         return jsonify(status=ACTIONS[decision["action"]], value=decision["value"])
+
+    def keep_labelled_digits(decision: dict) -> None:
+        """Save the digits of a confirmed or corrected boxed field as labelled crops (the
+        corrections folder, LABEL/NAME.png), replacing what an earlier decision on it saved."""
+        import cv2
+
+        stem = hashlib.sha256(field_key(decision["file"], decision["page"], decision["field"]).encode()).hexdigest()[:20]
+        for old in corrections.glob(f"*/{stem}-*.png"):
+            old.unlink()
+        picture_path = views / view_name(decision["file"], decision["page"])
+        if decision["action"] == "unreadable" or not picture_path.exists():
+            return
+        field = next(f for r in records if r["source"] == decision["file"] and r["page"] == decision["page"]
+                     for f in r["fields"] if f["field"] == decision["field"])
+        picture = cv2.imread(str(picture_path), cv2.IMREAD_GRAYSCALE)
+        for cell, image, label in labelled_cells(field, picture, decision["value"]):
+            png = cv2.imencode(".png", np.round(image * 255).astype(np.uint8))[1].tobytes()
+            write_atomically(corrections / label / f"{stem}-{cell}.png", png)
 
     @app.get("/view/<name>")
     def view(name: str):

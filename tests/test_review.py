@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from formreader.review import apply_decisions, decide
 
@@ -93,6 +94,10 @@ def test_a_batch_reviewed_with_the_keyboard_only(batch, browser):
         assert (first["action"], first["value"], first["by"]) == ("confirm", shown, "clerk")
         got = row(batch, first)
         assert (got.status, got.reviewed_value, got.reviewed_by, got.text) == ("confirmed", shown, "clerk", shown)
+        # Its digits are kept as labelled 28x28 crops for `train --extra` (a '?' leaves the cells unlabelled).
+        saved = sorted(batch.with_name("results.corrections").glob("*/*.png"))
+        assert [p.parent.name for p in saved] == ([] if "?" in shown else sorted(c for c in shown if c.isdigit()))
+        assert all(Image.open(p).size == (28, 28) for p in saved)
 
         page.keyboard.type("0123")  # 2: typed over the pre-filled, selected reading
         page.keyboard.press("Enter")
