@@ -337,6 +337,13 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
                 why = f"unreadable, said {_plain(str(f.get('reviewed_by', '')))}" if unreadable else _plain(str(f["reasons"]))
                 cell.comment = Comment(f"{why} (confidence {float(f['confidence']):.2f})", "formreader")
     sheet.freeze_panes = "C2"
+    for column in sheet.columns:  # wide enough for what each holds: no value shown cut short
+        longest = max(len(str(c.value)) for c in column if c.value is not None)
+        sheet.column_dimensions[column[0].column_letter].width = min(60, longest + 2)
+    # Printed, a page's row fits across the paper.
+    sheet.page_setup.orientation = "landscape"
+    sheet.sheet_properties.pageSetUpPr.fitToPage = True
+    sheet.page_setup.fitToWidth, sheet.page_setup.fitToHeight = 1, 0
     for name, frame in (
         ("errors", errors),
         ("settings", pd.DataFrame({"setting": list(settings), "value": list(settings.values())})),

@@ -427,6 +427,7 @@ def test_results_as_a_spreadsheet(tmp_path):
     sheet = book["fields"]
     header = [c.value for c in sheet[1]]
     assert header[:2] == ["file", "page"] and "phone" in header
+    assert sheet.column_dimensions["A"].width >= len("=HYPERLINK(1).png")  # nothing shown cut short
     rows = list(sheet.iter_rows(min_row=2))
     assert len(rows) == 4  # one page of scan_c, three of fax_b
     assert {r[0].value for r in rows} == {"=HYPERLINK(1).png", "fax_b.tif"}
