@@ -129,6 +129,15 @@ def test_a_batch_reviewed_with_the_keyboard_only(batch, browser):
         page.goto(url)
         page.wait_for_function("document.getElementById('progress').textContent.includes(' of ')")
         assert progress(page) == f"4 of {flagged}" and page.text_content("#decided") == "3 decided"
+        # One field on every page: the corrected one, its decision shown where it was made.
+        page.select_option("#mode", second["field"])
+        pages = fields_csv(batch)[["file", "page"]].drop_duplicates().shape[0]
+        page.wait_for_function(f"document.getElementById('progress').textContent.endsWith(' of {pages}')")
+        for _ in range(pages):
+            if page.text_content("#where").find(f"page {second['page']} ") >= 0 and "corrected" in page.text_content("#decision"):
+                break
+            page.keyboard.press("ArrowDown")
+        assert page.input_value("#value") == "0123"
         page.close()
     finally:
         proc.kill()
