@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from formreader.classify import DigitClassifier, convert_to_tflite  # noqa: E402
-from formreader.model import build_original_cnn  # noqa: E402
+from formreader.reading.classify import DigitClassifier, convert_to_tflite  # noqa: E402
+from formreader.training.model import build_original_cnn  # noqa: E402
 
 
 def rate(fn, batch: np.ndarray, seconds: float) -> float:
@@ -64,8 +64,8 @@ def main() -> None:
     if reader is None:
         print("no string model beside the digit model")
         return
-    from formreader.datasets import load_orand
-    from formreader.string_model import decode, field_input
+    from formreader.reading.string_model import decode, field_input
+    from formreader.training.datasets import load_orand
 
     try:  # real fields where there are some; the model's speed does not depend on what it reads
         fields = np.stack([field_input(a.image) for a in load_orand("val")][:64])

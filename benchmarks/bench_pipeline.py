@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from formreader.classify import DigitClassifier  # noqa: E402
-from formreader.ingest import Page, find_inputs, read_pages  # noqa: E402
 from formreader.pipeline import page_probabilities, process_paths, segment_page  # noqa: E402
-from formreader.register import prepare_reference  # noqa: E402
-from formreader.template import load_template  # noqa: E402
+from formreader.reading.classify import DigitClassifier  # noqa: E402
+from formreader.reading.ingest import Page, find_inputs, read_pages  # noqa: E402
+from formreader.reading.register import prepare_reference  # noqa: E402
+from formreader.reading.template import load_template  # noqa: E402
 
 
 def main() -> None:

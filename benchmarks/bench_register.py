@@ -2,7 +2,7 @@
 
     python benchmarks/bench_register.py [--pages 40]
 
-Forms of each style of formreader.synth.FORM_STYLES, filled with MNIST test digits, are
+Forms of each style of formreader.training.synth.FORM_STYLES, filled with MNIST test digits, are
 warped by known random homographies (rotation up to 10 degrees, a quarter of them upside down,
 scale 0.92-1.08, shift, mild perspective) and blurred and noised as a scan is; the bitonal style
 is scanned at twice the template's DPI, thresholded and brought back to it, as the pipeline
@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from formreader.datasets import load_mnist  # noqa: E402
-from formreader.register import RegistrationError, prepare_reference, register_page  # noqa: E402
-from formreader.synth import FORM_STYLES, bitonal, make_pages  # noqa: E402
+from formreader.reading.register import RegistrationError, prepare_reference, register_page  # noqa: E402
+from formreader.training.datasets import load_mnist  # noqa: E402
+from formreader.training.synth import FORM_STYLES, bitonal, make_pages  # noqa: E402
 
 
 def warped(page: np.ndarray, rng: np.random.Generator, bitonal_scan: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
     python benchmarks/bench_scale.py [--pages 200] [--per-pdf 10]
 
 Writes `--pages` pages of the samples' form (MNIST test digits, scanned at 200 DPI by
-formreader.synth) into PDFs of `--per-pdf` pages, then times, in the same run:
+formreader.training.synth) into PDFs of `--per-pdf` pages, then times, in the same run:
 - `pdftoppm -gray -r 200` rendering every PDF, two processes at a time (the floor: decoding);
 - `formreader process` on the folder with default options (a process of its own, as a user
   runs it), and its peak memory.
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from formreader.datasets import load_mnist  # noqa: E402
-from formreader.synth import make_pages, scan  # noqa: E402
+from formreader.training.datasets import load_mnist  # noqa: E402
+from formreader.training.synth import make_pages, scan  # noqa: E402
 
 
 def write_pdfs(folder: Path, pages: int, per_pdf: int, seed: int = 2027) -> None:

@@ -5,7 +5,7 @@
 Reads samples/checks (truth in samples/checks_truth.csv) through the whole pipeline,
 `--checks` freshly generated scanned checks (MNIST test digits, a seed the samples do not use),
 and the real check amounts of ORAND-CAR-A's test split (checks no model was trained, chosen or
-calibrated on; formreader.datasets.orand_split), each reader alone and both together.
+calibrated on; formreader.training.datasets.orand_split), each reader alone and both together.
 Prints string accuracy (every digit right), digit accuracy (digits of the truth found in order,
 by alignment), separator accuracy (the raw reading equal to what was written), the share of
 fields flagged for review and the number of wrong strings NOT flagged; for the held-out checks
@@ -27,15 +27,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from formreader.classify import NOT_A_DIGIT, DigitClassifier  # noqa: E402
-from formreader.datasets import load_mnist, load_orand  # noqa: E402
-from formreader.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
-from formreader.ingest import Page, find_inputs, read_pages  # noqa: E402
 from formreader.pipeline import read_page  # noqa: E402
-from formreader.register import prepare_reference  # noqa: E402
-from formreader.strings import segment_string  # noqa: E402
-from formreader.synth import DigitSource, make_checks, scan, write_number  # noqa: E402
-from formreader.template import load_template  # noqa: E402
+from formreader.reading.classify import NOT_A_DIGIT, DigitClassifier  # noqa: E402
+from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
+from formreader.reading.ingest import Page, find_inputs, read_pages  # noqa: E402
+from formreader.reading.register import prepare_reference  # noqa: E402
+from formreader.reading.strings import segment_string  # noqa: E402
+from formreader.reading.template import load_template  # noqa: E402
+from formreader.training.datasets import load_mnist, load_orand  # noqa: E402
+from formreader.training.synth import DigitSource, make_checks, scan, write_number  # noqa: E402
 
 
 def score(results: list[tuple], thresholds: bool = False) -> None:
@@ -91,8 +91,8 @@ def uncut_pairs(classifier: DigitClassifier, images: np.ndarray, labels: np.ndar
 def orand_test(classifier: DigitClassifier) -> None:
     """Real check amounts never trained on: the readers alone and the decision of both."""
     from formreader.api import read_number
-    from formreader.evaluate import read_free_fields
-    from formreader.template import Field
+    from formreader.reading.template import Field
+    from formreader.training.evaluate import read_free_fields
 
     try:
         amounts = load_orand("test")
@@ -117,10 +117,10 @@ def orand_test(classifier: DigitClassifier) -> None:
 def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
     """Free fields on forms: a number written in a thick-bordered box, worn print, bitonal 300-DPI
     scans, digits of writers no model was trained on."""
-    from formreader.evaluate import held_out_writers
     from formreader.pipeline import decide_pages, segment_page
-    from formreader.register import RegistrationError
-    from formreader.synth import scanned_free_forms
+    from formreader.reading.register import RegistrationError
+    from formreader.training.evaluate import held_out_writers
+    from formreader.training.synth import scanned_free_forms
 
     sources = held_out_writers()
     print(f"Free fields on forms ({pages} pages of 6 fields each, thick worn borders, bitonal 300 dpi, seed {seed}):")

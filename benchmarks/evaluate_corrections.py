@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from formreader.classify import DigitClassifier  # noqa: E402
-from formreader.datasets import load_cvl, load_mnist  # noqa: E402
-from formreader.segment import segment_crops  # noqa: E402
-from formreader.train import TrainConfig, TrainingData, train_model  # noqa: E402
+from formreader.reading.classify import DigitClassifier  # noqa: E402
+from formreader.reading.segment import segment_crops  # noqa: E402
+from formreader.training.datasets import load_cvl, load_mnist  # noqa: E402
+from formreader.training.train import TrainConfig, TrainingData, train_model  # noqa: E402
 
 
 def accuracy(clf: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> float:

@@ -23,14 +23,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from formreader.classify import DigitClassifier  # noqa: E402
-from formreader.evaluate import held_out_writers  # noqa: E402
-from formreader.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
-from formreader.ingest import find_inputs, read_pages  # noqa: E402
 from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
-from formreader.register import RegistrationError, prepare_reference  # noqa: E402
-from formreader.synth import FORM_STYLES, scanned_forms  # noqa: E402
-from formreader.template import load_template  # noqa: E402
+from formreader.reading.classify import DigitClassifier  # noqa: E402
+from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
+from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
+from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
+from formreader.reading.template import load_template  # noqa: E402
+from formreader.training.evaluate import held_out_writers  # noqa: E402
+from formreader.training.synth import FORM_STYLES, scanned_forms  # noqa: E402
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
 

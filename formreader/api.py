@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from formreader.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
 from formreader.pipeline import Journal, process_paths
-from formreader.segment import segment_crops
-from formreader.string_model import combine_readings, field_input, read_twice
-from formreader.strings import StringReading, decide_string, segment_string
-from formreader.template import Field, Template, load_template
+from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.reading.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
+from formreader.reading.segment import segment_crops
+from formreader.reading.string_model import combine_readings, field_input, read_twice
+from formreader.reading.strings import StringReading, decide_string, segment_string
+from formreader.reading.template import Field, Template, load_template
 
 _classifiers: dict[str, DigitClassifier] = {}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from formreader.fields import DEFAULT_REVIEW_THRESHOLD
+from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -27,7 +27,7 @@ def _need(module: str, extra: str) -> None:
 
 
 def _load_template(path: Path):
-    from formreader.template import TemplateError, load_template
+    from formreader.reading.template import TemplateError, load_template
 
     try:
         return load_template(path)
@@ -36,7 +36,7 @@ def _load_template(path: Path):
 
 
 def _load_classifier(model: Path | None):
-    from formreader.classify import DigitClassifier, ModelError
+    from formreader.reading.classify import DigitClassifier, ModelError
 
     try:
         return DigitClassifier.load(model)
@@ -55,7 +55,7 @@ FORCE_OPTION = click.option("--force", is_flag=True, help="Overwrite --out if it
 def _prepared_splits(prepared: Path | None, config, data: Path | None):
     """The digit model's training splits: read from `prepared` if it exists, else built (and
     written there when given)."""
-    from formreader.train import TrainingData, build_training_data
+    from formreader.training.train import TrainingData, build_training_data
 
     if prepared and prepared.exists():
         return TrainingData.load(prepared)
@@ -124,9 +124,9 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
         rewrite_results,
         views_path_for,
     )
-    from formreader.ingest import count_pages, find_inputs
     from formreader.pipeline import Journal, JournalError, process_paths
-    from formreader.review import apply_decisions, load_decisions
+    from formreader.reading.ingest import count_pages, find_inputs
+    from formreader.review.decisions import apply_decisions, load_decisions
 
     tpl = _load_template(template)
     clf = _load_classifier(model)
@@ -217,8 +217,8 @@ def template() -> None:
 @FORCE_OPTION
 def template_detect(blank, out, dpi, force) -> None:
     """Propose a template from an image of the blank form: its boxes grouped into fields."""
-    from formreader.ingest import PageError, read_pages
-    from formreader.template import propose_template, template_yaml
+    from formreader.reading.ingest import PageError, read_pages
+    from formreader.reading.template import propose_template, template_yaml
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
@@ -264,10 +264,10 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     """Draw the registered page with its cells, digits and confidences (review in orange)."""
     import cv2
 
-    from formreader.ingest import PageError, read_pages
-    from formreader.overlay import draw_overlay
     from formreader.pipeline import decide_pages, segment_page
-    from formreader.register import RegistrationError
+    from formreader.reading.ingest import PageError, read_pages
+    from formreader.reading.register import RegistrationError
+    from formreader.review.overlay import draw_overlay
 
     tpl = _load_template(template)
     clf = _load_classifier(model)
@@ -362,7 +362,7 @@ def train(
     Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
     """
     _need("keras", "train")
-    from formreader.train import TrainConfig, train_model
+    from formreader.training.train import TrainConfig, train_model
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
@@ -438,8 +438,8 @@ def train_strings(data, out, force, epochs, steps, real_share, learning_rate, in
     """Train the string model (CNN + CTC) on fields composed from the digit model's training
     digits and on ORAND's training check amounts (its test checks are never read)."""
     _need("keras", "train")
-    from formreader.train import TrainConfig
-    from formreader.train_strings import StringTrainConfig, train_string_model
+    from formreader.training.train import TrainConfig
+    from formreader.training.train_strings import StringTrainConfig, train_string_model
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
@@ -480,7 +480,7 @@ def train_strings(data, out, force, epochs, steps, real_share, learning_rate, in
 def evaluate(model, data, nsysu, plots) -> None:
     """Accuracy, calibration and risk-coverage on MNIST test; every held-out source of writers."""
     _need("matplotlib", "train")
-    from formreader.evaluate import (
+    from formreader.training.evaluate import (
         evaluate_classifier,
         evaluate_sources,
         format_report,
@@ -506,7 +506,7 @@ def calibrate(model, data, pages) -> None:
     """Calibrate a model's field confidence on forms of its validation writers; writes its card."""
     import json
 
-    from formreader.evaluate import calibrate_fields
+    from formreader.training.evaluate import calibrate_fields
 
     clf = _load_classifier(model)
     result = calibrate_fields(clf, pages, data_dir=data)
@@ -532,7 +532,7 @@ def calibrate_strings(model, data, checks) -> None:
 
     import numpy as np
 
-    from formreader.evaluate import fit_two_readers, read_free_fields, two_reader_calibration_fields
+    from formreader.training.evaluate import fit_two_readers, read_free_fields, two_reader_calibration_fields
 
     clf = _load_classifier(model)
     if clf.string_model is None:
@@ -561,7 +561,7 @@ def pad(host, port, model) -> None:
     _need("flask", "web")
     import secrets
 
-    from formreader.web import create_app, is_loopback
+    from formreader.review.server import create_app, is_loopback
 
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
     url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
@@ -587,7 +587,7 @@ def review(results, port, reviewer) -> None:
     from werkzeug.serving import make_server
 
     from formreader.export import OutputBusyError, OutputLock
-    from formreader.web import create_review_app
+    from formreader.review.server import create_review_app
 
     token = secrets.token_urlsafe(24)
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from formreader.classify import file_sha256
+from formreader.reading.classify import file_sha256
 
 FIELD_COLUMNS = [
     "file", "page", "field", "value", "text", "confidence", "status", "reasons", "raw", "registration_quality",
@@ -66,7 +66,7 @@ def final_value(field) -> str:
 
 def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record,
-    with a person's decisions where formreader.review put them). The wide table holds each
+    with a person's decisions where formreader.review.decisions put them). The wide table holds each
     field's final value; its 'review' column names the fields still waiting for a person."""
     fields, digits, errors, wide = [], [], [], []
     for rec in records:
@@ -149,7 +149,7 @@ def views_path_for(out: Path) -> Path:
 
 
 def reviews_path_for(out: Path) -> Path:
-    """The review station's append-only record of a person's decisions (formreader.review)."""
+    """The review station's append-only record of a person's decisions (formreader.review.decisions)."""
     return _beside(out, ".reviews.jsonl")
 
 

@@ -23,9 +23,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.classify import LABELS, NOT_A_DIGIT, NUM_CLASSES, DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.export import view_name, write_atomically
-from formreader.fields import (
+from formreader.reading.classify import (
+    LABELS,
+    NOT_A_DIGIT,
+    NUM_CLASSES,
+    DigitClassifier,
+    DigitReading,
+    reading_from_probabilities,
+)
+from formreader.reading.fields import (
     BLANK_CONFIDENCE,
     DEFAULT_REVIEW_THRESHOLD,
     STRAY_INK_CONFIDENCE,
@@ -33,13 +40,13 @@ from formreader.fields import (
     read_field,
     read_free_field,
 )
-from formreader.ingest import MAX_PAGE_PIXELS, Page, PageError, PdfPage, find_inputs, read_pages, render_pdf_page
-from formreader.locate import Box, cell_crop, cell_interior, refine_cells
-from formreader.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
-from formreader.segment import DigitSegment, segment_digit
-from formreader.string_model import combine_readings, field_input, read_twice
-from formreader.strings import StringLayout, decide_string, segment_string, without_frame
-from formreader.template import Template
+from formreader.reading.ingest import MAX_PAGE_PIXELS, Page, PageError, PdfPage, find_inputs, read_pages, render_pdf_page
+from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
+from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
+from formreader.reading.segment import DigitSegment, segment_digit
+from formreader.reading.string_model import combine_readings, field_input, read_twice
+from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame
+from formreader.reading.template import Template
 
 VIEW_QUALITY = 80  # JPEG quality of the page pictures kept for review: digits stay legible at a tenth of the size
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain

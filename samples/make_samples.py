@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from formreader.datasets import load_mnist
-from formreader.synth import DPI, make_checks, make_pages, scan
-from formreader.template import template_yaml
+from formreader.reading.template import template_yaml
+from formreader.training.datasets import load_mnist
+from formreader.training.synth import DPI, make_checks, make_pages, scan
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20261124

@@ -50,21 +50,21 @@ def browser():
 
 @pytest.fixture(scope="session")
 def template():
-    from formreader.template import load_template
+    from formreader.reading.template import load_template
 
     return load_template(TEMPLATE)
 
 
 @pytest.fixture(scope="session")
 def classifier():
-    from formreader.classify import DigitClassifier
+    from formreader.reading.classify import DigitClassifier
 
     return DigitClassifier.load()
 
 
 @pytest.fixture(scope="session")
 def mnist_test():
-    from formreader.datasets import load_mnist
+    from formreader.training.datasets import load_mnist
 
     return load_mnist("test", download=False)
 
@@ -77,7 +77,7 @@ def truth() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def filled_pages(mnist_test):
     """Eight filled demo forms (unscanned) with ground truth, from MNIST test digits."""
-    from formreader.synth import make_pages
+    from formreader.training.synth import make_pages
 
     images, labels = mnist_test
     # A seed other than the samples', so these pages are not the shipped ones.

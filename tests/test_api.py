@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import formreader
-from formreader.datasets import load_nsysu
+from formreader.training.datasets import load_nsysu
 
 from .conftest import SCANS, TEMPLATE
 

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from formreader.classify import DEFAULT_MODEL, DigitClassifier, ModelError, load_keras_model, softmax
-from formreader.model import NOT_A_DIGIT
-from formreader.train import make_non_digits
+from formreader.reading.classify import DEFAULT_MODEL, DigitClassifier, ModelError, load_keras_model, softmax
+from formreader.training.model import NOT_A_DIGIT
+from formreader.training.train import make_non_digits
 
 
 def test_fast_path_matches_keras_model(classifier, mnist_test):

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from formreader.export import OutputLock, results_complete
-from formreader.ingest import PageError, find_inputs, read_pages
+from formreader.reading.ingest import PageError, find_inputs, read_pages
 
 from .conftest import ROOT, SCANS, TEMPLATE, run_cli, write_png_bomb
 
@@ -156,7 +156,7 @@ def test_a_rerun_with_resume_reads_only_new_files(tmp_path):
 
 
 def test_a_damaged_converted_model_is_made_again(tmp_path):
-    from formreader.classify import DigitClassifier
+    from formreader.reading.classify import DigitClassifier
 
     for name in ("digits.keras", "digits.json", "digits.tflite"):
         shutil.copyfile(ROOT / "models" / name, tmp_path / name)
@@ -205,7 +205,7 @@ def test_pdfs_with_no_pages_or_a_huge_page(tmp_path):
 
 def test_a_dpi_tag_cannot_blow_a_page_up(tmp_path):
     from formreader.pipeline import read_page
-    from formreader.template import load_template
+    from formreader.reading.template import load_template
 
     # 6000 x 6000 px said to be 55 DPI: at the form's 150 DPI it would be 268 megapixels.
     Image.new("L", (6000, 6000), 255).save(tmp_path / "tagged.png", dpi=(55, 55))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from formreader.ingest import Page, PageError, find_inputs, read_pages
+from formreader.reading.ingest import Page, PageError, find_inputs, read_pages
 
 from .conftest import BAD_INPUTS, SCANS, write_bad_inputs
 

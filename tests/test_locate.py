@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from formreader.locate import cell_crop, find_boxes, refine_cells
-from formreader.register import register_page
+from formreader.reading.locate import cell_crop, find_boxes, refine_cells
+from formreader.reading.register import register_page
 
 
 def test_find_boxes_on_blank_form_matches_drawing(template):

@@ -13,7 +13,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def app():
-    from formreader.web import create_app
+    from formreader.review.server import create_app
 
     return create_app()
 
@@ -136,7 +136,7 @@ def test_the_pad_keeps_to_its_user(app):
 
 
 def test_beyond_loopback_a_token_is_needed():
-    from formreader.web import create_app
+    from formreader.review.server import create_app
 
     client = create_app(token="s3cret").test_client()
     ok = png(np.full((200, 560), 255, np.uint8))

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from formreader import pipeline
-from formreader.ingest import Page, PdfPage
 from formreader.pipeline import Journal, process_paths, read_page
-from formreader.synth import scan
+from formreader.reading.ingest import Page, PdfPage
+from formreader.training.synth import scan
 
 from .conftest import BAD_INPUTS, SCANS, TEMPLATE, field_accuracy, run_cli, write_bad_inputs
 from .test_register import other_form
@@ -56,7 +56,7 @@ def test_read_page_is_pure_and_repeatable(filled_pages, template, classifier):
 
 
 def test_blank_field_is_empty_not_guessed(filled_pages, template, classifier, mnist_test):
-    from formreader.synth import DigitSource, fill_form
+    from formreader.training.synth import DigitSource, fill_form
 
     blank, fields, _ = filled_pages
     rng = np.random.default_rng(3)
@@ -198,7 +198,7 @@ def test_cli_bad_template_is_a_usage_error(tmp_path):
 
 
 def test_progress_counts_pages(template, classifier):
-    from formreader.ingest import count_pages
+    from formreader.reading.ingest import count_pages
 
     assert [count_pages(SCANS / n) for n in ("batch_a.pdf", "fax_b.tif", "scan_c.png")] == [4, 3, 1]
     seen = []

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from formreader.register import RegistrationError, prepare_reference, register_page
-from formreader.synth import blank_form
+from formreader.reading.register import RegistrationError, prepare_reference, register_page
+from formreader.training.synth import blank_form
 
 
 def distort(page: np.ndarray, angle: float, scale: float, shift: tuple[float, float], perspective: float = 0.0):
@@ -90,7 +90,7 @@ def test_reference_features_are_reusable(filled_pages):
 def test_a_check_is_not_read_as_an_order_form(mnist_test):
     """A page of another form whose dense print lies near many of the template's lines by
     chance (a check on its security pattern) is refused, not read as guesses."""
-    from formreader.synth import make_checks, scan
+    from formreader.training.synth import make_checks, scan
 
     images, labels = mnist_test
     blank, _ = blank_form()

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from formreader.review import apply_decisions, decide
+from formreader.review.decisions import apply_decisions, decide
 
 from .conftest import SCANS, TEMPLATE, run_cli
 
@@ -150,7 +150,7 @@ def test_a_batch_reviewed_with_the_keyboard_only(batch, browser):
 
 def test_only_the_token_and_the_results_own_pictures_get_through(processed):
     from formreader.export import view_name
-    from formreader.web import create_review_app
+    from formreader.review.server import create_review_app
 
     app = create_review_app(processed, "clerk", token="s3cret")
     client = app.test_client()

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from formreader.locate import cell_crop
-from formreader.segment import normalize_digit, segment_digit
-from formreader.synth import write_digit
+from formreader.reading.locate import cell_crop
+from formreader.reading.segment import normalize_digit, segment_digit
+from formreader.training.synth import write_digit
 
 
 def boxed(digit: np.ndarray | None, seed: int, ink: float = 40, noise: float = 4.0, size: int = 36) -> np.ndarray:
@@ -38,7 +38,7 @@ def test_normalize_digit_follows_mnist_recipe():
 def test_thin_strokes_are_thickened_to_mnist_width():
     ink = np.zeros((60, 60), np.float32)
     cv2.circle(ink, (30, 30), 25, 1.0, 1)
-    from formreader.segment import stroke_width
+    from formreader.reading.segment import stroke_width
 
     assert stroke_width(normalize_digit(ink, thicken=True)) > stroke_width(normalize_digit(ink, thicken=False)) + 0.5
 
@@ -97,7 +97,7 @@ def test_broken_stroke_stays_one_digit(mnist_test):
 
 
 def test_faint_pencil_is_found():
-    from formreader.datasets import load_nsysu
+    from formreader.training.datasets import load_nsysu
 
     crops, labels, _ = load_nsysu()
     faint = [c for c in crops if c.min() > 190][:20]

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from formreader.string_model import (
+from formreader.reading.string_model import (
     ALPHABET,
     BLANK,
     INPUT_HEIGHT,
@@ -68,8 +68,8 @@ def test_pattern_settles_a_slash_against_a_one():
 
 
 def test_beam_search_holds_length_rules():
-    from formreader.fields import reading_pattern
-    from formreader.template import Field
+    from formreader.reading.fields import reading_pattern
+    from formreader.reading.template import Field
 
     spec = Field("amount", kind="free", box=(0, 0, 10, 10), separators=".", min_length=4, max_length=6)
     pattern = reading_pattern(spec)
@@ -91,7 +91,7 @@ def test_spans_say_where_each_character_was_read():
 def test_cut_support_of_another_reading():
     """How far the cut reader supports another reader's digits: its best way to read exactly
     them, against its own best reading."""
-    from formreader.strings import Blob, StringLayout, cut_support
+    from formreader.reading.strings import Blob, StringLayout, cut_support
 
     probs = np.zeros((3, 11))
     probs[0, [0, 8, 10]] = [0.6, 0.3, 0.1]  # the blob whole: a 0, perhaps an 8
@@ -121,8 +121,8 @@ def test_field_input_normalises_any_crop():
 
 
 def test_training_fields_are_composed_of_real_digits(mnist_test):
-    from formreader.synth import DigitSource
-    from formreader.train_strings import compose_field, encode_labels, fits, random_text
+    from formreader.training.synth import DigitSource
+    from formreader.training.train_strings import compose_field, encode_labels, fits, random_text
 
     images, labels = mnist_test
     rng = np.random.default_rng(3)
@@ -139,8 +139,8 @@ def test_training_fields_are_composed_of_real_digits(mnist_test):
 
 def test_orand_dots_are_painted_out():
     """Thousands dots that ORAND's labels leave out are removed from its training images."""
-    from formreader.datasets import load_orand
-    from formreader.train_strings import without_separators
+    from formreader.training.datasets import load_orand
+    from formreader.training.train_strings import without_separators
 
     amounts = load_orand("train")
     changed = [a for a in amounts if (without_separators(a) != a.image).any()]
@@ -156,9 +156,9 @@ needs_model = pytest.mark.skipif(not (ROOT / "models" / "strings.keras").exists(
 
 
 def composed(text: str, seed: int, touching: float = 0.0, width: int = 260, height: int = 80) -> np.ndarray:
-    """A grey field with `text` written freely in it by MNIST test writers (formreader.synth)."""
-    from formreader.datasets import load_mnist
-    from formreader.synth import DigitSource, write_number
+    """A grey field with `text` written freely in it by MNIST test writers (formreader.training.synth)."""
+    from formreader.training.datasets import load_mnist
+    from formreader.training.synth import DigitSource, write_number
 
     images, labels = load_mnist("test", download=False)
     rng = np.random.default_rng(seed)
@@ -208,7 +208,7 @@ def test_real_check_amounts_never_trained_on():
     one wrong but ok (an open 4 with a tall stem read 1 at 0.87: on all 215 test checks 5 are
     wrong and ok, benchmarks/evaluate_checks.py; the promise is not kept yet)."""
     import formreader
-    from formreader.datasets import load_orand
+    from formreader.training.datasets import load_orand
 
     amounts = load_orand("test")
     readings = [formreader.read_number(a.image, separators=".,") for a in amounts]
@@ -230,7 +230,7 @@ def test_inspect_shows_where_the_string_model_placed_each_digit(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     picture = cv2.imread(str(out))
-    from formreader.synth import AMOUNT_BOX
+    from formreader.training.synth import AMOUNT_BOX
 
     x, y, w, h = AMOUNT_BOX
     field = picture[y - 4 : y + h + 4, x - 4 : x + w + 4].astype(int)
@@ -245,8 +245,8 @@ def test_a_free_fields_thick_worn_border_is_painted_out(mnist_test):
     import cv2
 
     import formreader
-    from formreader.strings import without_frame
-    from formreader.synth import DigitSource, bitonal, wear_lines, write_number
+    from formreader.reading.strings import without_frame
+    from formreader.training.synth import DigitSource, bitonal, wear_lines, write_number
 
     images, labels = mnist_test
     rng = np.random.default_rng(11)

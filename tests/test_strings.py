@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 import formreader
-from formreader.strings import remove_guide_lines, segment_string, string_ink
-from formreader.synth import DigitSource, blank_check, write_number
+from formreader.reading.strings import remove_guide_lines, segment_string, string_ink
+from formreader.training.synth import DigitSource, blank_check, write_number
 
 from .conftest import ROOT
 
@@ -69,7 +69,7 @@ def test_touching_pairs_are_split(mnist_test):
 
 
 def test_string_model_refuses_touching_pairs_left_uncut(mnist_test, classifier):
-    from formreader.classify import NOT_A_DIGIT
+    from formreader.reading.classify import NOT_A_DIGIT
 
     images, labels = mnist_test
     wholes = []
@@ -115,8 +115,8 @@ def test_separators_are_not_read_as_digits(mnist_test, raw):
 
 
 def test_pattern_settles_slashes_and_ones():
-    from formreader.strings import Blob, StringLayout, decide_string
-    from formreader.synth import DATE_PATTERN
+    from formreader.reading.strings import Blob, StringLayout, decide_string
+    from formreader.training.synth import DATE_PATTERN
 
     # "1/9/23" as segmentation saw a real check of it (held-out seed 777, check 47): the 1 leans
     # like a slash, so both it and the slash after it are taken for slashes; the first is read
@@ -136,8 +136,8 @@ def test_pattern_settles_slashes_and_ones():
 
 
 def test_reading_that_breaks_the_pattern_is_flagged(template_check):
-    from formreader.fields import read_free_field
-    from formreader.strings import StringReading
+    from formreader.reading.fields import read_free_field
+    from formreader.reading.strings import StringReading
 
     amount = template_check.fields[1]
     for raw, flagged in (("974.01", False), ("974.0.", True), ("9,74.01", True)):
@@ -161,7 +161,7 @@ def test_blank_patterned_check_box_is_empty():
 
 
 def test_scribble_is_flagged_not_read(template_check):
-    from formreader.fields import read_free_field
+    from formreader.reading.fields import read_free_field
 
     canvas = paper()
     rng = np.random.default_rng(4)
@@ -186,7 +186,7 @@ def test_digits_on_a_guide_line_are_kept(mnist_test):
 
 @pytest.fixture(scope="module")
 def template_check():
-    from formreader.template import load_template
+    from formreader.reading.template import load_template
 
     return load_template(ROOT / "templates" / "bank_check.yaml")
 

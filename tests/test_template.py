@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from formreader.synth import blank_form
-from formreader.template import TemplateError, group_fields, load_template, propose_template
+from formreader.reading.template import TemplateError, group_fields, load_template, propose_template
+from formreader.training.synth import blank_form
 
 from .conftest import ROOT, TEMPLATE
 
@@ -134,8 +134,8 @@ def test_cli_template_detect_on_a_page_without_boxes(tmp_path):
 
 
 def test_check_template_patterns_load_and_round_trip(tmp_path):
-    from formreader.synth import blank_check
-    from formreader.template import template_yaml
+    from formreader.reading.template import template_yaml
+    from formreader.training.synth import blank_check
 
     shutil.copy(ROOT / "templates" / "bank_check.png", tmp_path / "bank_check.png")
     _, fields = blank_check()
@@ -169,7 +169,7 @@ def test_cli_template_check_lists_free_fields_with_their_rules():
 def test_detect_writes_yaml_by_the_library_and_never_overwrites(tmp_path):
     """A name with ': ' and '#' round-trips; a dpi of 150.012 is written 150; an existing file
     is kept unless --force."""
-    from formreader.template import Field, template_yaml
+    from formreader.reading.template import Field, template_yaml
 
     blank, _ = blank_form()
     cv2.imwrite(str(tmp_path / "blank.png"), blank)
@@ -208,8 +208,8 @@ def test_a_format_must_fit_the_cells(tmp_path, form, message):
 
 
 def test_a_reading_is_written_in_its_field_format():
-    from formreader.fields import written
-    from formreader.template import Field
+    from formreader.reading.fields import written
+    from formreader.reading.template import Field
 
     amount = Field("amount", ((0, 0, 9, 9),) * 7, format="#####.##")
     assert written(amount, "  92315") == "923.15"

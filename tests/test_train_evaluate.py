@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from formreader.classify import NOT_A_DIGIT, DigitClassifier
-from formreader.evaluate import (
+from formreader.reading.classify import NOT_A_DIGIT, DigitClassifier
+from formreader.training.evaluate import (
     confusion_matrix,
     evaluate_probabilities,
     expected_calibration_error,
     risk_at_coverage,
     risk_coverage,
 )
-from formreader.train import TrainConfig, augment_batch, fit_temperature, make_string_pieces, nll, train_model
+from formreader.training.train import TrainConfig, augment_batch, fit_temperature, make_string_pieces, nll, train_model
 
 
 def test_training_runs_end_to_end_on_a_subset(tmp_path):
@@ -99,8 +99,8 @@ def test_corrections_teach_a_style_the_model_misread(tmp_path, classifier, mnist
     validation writers of the fixture), once corrected, are read as 1s; MNIST is not forgotten."""
     import cv2
 
-    from formreader.datasets import load_cvl
-    from formreader.segment import segment_crops
+    from formreader.reading.segment import segment_crops
+    from formreader.training.datasets import load_cvl
 
     x, y, _ = load_cvl("valid")
     images, index = segment_crops(x)
@@ -128,7 +128,7 @@ def test_corrections_teach_a_style_the_model_misread(tmp_path, classifier, mnist
 def test_a_labelled_folder_is_read_and_an_empty_one_refused(tmp_path, mnist_test):
     import cv2
 
-    from formreader.train import labelled_digits
+    from formreader.training.train import labelled_digits
 
     images, labels = mnist_test
     for i in range(5):  # 28x28: the model's input, taken as it is

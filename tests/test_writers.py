@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import formreader
-from formreader.datasets import load_cvl, orand_split
-from formreader.segment import segment_digit
-from formreader.synth import bitonal, wear_lines, write_digit
-from formreader.train import TrainConfig, build_training_data, cvl_writer_split
+from formreader.reading.segment import segment_digit
+from formreader.training.datasets import load_cvl, orand_split
+from formreader.training.synth import bitonal, wear_lines, write_digit
+from formreader.training.train import TrainConfig, build_training_data, cvl_writer_split
 
 from .test_strings import as_scan, glyph, paper, put
 
@@ -113,7 +113,7 @@ def test_clean_number_is_ok(mnist_test):
 
 
 def test_training_loader_keeps_writers_and_checks_apart(monkeypatch):
-    import formreader.datasets as datasets
+    import formreader.training.datasets as datasets
 
     cvl_splits, orand_splits = [], []
     real_cvl, real_orand = datasets.load_cvl, datasets.load_orand

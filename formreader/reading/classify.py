@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from formreader.string_model import StringModel
+    from formreader.reading.string_model import StringModel
 
 NUM_CLASSES = 11
 NOT_A_DIGIT = 10  # the class for ink that is not a digit
 
 # The shipped models: the repository's models/ folder, which an installed wheel carries as
 # formreader/models (pyproject.toml maps one onto the other).
-_REPOSITORY_MODELS = Path(__file__).resolve().parent.parent / "models"
-MODELS = _REPOSITORY_MODELS if (_REPOSITORY_MODELS / "digits.keras").exists() else Path(__file__).resolve().parent / "models"
+_REPOSITORY_MODELS = Path(__file__).resolve().parents[2] / "models"
+MODELS = _REPOSITORY_MODELS if (_REPOSITORY_MODELS / "digits.keras").exists() else Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = MODELS / "digits.keras"
 STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.keras tuned on string pieces
 STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
@@ -206,7 +206,7 @@ class DigitClassifier(LiteRTModel):
     # which refuses wrong cuts; it reads free-written numbers, this one reads boxed cells.
     strings: DigitClassifier | None = None
     # The string model (CNN + CTC, models/strings.keras beside this one) that reads a free field
-    # whole; free fields are read by both it and the cut pieces (formreader.string_model).
+    # whole; free fields are read by both it and the cut pieces (formreader.reading.string_model).
     string_model: StringModel | None = None
 
     @classmethod
@@ -220,14 +220,14 @@ class DigitClassifier(LiteRTModel):
             clf.strings = cls.load(companion, threads)
             reader = path.with_name(STRING_READER_NAME)
             if reader.exists():
-                from formreader.string_model import StringModel
+                from formreader.reading.string_model import StringModel
 
                 clf.string_model = StringModel.load(reader, threads)
         return clf
 
     @property
     def field_power(self) -> float:
-        """The exponent calibrating a boxed field's confidence (formreader.fields.read_field)."""
+        """The exponent calibrating a boxed field's confidence (formreader.reading.fields.read_field)."""
         return float(self.meta.get("field_power", 1.0))
 
     @property

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from skimage.morphology import skeletonize
 
-from formreader.locate import Box
+from formreader.reading.locate import Box
 
 MNIST_SIZE = 28
 MNIST_BOX = 20
@@ -236,7 +236,7 @@ def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: floa
     and so is the ink left in the band that reaches nowhere into the box; a stroke written across
     the line keeps its pixels on both sides. Returns a new (H, W) bool mask.
     The defaults were chosen on forms filled with MNIST's validation digits (both styles of
-    formreader.synth.FORM_STYLES): a wider band or shorter run also takes the flat foot of a 2
+    formreader.training.synth.FORM_STYLES): a wider band or shorter run also takes the flat foot of a 2
     or the bottom of a 0 written close to the line.
     """
     x, y, w, h = interior

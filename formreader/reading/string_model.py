@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.classify import MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
-from formreader.fields import reading_pattern
-from formreader.strings import StringLayout, StringReading, cut_support, decide_string
-from formreader.template import Field
+from formreader.reading.classify import MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
+from formreader.reading.fields import reading_pattern
+from formreader.reading.strings import StringLayout, StringReading, cut_support, decide_string
+from formreader.reading.template import Field
 
 ALPHABET = "0123456789.,-/"  # class k + 1 is ALPHABET[k]; class 0 is the CTC blank
 BLANK = 0

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from formreader.ingest import Page
-from formreader.locate import Box
-from formreader.segment import segment_crops
-from formreader.template import Field, Template
+from formreader.reading.ingest import Page
+from formreader.reading.locate import Box
+from formreader.reading.segment import segment_crops
+from formreader.reading.template import Field, Template
 
 DPI = 150
 PAGE_SIZE = (1240, 874)  # A5 landscape at 150 DPI, width x height

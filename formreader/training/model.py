@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from formreader.classify import NOT_A_DIGIT, NUM_CLASSES  # noqa: F401  (one definition)
+from formreader.reading.classify import NOT_A_DIGIT, NUM_CLASSES  # noqa: F401  (one definition)
 
 
 def _conv_bn_relu(x, filters: int, kernel: int = 3, padding: str = "same"):
@@ -58,7 +58,7 @@ def build_original_cnn() -> keras.Model:
 
 
 def build_string_crnn(width: float = 1.0, dropout: float = 0.2) -> keras.Model:
-    """The string model: a free field (32x256x1, ink 1.0 on 0.0; formreader.string_model.field_input)
+    """The string model: a free field (32x256x1, ink 1.0 on 0.0; formreader.reading.string_model.field_input)
     -> 64 steps x 15 logits (CTC blank, then 0-9 . , - /).
 
     Four conv blocks (channels 32-64-96-128 times `width`) pool the height away and the width

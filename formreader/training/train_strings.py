@@ -1,4 +1,4 @@
-"""Training the string model (formreader.string_model) on fields composed from real digits and
+"""Training the string model (formreader.reading.string_model) on fields composed from real digits and
 on real check amounts.
 
 Synthetic fields: the digits of the digit model's training split (MNIST train, CVL training
@@ -22,9 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.datasets import CheckAmount, load_orand
-from formreader.string_model import ALPHABET, INPUT_WIDTH, STEP, field_input, text_to_labels
-from formreader.synth import DigitSource, bitonal, write_number
+from formreader.reading.string_model import ALPHABET, INPUT_WIDTH, STEP, field_input, text_to_labels
+from formreader.training.datasets import CheckAmount, load_orand
+from formreader.training.synth import DigitSource, bitonal, write_number
 
 MAX_LABEL = 16
 assert 2 * MAX_LABEL - 1 <= INPUT_WIDTH // STEP
@@ -219,11 +219,11 @@ def ctc_loss(y_true, y_pred):
 
 
 class MixedSource:
-    """Digits drawn from several populations (formreader.synth.DigitSource each) by weight: a
+    """Digits drawn from several populations (formreader.training.synth.DigitSource each) by weight: a
     field is written by one population (`new_writer`), as one person writes a check."""
 
     def __init__(self, digits: np.ndarray, labels: np.ndarray, sources: np.ndarray, weights: dict, rng: np.random.Generator):
-        from formreader.train import SOURCES
+        from formreader.training.train import SOURCES
 
         self.rng = rng
         self.parts, shares = [], []
@@ -337,7 +337,7 @@ def train_string_model(
     """
     import keras
 
-    from formreader.model import build_string_crnn
+    from formreader.training.model import build_string_crnn
 
     keras.utils.set_random_seed(config.seed)
     folder = Path(data_dir) / "orand_car_a" if data_dir else None
@@ -412,7 +412,7 @@ def save_string_model(model, out: Path, validation: tuple, record: dict, log=pri
     with `record` and the validation figures, and its .tflite. Returns the card."""
     import keras
 
-    from formreader.classify import cached_tflite
+    from formreader.reading.classify import cached_tflite
 
     vx, vtexts, vreal = validation
     vy = encode_labels(vtexts)
@@ -425,7 +425,7 @@ def save_string_model(model, out: Path, validation: tuple, record: dict, log=pri
     meta = {
         "temperature": temperature,
         "alphabet": ALPHABET,
-        "input": "32x256 float32, ink 1.0 on 0.0 (formreader.string_model.field_input)",
+        "input": "32x256 float32, ink 1.0 on 0.0 (formreader.reading.string_model.field_input)",
         "output": "64 steps x 15 (CTC blank, then the alphabet)",
         "parameters": int(model.count_params()),
         "validation_fields_right": {"orand_val": float(right[vreal].mean()), "composed": float(right[~vreal].mean())},

@@ -23,7 +23,7 @@ MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_data_dir(name: str) -> Path:

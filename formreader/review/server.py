@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from flask import Flask, abort, jsonify, request, send_from_directory
 
-from formreader.fields import DEFAULT_REVIEW_THRESHOLD
+from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD = 4 * 1024 * 1024
@@ -71,7 +71,7 @@ def create_app(model: Path | None = None, threshold: float = DEFAULT_REVIEW_THRE
     drawings over 4 megapixels too.
     """
     from formreader.api import get_classifier, read_number
-    from formreader.ingest import decode_image
+    from formreader.reading.ingest import decode_image
 
     get_classifier(model)  # load the model now, not at the first drawing
     app = Flask(__name__, static_folder=None)
@@ -120,7 +120,7 @@ def create_app(model: Path | None = None, threshold: float = DEFAULT_REVIEW_THRE
 
 
 def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
-    """The review station for the results of `process --out results` (formreader.review).
+    """The review station for the results of `process --out results` (formreader.review.decisions).
 
     GET / is the page; GET /api/items lists the flagged fields (least sure first) or, with
     ?field=NAME, one field on every page; POST /api/decide takes {file, page, field, action,
@@ -139,7 +139,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         views_path_for,
         write_atomically,
     )
-    from formreader.review import (
+    from formreader.review.decisions import (
         ACTIONS,
         ReviewError,
         apply_decisions,

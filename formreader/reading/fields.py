@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from formreader.classify import DigitReading
-from formreader.strings import StringReading
-from formreader.template import Field
+from formreader.reading.classify import DigitReading
+from formreader.reading.strings import StringReading
+from formreader.reading.template import Field
 
 # Chosen from measurements (benchmarks/evaluate_forms.py, README "Measured"): on 360 held-out
 # fields, 0.85 leaves as few wrong fields unflagged as 0.9 or 0.99 (2, both confident misreads

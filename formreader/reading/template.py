@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import yaml
 
-from formreader.locate import Box, BoxLimits, find_boxes
+from formreader.reading.locate import Box, BoxLimits, find_boxes
 
 
 class TemplateError(ValueError):
@@ -79,7 +79,7 @@ RESERVED_NAMES = ("file", "page", "review")
 
 def load_template(path: Path) -> Template:
     """Read and check a template YAML file and its reference image."""
-    from formreader.ingest import PageError, read_pages
+    from formreader.reading.ingest import PageError, read_pages
 
     path = Path(path)
     where = str(path)

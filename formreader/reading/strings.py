@@ -8,7 +8,7 @@ cuts are placed at the valleys of its ink profile and between them, every segmen
 to 4 pieces is classified, and the one whose digits the classifier is most sure of wins
 (`decide_string`). That needs a classifier that refuses wrong cuts: the string model
 (models/digits.strings.keras, trained on this module's own pieces by
-formreader.train.make_string_pieces).
+formreader.training.train.make_string_pieces).
 
 `segment_string` is pure image processing and returns every candidate piece as a 28x28 image,
 so that the classifier can score all of a page's pieces in one batch.
@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from skimage.filters import threshold_sauvola
 
-from formreader.classify import NOT_A_DIGIT, DigitReading
-from formreader.segment import hysteresis, normalize_digit, remove_frame
+from formreader.reading.classify import NOT_A_DIGIT, DigitReading
+from formreader.reading.segment import hysteresis, normalize_digit, remove_frame
 
 MAX_PIECES = 4
 MAX_ALTERNATIVES = 200
@@ -80,7 +80,7 @@ class StringReading:
     cuts: list[int]  # x positions (crop pixels) where touching digits were split
     boxes: list[tuple[int, int, int, int]]  # x, y, w, h of every digit read, crop pixels
     unreadable: int = 0  # blobs that are not digits (scribbles, marks); each is a '?' in raw
-    status: str = "ok"  # 'ok' or 'review', decided by formreader.fields.read_free_field
+    status: str = "ok"  # 'ok' or 'review', decided by formreader.reading.fields.read_free_field
     reasons: list[str] = field(default_factory=list)
 
 
@@ -284,7 +284,7 @@ def without_frame(crop: np.ndarray, interior: tuple[int, int, int, int]) -> np.n
     """A free field's crop with its box's own border painted over with the paper: (H, W) uint8.
 
     interior: the box's inside (x, y, w, h) in crop pixels, as the template puts it. The border
-    is found as a boxed cell's is (formreader.segment.remove_frame: thick, ragged or broken runs
+    is found as a boxed cell's is (formreader.reading.segment.remove_frame: thick, ragged or broken runs
     along each side, and the debris that reaches nowhere into the box), so that neither reader
     takes pieces of it for a 1, a comma or a stray mark; strokes written across it stay.
     """

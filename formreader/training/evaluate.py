@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from formreader.classify import NOT_A_DIGIT, DigitClassifier
-from formreader.datasets import load_mnist, load_nsysu
-from formreader.segment import segment_crops
+from formreader.reading.classify import NOT_A_DIGIT, DigitClassifier
+from formreader.reading.segment import segment_crops
+from formreader.training.datasets import load_mnist, load_nsysu
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 11) -> np.ndarray:
@@ -178,8 +178,8 @@ def held_out_digits(
     """The single-digit sets no model of formreader trains on, as grey crops (dark ink on light
     paper) with their labels: MNIST test, CVL's validation writers, NSYSU exam boxes, and the
     ORAND-CAR-A digits of the 'test' checks cut by their boxes. Sources not found are left out.
-    data_dir: the folder holding the data sets (default: formreader.datasets.default_data_dir)."""
-    from formreader.datasets import load_cvl, load_orand, orand_digit_crops
+    data_dir: the folder holding the data sets (default: formreader.training.datasets.default_data_dir)."""
+    from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
 
     root = Path(data_dir) if data_dir else None
     here = lambda *parts: root.joinpath(*parts) if root else None  # noqa: E731
@@ -209,8 +209,8 @@ def held_out_writers(log=print) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     (N, 28, 28) uint8 ink high on 0 and labels, for MNIST test, CVL's validation writers and
     NSYSU exam boxes (the real crops through formreader's own segmentation, synth.ink_on_black).
     Sets not found are left out, and `log` says so."""
-    from formreader.datasets import load_cvl
-    from formreader.synth import ink_on_black
+    from formreader.training.datasets import load_cvl
+    from formreader.training.synth import ink_on_black
 
     sources = {"MNIST test": load_mnist("test")}
     try:
@@ -289,9 +289,9 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
 def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None = None) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits
     and CVL writers held out from its training, as its card records): [(template, [(page, truth)])]."""
-    from formreader.datasets import load_cvl
-    from formreader.synth import FORM_STYLES, ink_on_black, scanned_forms
-    from formreader.train import TrainConfig, mnist_split
+    from formreader.training.datasets import load_cvl
+    from formreader.training.synth import FORM_STYLES, ink_on_black, scanned_forms
+    from formreader.training.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
     config = TrainConfig(**meta.get("config", {}))
@@ -311,7 +311,7 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
     validation writers; fields that break a rule are flagged whatever their confidence and are
     left out. Returns {'field_power', 'fields', 'right'}."""
     from formreader.pipeline import decide_page, page_probabilities, segment_page
-    from formreader.register import RegistrationError
+    from formreader.reading.register import RegistrationError
 
     confidence, right = [], []
     for template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
@@ -338,9 +338,9 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
 
 def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs: list) -> list:
     """Read grey free-field crops with both readers, each held to its template field's rules
-    (`specs`, formreader.template.Field), in two batches: [formreader.string_model.TwoReadings]."""
-    from formreader.string_model import field_input, read_twice
-    from formreader.strings import segment_string
+    (`specs`, formreader.reading.template.Field), in two batches: [formreader.reading.string_model.TwoReadings]."""
+    from formreader.reading.string_model import field_input, read_twice
+    from formreader.reading.strings import segment_string
 
     layouts = [segment_string(c) for c in crops]
     images = [layout.images for layout in layouts]
@@ -352,7 +352,7 @@ def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs
 
 def fit_two_readers(readings: list, truths: list[str], groups: np.ndarray | None = None, l2: float = 0.01) -> list[float]:
     """Logistic regression of 'the string model read the digits right' on the readings'
-    features (formreader.string_model.TwoReadings): weights then bias. `groups` (N,): the
+    features (formreader.reading.string_model.TwoReadings): weights then bias. `groups` (N,): the
     source of each sample; every source weighs alike (a few hundred real checks are not
     outvoted by more generated ones)."""
     from scipy.optimize import minimize
@@ -381,13 +381,13 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
     written with the digit model's MNIST validation digits, and free-field forms (thick worn
     borders, bitonal) written by its MNIST and CVL validation writers. Returns (crops, specs,
     truths, sources): sources 0 for ORAND, 1 the checks, 2 and 3 the forms."""
-    from formreader.datasets import load_cvl, load_orand
     from formreader.pipeline import free_field_crop, scale_to_template
-    from formreader.register import RegistrationError, prepare_reference, register_page
-    from formreader.strings import without_frame
-    from formreader.synth import ink_on_black, make_checks, scan, scanned_free_forms
-    from formreader.template import Field
-    from formreader.train import TrainConfig, mnist_split
+    from formreader.reading.register import RegistrationError, prepare_reference, register_page
+    from formreader.reading.strings import without_frame
+    from formreader.reading.template import Field
+    from formreader.training.datasets import load_cvl, load_orand
+    from formreader.training.synth import ink_on_black, make_checks, scan, scanned_free_forms
+    from formreader.training.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
     amount = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")

@@ -1,6 +1,6 @@
 """Training the digit CNN on MNIST, with augmentation shaped like real segmented boxes.
 
-The augmentation is the other half of segmentation (formreader.segment): segmentation makes a
+The augmentation is the other half of segmentation (formreader.reading.segment): segmentation makes a
 scanned box look like MNIST, augmentation makes MNIST look like what segmentation really
 produces (tilted, sheared, thin or thick strokes, slightly warped, a piece of box line at an
 edge), and a "not a digit" class is taught from specks, blobs, box-line corners and scribbles
@@ -20,9 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.classify import NOT_A_DIGIT, cached_tflite
-from formreader.datasets import load_mnist
-from formreader.segment import normalize_digit, segment_crops
+from formreader.reading.classify import NOT_A_DIGIT, cached_tflite
+from formreader.reading.segment import normalize_digit, segment_crops
+from formreader.training.datasets import load_mnist
 
 
 @dataclass
@@ -40,7 +40,7 @@ class TrainConfig:
     cvl: bool = True  # train on CVL's training writers too (European handwriting)
     cvl_val_writers: int = 10  # of them, this many writers are held out for validation
     orand: bool = True  # train on the ORAND-CAR-A digits of the 'train' checks (cut by their boxes)
-    width: float = 2.0  # the CNN's channel multiplier (formreader.model.build_digit_cnn)
+    width: float = 2.0  # the CNN's channel multiplier (formreader.training.model.build_digit_cnn)
     stretch: float = 0.0  # this share of each batch is stretched to fill the square (`augment_batch`)
     # Add this share of the real training digits again as a bitonal scanner gives them
     # (`bitonal_copies`): thin pen strokes break and thicken there, a style grey crops lack.
@@ -122,7 +122,7 @@ def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, lab
     """What string segmentation cuts out of `n` free-written numbers, labelled by their ink.
 
     Numbers are written from `images` (MNIST, ink 255 on 0) into a bank check's fields, often
-    touching, and segmented by formreader.strings exactly as a scanned check would be. Every
+    touching, and segmented by formreader.reading.strings exactly as a scanned check would be. Every
     candidate piece is labelled by whose ink it holds: a digit if it holds nearly all of one
     digit and little else, not-a-digit if it holds two digits or a fragment of one (a wrong
     cut), left out in between. This teaches the classifier to refuse wrong cuts, which it
@@ -130,8 +130,8 @@ def make_string_pieces(n: int, rng: np.random.Generator, images: np.ndarray, lab
     and (N,) uint8.
     """
     from formreader.pipeline import free_field_crop
-    from formreader.strings import segment_string
-    from formreader.synth import DigitSource, blank_check, random_check_values, write_number
+    from formreader.reading.strings import segment_string
+    from formreader.training.synth import DigitSource, blank_check, random_check_values, write_number
 
     blank, fields = blank_check()
     source = DigitSource(images, labels, rng, reuse=True)
@@ -249,7 +249,7 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, stretch: float =
 def bitonal_copies(images: np.ndarray, rng: np.random.Generator, size: int = 84) -> tuple[np.ndarray, np.ndarray]:
     """Digits (N, 28, 28) float32, ink high, as a bitonal 300-DPI scan of them reaches the
     classifier: written `size` px large (a box at 300 DPI), blurred as optics do, cut at a
-    fixed threshold somewhat off the middle (formreader.synth.bitonal's range), and segmented
+    fixed threshold somewhat off the middle (formreader.training.synth.bitonal's range), and segmented
     and normalised by formreader's own code. Returns (images (M, 28, 28), index (M,) of the
     ones kept: a digit the threshold wiped out is dropped)."""
     crops = []
@@ -421,7 +421,7 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
       (the 'val' checks validate; the 'test' checks are never used here; `orand_split`).
     - Synthetic not-a-digit images; optionally the pieces of generated free-written numbers.
     """
-    from formreader.datasets import ORAND_MARGIN, load_cvl, load_orand, orand_digit_crops
+    from formreader.training.datasets import ORAND_MARGIN, load_cvl, load_orand, orand_digit_crops
 
     root = Path(data_dir) if data_dir else None
     rng = np.random.default_rng(config.seed)
@@ -581,13 +581,13 @@ def train_model(
     """Train the digit CNN and write `out` (.keras) with its card data beside it (.json).
 
     `data_dir`: the folder holding mnist/, cvl_digits/ and orand_car_a/ (default: see
-    formreader.datasets.default_data_dir); `data`: prepared splits (`build_training_data`),
+    formreader.training.datasets.default_data_dir); `data`: prepared splits (`build_training_data`),
     which then need not be built again. Runs on whatever Keras backend is configured (a GPU
     with JAX or TensorFlow when one is there). Returns the metadata written.
     """
     import keras
 
-    from formreader.model import build_digit_cnn
+    from formreader.training.model import build_digit_cnn
 
     keras.utils.set_random_seed(config.seed)
     data = data or build_training_data(config, data_dir, log)
@@ -647,7 +647,7 @@ def train_model(
     meta = {
         "temperature": temperature,
         "classes": [str(d) for d in range(10)] + ["not_a_digit"],
-        "input": "28x28 float32, ink 1.0 on 0.0, MNIST-normalised (formreader.segment.normalize_digit)",
+        "input": "28x28 float32, ink 1.0 on 0.0, MNIST-normalised (formreader.reading.segment.normalize_digit)",
         "parameters": int(model.count_params()),
         "epochs_run": len(history.history["loss"]),
         "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,

@@ -8,7 +8,7 @@ decision on a field counts (going back and deciding again adds a line). A decisi
 reading: if a later run reads the field differently, the decision no longer applies and the
 field waits for a person again.
 
-Nothing here knows about the web: formreader.web serves these functions to the browser.
+Nothing here knows about the web: formreader.review.server serves these functions to the browser.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from formreader.locate import cell_crop, cell_interior
-from formreader.segment import segment_digit
+from formreader.reading.locate import cell_crop, cell_interior
+from formreader.reading.segment import segment_digit
 
 ACTIONS = {"confirm": "confirmed", "correct": "corrected", "unreadable": "unreadable"}
 # What a person may type as a field's value: the number as written (digits, and the marks that
