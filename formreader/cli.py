@@ -26,6 +26,24 @@ def _need(module: str, extra: str) -> None:
         _fail(f"this command needs {module}, which reading does not: pip install 'formreader[{extra}]'")
 
 
+def _load_templates(paths: tuple[Path, ...]) -> list:
+    """Every template named (a folder: its .yaml files), each once; two of one name are refused,
+    since the name tells their pages apart in the results."""
+    files: list[Path] = []
+    for p in paths:
+        found = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) if p.is_dir() else [p]
+        if not found:
+            _fail(f"--template {p}: a folder with no template (.yaml) in it")
+        files += [f for f in found if f.resolve() not in {g.resolve() for g in files}]
+    forms = [_load_template(f) for f in files]
+    names = [t.name for t in forms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        both = ", ".join(str(f) for f, t in zip(files, forms) if t.name == twice[0])
+        _fail(f"two templates are named '{twice[0]}' ({both}): rename one (its 'name:'), since the name tells their pages apart")
+    return forms
+
+
 def _load_template(path: Path):
     from formreader.reading.template import TemplateError, load_template
 
@@ -74,7 +92,13 @@ def main() -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
-    "--template", "-t", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Template YAML."
+    "--template",
+    "-t",
+    "templates",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Template YAML, or a folder of them; repeat for a batch of several forms (each page is read as the one it matches).",
 )
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV (long form).")
 @click.option(
@@ -102,7 +126,7 @@ def main() -> None:
     help="Keep the files an earlier run with the same --out finished (interrupted: the rest is read; finished: new files only).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def process(inputs, template, out, review_threshold, model, workers, scheduler, resume, quiet) -> None:
+def process(inputs, templates, out, review_threshold, model, workers, scheduler, resume, quiet) -> None:
     """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
 
     Exit status: 0 when every file and page was read, 1 when some could not be (see the
@@ -128,7 +152,7 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
     from formreader.reading.ingest import count_pages, find_inputs
     from formreader.review.decisions import apply_decisions, load_decisions
 
-    tpl = _load_template(template)
+    forms = _load_templates(templates)
     clf = _load_classifier(model)
     files = find_inputs(list(inputs))
     if not files:
@@ -143,12 +167,12 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
     if clash:
         _fail(f"--out {out} would overwrite the input {clash[0]}: choose another --out")
     settings = {
-        "template": hashlib.sha256(template.read_bytes() + tpl.reference.tobytes()).hexdigest()[:16],
+        "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
         "model": clf.meta.get("tflite_sha256", "")[:16],
         "string_model": clf.string_model.meta.get("tflite_sha256", "")[:16] if clf.string_model else "",
         "review_threshold": review_threshold,
         # Which fields are quantities, for workbooks made from these results (number cells).
-        "numeric_fields": " ".join(f.name for f in tpl.fields if f.numeric),
+        "numeric_fields": " ".join(sorted({f.name for t in forms for f in t.fields if f.numeric})),
     }
     # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: workers stopped, what is done kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -168,7 +192,8 @@ def process(inputs, template, out, review_threshold, model, workers, scheduler, 
 
             try:
                 records = process_paths(
-                    files, tpl, clf, review_threshold, workers, journal, on_page=on_page, scheduler=scheduler,
+                    files, forms if len(forms) > 1 else forms[0], clf, review_threshold, workers, journal,
+                    on_page=on_page, scheduler=scheduler,
                     views=views_path_for(out),
                 )
             finally:

@@ -29,7 +29,7 @@ from formreader.reading.classify import file_sha256
 
 FIELD_COLUMNS = [
     "file", "page", "field", "value", "text", "confidence", "status", "reasons", "raw", "registration_quality",
-    "reviewed_value", "reviewed_by", "reviewed_at",
+    "reviewed_value", "reviewed_by", "reviewed_at", "template",
 ]
 # A field's status: the machine's ('ok', 'review'), or a person's decision at the review station.
 REVIEWED = ("confirmed", "corrected", "unreadable")
@@ -66,6 +66,7 @@ def final_value(field) -> str:
 
 def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record,
+    and, when the pages are of several forms, 'wide.NAME' for each form's pages alone),
     with a person's decisions where formreader.review.decisions put them). The wide table holds each
     field's final value; its 'review' column names the fields still waiting for a person."""
     fields, digits, errors, wide = [], [], [], []
@@ -74,7 +75,7 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
         if rec.get("error"):
             errors.append({"file": rec["source"], "page": rec["page"], "error": as_text(rec["error"])})
             continue
-        row = {"file": rec["source"], "page": rec["page"]}
+        row = {"file": rec["source"], "page": rec["page"], "template": rec.get("template", "")}
         flagged = []
         for f in rec["fields"]:
             fields.append(
@@ -92,6 +93,7 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                     "reviewed_value": f.get("reviewed_value", ""),
                     "reviewed_by": as_text(f.get("reviewed_by", "")),
                     "reviewed_at": f.get("reviewed_at", ""),
+                    "template": rec.get("template", ""),
                 }
             )
             for i, (digit, conf, *_) in enumerate(f["digits"], start=1):
@@ -110,7 +112,10 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
                 flagged.append(f["field"])
         row["review"] = " ".join(flagged)
         wide.append(row)
-    return {
+    forms = list(dict.fromkeys(row["template"] for row in wide))
+    for row in wide if len(forms) < 2 else []:
+        del row["template"]  # one form: the column says nothing
+    frames = {
         "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype(
             {"value": str, "text": str, "reasons": str, "raw": str, "reviewed_value": str, "reviewed_by": str, "reviewed_at": str}
         ),
@@ -118,6 +123,9 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
         "wide": pd.DataFrame(wide),
         "errors": pd.DataFrame(errors, columns=ERROR_COLUMNS),
     }
+    for form in forms if len(forms) > 1 else []:  # a sheet of each form's own columns
+        frames[f"wide.{form}"] = pd.DataFrame([r for r in wide if r["template"] == form]).dropna(axis=1, how="all")
+    return frames
 
 
 def _beside(out: Path, ending: str) -> Path:
@@ -239,9 +247,11 @@ class OutputBusyError(RuntimeError):
 
 
 def write_results(records: list[dict], out: Path) -> dict[str, Path]:
-    """Write the four CSVs for `out` and the manifest naming them; returns their paths by table name."""
+    """Write the four CSVs for `out` (and results.wide.FORM.csv for each form of a mixed batch)
+    and the manifest naming them; returns their paths by table name."""
     frames = results_frames(records)
-    paths = output_paths(out)
+    forms = [name for name in frames if name.startswith("wide.")]
+    paths = {**output_paths(out), **{name: _beside(out, "." + re.sub(r"[^\w.-]", "_", name) + ".csv") for name in forms}}
     remove_stale_temps(out)
     temps = {}
     try:
@@ -302,8 +312,8 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
     """A workbook of a run's results: 'fields' (a row per page, a column per field, each value
     as written: a text cell so leading zeros stay or, for fields the template calls numeric
     and a person need not check, a number cell showing its decimals; cells needing review filled,
-    their reasons as a comment), 'errors' and 'settings'. No cell is a formula, whatever it
-    holds. Written atomically."""
+    their reasons as a comment; a batch of several forms: a sheet so for each, named after it),
+    'errors' and 'settings'. No cell is a formula, whatever it holds. Written atomically."""
     from openpyxl import Workbook
     from openpyxl.comments import Comment
     from openpyxl.styles import Font, PatternFill
@@ -315,35 +325,38 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
         return cell
 
     numeric = set(str(settings.get("numeric_fields", "")).split())
-    book = Workbook()
-    sheet = book.active
-    sheet.title = "fields"
-    names = list(dict.fromkeys(fields["field"])) if len(fields) else []
-    for column, title in enumerate(["file", "page", *names], start=1):
-        put(sheet, 1, column, title).font = Font(bold=True)
     fill = PatternFill("solid", start_color=REVIEW_FILL, end_color=REVIEW_FILL)
-    for row, ((file, page), group) in enumerate(fields.groupby(["file", "page"], sort=False), start=2):
-        put(sheet, row, 1, file)
-        put(sheet, row, 2, int(page))
-        for _, f in group.iterrows():
-            text = _plain(final_value(f))
-            number = as_number(text) if f["field"] in numeric and f["status"] not in ("review", "unreadable") else None
-            cell = put(sheet, row, 3 + names.index(f["field"]), number[0] if number else text)
-            if number:
-                cell.number_format = number[1]
-            if f["status"] in ("review", "unreadable"):
-                cell.fill = fill
-                unreadable = f["status"] == "unreadable"
-                why = f"unreadable, said {_plain(str(f.get('reviewed_by', '')))}" if unreadable else _plain(str(f["reasons"]))
-                cell.comment = Comment(f"{why} (confidence {float(f['confidence']):.2f})", "formreader")
-    sheet.freeze_panes = "C2"
-    for column in sheet.columns:  # wide enough for what each holds: no value shown cut short
-        longest = max(len(str(c.value)) for c in column if c.value is not None)
-        sheet.column_dimensions[column[0].column_letter].width = min(60, longest + 2)
-    # Printed, a page's row fits across the paper.
-    sheet.page_setup.orientation = "landscape"
-    sheet.sheet_properties.pageSetUpPr.fitToPage = True
-    sheet.page_setup.fitToWidth, sheet.page_setup.fitToHeight = 1, 0
+    book = Workbook()
+    book.remove(book.active)
+    forms = list(dict.fromkeys(fields["template"])) if "template" in fields and len(fields) else [""]
+    for form in forms:  # a mixed batch: a sheet for each form, with its own columns
+        part = fields[fields["template"] == form] if len(forms) > 1 else fields
+        sheet = book.create_sheet(re.sub(r"[\\/*?:\[\]]", "_", form)[:31] if len(forms) > 1 else "fields")
+        names = list(dict.fromkeys(part["field"])) if len(part) else []
+        for column, title in enumerate(["file", "page", *names], start=1):
+            put(sheet, 1, column, title).font = Font(bold=True)
+        for row, ((file, page), group) in enumerate(part.groupby(["file", "page"], sort=False), start=2):
+            put(sheet, row, 1, file)
+            put(sheet, row, 2, int(page))
+            for _, f in group.iterrows():
+                text = _plain(final_value(f))
+                number = as_number(text) if f["field"] in numeric and f["status"] not in ("review", "unreadable") else None
+                cell = put(sheet, row, 3 + names.index(f["field"]), number[0] if number else text)
+                if number:
+                    cell.number_format = number[1]
+                if f["status"] in ("review", "unreadable"):
+                    cell.fill = fill
+                    unreadable = f["status"] == "unreadable"
+                    why = f"unreadable, said {_plain(str(f.get('reviewed_by', '')))}" if unreadable else _plain(str(f["reasons"]))
+                    cell.comment = Comment(f"{why} (confidence {float(f['confidence']):.2f})", "formreader")
+        sheet.freeze_panes = "C2"
+        for column in sheet.columns:  # wide enough for what each holds: no value shown cut short
+            longest = max(len(str(c.value)) for c in column if c.value is not None)
+            sheet.column_dimensions[column[0].column_letter].width = min(60, longest + 2)
+        # Printed, a page's row fits across the paper.
+        sheet.page_setup.orientation = "landscape"
+        sheet.sheet_properties.pageSetUpPr.fitToPage = True
+        sheet.page_setup.fitToWidth, sheet.page_setup.fitToHeight = 1, 0
     for name, frame in (
         ("errors", errors),
         ("settings", pd.DataFrame({"setting": list(settings), "value": list(settings.values())})),

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +65,7 @@ class SegmentedPage:
     # per field: a free field's input to the string model (32, 256) and its crop's (H, W); else None
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
     view: bytes | None = None  # the registered page as JPEG, for the review station (see process_paths)
+    template: str = ""  # the name of the form it was read as
 
 
 @dataclass
@@ -78,6 +79,7 @@ class PageRead:
     rotation_deg: float = 0.0
     error: str | None = None
     boxes: list[list[Box]] = field(default_factory=list)
+    template: str = ""  # the name of the form it was read as
 
 
 def scale_to_template(image: np.ndarray, dpi: float | None, template: Template) -> np.ndarray:
@@ -98,10 +100,48 @@ def scale_to_template(image: np.ndarray, dpi: float | None, template: Template) 
     return cv2.resize(image, None, fx=factor, fy=factor, interpolation=interp)
 
 
-def segment_page(page: Page, template: Template, features: ReferenceFeatures | None = None) -> SegmentedPage:
-    """Register a page, locate its cells and segment every digit. Raises RegistrationError."""
-    image = scale_to_template(page.image, page.dpi, template)
-    reg = register_page(image, template.reference, features)
+MATCH_MARGIN = 0.15  # of the forms' print found: how much better the chosen form must fit than the next
+
+
+def match_form(
+    page: Page, templates: Sequence[Template], features: Sequence[ReferenceFeatures]
+) -> tuple[Template, Registration]:
+    """Which of several forms a page is: registered to each, the one whose printed lines it shows
+    best, by MATCH_MARGIN over the next. Raises RegistrationError when none fits (or two fit
+    alike: versions of one form that a page cannot tell apart)."""
+    fits: list[tuple[float, int, Registration | None]] = []
+    for i, (template, feats) in enumerate(zip(templates, features)):
+        try:
+            reg = register_page(scale_to_template(page.image, page.dpi, template), template.reference, feats)
+            fits.append((reg.quality, i, reg))
+        except RegistrationError as e:
+            fits.append((e.quality, i, None))
+    fits.sort(key=lambda f: -f[0])
+    (best, i, reg), (second, j, _) = fits[0], fits[1] if len(fits) > 1 else (0.0, -1, None)
+    if reg is None:
+        raise RegistrationError(
+            f"page matches no template: at best {best:.0%} of the printed lines of '{templates[i].name}' found", best
+        )
+    if best - second < MATCH_MARGIN:
+        raise RegistrationError(
+            f"page matches two templates alike: '{templates[i].name}' ({best:.0%} of its printed lines found) "
+            f"and '{templates[j].name}' ({second:.0%})", best
+        )
+    return templates[i], reg
+
+
+def segment_page(
+    page: Page, template: Template | Sequence[Template], features: ReferenceFeatures | Sequence | None = None
+) -> SegmentedPage:
+    """Register a page, locate its cells and segment every digit. Raises RegistrationError.
+
+    With several templates (and their features, in the same order) the page is read as the form
+    it matches (`match_form`); the result names it."""
+    if isinstance(template, Template):
+        image = scale_to_template(page.image, page.dpi, template)
+        reg = register_page(image, template.reference, features)
+    else:
+        template, reg = match_form(page, template, features or [prepare_reference(t.reference) for t in template])
     boxes: list[list[Box]] = []
     segments: list[list[DigitSegment] | StringLayout] = []
     offsets: list[tuple[int, int]] = []
@@ -121,7 +161,7 @@ def segment_page(page: Page, template: Template, features: ReferenceFeatures | N
         boxes.append(located)
         segments.append([segment_digit(cell_crop(reg.aligned, b), interior=cell_interior(reg.aligned.shape, b)) for b in located])
         offsets.append((0, 0))
-    return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets, wholes)
+    return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name)
 
 
 def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.ndarray, tuple[int, int]]:
@@ -170,7 +210,7 @@ def decide_page(
                 readings.append(DigitReading("", BLANK_CONFIDENCE))
         fields.append(read_field(spec, readings, threshold, field_power))
     reg = seg.registration
-    return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes)
+    return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes, template.name)
 
 
 def digit_images(seg: SegmentedPage) -> tuple[np.ndarray, np.ndarray]:
@@ -211,13 +251,18 @@ def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> li
 
 
 def decide_pages(
-    segs: list[SegmentedPage], template: Template, classifier: DigitClassifier, threshold: float = DEFAULT_REVIEW_THRESHOLD
+    segs: list[SegmentedPage],
+    template: Template | Sequence[Template],
+    classifier: DigitClassifier,
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
 ) -> list[PageRead]:
-    """Classify the digits (and read the free fields) of several segmented pages in one batch each."""
+    """Classify the digits (and read the free fields) of several segmented pages in one batch
+    each; each page decided by the rules of the template it was read as."""
+    forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
     calibration = classifier.string_model.calibration if classifier.string_model else None
     return [
-        decide_page(s, p, template, threshold, classifier.field_power, q, calibration)
+        decide_page(s, p, forms.get(s.template) or next(iter(forms.values())), threshold, classifier.field_power, q, calibration)
         for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)
     ]
 
@@ -244,7 +289,7 @@ def read_page(
 _worker_state: dict = {}
 
 
-def _init_worker(template: Template, features: ReferenceFeatures, views: bool = False) -> None:
+def _init_worker(template: Template | list[Template], features: ReferenceFeatures | list, views: bool = False) -> None:
     cv2.setNumThreads(1)
     _worker_state.update(template=template, features=features, views=views)
     # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself.
@@ -259,7 +304,10 @@ def _init_worker(template: Template, features: ReferenceFeatures, views: bool = 
 
 
 def _segment_or_error(
-    page: Page | PdfPage, template: Template | None = None, features: ReferenceFeatures | None = None, views: bool | None = None
+    page: Page | PdfPage,
+    template: Template | list[Template] | None = None,
+    features: ReferenceFeatures | list | None = None,
+    views: bool | None = None,
 ):
     """Render (a PDF page) and segment one page: a SegmentedPage (with `views`, the registered
     page as JPEG), a PageRead with the reason it could not be registered, or the PageError of a
@@ -377,6 +425,7 @@ def page_record(read: PageRead) -> dict:
         "page": read.page,
         "quality": round(read.quality, 4),
         "rotation_deg": round(read.rotation_deg, 2),
+        "template": read.template,
         "error": read.error,
         "fields": [
             {
@@ -420,7 +469,7 @@ def error_record(err: PageError) -> dict:
 
 def process_paths(
     paths: Iterable[Path],
-    template: Template,
+    template: Template | Sequence[Template],
     classifier: DigitClassifier,
     threshold: float = DEFAULT_REVIEW_THRESHOLD,
     workers: int = 1,
@@ -443,7 +492,12 @@ def process_paths(
     from it, cut where the record's `box` says.
     """
     journal = journal or Journal(None)
-    features = prepare_reference(template.reference)
+    # One form, or several: then each page is read as the form it matches (match_form).
+    templates = [template] if isinstance(template, Template) else list(template)
+    features = [prepare_reference(t.reference) for t in templates]
+    if len(templates) == 1:
+        template, features = templates[0], features[0]
+    render_dpi = int(round(max(t.dpi for t in templates)))
     files = find_inputs(list(paths))
     records: list[dict] = []
     # Workers are spawned, not forked: forking a process that runs interpreter threads (LiteRT,
@@ -451,7 +505,9 @@ def process_paths(
     spawn = multiprocessing.get_context("spawn")
     client = _dask_client(scheduler) if scheduler else None
     pool = (
-        ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features, views is not None))
+        ProcessPoolExecutor(
+            workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features, views is not None)
+        )
         if workers > 1 and client is None
         else None
     )
@@ -526,7 +582,7 @@ def process_paths(
                     on_file(source, len(journal.done[source]))
                 continue
             count = 0
-            for item in _pages_of(path, template):
+            for item in _pages_of(path, render_dpi):
                 count += 1
                 in_flight.append(("error", error_record(item)) if isinstance(item, PageError) else ("page", submit(item)))
                 settle(window)
@@ -562,8 +618,8 @@ def _dask_client(address: str):
         raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}") from e
 
 
-def _pages_of(path: Path, template: Template) -> Iterator[Page | PdfPage | PageError]:
+def _pages_of(path: Path, dpi: int) -> Iterator[Page | PdfPage | PageError]:
     try:
-        yield from read_pages(path, pdf_dpi=int(round(template.dpi)), render=False)
+        yield from read_pages(path, pdf_dpi=dpi, render=False)
     except Exception as e:  # a reader failing in an unforeseen way costs one file, not the batch
         yield PageError(str(path), 0, f"cannot read file: {type(e).__name__}: {e}")

@@ -218,3 +218,56 @@ def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_rec
 def test_an_unreachable_scheduler_is_a_clear_refusal(tmp_path):
     run = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", tmp_path / "r.csv", "--scheduler", "tcp://127.0.0.1:9")
     assert run.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in run.stderr
+
+
+def test_a_batch_of_three_forms_and_an_unknown_one(tmp_path, mnist_test):
+    """process -t A -t B -t C: each page read as the form it is (a template column, a wide sheet
+    per form); a page of a fourth form, which no template describes, is an error row."""
+    from formreader.reading.template import template_yaml
+    from formreader.training.synth import DPI, scanned_free_forms
+
+    from .test_register import other_form
+
+    batch = tmp_path / "inbox"
+    batch.mkdir()
+    shutil.copy(SCANS / "scan_c.png", batch / "order_1.png")
+    shutil.copy(SCANS / "batch_a.pdf", batch / "orders.pdf")  # four pages, one upside down
+    shutil.copy(SCANS.parent / "checks" / "check_b.png", batch / "check_1.png")
+    shutil.copy(SCANS.parent / "checks" / "check_c.jpg", batch / "check_2.jpg")
+    free, items = scanned_free_forms(*mnist_test, 2, seed=5)
+    for i, (page, _) in enumerate(items):
+        Image.fromarray(page.image).save(batch / f"return_{i}.png", dpi=(page.dpi, page.dpi))
+    Image.fromarray(scan(other_form(), np.random.default_rng(3))).save(batch / "invoice.png", dpi=(DPI, DPI))
+    Image.fromarray(free.reference).save(tmp_path / "free_form.png", dpi=(DPI, DPI))
+    (tmp_path / "free_form.yaml").write_text(template_yaml(list(free.fields), "free_form.png", DPI, "free_form"))
+
+    out = tmp_path / "r.csv"
+    templates = ["-t", TEMPLATE, "-t", TEMPLATE.with_name("bank_check.yaml"), "-t", tmp_path / "free_form.yaml"]
+    run = run_cli("process", batch, *templates, "-o", out, "-q")
+    assert run.returncode == 1, run.stderr  # the invoice could not be read
+    fields = pd.read_csv(out, dtype=str, keep_default_na=False)
+    forms = fields.groupby("file").template.agg(set).to_dict()
+    expect = {"order_1.png": "demo_form", "orders.pdf": "demo_form", "check_1.png": "bank_check", "check_2.jpg": "bank_check",
+              "return_0.png": "free_form", "return_1.png": "free_form"}
+    assert {name.split("/")[-1]: t for name, t in forms.items()} == {k: {v} for k, v in expect.items()}
+    errors = pd.read_csv(tmp_path / "r.errors.csv", dtype=str, keep_default_na=False)
+    assert len(errors) == 1 and errors.file.iloc[0].endswith("invoice.png") and "matches no template" in errors.error.iloc[0]
+    for form, pages in (("demo_form", 5), ("bank_check", 2), ("free_form", 2)):
+        wide = pd.read_csv(tmp_path / f"r.wide.{form}.csv", dtype=str, keep_default_na=False)
+        names = set(fields[fields.template == form].field)
+        assert len(wide) == pages and names <= set(wide.columns) and not (set(fields.field) - names) & set(wide.columns)
+    from openpyxl import load_workbook
+
+    assert run_cli("export", out, "--xlsx", tmp_path / "r.xlsx").returncode == 0
+    book = load_workbook(tmp_path / "r.xlsx")
+    assert sorted(book.sheetnames[:3]) == ["bank_check", "demo_form", "free_form"]
+    assert book.sheetnames[3:] == ["errors", "settings"]
+    check_fields = dict.fromkeys(fields[fields.template == "bank_check"].field)
+    assert [c.value for c in book["bank_check"][1]] == ["file", "page", *check_fields]
+    # The same template named twice is read once; two templates of one name are refused.
+    again = run_cli("process", batch / "order_1.png", "-t", TEMPLATE, "-t", TEMPLATE, "-o", tmp_path / "s.csv", "-q")
+    assert again.returncode == 0, again.stderr
+    twin = tmp_path / "twin.yaml"
+    twin.write_text(TEMPLATE.read_text().replace("reference: demo_form.png", f"reference: {TEMPLATE.with_suffix('.png')}"))
+    clash = run_cli("process", batch / "order_1.png", "-t", TEMPLATE, "-t", twin, "-o", tmp_path / "t.csv", "-q")
+    assert clash.returncode == 2 and "two templates are named 'demo_form'" in clash.stderr

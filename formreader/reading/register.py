@@ -26,7 +26,12 @@ SETTLED_PX = 3.0
 
 
 class RegistrationError(ValueError):
-    """The page could not be registered to the template; the message says why."""
+    """The page could not be registered to the template; the message says why, and `quality`
+    how much of the form's print was found where a registration got that far (else 0)."""
+
+    def __init__(self, message: str, quality: float = 0.0):
+        super().__init__(message)
+        self.quality = quality
 
 
 @dataclass
@@ -119,7 +124,8 @@ def register_page(
             rotation = float(np.degrees(np.arctan2(homography[1, 0], homography[0, 0])))
             return Registration(aligned, homography, quality, rotation)
         failure = RegistrationError(
-            f"page does not match the template: only {quality:.0%} of the form's printed lines found (need {min_quality:.0%})"
+            f"page does not match the template: only {quality:.0%} of the form's printed lines found (need {min_quality:.0%})",
+            max(quality, failure.quality),
         )
     raise failure
 
