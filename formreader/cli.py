@@ -239,11 +239,18 @@ def template() -> None:
 @click.argument("blank", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dpi", type=float, help="Resolution of BLANK; default: from the file, else 150.")
+@click.option(
+    "--preview", type=click.Path(dir_okay=False, path_type=Path), help="A PNG of the blank with each field outlined and numbered."
+)
 @FORCE_OPTION
-def template_detect(blank, out, dpi, force) -> None:
-    """Propose a template from an image of the blank form: its boxes grouped into fields."""
+def template_detect(blank, out, dpi, preview, force) -> None:
+    """Propose a template from an image of the blank form: its boxes grouped into fields, empty
+    boxes and short guide lines as free fields (longer lines commented out, for you to decide)."""
+    import cv2
+
     from formreader.reading.ingest import PageError, read_pages
     from formreader.reading.template import propose_template, template_yaml
+    from formreader.review.overlay import draw_template
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
@@ -251,16 +258,23 @@ def template_detect(blank, out, dpi, force) -> None:
     if isinstance(first, PageError):
         _fail(f"{blank}: {first.reason}")
     dpi = dpi or first.dpi or 150.0
-    fields = propose_template(first.image, dpi)
+    fields, candidates = propose_template(first.image, dpi)
     if not fields:
-        _fail(f"{blank}: no digit boxes found (boxes of {0.12 * dpi:.0f} to {dpi:.0f} px at {dpi:g} DPI)", 1)
+        _fail(f"{blank}: no digit boxes or free fields found (boxes of {0.12 * dpi:.0f} to {dpi:.0f} px at {dpi:g} DPI)", 1)
     try:
         reference = os.path.relpath(blank.resolve(), out.resolve().parent)
     except ValueError:
         reference = str(blank.resolve())
-    out.write_text(template_yaml(fields, reference, dpi, out.stem), encoding="utf-8")
+    out.write_text(template_yaml(fields, reference, dpi, out.stem, candidates), encoding="utf-8")
+    if preview and not cv2.imwrite(str(preview), draw_template(first.image, fields, candidates)):
+        _fail(f"cannot write the preview {preview}")
     cells = sum(len(f.cells) for f in fields)
-    click.echo(f"{out}: {len(fields)} fields, {cells} boxes. Rename the fields and add rules (length, optional).")
+    free = sum(f.kind == "free" for f in fields)
+    click.echo(
+        f"{out}: {len(fields)} fields, {cells} boxes, {free} free fields"
+        + (f" ({len(candidates)} more lines commented out)" if candidates else "")
+        + ". Rename the fields and add rules (length, optional)." + (f" Picture: {preview}" if preview else "")
+    )
 
 
 @template.command("check")

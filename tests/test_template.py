@@ -75,8 +75,9 @@ def test_template_not_yaml(tmp_path):
 
 def test_propose_template_finds_every_box_exactly():
     blank, fields = blank_form()
-    proposed = propose_template(blank, 150)
+    proposed, candidates = propose_template(blank, 150)
     assert [f.name for f in proposed] == [f"field_{i}" for i in range(1, 7)]
+    assert [f.kind for f in candidates] == ["free", "free"]  # the signature line and the office-use rule, to decide
     # The printed separators between groups of boxes become the fields' formats.
     assert [f.format for f in proposed] == [f.format for f in fields] == ["", "##/##/####", "", "", "#####.##", "###-###-####"]
     # Separate squares, combs split by / . - separators, and two fields far apart on one line.
@@ -87,7 +88,7 @@ def test_propose_template_on_a_scanned_rotated_blank():
     blank, fields = blank_form()
     m = cv2.getRotationMatrix2D((620, 437), 1.5, 1.0)
     tilted = cv2.warpAffine(blank, m, (1240, 874), borderValue=255)
-    proposed = propose_template(tilted, 150)
+    proposed, _ = propose_template(tilted, 150)
     assert [len(f.cells) for f in proposed] == [len(f.cells) for f in fields]
 
 
@@ -130,7 +131,7 @@ def test_cli_template_detect_on_a_page_without_boxes(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert run.returncode == 1 and "no digit boxes found" in run.stderr
+    assert run.returncode == 1 and "no digit boxes or free fields found" in run.stderr
 
 
 def test_check_template_patterns_load_and_round_trip(tmp_path):
@@ -217,3 +218,40 @@ def test_a_reading_is_written_in_its_field_format():
     assert written(amount, "       ") == ""
     assert written(Field("d", ((0, 0, 9, 9),) * 8, format="##/##/####"), "0110201 ") == "01/10/201"
     assert written(Field("n", ((0, 0, 9, 9),) * 3), " 4?") == "4?"
+
+
+def _near(a, b, px: int = 3) -> bool:
+    return all(abs(u - v) <= px for u, v in zip(a, b))
+
+
+def test_free_fields_are_proposed_on_a_blank_check_and_a_census_form():
+    from formreader.training.synth import blank_check, free_form
+
+    blank, truth = blank_check()  # the date written on a guide line, the amount in a box
+    proposed, candidates = propose_template(blank, 150)
+    assert [f.kind for f in proposed] == ["free", "free"]
+    assert all(_near(p.box, t.box) for p, t in zip(proposed, truth))
+    assert len(candidates) == 3 and all(c.box[2] > 2 * 150 for c in candidates)  # the long lines: payee, memo
+    blank, truth = free_form()
+    proposed, candidates = propose_template(blank, 150)
+    assert len(proposed) == 6 and not candidates and all(_near(p.box, t.box) for p, t in zip(proposed, truth))
+
+
+def test_cli_template_detect_on_the_blank_check_with_a_preview(tmp_path):
+    shutil.copy(ROOT / "templates" / "bank_check.png", tmp_path / "check.png")
+    out, preview = tmp_path / "t.yaml", tmp_path / "preview.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "formreader.cli", "template", "detect", str(tmp_path / "check.png"), "-o", str(out),
+         "--preview", str(preview)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "2 fields, 0 boxes, 2 free fields (3 more lines commented out)" in run.stdout
+    assert [f.kind for f in load_template(out).fields] == ["free", "free"]
+    picture = cv2.imread(str(preview))
+    assert picture.shape[:2] == cv2.imread(str(tmp_path / "check.png")).shape[:2]
+    assert (np.abs(picture[..., 0].astype(int) - picture[..., 2].astype(int)) > 100).mean() > 0.001  # blue outlines
+    # The commented-out lines become fields once uncommented.
+    text = re.sub(r"^# (?=[- ])", "", out.read_text(), flags=re.M)
+    (tmp_path / "all.yaml").write_text(text)
+    assert len(load_template(tmp_path / "all.yaml").fields) == 5

@@ -22,14 +22,14 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
-from formreader.reading.locate import Box, BoxLimits, find_boxes
+from formreader.reading.locate import Box, BoxLimits, find_boxes, sort_reading_order
 
 
 class TemplateError(ValueError):
@@ -235,11 +235,51 @@ def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
     return fields
 
 
-def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits()) -> list[Field]:
-    """Propose fields from a blank form: its boxes, grouped, named field_1, field_2, ..., each
-    with the format its printed separators give (`printed_format`) where it has any."""
-    groups = group_fields(find_boxes(blank, dpi, limits))
-    return [Field(f"field_{i}", tuple(g), format=printed_format(blank, g)) for i, g in enumerate(groups, start=1)]
+def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits()) -> tuple[list[Field], list[Field]]:
+    """Propose fields from a blank form: (fields, candidates), named field_1, field_2, ... in
+    reading order. Fields: its digit boxes, grouped, each with the format its printed separators
+    give (`printed_format`); and free fields (`free_field_areas`): empty boxes wider than a
+    digit's and short guide lines with room to write on. Candidates: longer guide lines, where
+    a number may be written or a name (a person decides)."""
+    digit_boxes = find_boxes(blank, dpi, limits)
+    areas, lines = free_field_areas(blank, dpi, digit_boxes)
+    groups: list = group_fields(digit_boxes) + [[a] for a in areas]
+    order = {box: i for i, box in enumerate(sort_reading_order([g[0] for g in groups]))}
+    groups.sort(key=lambda g: order[g[0]])  # reading order of their first boxes
+    fields = [
+        Field("", tuple(g), format=printed_format(blank, g)) if g[0] not in areas else Field("", kind="free", box=g[0])
+        for g in groups
+    ]
+    named = [replace(f, name=f"field_{i}") for i, f in enumerate(fields, start=1)]
+    return named, [Field(f"field_{len(named) + i}", kind="free", box=b) for i, b in enumerate(lines, start=1)]
+
+
+def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> tuple[list[Box], list[Box]]:
+    """Where a number may be written freely on a blank form: (areas, long lines). Areas: empty
+    rectangles at least a quarter of an inch high and wider than a digit's box, and guide lines
+    of 1 to 2 inches with room above (the area above the line, a third of an inch high). Long
+    lines: guide lines longer than that (a name's, a memo's, or an amount's: a person decides).
+    blank: (H, W) uint8; digit_boxes: the form's digit boxes, which are not free fields."""
+    wide = find_boxes(blank, dpi, BoxLimits(min_side=0.25, max_side=8.0, max_aspect=16.0))
+    areas = [b for b in wide if b[2] > 1.0 * dpi or b[2] > 2.2 * b[3]]
+    areas = [b for b in areas if not any(_overlap(b, d) for d in digit_boxes)]
+    ink = (blank < 128).astype(np.uint8)
+    runs = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((1, int(dpi)), np.uint8))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(runs, connectivity=8)
+    height, below = round(0.35 * dpi), round(0.04 * dpi)
+    short, long = [], []
+    for x, y, w, h, _ in stats[1:]:
+        box = (int(x), int(y) - height, int(w), height + below)
+        if h > 0.05 * dpi or box[1] < 0 or any(_overlap(box, b) for b in [*areas, *digit_boxes]):
+            continue  # a thick bar, the edge of a box, or no room above
+        if ink[box[1] : y - 2, x : x + w].mean() > 0.02:
+            continue  # print above: a table's rule or an underline, not a line to write on
+        (short if w <= 2 * dpi else long).append(box)
+    return areas + short, long
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def printed_format(blank: np.ndarray, cells: list[Box]) -> str:
@@ -281,26 +321,35 @@ def _gap_mark(blank: np.ndarray, left: Box, right: Box) -> str:
     return ""
 
 
-def template_yaml(fields: list[Field], reference: str, dpi: float, name: str) -> str:
+def _field_doc(f: Field) -> dict:
+    """A field as its template entry."""
+    doc: dict = {"name": f.name}
+    if f.kind == "free":
+        doc.update(kind="free", box=list(f.box))
+        doc.update({k: getattr(f, k) for k in ("length", "min_length", "max_length") if getattr(f, k) is not None})
+        doc.update({"optional": True} if f.optional else {})
+        doc.update({"separators": f.separators} if f.separators else {})
+        doc.update({"pattern": f.pattern} if f.pattern else {})
+    else:
+        doc.update({"length": f.length} if f.length is not None else {})
+        doc.update({"optional": True} if f.optional else {})
+        doc.update({"format": f.format} if f.format else {})
+        doc.update({"numeric": True} if f.numeric else {})
+        doc["cells"] = [list(c) for c in f.cells]
+    return doc
+
+
+def template_yaml(fields: list[Field], reference: str, dpi: float, name: str, candidates: list[Field] = ()) -> str:
     """The YAML text of a template, written by the YAML library (so any name or pattern is
     quoted as it must be); lists of numbers (cells, boxes) on one line each, as people edit them.
-    A dpi within half a unit of a whole number is written whole (150, not 150.012)."""
-    docs = []
-    for f in fields:
-        doc: dict = {"name": f.name}
-        if f.kind == "free":
-            doc.update(kind="free", box=list(f.box))
-            doc.update({k: getattr(f, k) for k in ("length", "min_length", "max_length") if getattr(f, k) is not None})
-            doc.update({"optional": True} if f.optional else {})
-            doc.update({"separators": f.separators} if f.separators else {})
-            doc.update({"pattern": f.pattern} if f.pattern else {})
-        else:
-            doc.update({"length": f.length} if f.length is not None else {})
-            doc.update({"optional": True} if f.optional else {})
-            doc.update({"format": f.format} if f.format else {})
-            doc.update({"numeric": True} if f.numeric else {})
-            doc["cells"] = [list(c) for c in f.cells]
-        docs.append(doc)
+    A dpi within half a unit of a whole number is written whole (150, not 150.012). Candidate
+    fields follow, commented out, for a person to uncomment."""
+    docs = [_field_doc(f) for f in fields]
     whole = round(dpi)
     template = {"name": name, "reference": reference, "dpi": whole if abs(dpi - whole) < 0.5 else float(dpi), "fields": docs}
-    return yaml.safe_dump(template, default_flow_style=None, sort_keys=False, allow_unicode=True, width=120)
+    text = yaml.safe_dump(template, default_flow_style=None, sort_keys=False, allow_unicode=True, width=120)
+    if candidates:
+        more = yaml.safe_dump([_field_doc(f) for f in candidates], default_flow_style=None, sort_keys=False, width=120)
+        text += "# Lines with room to write on: uncomment those that are fields (and name them).\n"
+        text += "".join(f"# {line}\n" for line in more.splitlines())
+    return text

@@ -14,6 +14,8 @@ from formreader.pipeline import PageRead
 OK = (40, 160, 40)  # BGR
 REVIEW = (0, 140, 255)
 CUT = (30, 30, 220)
+FREE = (200, 110, 20)
+CANDIDATE = (150, 150, 150)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -48,4 +50,19 @@ def draw_overlay(aligned: np.ndarray, read: PageRead) -> np.ndarray:
         if f.reasons:
             label += ": " + ", ".join(f.reasons)
         cv2.putText(out, label, (x0, max(12, y0 - 8)), FONT, 0.45, colour, 1, cv2.LINE_AA)
+    return out
+
+
+def draw_template(blank: np.ndarray, fields: list, candidates: list = ()) -> np.ndarray:
+    """A proposed template's picture: each field (formreader.reading.template.Field) outlined and
+    numbered as in the YAML (field_N -> N), boxed fields in green, free ones in blue, and the
+    commented-out candidates in grey. blank: (H, W) uint8. Returns (H, W, 3) uint8 BGR."""
+    out = cv2.cvtColor(blank, cv2.COLOR_GRAY2BGR)
+    for f, colour in [*((f, OK if f.kind != "free" else FREE) for f in fields), *((f, CANDIDATE) for f in candidates)]:
+        boxes = [f.box] if f.kind == "free" else list(f.cells)
+        for x, y, w, h in boxes:
+            cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, 2)
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        label = f.name.removeprefix("field_")
+        cv2.putText(out, label, (x0, max(12, y0 - 6)), FONT, 0.6, colour, 2, cv2.LINE_AA)
     return out
