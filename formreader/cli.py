@@ -277,6 +277,14 @@ def template_detect(blank, out, dpi, preview, force) -> None:
     )
 
 
+@template.command("schema")
+def template_schema() -> None:
+    """Print the JSON Schema of a template file (as published in templates/template.schema.json)."""
+    from formreader.reading.schema import schema_json
+
+    click.echo(schema_json(), nl=False)
+
+
 @template.command("check")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def template_check(path) -> None:

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from formreader.reading.template import TemplateError, group_fields, load_template, propose_template
 from formreader.training.synth import blank_form
@@ -255,3 +256,50 @@ def test_cli_template_detect_on_the_blank_check_with_a_preview(tmp_path):
     text = re.sub(r"^# (?=[- ])", "", out.read_text(), flags=re.M)
     (tmp_path / "all.yaml").write_text(text)
     assert len(load_template(tmp_path / "all.yaml").fields) == 5
+
+
+def test_every_problem_at_once_with_its_line(template_copy):
+    tmp_path, doc = template_copy
+    doc["fields"][0]["lenght"] = 8  # unknown key
+    doc["fields"][1]["cells"][1] = list(doc["fields"][1]["cells"][0])  # the same box twice
+    x, y, w, h = doc["fields"][2]["cells"][0]
+    doc["fields"][2]["cells"][0] = [x + 20, y, w, h]  # overlaps its neighbour
+    doc["fields"][3]["cells"][4] = [1230, 10, 36, 36]  # outside the image
+    doc["fields"][4]["name"] = "amount total"
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(TemplateError) as err:
+        load_template(path)
+    message = str(err.value)
+    assert re.search(r"line \d+: field 'customer_no': unknown key\(s\) lenght", message)
+    assert message.startswith(f"{path}: 2 problems:") and "'name' must be an identifier" in message
+    # Structure first: the layout is checked once the file has the form a template has.
+    doc["fields"][0].pop("lenght")
+    doc["fields"][4]["name"] = "amount"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(TemplateError) as err:
+        load_template(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: 3 problems:")
+    same = r"line \d+: field 'date': cells\[1\] \[\d+, \d+, 36, 36\] is the same box as cells\[0\] of field 'date'"
+    assert re.search(same, message)
+    assert re.search(r"line \d+: field 'quantity': cells\[1\] .* overlaps cells\[0\] of field 'quantity'", message)
+    assert "field 'postal_code': cells[4] [1230, 10, 36, 36] lies outside the reference image" in message
+    text = path.read_text().splitlines()
+    for line, x in re.findall(r"line (\d+): .*? \[(\d+), ", message):
+        assert x in text[int(line) - 1]  # each line number points at the offending box
+
+
+def test_a_dpi_the_reference_contradicts_is_refused(template_copy):
+    tmp_path, doc = template_copy
+    Image.open(tmp_path / "demo_form.png").save(tmp_path / "demo_form.png", dpi=(300, 300))
+    with pytest.raises(TemplateError, match=r"'dpi' is 150 but the reference image says 300 DPI"):
+        load_template(write(tmp_path, doc))
+
+
+def test_the_published_schema_is_the_one_checked():
+    from formreader.reading.schema import TemplateFile, schema_json
+
+    assert (ROOT / "templates" / "template.schema.json").read_text() == schema_json()
+    for name in ("demo_form.yaml", "bank_check.yaml"):
+        TemplateFile.model_validate(yaml.safe_load((ROOT / "templates" / name).read_text()))

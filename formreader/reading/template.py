@@ -21,7 +21,6 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import yaml
 
 from formreader.reading.locate import Box, BoxLimits, find_boxes, sort_reading_order
+from formreader.reading.schema import layout_problems, structure_problems
 
 
 class TemplateError(ValueError):
@@ -68,17 +68,12 @@ class Template:
         return [c for f in self.fields for c in f.cells]
 
 
-_FIELD_KEYS = {"name", "cells", "length", "optional", "kind", "format", "numeric"}
-FORMAT_MARKS = " .,-/:"  # what a format may print between boxes
 MAX_TEMPLATE_BYTES = 1_000_000
-_FREE_KEYS = {"name", "kind", "box", "length", "min_length", "max_length", "optional", "separators", "pattern"}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# The wide sheet's own columns (formreader.export): a field of one of these names would overwrite them.
-RESERVED_NAMES = ("file", "page", "review")
 
 
 def load_template(path: Path) -> Template:
-    """Read and check a template YAML file and its reference image."""
+    """Read and check a template YAML file and its reference image. Raises TemplateError naming
+    every problem at once (formreader.reading.schema), each with its line and field."""
     from formreader.reading.ingest import PageError, read_pages
 
     path = Path(path)
@@ -100,116 +95,39 @@ def load_template(path: Path) -> Template:
             if isinstance(event, yaml.AliasEvent):
                 raise TemplateError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a template")
         doc = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise TemplateError(f"{where}: not valid YAML: {e}") from e
     if not isinstance(doc, dict):
         raise TemplateError(f"{where}: expected a mapping with 'reference', 'dpi' and 'fields'")
-    for key in ("reference", "fields"):
-        if key not in doc:
-            raise TemplateError(f"{where}: missing '{key}'")
-    dpi = doc.get("dpi", 150)
-    if not isinstance(dpi, (int, float)) or not 50 <= dpi <= 1200:
-        raise TemplateError(f"{where}: 'dpi' must be a number between 50 and 1200, not {dpi!r}")
-    ref_path = path.parent / str(doc["reference"])
-    pages = list(read_pages(ref_path)) if ref_path.exists() else []
-    if not pages or isinstance(pages[0], PageError):
-        reason = pages[0].reason if pages else "file not found"
-        raise TemplateError(f"{where}: reference image {ref_path}: {reason}")
-    reference = pages[0].image
-    fields = doc["fields"]
-    if not isinstance(fields, list) or not fields:
-        raise TemplateError(f"{where}: 'fields' must be a non-empty list")
-    parsed = [_parse_field(where, i, f, reference.shape) for i, f in enumerate(fields)]
-    names = [f.name for f in parsed]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise TemplateError(f"{where}: field '{dupes[0]}': name used more than once")
-    return Template(str(doc.get("name", path.stem)), reference, float(dpi), tuple(parsed), where)
+    problems = structure_problems(doc, node)
+    reference, image_dpi = None, None
+    if isinstance(doc.get("reference"), str):
+        ref_path = path.parent / doc["reference"]
+        pages = list(read_pages(ref_path)) if ref_path.exists() else []
+        if not pages or isinstance(pages[0], PageError):
+            reason = pages[0].reason if pages else "file not found"
+            problems.append(f"reference image {ref_path}: {reason}")
+        else:
+            reference, image_dpi = pages[0].image, pages[0].dpi
+    if not problems and reference is not None:
+        problems = layout_problems(doc, node, reference.shape, image_dpi)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+        raise TemplateError(f"{where}: {listed}")
+    fields = tuple(_field(f) for f in doc["fields"])
+    return Template(str(doc.get("name") or path.stem), reference, float(doc.get("dpi", 150)), fields, where)
 
 
-def _parse_field(where: str, index: int, doc, shape: tuple[int, int]) -> Field:
-    if not isinstance(doc, dict):
-        raise TemplateError(f"{where}: fields[{index}]: expected a mapping with 'name' and 'cells'")
-    name = doc.get("name")
-    label = f"field '{name}'" if name else f"fields[{index}]"
-    if isinstance(name, str) and name.lower() in RESERVED_NAMES:
-        raise TemplateError(
-            f"{where}: {label}: the name '{name}' is taken by a column of the results "
-            f"({', '.join(RESERVED_NAMES)}): rename the field"
-        )
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise TemplateError(f"{where}: {label}: 'name' must be an identifier (letters, digits, _), not {name!r}")
-    kind = doc.get("kind", "boxes")
-    if kind not in ("boxes", "free"):
-        raise TemplateError(f"{where}: {label}: 'kind' must be 'boxes' or 'free', not {kind!r}")
-    unknown = set(doc) - (_FREE_KEYS if kind == "free" else _FIELD_KEYS)
-    if unknown:
-        raise TemplateError(f"{where}: {label}: unknown key(s) {', '.join(sorted(unknown))}")
-    optional = doc.get("optional", False)
-    if not isinstance(optional, bool):
-        raise TemplateError(f"{where}: {label}: 'optional' must be true or false, not {optional!r}")
-    if kind == "free":
-        return _parse_free_field(where, label, name, doc, shape, optional)
-    cells = doc.get("cells")
-    if not isinstance(cells, list) or not cells:
-        raise TemplateError(f"{where}: {label}: 'cells' must be a non-empty list of [x, y, w, h]")
-    boxes = [_parse_box(where, f"{label}: cells[{j}]", c, shape) for j, c in enumerate(cells)]
-    length = doc.get("length")
-    if length is not None and (not isinstance(length, int) or not 1 <= length <= len(boxes)):
-        raise TemplateError(f"{where}: {label}: 'length' must be an integer from 1 to {len(boxes)} (its cells), not {length!r}")
-    numeric = doc.get("numeric", False)
-    if not isinstance(numeric, bool):
-        raise TemplateError(f"{where}: {label}: 'numeric' must be true or false, not {numeric!r}")
-    form = doc.get("format", "")
-    if not isinstance(form, str) or set(form) - set("#" + FORMAT_MARKS) or (form and form.count("#") != len(boxes)):
-        raise TemplateError(
-            f"{where}: {label}: 'format' must have one # per cell ({len(boxes)}) and between them only "
-            f"some of {FORMAT_MARKS.strip()} or spaces (as '##/##/####'), not {form!r}"
-        )
-    return Field(name, tuple(boxes), length, optional, format=form, numeric=numeric)
-
-
-def _parse_box(where: str, label: str, c, shape: tuple[int, int]) -> Box:
-    h_img, w_img = shape
-    if not (isinstance(c, (list, tuple)) and len(c) == 4 and all(isinstance(v, int) for v in c)):
-        raise TemplateError(f"{where}: {label} must be four integers [x, y, w, h], not {c!r}")
-    x, y, w, h = c
-    if w < 4 or h < 4:
-        raise TemplateError(f"{where}: {label} is too small ({w}x{h} px)")
-    if x < 0 or y < 0 or x + w > w_img or y + h > h_img:
-        raise TemplateError(f"{where}: {label} {c} lies outside the reference image ({w_img}x{h_img} px)")
-    return (x, y, w, h)
-
-
-def _parse_free_field(where: str, label: str, name: str, doc: dict, shape, optional: bool) -> Field:
-    if "box" not in doc:
-        raise TemplateError(f"{where}: {label}: a 'free' field needs 'box': [x, y, w, h]")
-    box = _parse_box(where, f"{label}: box", doc["box"], shape)
-    lengths = {}
-    for key in ("length", "min_length", "max_length"):
-        v = doc.get(key)
-        if v is not None and (not isinstance(v, int) or not 1 <= v <= 64):
-            raise TemplateError(f"{where}: {label}: '{key}' must be an integer from 1 to 64, not {v!r}")
-        lengths[key] = v
-    if lengths["min_length"] and lengths["max_length"] and lengths["min_length"] > lengths["max_length"]:
-        raise TemplateError(f"{where}: {label}: 'min_length' is larger than 'max_length'")
-    separators = doc.get("separators", False)
-    if separators is True:
-        separators = ".,-/"
-    elif separators is False:
-        separators = ""
-    elif not isinstance(separators, str) or set(separators) - set(".,-/"):
-        raise TemplateError(
-            f"{where}: {label}: 'separators' must be true, false or some of . , - / (as \".,\"), not {separators!r}"
-        )
-    pattern = doc.get("pattern", "")
-    try:
-        re.compile(pattern)
-    except (re.error, TypeError) as e:
-        raise TemplateError(f"{where}: {label}: 'pattern' is not a regular expression ({e}): {pattern!r}") from e
-    return Field(
-        name, (), lengths["length"], optional, "free", box, lengths["min_length"], lengths["max_length"], separators, pattern
-    )
+def _field(doc: dict) -> Field:
+    """A field of a template that passed the schema."""
+    rules = {k: doc.get(k) for k in ("length", "optional", "format", "numeric", "min_length", "max_length", "pattern")}
+    rules = {k: v for k, v in rules.items() if v is not None}
+    if doc.get("kind") == "free":
+        separators = doc.get("separators", "")
+        separators = ".,-/" if separators is True else separators or ""
+        return Field(doc["name"], kind="free", box=tuple(doc["box"]), separators=separators, **rules)
+    return Field(doc["name"], tuple(tuple(c) for c in doc["cells"]), **rules)
 
 
 def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
