@@ -138,10 +138,13 @@ def segment_page(
     With several templates (and their features, in the same order) the page is read as the form
     it matches (`match_form`); the result names it."""
     if isinstance(template, Template):
+        features = features or prepare_reference(template.reference)
         image = scale_to_template(page.image, page.dpi, template)
         reg = register_page(image, template.reference, features)
     else:
-        template, reg = match_form(page, template, features or [prepare_reference(t.reference) for t in template])
+        forms = list(zip(template, features or [prepare_reference(t.reference) for t in template]))
+        template, reg = match_form(page, [t for t, _ in forms], [f for _, f in forms])
+        features = next(f for t, f in forms if t is template)
     boxes: list[list[Box]] = []
     segments: list[list[DigitSegment] | StringLayout] = []
     offsets: list[tuple[int, int]] = []
@@ -159,7 +162,14 @@ def segment_page(
         wholes.append(None)
         located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
         boxes.append(located)
-        segments.append([segment_digit(cell_crop(reg.aligned, b), interior=cell_interior(reg.aligned.shape, b)) for b in located])
+        # The blank form's own print is dropped from each cell first: ticks, dividers and borders
+        # of any style are never read as strokes, wherever the template puts the box.
+        segments.append([
+            segment_digit(
+                cell_crop(reg.aligned, b), interior=cell_interior(reg.aligned.shape, b), printed=cell_crop(features.printed, b)
+            )
+            for b in located
+        ])
         offsets.append((0, 0))
     return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name)
 

@@ -45,6 +45,9 @@ class ReferenceFeatures:
     corners: np.ndarray  # (M, 1, 2) float32, reference pixels: well-textured points to track
     smooth: np.ndarray  # (H, W) uint8, the reference slightly blurred, as corners are tracked on it
     structure: np.ndarray  # (H, W) bool, printed lines and text of the reference
+    # (H, W) bool, everything printed on the blank form, grey print included, widened by 2 px:
+    # on a registered page, ink there is the form's own, not handwriting.
+    printed: np.ndarray
 
 
 @dataclass
@@ -87,7 +90,8 @@ def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     # The structure that must be found again: dark print (lines, text), not a light background
     # pattern or tint, which scanning blurs away.
     structure = _ink(reference) & (reference < 160)
-    return ReferenceFeatures(reference.shape, scale, keypoints, corners, _smooth(reference), structure)
+    printed = cv2.dilate((reference < 200).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    return ReferenceFeatures(reference.shape, scale, keypoints, corners, _smooth(reference), structure, printed)
 
 
 def register_page(

@@ -261,7 +261,9 @@ def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: floa
     return reaching[labels]
 
 
-def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None) -> DigitSegment:
+def segment_digit(
+    crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None, printed: np.ndarray | None = None
+) -> DigitSegment:
     """Segment one digit from a grey crop of a box (dark ink on light paper, any size).
 
     crop: (H, W) uint8. interior: where the box's inside lies in the crop (x, y, w, h), when the
@@ -269,9 +271,14 @@ def segment_digit(crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, inte
     that no piece of it (thick, ragged or broken, as bitonal scans make them) passes for a
     stroke. Long straight runs along the crop's edges are taken for box lines in any case. The
     result's image is None when the box is blank (no ink, or only specks and pieces of box
-    line); its stray_ink then tells how much rejected ink there was.
+    line); its stray_ink then tells how much rejected ink there was. printed: (H, W) bool, where
+    the blank form has print in this crop (a registered page's cell): that ink is the form's
+    own (ticks, dividers, borders of any style, wherever the template puts the box) and is
+    dropped first; a stroke crossing it loses only the pixels on it.
     """
     ink, mask = ink_intensity(crop, params)
+    if printed is not None:
+        mask &= ~printed
     if interior is not None:
         mask = remove_frame(mask, interior)
     if not mask.any():

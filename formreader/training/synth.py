@@ -198,16 +198,18 @@ def scan(
 
 
 def make_pages(
-    n: int, seed: int, images: np.ndarray, labels: np.ndarray, line: int = LINE, worn: bool = False
+    n: int, seed: int, images: np.ndarray, labels: np.ndarray, line: int = LINE, worn: bool = False, ticks: bool = False
 ) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
     """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth.
 
     images: (N, 28, 28) uint8 digits, ink high on 0 (MNIST's way; see `ink_on_black` for crops
     of dark ink on paper). `line`: the boxes' thickness; `worn`: each page's printed lines
-    broken and ragged in places (`wear_lines`), as on a copy of a copy.
+    broken and ragged in places (`wear_lines`), as on a copy of a copy; `ticks`: boxes printed
+    as short ticks on a base line (`ticked`).
     """
     rng = np.random.default_rng(seed)
     blank, fields = blank_form(line)
+    blank = ticked(blank, fields, line) if ticks else blank
     source = DigitSource(images, labels, rng, reuse=True)
     pages = []
     for _ in range(n):
@@ -220,19 +222,32 @@ def make_pages(
 
 
 # Form styles for benchmarks and calibration: name -> (line thickness at 150 DPI, worn lines,
-# bitonal 300-DPI scan). The first is the samples' form.
+# bitonal 300-DPI scan, boxes drawn as short ticks rising from a base line). The first is the
+# samples' form.
 FORM_STYLES = {
-    "samples' form": (2, False, False),
-    "thick worn borders, bitonal 300 dpi": (4, True, True),
+    "samples' form": (2, False, False, False),
+    "thick worn borders, bitonal 300 dpi": (4, True, True, False),
+    "combs of short ticks": (2, False, False, True),
 }
+
+
+def ticked(blank: np.ndarray, fields: list[Field], line: int = LINE, rise: float = 0.4) -> np.ndarray:
+    """The form with each box drawn as a common printed style does: a base line under the boxes
+    and, between them, ticks rising `rise` of a box's height; no top line, no full sides.
+    blank: (H, W) uint8 with the boxes as full frames; returns a new image."""
+    out = blank.copy()
+    for f in fields:
+        for x, y, w, h in f.cells:
+            out[y - line : y + h - int(rise * h), x - line : x + w + line] = 255
+    return out
 
 
 def scanned_forms(style: str, images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[Template, list]:
     """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0):
     the form's template and [(Page, {field: digits written})]. Grey scans come at 150, 200 and
     300 DPI, one in seven upside down; bitonal ones at 300 DPI."""
-    line, worn, bitonal_scan = FORM_STYLES[style]
-    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn)
+    line, worn, bitonal_scan, ticks = FORM_STYLES[style]
+    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, ticks=ticks)
     rng = np.random.default_rng(seed)
     items = []
     for i, p in enumerate(pages):
