@@ -303,3 +303,21 @@ def test_the_published_schema_is_the_one_checked():
     assert (ROOT / "templates" / "template.schema.json").read_text() == schema_json()
     for name in ("demo_form.yaml", "bank_check.yaml"):
         TemplateFile.model_validate(yaml.safe_load((ROOT / "templates" / name).read_text()))
+
+
+@pytest.mark.parametrize("line", [2, 4])
+def test_combs_of_short_ticks_are_found_and_grouped(line):
+    """Boxes printed as ticks on a base line enclose no hole; they are found all the same,
+    exactly on an upright blank and grouped into the same fields on one scanned a little askew."""
+    from formreader.training.synth import ticked
+
+    blank, fields = blank_form(line)
+    blank = ticked(blank, fields, line)
+    proposed, _ = propose_template(blank, 150)
+    assert [f.cells for f in proposed] == [f.cells for f in fields]
+    assert [f.format for f in proposed] == [f.format for f in fields]
+    for angle in (1.5, -2.0):
+        tilted = cv2.warpAffine(blank, cv2.getRotationMatrix2D((620, 437), angle, 1.0), (1240, 874), borderValue=255)
+        noisy = np.clip(tilted * 0.93 + np.random.default_rng(1).normal(0, 4, tilted.shape), 0, 255).astype(np.uint8)
+        proposed, _ = propose_template(noisy, 150)
+        assert [len(f.cells) for f in proposed] == [len(f.cells) for f in fields]

@@ -65,6 +65,44 @@ def find_boxes(grey: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits(), mi
     return sort_reading_order(boxes)
 
 
+def find_tick_cells(grey: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits()) -> list[Box]:
+    """Interiors of the boxes of combs printed as ticks on a line (a common style: a base line
+    with short ticks rising between the boxes, or a top line with ticks hanging from it), which
+    enclose no hole for `find_boxes` to find. Between two ticks of one line, a box-sized gap is
+    a cell, as high as it is wide. grey: (H, W) uint8. Returns boxes in reading order."""
+    min_side, max_side = limits.min_side * dpi, limits.max_side * dpi
+    ink = cv2.adaptiveThreshold(grey, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, max(15, int(min_side) | 1), 12)
+    lines = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((1, max(8, int(2 * min_side))), np.uint8))
+    # Ticks: upright runs half a small box high at least (a tilted line's steps are a few px).
+    ticks = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((max(6, int(0.5 * min_side)), 1), np.uint8)) > 0
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
+    cells: list[Box] = []
+    height = grey.shape[0]
+    for i, (x, y, w, h, area) in enumerate(stats[1:], start=1):
+        if area / w > 0.05 * dpi:
+            continue  # a bar or a block, not a printed line
+        # Each column's top and bottom of the line, so that a slightly tilted line is followed.
+        on = labels[y : y + h, x : x + w] == i
+        filled = on.any(axis=0)
+        tops = y + np.argmax(on, axis=0)
+        bottoms = y + h - 1 - np.argmax(on[::-1], axis=0)
+        columns = np.arange(x, x + w)
+        for rising in (True, False):
+            rows = np.clip(tops - 2 if rising else bottoms + 2, 0, height - 1)
+            touching = filled & ticks[rows, columns]
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], touching.astype(np.int8), [0]])))
+            runs = list(zip(edges[::2], edges[1::2] - 1))  # (first, last) column of each tick, from x
+            for (_, left), (right, _) in zip(runs, runs[1:]):
+                side = int(right - left - 1)
+                if min_side <= side <= max_side:
+                    base = int(tops[left + 1 : right].min()) if rising else int(bottoms[left + 1 : right].max()) + 1
+                    top = base - side if rising else base
+                    inside = ink[max(0, top + 3) : top + side - 3, x + left + 4 : x + right - 3]
+                    if top >= 0 and top + side <= height and inside.size and (inside > 0).mean() < 0.02:
+                        cells.append((int(x + left) + 1, top, side, side))  # an empty box: not print standing on a line
+    return sort_reading_order(cells)
+
+
 def sort_reading_order(boxes: list[Box]) -> list[Box]:
     """Sort boxes top-down by rows (boxes whose centres share a line), then left to right."""
     rows: list[list[Box]] = []

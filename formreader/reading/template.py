@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import yaml
 
-from formreader.reading.locate import Box, BoxLimits, find_boxes, sort_reading_order
+from formreader.reading.locate import Box, BoxLimits, find_boxes, find_tick_cells, sort_reading_order
 from formreader.reading.schema import layout_problems, structure_problems
 
 
@@ -160,6 +160,8 @@ def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimit
     digit's and short guide lines with room to write on. Candidates: longer guide lines, where
     a number may be written or a name (a person decides)."""
     digit_boxes = find_boxes(blank, dpi, limits)
+    ticked = [c for c in find_tick_cells(blank, dpi, limits) if not any(_overlap(c, b) for b in digit_boxes)]
+    digit_boxes = sort_reading_order(digit_boxes + ticked)
     areas, lines = free_field_areas(blank, dpi, digit_boxes)
     groups: list = group_fields(digit_boxes) + [[a] for a in areas]
     order = {box: i for i, box in enumerate(sort_reading_order([g[0] for g in groups]))}
