@@ -53,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     cv2.setNumThreads(1)
     images, labels = load_mnist("test")
-    for style, (line, worn, bitonal_scan, ticks) in FORM_STYLES.items():
-        blank, fields, pages = make_pages(args.pages, 99, images, labels, line=line, worn=worn, ticks=ticks)
+    for style, (line, worn, bitonal_scan, boxes) in FORM_STYLES.items():
+        blank, fields, pages = make_pages(args.pages, 99, images, labels, line=line, worn=worn, style=boxes)
         rng = np.random.default_rng(99)
         scans = [warped(p.image, rng, bitonal_scan) for p in pages]
         features = prepare_reference(blank)

@@ -321,3 +321,14 @@ def test_combs_of_short_ticks_are_found_and_grouped(line):
         noisy = np.clip(tilted * 0.93 + np.random.default_rng(1).normal(0, 4, tilted.shape), 0, 255).astype(np.uint8)
         proposed, _ = propose_template(noisy, 150)
         assert [len(f.cells) for f in proposed] == [len(f.cells) for f in fields]
+
+
+@pytest.mark.parametrize("style", ["grey", "tinted", "dotted", "dropout"])
+def test_boxes_printed_in_other_styles_are_found_exactly(style):
+    """Grey frames, frames on a tinted band, combs with dotted dividers, frames in a drop-out
+    colour: every box found where it is, grouped into the fields as printed."""
+    from formreader.training.synth import printed_as
+
+    blank, fields = blank_form()
+    proposed, _ = propose_template(printed_as(blank, fields, style), 150)
+    assert [f.cells for f in proposed] == [f.cells for f in fields]

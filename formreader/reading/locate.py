@@ -26,28 +26,40 @@ class BoxLimits:
     max_aspect: float = 2.2  # longer side / shorter side
 
 
-def line_mask(grey: np.ndarray, min_line: int) -> np.ndarray:
+def line_mask(grey: np.ndarray, min_line: int, dotted: bool = False) -> np.ndarray:
     """Pixels of straight horizontal or vertical lines at least `min_line` px long.
 
-    grey: (H, W) uint8, dark lines on light paper. Returns (H, W) uint8, 255 on lines.
+    grey: (H, W) uint8, dark lines on light paper. Returns (H, W) uint8, 255 on lines. With
+    `dotted`, gaps of a few pixels along a line are bridged first, so dotted and dashed lines
+    count: for blank forms only, since on a filled one it joins handwriting into lines too.
     """
     block = max(15, (min_line * 2) | 1)
     ink = cv2.adaptiveThreshold(grey, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, block, 12)
-    horiz = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((1, min_line), np.uint8))
-    vert = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((min_line, 1), np.uint8))
+    gap = max(5, min_line // 4) | 1 if dotted else 1
+    horiz = _straight_runs(ink, (1, gap), (1, min_line))
+    vert = _straight_runs(ink, (gap, 1), (min_line, 1))
     lines = cv2.bitwise_or(horiz, vert)
     # Close the one-pixel breaks that scanning and JPEG leave in thin lines.
     return cv2.morphologyEx(lines, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
 
 
-def find_boxes(grey: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits(), min_line: int | None = None) -> list[Box]:
+def _straight_runs(ink: np.ndarray, join: tuple[int, int], length: tuple[int, int]) -> np.ndarray:
+    """Ink in straight runs of at least `length` (a kernel shape), gaps shorter than `join` bridged."""
+    joined = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones(join, np.uint8))
+    return cv2.morphologyEx(joined, cv2.MORPH_OPEN, np.ones(length, np.uint8))
+
+
+def find_boxes(
+    grey: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits(), min_line: int | None = None, blank: bool = False
+) -> list[Box]:
     """Interiors of the rectangular boxes on a page, in reading order (top-down, left-right).
 
     grey: (H, W) uint8. dpi: pixels per inch of `grey`, to know what size a box can be.
     min_line: shortest straight run (px) taken as a printed line; default 0.6 of the smallest box.
+    blank: the page is a blank form (no handwriting): dotted lines count too (`line_mask`).
     """
     min_side, max_side = limits.min_side * dpi, limits.max_side * dpi
-    lines = line_mask(grey, min_line or max(8, int(0.6 * min_side)))
+    lines = line_mask(grey, min_line or max(8, int(0.6 * min_side)), dotted=blank)
     contours, hierarchy = cv2.findContours(lines, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     boxes: list[Box] = []
     if hierarchy is None:

@@ -159,7 +159,7 @@ def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimit
     give (`printed_format`); and free fields (`free_field_areas`): empty boxes wider than a
     digit's and short guide lines with room to write on. Candidates: longer guide lines, where
     a number may be written or a name (a person decides)."""
-    digit_boxes = find_boxes(blank, dpi, limits)
+    digit_boxes = find_boxes(blank, dpi, limits, blank=True)
     ticked = [c for c in find_tick_cells(blank, dpi, limits) if not any(_overlap(c, b) for b in digit_boxes)]
     digit_boxes = sort_reading_order(digit_boxes + ticked)
     areas, lines = free_field_areas(blank, dpi, digit_boxes)
