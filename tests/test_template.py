@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -332,3 +333,20 @@ def test_boxes_printed_in_other_styles_are_found_exactly(style):
     blank, fields = blank_form()
     proposed, _ = propose_template(printed_as(blank, fields, style), 150)
     assert [f.cells for f in proposed] == [f.cells for f in fields]
+
+
+def test_hostile_names_and_patterns_survive_a_yaml_round_trip(tmp_path):
+    """template_yaml writes through the YAML library: a form name or a pattern with ': ', '#',
+    quotes or non-ASCII text comes back exactly as it went in."""
+    from formreader.reading.template import Field, template_yaml
+    from formreader.training.synth import blank_check
+
+    shutil.copy(ROOT / "templates" / "bank_check.png", tmp_path / "bank_check.png")
+    _, fields = blank_check()
+    name = 'Form #3: \'pay\' "order" — été: [x] {y} & *z'
+    hostile = [replace(fields[0], pattern=r"\d{1,2}/\d{1,2}/\d{4}( #\d+)?"), replace(fields[1], pattern=r"(\d+): ?\d{2}")]
+    (tmp_path / "t.yaml").write_text(template_yaml(hostile, "bank_check.png", 150.0004, name), encoding="utf-8")
+    loaded = load_template(tmp_path / "t.yaml")
+    assert loaded.name == name and loaded.dpi == 150
+    assert [f.pattern for f in loaded.fields] == [f.pattern for f in hostile]
+    assert all(isinstance(f, Field) for f in loaded.fields)

@@ -561,3 +561,18 @@ def scanned_free_forms(images: np.ndarray, labels: np.ndarray, n: int, seed: int
         truth = {k: "".join(c for c in v if c.isdigit()) for k, v in values.items()}
         items.append((Page(image, DPI * 2.0, f"free-{i}", 1), truth))
     return Template("free_form", blank, float(DPI), tuple(fields)), items
+
+
+def invoice_form() -> np.ndarray:
+    """A form none of the others is: an invoice with a table and other words, no digit boxes
+    (874, 1240) uint8, for the pages of an unknown form in tests and benchmarks."""
+    page = np.full((874, 1240), 255, np.uint8)
+    cv2.putText(page, "ACME SUPPLIES LTD - INVOICE", (80, 90), cv2.FONT_HERSHEY_COMPLEX, 1.2, 0, 2, cv2.LINE_AA)
+    for i, word in enumerate(["Item", "Description", "Unit price", "Total"]):
+        cv2.putText(page, word, (100 + i * 260, 200), cv2.FONT_HERSHEY_PLAIN, 1.6, 0, 2, cv2.LINE_AA)
+    for y in range(220, 760, 45):
+        cv2.line(page, (80, y), (1160, y), 0, 1)
+    for x in (80, 340, 600, 860, 1160):
+        cv2.line(page, (x, 220), (x, 760), 0, 1)
+    cv2.putText(page, "Thank you for your business. Payment due in 30 days.", (80, 820), cv2.FONT_HERSHEY_PLAIN, 1.4, 0, 1)
+    return page
