@@ -31,9 +31,10 @@ $(READ): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e .
 	@touch $@
 
-# The tests also drive Debian's chromium (the drawing pad's page in a real browser).
+# The tests also drive Debian's chromium (the review station and the drawing pad in a real
+# browser) and read printed labels with tesseract (template detect's field names).
 $(STAMP): pyproject.toml
-	$(call apt_need,pdftoppm:poppler-utils chromium:chromium)
+	$(call apt_need,pdftoppm:poppler-utils chromium:chromium tesseract:tesseract-ocr)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@ $(READ)

@@ -249,6 +249,7 @@ def template_detect(blank, out, dpi, preview, force) -> None:
     import cv2
 
     from formreader.reading.ingest import PageError, read_pages
+    from formreader.reading.labels import name_fields, ocr_available
     from formreader.reading.template import propose_template, template_yaml
     from formreader.review.overlay import draw_template
 
@@ -259,6 +260,9 @@ def template_detect(blank, out, dpi, preview, force) -> None:
         _fail(f"{blank}: {first.reason}")
     dpi = dpi or first.dpi or 150.0
     fields, candidates = propose_template(first.image, dpi)
+    named = ocr_available()
+    if named:
+        fields = name_fields(first.image, fields, dpi)
     if not fields:
         _fail(f"{blank}: no digit boxes or free fields found (boxes of {0.12 * dpi:.0f} to {dpi:.0f} px at {dpi:g} DPI)", 1)
     try:
@@ -273,7 +277,9 @@ def template_detect(blank, out, dpi, preview, force) -> None:
     click.echo(
         f"{out}: {len(fields)} fields, {cells} boxes, {free} free fields"
         + (f" ({len(candidates)} more lines commented out)" if candidates else "")
-        + ". Rename the fields and add rules (length, optional)." + (f" Picture: {preview}" if preview else "")
+        + (". Named after their printed labels where read; check" if named else
+           ". Fields named field_N (pip install 'formreader[ocr]' and tesseract to name them after their labels); rename")
+        + " them and add rules (length, optional)." + (f" Picture: {preview}" if preview else "")
     )
 
 
@@ -524,7 +530,12 @@ def train_strings(data, out, force, epochs, steps, real_share, learning_rate, in
     show_default=True,
     help="Folder for the PNG plots.",
 )
-def evaluate(model, data, nsysu, plots) -> None:
+@click.option(
+    "--before",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Another model (the one fine-tuned from, say) to measure on the same held-out sources, for a before/after.",
+)
+def evaluate(model, data, nsysu, plots, before) -> None:
     """Accuracy, calibration and risk-coverage on MNIST test; every held-out source of writers."""
     _need("matplotlib", "train")
     from formreader.training.evaluate import (
@@ -540,7 +551,11 @@ def evaluate(model, data, nsysu, plots) -> None:
     ev = evaluate_classifier(clf, data / "mnist" if data else None)
     click.echo(format_report(ev))
     click.echo("\nWriters never trained on, each crop through read_digits (segmentation included):")
-    click.echo(format_sources(evaluate_sources(clf, held_out_digits(data, nsysu))))
+    sources = held_out_digits(data, nsysu)
+    click.echo(format_sources(evaluate_sources(clf, sources)))
+    if before:
+        click.echo(f"\nBefore ({before}), the same sources:")
+        click.echo(format_sources(evaluate_sources(_load_classifier(before), sources)))
     for p in write_plots(ev, plots):
         click.echo(f"plot: {p}")
 

@@ -112,9 +112,24 @@ def test_cli_template_detect(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    assert "6 fields, 42 boxes" in run.stdout
+    assert "6 fields, 42 boxes" in run.stdout and "Named after their printed labels" in run.stdout
     tpl = load_template(out)
     assert len(tpl.cells) == 42 and np.array_equal(tpl.reference, blank)
+    # Named after the labels printed beside them (Tesseract): "Customer no." -> customer_no.
+    assert [f.name for f in tpl.fields] == ["customer_no", "date", "quantity", "postal_code", "amount", "phone"]
+
+
+def test_fields_are_named_after_their_labels_left_or_above():
+    from formreader.reading.labels import identifier, name_fields
+    from formreader.training.synth import blank_check, free_form
+
+    assert identifier("Date (DD/MM/YYYY)") == "date" and identifier("Customer no.") == "customer_no"
+    # Labels above the boxes; a check's "DATE" on the left of its line, and only a "$" beside its
+    # amount box, which so keeps its proposed name.
+    for (blank, _), expected in ((free_form(), ["amount", "quantity", "account", "date", "reference", "total"]),
+                                 (blank_check(), ["date", "field_2"])):
+        proposed, _ = propose_template(blank, 150)
+        assert [f.name for f in name_fields(blank, proposed, 150)] == expected
 
 
 def test_cli_template_detect_on_a_page_without_boxes(tmp_path):

@@ -142,3 +142,17 @@ def test_a_labelled_folder_is_read_and_an_empty_one_refused(tmp_path, mnist_test
     assert any(np.allclose(img, images[0] / 255.0, atol=1e-6) for img in x)  # taken as it is
     with pytest.raises(ValueError, match="no labelled digits"):
         labelled_digits(tmp_path / "nothing")
+
+
+def test_evaluate_shows_a_model_before_and_after(tmp_path):
+    """`formreader evaluate --before OLD`: both models' figures on the same held-out sources
+    (the shipped model against itself gives the same table twice)."""
+    from formreader.reading.classify import MODELS
+
+    from .conftest import run_cli
+
+    run = run_cli("evaluate", "--before", MODELS / "digits.keras", "--plots", tmp_path)
+    assert run.returncode == 0, run.stderr
+    after, before = run.stdout.split("Writers never trained on")[1].split("Before (")
+    table = lambda text: [line for line in text.splitlines() if line.startswith(("MNIST test", "CVL validation"))]  # noqa: E731
+    assert table(after) and table(after) == table(before)
