@@ -229,10 +229,11 @@ FORM_STYLES = {
     "thick worn borders, bitonal 300 dpi": (4, True, True, "frames"),
     "combs of short ticks": (2, False, False, "ticks"),
 }
-# How the boxes of a form are printed (`printed_as`). The last two were held out of the template
-# detector's tuning; its first run on them found every drop-out box but 40.5% of the dotted
-# combs' boxes, which were then made to count (so only "dropout" is still a held-out result).
-BOX_STYLES = ("frames", "ticks", "grey", "tinted", "dotted", "dropout")
+# How the boxes of a form are printed (`printed_as`). "dotted" and "dropout" were held out of the
+# template detector's tuning; its first run on them found every drop-out box but 40.5% of the
+# dotted combs' boxes, which were then made to count. So two more were added after, and held
+# out in turn: ticks hanging from a top line, and frames drawn with dashes.
+BOX_STYLES = ("frames", "ticks", "grey", "tinted", "dotted", "dropout", "hanging ticks", "dashed")
 
 
 def printed_as(blank: np.ndarray, fields: list[Field], style: str, line: int = LINE) -> np.ndarray:
@@ -244,6 +245,12 @@ def printed_as(blank: np.ndarray, fields: list[Field], style: str, line: int = L
         return blank.copy()
     if style == "ticks":
         return ticked(blank, fields, line)
+    if style == "hanging ticks":  # the ticks style upside down: a top line, ticks hanging from it
+        out = blank.copy()
+        for f in fields:
+            for x, y, w, h in f.cells:
+                out[y + int(0.4 * h) : y + h + line, x - line : x + w + line] = 255
+        return out
     out = blank.copy()
     for f in fields:
         if not f.cells:
@@ -261,6 +268,8 @@ def printed_as(blank: np.ndarray, fields: list[Field], style: str, line: int = L
             band[band > 128] = 228
             for x, y, w, h in f.cells:
                 out[y : y + h, x : x + w] = 255
+        elif style == "dashed":  # every line in dashes of 4 px, gaps of 3
+            frame[lines & (np.add.outer(np.arange(frame.shape[0]), np.arange(frame.shape[1])) % 7 >= 4)] = 255
         elif style == "dotted":
             for (ax, ay, aw, ah), (bx, _, _, _) in zip(f.cells, f.cells[1:]):
                 if bx - (ax + aw) <= line:  # a comb's divider, not a gap between boxes
