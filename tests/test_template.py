@@ -339,11 +339,11 @@ def test_combs_of_short_ticks_are_found_and_grouped(line):
         assert [len(f.cells) for f in proposed] == [len(f.cells) for f in fields]
 
 
-@pytest.mark.parametrize("style", ["grey", "tinted", "dotted", "dropout", "hanging ticks"])
+@pytest.mark.parametrize("style", ["grey", "tinted", "dotted", "dropout", "hanging ticks", "dashed"])
 def test_boxes_printed_in_other_styles_are_found_exactly(style):
     """Grey frames, frames on a tinted band, combs with dotted dividers, frames in a drop-out
-    colour, ticks hanging from a top line: every box found where it is, grouped as printed.
-    (Frames drawn with dashes are not yet: benchmarks/evaluate_templates.py.)"""
+    colour, ticks hanging from a top line, frames drawn with dashes: every box found where it
+    is, grouped as printed."""
     from formreader.training.synth import printed_as
 
     blank, fields = blank_form()

@@ -38,6 +38,8 @@ def line_mask(grey: np.ndarray, min_line: int, dotted: bool = False) -> np.ndarr
     gap = max(5, min_line // 4) | 1 if dotted else 1
     horiz = _straight_runs(ink, (1, gap), (1, min_line))
     vert = _straight_runs(ink, (gap, 1), (min_line, 1))
+    if dotted:  # each line a little longer at its ends, so a dashed frame's corners close
+        horiz, vert = cv2.dilate(horiz, np.ones((1, gap), np.uint8)), cv2.dilate(vert, np.ones((gap, 1), np.uint8))
     lines = cv2.bitwise_or(horiz, vert)
     # Close the one-pixel breaks that scanning and JPEG leave in thin lines.
     return cv2.morphologyEx(lines, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
