@@ -17,6 +17,7 @@ File names that are not UTF-8 are written with their odd bytes as \\xNN escapes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -176,16 +177,11 @@ def view_name(source: str, page: int) -> str:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write bytes to `path` so that it is either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
+    tmp = _write_temp(Path(path), lambda fh: fh.write(data), binary=True)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -194,14 +190,15 @@ def _umask() -> int:
     return mask
 
 
-def _write_temp(path: Path, write) -> Path:
+def _write_temp(path: Path, write, binary: bool = False) -> Path:
     """Write a file beside `path` (hidden, .tmp), flushed to disk, with the permissions the
-    user's umask gives new files; returns its path."""
+    user's umask gives new files; returns its path. `write(fh)` writes text (UTF-8), or bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
+    text = {} if binary else {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"}
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
+        with os.fdopen(fd, "wb" if binary else "w", **text) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -367,13 +364,9 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
         for row, values in enumerate(frame.itertuples(index=False), start=2):
             for column, value in enumerate(values, start=1):
                 put(ws, row, column, value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value))
-    path = Path(path)
-    tmp = _write_temp(path, lambda fh: None)
-    try:
-        book.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    data = io.BytesIO()
+    book.save(data)
+    write_atomically(Path(path), data.getvalue())
 
 
 def workbook_path_for(out: Path) -> Path:

@@ -448,7 +448,6 @@ def page_record(read: PageRead) -> dict:
                 "reasons": f.reasons,
                 "digits": [[d.digit, round(d.confidence, 6)] for d in f.digits],
                 "runner_up": [runner_up(d) for d in f.digits],
-                "box": field_box(boxes),
                 "cells": [list(map(int, b)) for b in boxes],  # located boxes (a free field: its one box)
             }
             for f, boxes in zip(read.fields, read.boxes or [[]] * len(read.fields))
@@ -463,14 +462,6 @@ def runner_up(reading: DigitReading) -> list | None:
         return None
     k = int(np.argsort(p)[-2])
     return ["?" if k == NOT_A_DIGIT else LABELS[k], round(float(p[k]), 6)]
-
-
-def field_box(boxes: list[Box]) -> list[int] | None:
-    """The box (x, y, w, h) around a field's cells on the registered page, template pixels."""
-    if not boxes:
-        return None
-    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    return [int(x0), int(y0), int(max(b[0] + b[2] for b in boxes) - x0), int(max(b[1] + b[3] for b in boxes) - y0)]
 
 
 def error_record(err: PageError) -> dict:

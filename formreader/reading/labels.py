@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from formreader.reading.locate import Box
+from formreader.reading.locate import Box, bounding_box
 
 
 def ocr_available() -> bool:
@@ -50,8 +50,8 @@ def label_of(blank: np.ndarray, boxes: list[Box], dpi: float, others: list[Box])
     """The name the printed label of a field gives ('' when none is read). boxes: the field's
     boxes (its cells, or its one free box); others: every other field's boxes, which bound the
     region searched on the left."""
-    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    x0, y0, w, h = bounding_box(boxes)
+    x1, y1 = x0 + w, y0 + h
     fence = max([b[0] + b[2] for b in others if b[0] + b[2] <= x0 and b[1] < y1 and y0 < b[1] + b[3]], default=0)
     start = max(fence + 2, x0 - int(3.5 * dpi))
     pad = int(0.05 * dpi)

@@ -149,9 +149,9 @@ def refine_cells(aligned: np.ndarray, cells: list[Box], dpi: float, min_overlap:
     limits = BoxLimits(min_side=0.5 * min(sides) / dpi, max_side=1.5 * largest / dpi)
     # Only the field's surroundings are searched (a box size around its cells): the lines that
     # make its boxes lie there, and a page's other fields cost nothing.
-    x0, y0 = (max(0, min(c[i] for c in cells) - largest) for i in (0, 1))
-    x1 = min(aligned.shape[1], max(c[0] + c[2] for c in cells) + largest)
-    y1 = min(aligned.shape[0], max(c[1] + c[3] for c in cells) + largest)
+    x, y, w, h = bounding_box(cells)
+    x0, y0 = max(0, x - largest), max(0, y - largest)
+    x1, y1 = min(aligned.shape[1], x + w + largest), min(aligned.shape[0], y + h + largest)
     # Lines nearly as long as a box's side: longer than most straight strokes of a digit.
     found = find_boxes(aligned[y0:y1, x0:x1], dpi, limits, min_line=max(8, int(0.8 * min(sides))))
     if not found:
@@ -166,6 +166,19 @@ def refine_cells(aligned: np.ndarray, cells: list[Box], dpi: float, min_overlap:
         same_size = abs(fw - cell[2]) <= 0.1 * cell[2] and abs(fh - cell[3]) <= 0.1 * cell[3]
         out.append((found[best], True) if ious[best] >= min_overlap and same_size else (cell, False))
     return out
+
+
+def bounding_box(boxes: list[Box]) -> Box | None:
+    """The box (x, y, w, h) around all of `boxes`; None for none."""
+    if not boxes:
+        return None
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return (int(x0), int(y0), int(max(b[0] + b[2] for b in boxes) - x0), int(max(b[1] + b[3] for b in boxes) - y0))
+
+
+def overlaps(a: Box, b: Box) -> bool:
+    """Whether two boxes (x, y, w, h) share any pixel."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError, conlist
 from pydantic import Field as Rule
 
+from formreader.reading.locate import overlaps
+
 FORMAT_MARKS = " .,-/:"  # what a format may print between boxes
 # The wide sheet's own columns (formreader.export): a field of one of these names would overwrite them.
 RESERVED_NAMES = ("file", "page", "review", "template")
@@ -112,9 +114,9 @@ def layout_problems(doc: dict, node: yaml.Node | None, shape: tuple[int, int], i
                 problems.append(f"{at}{label} is too small ({w}x{h} px)")
             elif x < 0 or y < 0 or x + w > width or y + h > height:
                 problems.append(f"{at}{label} {[x, y, w, h]} lies outside the reference image ({width}x{height} px)")
-            for (ox, oy, ow, oh), other in seen.items():
-                if x < ox + ow and ox < x + w and y < oy + oh and oy < y + h:
-                    what = "is the same box as" if (x, y, w, h) == (ox, oy, ow, oh) else "overlaps"
+            for box, other in seen.items():
+                if overlaps((x, y, w, h), box):
+                    what = "is the same box as" if (x, y, w, h) == box else "overlaps"
                     problems.append(f"{at}{label} {[x, y, w, h]} {what} {other}")
                     break
             seen[(x, y, w, h)] = f"{label} of field '{f['name']}'"

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import yaml
 
-from formreader.reading.locate import Box, BoxLimits, find_boxes, find_tick_cells, sort_reading_order
+from formreader.reading.locate import Box, BoxLimits, find_boxes, find_tick_cells, overlaps, sort_reading_order
 from formreader.reading.schema import layout_problems, structure_problems
 
 
@@ -160,7 +160,7 @@ def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimit
     digit's and short guide lines with room to write on. Candidates: longer guide lines, where
     a number may be written or a name (a person decides)."""
     digit_boxes = find_boxes(blank, dpi, limits, blank=True)
-    ticked = [c for c in find_tick_cells(blank, dpi, limits) if not any(_overlap(c, b) for b in digit_boxes)]
+    ticked = [c for c in find_tick_cells(blank, dpi, limits) if not any(overlaps(c, b) for b in digit_boxes)]
     digit_boxes = sort_reading_order(digit_boxes + ticked)
     areas, lines = free_field_areas(blank, dpi, digit_boxes)
     groups: list = group_fields(digit_boxes) + [[a] for a in areas]
@@ -182,7 +182,7 @@ def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> t
     blank: (H, W) uint8; digit_boxes: the form's digit boxes, which are not free fields."""
     wide = find_boxes(blank, dpi, BoxLimits(min_side=0.25, max_side=8.0, max_aspect=16.0))
     areas = [b for b in wide if b[2] > 1.0 * dpi or b[2] > 2.2 * b[3]]
-    areas = [b for b in areas if not any(_overlap(b, d) for d in digit_boxes)]
+    areas = [b for b in areas if not any(overlaps(b, d) for d in digit_boxes)]
     ink = (blank < 128).astype(np.uint8)
     runs = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((1, int(dpi)), np.uint8))
     count, _, stats, _ = cv2.connectedComponentsWithStats(runs, connectivity=8)
@@ -190,16 +190,13 @@ def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> t
     short, long = [], []
     for x, y, w, h, _ in stats[1:]:
         box = (int(x), int(y) - height, int(w), height + below)
-        if h > 0.05 * dpi or box[1] < 0 or any(_overlap(box, b) for b in [*areas, *digit_boxes]):
+        if h > 0.05 * dpi or box[1] < 0 or any(overlaps(box, b) for b in [*areas, *digit_boxes]):
             continue  # a thick bar, the edge of a box, or no room above
         if ink[box[1] : y - 2, x : x + w].mean() > 0.02:
             continue  # print above: a table's rule or an underline, not a line to write on
         (short if w <= 2 * dpi else long).append(box)
     return areas + short, long
 
-
-def _overlap(a: Box, b: Box) -> bool:
-    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def printed_format(blank: np.ndarray, cells: list[Box]) -> str:

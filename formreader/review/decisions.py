@@ -85,6 +85,16 @@ def apply_decisions(records: list[dict], decisions: dict[str, dict]) -> list[dic
     return out
 
 
+def find_field(records: list[dict], source: str, page: int, field: str) -> dict:
+    """A field's record in the page records; ReviewError when the results have no such field."""
+    for r in records:
+        if r["source"] == source and r["page"] == page:
+            for f in r.get("fields", []):
+                if f["field"] == field:
+                    return f
+    raise ReviewError(f"no field {field!r} on page {page} of {source!r} in these results")
+
+
 def decide(records: list[dict], source: str, page: int, field: str, action: str, value: str, by: str) -> dict:
     """A person's decision on one field, checked against the records: a dict for the journal.
 
@@ -93,12 +103,7 @@ def decide(records: list[dict], source: str, page: int, field: str, action: str,
     an unknown action or a value that is not a number as written."""
     if action not in ACTIONS:
         raise ReviewError(f"unknown action {action!r}: one of {', '.join(ACTIONS)}")
-    found = next(
-        (f for r in records if r["source"] == source and r["page"] == page for f in r.get("fields", []) if f["field"] == field),
-        None,
-    )
-    if found is None:
-        raise ReviewError(f"no field {field!r} on page {page} of {source!r} in these results")
+    found = find_field(records, source, page, field)
     if action == "confirm":
         value = found.get("text") or found["value"]
     elif action == "unreadable":

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from formreader.pipeline import PageRead
+from formreader.reading.locate import bounding_box
 
 OK = (40, 160, 40)  # BGR
 REVIEW = (0, 140, 255)
@@ -62,7 +63,7 @@ def draw_template(blank: np.ndarray, fields: list, candidates: list = ()) -> np.
         boxes = [f.box] if f.kind == "free" else list(f.cells)
         for x, y, w, h in boxes:
             cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, 2)
-        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x0, y0, _, _ = bounding_box(boxes)
         label = f.name.removeprefix("field_")
         cv2.putText(out, label, (x0, max(12, y0 - 6)), FONT, 0.6, colour, 2, cv2.LINE_AA)
     return out

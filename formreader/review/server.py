@@ -139,12 +139,14 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         views_path_for,
         write_atomically,
     )
+    from formreader.reading.locate import bounding_box
     from formreader.review.decisions import (
         ACTIONS,
         ReviewError,
         apply_decisions,
         decide,
         field_key,
+        find_field,
         labelled_cells,
         load_decisions,
         load_records,
@@ -178,7 +180,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
             "reasons": f.get("reasons", []),
             "digits": f.get("digits", []),
             "runner_up": f.get("runner_up", []),
-            "box": f.get("box"),
+            "box": bounding_box(f.get("cells") or []),  # the field on its page picture, template pixels
             "view": picture if (views / picture).exists() else None,
             "reviewed_value": f.get("reviewed_value"),
         }
@@ -223,8 +225,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         picture_path = views / view_name(decision["file"], decision["page"])
         if decision["action"] == "unreadable" or not picture_path.exists():
             return
-        field = next(f for r in records if r["source"] == decision["file"] and r["page"] == decision["page"]
-                     for f in r["fields"] if f["field"] == decision["field"])
+        field = find_field(records, decision["file"], decision["page"], decision["field"])
         picture = cv2.imread(str(picture_path), cv2.IMREAD_GRAYSCALE)
         for cell, image, label in labelled_cells(field, picture, decision["value"]):
             png = cv2.imencode(".png", np.round(image * 255).astype(np.uint8))[1].tobytes()

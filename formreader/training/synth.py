@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from formreader.reading.ingest import Page
-from formreader.reading.locate import Box
+from formreader.reading.locate import Box, bounding_box
 from formreader.reading.segment import segment_crops
 from formreader.reading.template import Field, Template
 
@@ -246,18 +246,14 @@ def printed_as(blank: np.ndarray, fields: list[Field], style: str, line: int = L
         return blank.copy()
     if style == "ticks":
         return ticked(blank, fields, line)
-    if style == "hanging ticks":  # the ticks style upside down: a top line, ticks hanging from it
-        out = blank.copy()
-        for f in fields:
-            for x, y, w, h in f.cells:
-                out[y + int(0.4 * h) : y + h + line, x - line : x + w + line] = 255
-        return out
+    if style == "hanging ticks":
+        return ticked(blank, fields, line, hanging=True)
     out = blank.copy()
     for f in fields:
         if not f.cells:
             continue
-        x0, y0 = min(c[0] for c in f.cells) - line, min(c[1] for c in f.cells) - line
-        x1, y1 = max(c[0] + c[2] for c in f.cells) + line, max(c[1] + c[3] for c in f.cells) + line
+        x, y, w, h = bounding_box(f.cells)
+        x0, y0, x1, y1 = x - line, y - line, x + w + line, y + h + line
         frame = out[y0:y1, x0:x1]  # a view: edits go to `out`
         lines = frame < 128
         if style == "grey":
@@ -281,14 +277,16 @@ def printed_as(blank: np.ndarray, fields: list[Field], style: str, line: int = L
     return out
 
 
-def ticked(blank: np.ndarray, fields: list[Field], line: int = LINE, rise: float = 0.4) -> np.ndarray:
+def ticked(blank: np.ndarray, fields: list[Field], line: int = LINE, rise: float = 0.4, hanging: bool = False) -> np.ndarray:
     """The form with each box drawn as a common printed style does: a base line under the boxes
-    and, between them, ticks rising `rise` of a box's height; no top line, no full sides.
+    and, between them, ticks rising `rise` of a box's height; no top line, no full sides (with
+    `hanging`, upside down: a top line and ticks hanging from it).
     blank: (H, W) uint8 with the boxes as full frames; returns a new image."""
     out = blank.copy()
     for f in fields:
         for x, y, w, h in f.cells:
-            out[y - line : y + h - int(rise * h), x - line : x + w + line] = 255
+            erased = slice(y + int(rise * h), y + h + line) if hanging else slice(y - line, y + h - int(rise * h))
+            out[erased, x - line : x + w + line] = 255
     return out
 
 
