@@ -52,7 +52,7 @@ def segment_all(items, template, classifier):
 def score(segmented, template, threshold: float, classifier) -> dict:
     rows = []
     for seg, probs, truth in segmented:
-        for f in decide_page(seg, probs, template, threshold, classifier.field_power).fields:
+        for f in decide_page(seg, probs, template, threshold, classifier.field_power(seg.bitonal)).fields:
             rows.append((f.value == truth[f.name], f.status != "ok", f.confidence))
     right, flagged, conf = (np.array(c) for c in zip(*rows))
     return {

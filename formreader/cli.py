@@ -362,6 +362,9 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     "--stretch", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of each batch stretched to a square."
 )
 @click.option(
+    "--narrow", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of each batch squeezed narrow."
+)
+@click.option(
     "--patience", default=10, show_default=True, type=click.IntRange(1), help="Epochs without progress before stopping."
 )
 @click.option("--mnist-only", is_flag=True, help="Train on MNIST alone (no CVL or ORAND digits), as the first model was.")
@@ -402,6 +405,7 @@ def train(
     learning_rate,
     width,
     stretch,
+    narrow,
     patience,
     mnist_only,
     bitonal,
@@ -426,6 +430,7 @@ def train(
         learning_rate=learning_rate,
         width=width,
         stretch=stretch,
+        narrow=narrow,
         bitonal=bitonal,
         patience=patience,
         cvl=not mnist_only,
@@ -483,11 +488,16 @@ def export_results(results, xlsx) -> None:
 )
 @click.option("--seed", default=20261124, show_default=True, type=int)
 @click.option(
+    "--narrow", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of composed digits written narrow."
+)
+@click.option(
     "--prepared",
     type=click.Path(dir_okay=False, path_type=Path),
     help="The digit model's prepared training splits (.npz, see `train --prepared`): read if it exists, else built.",
 )
-def train_strings(data, out, force, epochs, steps, real_share, learning_rate, initial, average_with, seed, prepared) -> None:
+def train_strings(
+    data, out, force, epochs, steps, real_share, learning_rate, initial, average_with, seed, narrow, prepared
+) -> None:
     """Train the string model (CNN + CTC) on fields composed from the digit model's training
     digits and on ORAND's training check amounts (its test checks are never read)."""
     _need("keras", "train")
@@ -512,6 +522,7 @@ def train_strings(data, out, force, epochs, steps, real_share, learning_rate, in
         learning_rate=learning_rate,
         initial=str(initial) if initial else None,
         average_with=str(average_with) if average_with else None,
+        narrow=narrow,
     )
     meta = train_string_model(out, config, *train, *val, data)
     click.echo(f"{out}: {meta['parameters']} parameters in {meta['training_seconds']:.0f} s; {meta['validation_fields_right']}")
@@ -575,9 +586,13 @@ def calibrate(model, data, pages) -> None:
     card = Path(clf.path).with_suffix(".json")
     meta = json.loads(card.read_text())
     meta["field_power"] = round(result["field_power"], 4)
-    meta["field_calibration"] = {k: v for k, v in result.items() if k != "field_power"} | {"pages": pages}
+    meta["field_power_bitonal"] = round(result["field_power_bitonal"], 4)
+    meta["field_calibration"] = {k: v for k, v in result.items() if not k.startswith("field_power")} | {"pages": pages}
     card.write_text(json.dumps(meta, indent=2) + "\n")
-    click.echo(f"{card}: field_power {meta['field_power']} ({result['fields']} fields, {result['right']:.1%} right)")
+    click.echo(
+        f"{card}: field_power {meta['field_power']} (grey scans), {meta['field_power_bitonal']} (bitonal; "
+        f"{result['fields']} fields, {result['bitonal_fields']} bitonal, {result['right']:.1%} right)"
+    )
 
 
 @main.command("calibrate-strings")

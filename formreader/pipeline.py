@@ -40,7 +40,16 @@ from formreader.reading.fields import (
     read_field,
     read_free_field,
 )
-from formreader.reading.ingest import MAX_PAGE_PIXELS, Page, PageError, PdfPage, find_inputs, read_pages, render_pdf_page
+from formreader.reading.ingest import (
+    MAX_PAGE_PIXELS,
+    Page,
+    PageError,
+    PdfPage,
+    find_inputs,
+    is_bitonal,
+    read_pages,
+    render_pdf_page,
+)
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.reading.segment import DigitSegment, segment_digit
@@ -66,6 +75,7 @@ class SegmentedPage:
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
     view: bytes | None = None  # the registered page as JPEG, for the review station (see process_paths)
     template: str = ""  # the name of the form it was read as
+    bitonal: bool = False  # a bitonal scan (ingest.is_bitonal): its field confidence is calibrated apart
 
 
 @dataclass
@@ -171,7 +181,9 @@ def segment_page(
             for b in located
         ])
         offsets.append((0, 0))
-    return SegmentedPage(page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name)
+    return SegmentedPage(
+        page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name, bitonal=is_bitonal(page.image)
+    )
 
 
 def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.ndarray, tuple[int, int]]:
@@ -193,7 +205,8 @@ def decide_page(
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
 
-    field_power: the model's calibration of boxed fields' confidence (DigitClassifier.field_power).
+    field_power: the model's calibration of boxed fields' confidence for this page's kind of scan
+    (DigitClassifier.field_power).
     sequences: the string model's step probabilities (64, 15) for each free field in order, when
     there is a string model: a free field is then read by both readers (combine_readings)."""
     start = 0
@@ -270,9 +283,11 @@ def decide_pages(
     each; each page decided by the rules of the template it was read as."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
-    calibration = classifier.string_model.calibration if classifier.string_model else None
+    calib = classifier.string_model.calibration if classifier.string_model else None
     return [
-        decide_page(s, p, forms.get(s.template) or next(iter(forms.values())), threshold, classifier.field_power, q, calibration)
+        decide_page(
+            s, p, forms.get(s.template) or next(iter(forms.values())), threshold, classifier.field_power(s.bitonal), q, calib
+        )
         for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)
     ]
 

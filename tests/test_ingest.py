@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from formreader.reading.ingest import Page, PageError, find_inputs, read_pages
+from formreader.reading.ingest import Page, PageError, find_inputs, is_bitonal, read_pages
 
 from .conftest import BAD_INPUTS, SCANS, write_bad_inputs
 
@@ -74,3 +74,16 @@ def test_bad_files_give_specific_errors(tmp_path, name):
     assert len(got) == 1 and isinstance(got[0], PageError)
     assert BAD_INPUTS[name] in got[0].reason
     assert got[0].source.endswith(name)
+
+
+def test_bitonal_scans_are_told_from_grey_ones():
+    import cv2
+
+    fax = [p.image for p in read_pages(SCANS / "fax_b.tif")]  # a bitonal fax
+    grey = [p.image for name in ("batch_a.pdf", "scan_c.png", "phone_d.jpg") for p in read_pages(SCANS / name)]
+    assert all(is_bitonal(image) for image in fax)
+    assert not any(is_bitonal(image) for image in grey)
+    # Still bitonal once saved as JPEG, or resampled (as a PDF of the fax is rendered).
+    jpeg = cv2.imdecode(cv2.imencode(".jpg", fax[0], [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_GRAYSCALE)
+    assert is_bitonal(jpeg)
+    assert is_bitonal(cv2.resize(fax[0], None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA))

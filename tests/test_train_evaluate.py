@@ -156,3 +156,29 @@ def test_evaluate_shows_a_model_before_and_after(tmp_path):
     after, before = run.stdout.split("Writers never trained on")[1].split("Before (")
     table = lambda text: [line for line in text.splitlines() if line.startswith(("MNIST test", "CVL validation"))]  # noqa: E731
     assert table(after) and table(after) == table(before)
+
+
+def test_narrow_augmentation_squeezes_digits_sideways(mnist_test):
+    images, labels = mnist_test
+    x = images[labels == 0][:64].astype(np.float32) / 255.0  # round digits: their width shows
+    width = lambda batch: (batch.max(1) > 0.3).sum(1).mean()  # noqa: E731  inked columns
+    plain = augment_batch(x, np.random.default_rng(1))
+    narrow = augment_batch(x, np.random.default_rng(1), narrow=1.0)
+    assert width(narrow) < 0.85 * width(plain)
+    assert abs((narrow.max(2) > 0.3).sum(1).mean() - (plain.max(2) > 0.3).sum(1).mean()) < 1.5  # height kept
+
+
+def test_field_calibration_draws_on_three_populations_of_validation_writers(classifier):
+    """`formreader calibrate` fits field confidence on forms written by the model's own
+    validation writers of MNIST, CVL and ORAND (as its card lists them), never on test writers."""
+    from formreader.training.evaluate import calibrate_fields, calibration_forms
+    from formreader.training.synth import FORM_STYLES
+
+    forms = calibration_forms(classifier.meta, pages=1, seed=3)
+    assert len(forms) == 3 * len(FORM_STYLES)  # MNIST, CVL and ORAND validation digits, every style
+    result = calibrate_fields(classifier, pages=2)
+    assert result["fields"] >= 2 * len(forms)
+    # Bitonal scans (one style in three) get an exponent of their own.
+    assert 0 < result["bitonal_fields"] < result["fields"]
+    assert 0.2 < result["field_power"] < 5 and 0.2 < result["field_power_bitonal"] < 5
+    assert classifier.field_power(True) == classifier.meta["field_power_bitonal"] != classifier.field_power(False)

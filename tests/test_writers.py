@@ -129,3 +129,32 @@ def test_training_loader_keeps_writers_and_checks_apart(monkeypatch):
     for w in np.unique(writers):
         assert held[writers == w].all() or not held[writers == w].any()
     assert 5 <= len(np.unique(writers[held])) == 10
+
+
+def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifier):
+    """The forms benchmark writes a real writer's digit from the crop's own ink, at its own
+    resolution (not from the 28x28 normalised digit, which would be resampled, thickened and
+    centred a second time when read back), and a form so filled reads back."""
+    from formreader.pipeline import page_probabilities, segment_page
+    from formreader.reading.segment import digit_ink
+    from formreader.training.synth import ink_on_black, scanned_forms
+
+    x, y, _ = cvl_valid
+    pick = np.concatenate([np.flatnonzero(y == d)[:30] for d in range(10)])
+    glyphs, labels = ink_on_black(x[pick], y[pick])
+    assert len(glyphs) >= 0.95 * len(pick)
+    for glyph_image, crop in zip(glyphs[:20], x[pick][:20]):
+        ink, _ = digit_ink(crop)
+        ys, xs = np.nonzero(ink > 0.05)
+        assert glyph_image.shape == (np.ptp(ys) + 1, np.ptp(xs) + 1)  # the crop's ink, as large as it was
+    template, items = scanned_forms("samples' form", glyphs, labels, 3, seed=5)
+    right = total = 0
+    for page, truth in items:
+        seg = segment_page(page, template)
+        probs = page_probabilities([seg], classifier)[0]
+        digits = iter(probs.argmax(1))
+        for spec, cells in zip(template.fields, seg.segments):
+            read = "".join(str(next(digits)) for c in cells if c.image is not None)
+            right += sum(a == b for a, b in zip(read, truth[spec.name])) if len(read) == len(truth[spec.name]) else 0
+            total += len(truth[spec.name])
+    assert right >= 0.9 * total

@@ -225,10 +225,12 @@ class DigitClassifier(LiteRTModel):
                 clf.string_model = StringModel.load(reader, threads)
         return clf
 
-    @property
-    def field_power(self) -> float:
-        """The exponent calibrating a boxed field's confidence (formreader.reading.fields.read_field)."""
-        return float(self.meta.get("field_power", 1.0))
+    def field_power(self, bitonal: bool = False) -> float:
+        """The exponent calibrating a boxed field's confidence (formreader.reading.fields.read_field),
+        fitted apart for grey and for bitonal scans (`formreader calibrate`): on a bitonal scan
+        strokes break and thicken, and the same cell probabilities are right less often."""
+        grey = float(self.meta.get("field_power", 1.0))
+        return float(self.meta.get("field_power_bitonal", grey)) if bitonal else grey
 
     @property
     def for_strings(self) -> DigitClassifier:

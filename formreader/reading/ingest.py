@@ -38,6 +38,14 @@ class Page:
     page: int  # 1-based
 
 
+def is_bitonal(image: np.ndarray) -> bool:
+    """Whether a grey page (H, W) uint8 is a bitonal scan's: nearly every pixel pure black or
+    pure white. A grey scanner's paper is never one flat level (tone and noise), a bitonal one's
+    always is; resampled or JPEG-compressed, a bitonal page still has 90% of its pixels there."""
+    extremes = np.count_nonzero(image >= 254) + np.count_nonzero(image <= 1)
+    return extremes >= 0.9 * image.size
+
+
 @dataclass
 class PageError:
     """A file or page that could not be read; page 0 means the whole file."""

@@ -261,6 +261,33 @@ def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: floa
     return reaching[labels]
 
 
+def digit_ink(
+    crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None, printed: np.ndarray | None = None
+) -> tuple[np.ndarray | None, float]:
+    """The ink of the digit in a grey crop of a box, at the crop's own resolution.
+
+    crop: (H, W) uint8, dark ink on light paper. Returns (ink, stray): ink (H, W) float32 in
+    [0, 1], high on the digit's strokes and zero elsewhere, or None when the box is blank (no
+    ink, or only specks and pieces of box line); stray: the ink left after line removal, as a
+    fraction of the crop, digit or not. interior and printed: as for `segment_digit`.
+    """
+    ink, mask = ink_intensity(crop, params)
+    if printed is not None:
+        mask &= ~printed
+    if interior is not None:
+        mask = remove_frame(mask, interior)
+    if not mask.any():
+        return None, 0.0
+    mask = remove_box_lines(mask, params)
+    stray = float(mask.mean())
+    keep = select_digit_ink(mask, params)
+    if keep is None:
+        return None, stray
+    # Keep the anti-aliased fringe of the kept strokes, not of anything else.
+    fringe = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return np.where(fringe, ink, 0.0).astype(np.float32), stray
+
+
 def segment_digit(
     crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None, printed: np.ndarray | None = None
 ) -> DigitSegment:
@@ -276,22 +303,10 @@ def segment_digit(
     own (ticks, dividers, borders of any style, wherever the template puts the box) and is
     dropped first; a stroke crossing it loses only the pixels on it.
     """
-    ink, mask = ink_intensity(crop, params)
-    if printed is not None:
-        mask &= ~printed
-    if interior is not None:
-        mask = remove_frame(mask, interior)
-    if not mask.any():
-        return DigitSegment(None, 0.0)
-    mask = remove_box_lines(mask, params)
-    stray = float(mask.mean())
-    keep = select_digit_ink(mask, params)
-    if keep is None:
+    ink, stray = digit_ink(crop, params, interior, printed)
+    if ink is None:
         return DigitSegment(None, stray)
-    # Keep the anti-aliased fringe of the kept strokes, not of anything else.
-    fringe = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    digit_ink = np.where(fringe, ink, 0.0)
-    return DigitSegment(normalize_digit(digit_ink, params.thicken, params.sharpen), stray)
+    return DigitSegment(normalize_digit(ink, params.thicken, params.sharpen), stray)
 
 
 def segment_crops(crops) -> tuple[np.ndarray, np.ndarray]:

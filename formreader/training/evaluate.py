@@ -205,10 +205,10 @@ def held_out_digits(
 
 
 def held_out_writers(log=print) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Digits of writers no model was trained on, to write into generated forms and checks:
-    (N, 28, 28) uint8 ink high on 0 and labels, for MNIST test, CVL's validation writers and
-    NSYSU exam boxes (the real crops through formreader's own segmentation, synth.ink_on_black).
-    Sets not found are left out, and `log` says so."""
+    """Digits of writers no model was trained on, to write into generated forms and checks, and
+    their labels: MNIST test as (N, 28, 28) uint8 ink high on 0; CVL's validation writers and
+    NSYSU exam boxes as glyphs of their crops' own ink and size (synth.ink_on_black). Sets not
+    found are left out, and `log` says so."""
     from formreader.training.datasets import load_cvl
     from formreader.training.synth import ink_on_black
 
@@ -287,9 +287,11 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
 
 
 def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None = None) -> list:
-    """Scanned forms of every style filled with the model's own validation digits (MNIST digits
-    and CVL writers held out from its training, as its card records): [(template, [(page, truth)])]."""
-    from formreader.training.datasets import load_cvl
+    """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
+    CVL writers and ORAND checks held out from its training, as its card records): three
+    populations of writers, so that the calibration is not one population's
+    [(template, [(page, truth)])]."""
+    from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
     from formreader.training.synth import FORM_STYLES, ink_on_black, scanned_forms
     from formreader.training.train import TrainConfig, mnist_split
 
@@ -303,17 +305,24 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
         x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
         keep = np.isin(w, writers)
         sources.append(ink_on_black(x[keep], y[keep]))
+    checks = set(meta.get("held_out", {}).get("orand_validation_checks", []))
+    if checks:
+        amounts = [a for a in load_orand("val", root / "orand_car_a" if root else None) if a.name in checks]
+        crops, y, _ = orand_digit_crops(amounts)
+        sources.append(ink_on_black(crops, y))
     return [scanned_forms(style, im, lab, pages, seed) for im, lab in sources for style in FORM_STYLES]
 
 
 def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 31, data_dir: Path | None = None) -> dict:
-    """Fit the field-confidence exponent of a model (DigitClassifier.field_power) on forms of its
-    validation writers; fields that break a rule are flagged whatever their confidence and are
-    left out. Returns {'field_power', 'fields', 'right'}."""
+    """Fit the field-confidence exponents of a model (DigitClassifier.field_power) on forms of its
+    validation writers, one for grey scans and one for bitonal ones; fields that break a rule are
+    flagged whatever their confidence and are left out. Returns {'field_power',
+    'field_power_bitonal', 'fields', 'bitonal_fields', 'right'}; a kind of scan with no fields
+    gets the other's exponent."""
     from formreader.pipeline import decide_page, page_probabilities, segment_page
     from formreader.reading.register import RegistrationError
 
-    confidence, right = [], []
+    confidence, right, bitonal = [], [], []
     for template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
         for page, truth in items:
             try:
@@ -327,8 +336,18 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
                     continue
                 confidence.append(f.confidence)
                 right.append(f.value == truth[f.name])
-    power = fit_power(np.array(confidence), np.array(right))
-    return {"field_power": power, "fields": len(right), "right": float(np.mean(right))}
+                bitonal.append(seg.bitonal)
+    confidence, right, bitonal = np.array(confidence), np.array(right, bool), np.array(bitonal, bool)
+    fitted = {kind: fit_power(confidence[bitonal == kind], right[bitonal == kind]) for kind in set(bitonal.tolist())}
+    grey = fitted.get(False, fitted.get(True, 1.0))
+    bit = fitted.get(True, grey)
+    return {
+        "field_power": grey,
+        "field_power_bitonal": bit,
+        "fields": len(right),
+        "bitonal_fields": int(bitonal.sum()),
+        "right": float(right.mean()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

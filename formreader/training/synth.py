@@ -16,7 +16,7 @@ import numpy as np
 
 from formreader.reading.ingest import Page
 from formreader.reading.locate import Box, bounding_box
-from formreader.reading.segment import segment_crops
+from formreader.reading.segment import digit_ink
 from formreader.reading.template import Field, Template
 
 DPI = 150
@@ -101,6 +101,9 @@ class DigitSource:
     raises, or with `reuse` starts that class over in a new order."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, reuse: bool = False):
+        missing = sorted(set(range(10)) - set(np.asarray(labels).tolist()))
+        if missing:
+            raise ValueError(f"no images of the digit(s) {', '.join(map(str, missing))} to write numbers with")
         self.images, self.labels = images, labels
         self.rng = rng
         self.reuse = reuse
@@ -132,7 +135,7 @@ def random_values(rng: np.random.Generator) -> dict[str, str]:
 
 
 def write_digit(canvas: np.ndarray, box: Box, digit: np.ndarray, rng: np.random.Generator, ink: float) -> None:
-    """Write one MNIST digit (28x28, ink 255 on 0) into a box's interior, in place."""
+    """Write one digit (28x28 MNIST or a glyph of any size, ink 255 on 0) into a box's interior, in place."""
     x, y, w, h = box
     ys, xs = np.nonzero(digit > 30)
     glyph = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255
@@ -202,8 +205,8 @@ def make_pages(
 ) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
     """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth.
 
-    images: (N, 28, 28) uint8 digits, ink high on 0 (MNIST's way; see `ink_on_black` for crops
-    of dark ink on paper). `line`: the boxes' thickness; `worn`: each page's printed lines
+    images: (N, 28, 28) uint8 digits, ink high on 0 (MNIST's way), or an object array of glyphs of
+    any size (`ink_on_black`, for crops of dark ink on paper). `line`: the boxes' thickness; `worn`: each page's printed lines
     broken and ragged in places (`wear_lines`), as on a copy of a copy; `style`: how the boxes
     are printed (`printed_as`).
     """
@@ -308,12 +311,24 @@ def scanned_forms(style: str, images: np.ndarray, labels: np.ndarray, n: int, se
 
 
 def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Real digit crops (dark ink on light paper, any size) as digits to write into forms:
-    (N, 28, 28) uint8, ink high on 0, and their labels. Each crop goes through formreader's own
-    segmentation first, so that the specks, dots and pieces of box line that real crops carry
-    are not written into a form as ink; crops judged blank are left out."""
-    images, index = segment_crops(crops)
-    return np.round(images * 255).astype(np.uint8), np.asarray(labels)[index]
+    """Real digit crops (dark ink on light paper, any size) as digits to write into forms: an
+    object array (N,) of (h, w) uint8 glyphs, ink high on 0, each at its crop's own resolution
+    and cut to its ink, and their labels. Each crop goes through formreader's own segmentation
+    first, so that the specks, dots and pieces of box line that real crops carry are not
+    written into a form as ink; crops judged blank are left out. (Not the 28x28 normalised
+    digit: written into a form from that, a digit would be resampled, thickened and centred
+    twice, and lose the detail a writer's own ink has.)"""
+    glyphs, index = [], []
+    for i, crop in enumerate(crops):
+        ink, _ = digit_ink(np.asarray(crop))
+        if ink is None:
+            continue
+        ys, xs = np.nonzero(ink > 0.05)
+        glyphs.append(np.round(255 * ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]).astype(np.uint8))
+        index.append(i)
+    out = np.empty(len(glyphs), object)
+    out[:] = glyphs
+    return out, np.asarray(labels)[index]
 
 
 def wear_lines(blank: np.ndarray, rng: np.random.Generator, breaks: float = 0.12) -> np.ndarray:
@@ -384,11 +399,13 @@ def blank_check() -> tuple[np.ndarray, list[Field]]:
     return canvas, fields
 
 
-def _glyph(digit: np.ndarray, height: float, rng: np.random.Generator, broken: bool) -> np.ndarray:
-    """An MNIST digit cropped to its ink and scaled to `height` px; alpha (h, w) float32."""
+def _glyph(digit: np.ndarray, height: float, rng: np.random.Generator, broken: bool, squeeze: float = 1.0) -> np.ndarray:
+    """A digit (as `write_digit` takes it) cropped to its ink and scaled to `height` px, its width
+    `squeeze` times as wide; alpha (h, w) float32."""
     ys, xs = np.nonzero(digit > 30)
     g = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255
-    g = cv2.resize(g, None, fx=height / g.shape[0], fy=height / g.shape[0], interpolation=cv2.INTER_LINEAR)
+    scale = height / g.shape[0]
+    g = cv2.resize(g, (max(1, round(g.shape[1] * scale * squeeze)), max(1, round(height))), interpolation=cv2.INTER_LINEAR)
     if broken and g.shape[0] > 12:  # a pen skip: a thin gap across the strokes
         y = int(rng.integers(int(0.2 * g.shape[0]), int(0.45 * g.shape[0])))
         g[y : y + 2] = 0
@@ -415,12 +432,14 @@ def write_number(
     ink: float,
     touching: float = 0.3,
     broken: float = 1 / 7,
+    narrow: float = 0.0,
 ) -> list[tuple[int, int, int, np.ndarray]]:
     """Write `raw` (digits and . , - / separators) freely into a box, in place.
 
     Digits vary in size and spacing; with probability `touching` a digit is pushed into its
     left neighbour until their ink touches or overlaps; with probability `broken` a digit has a
-    broken stroke (a pen skip). Returns where each digit went: (digit, x, y, alpha), alpha (h, w)
+    broken stroke (a pen skip); with probability `narrow` it is written 0.5-0.8 as wide (writers
+    who write narrow: a 7 whose bar is a short hook). Returns where each digit went: (digit, x, y, alpha), alpha (h, w)
     float32 placed with its top left corner at canvas pixel (x, y).
     """
     placed = []
@@ -434,7 +453,8 @@ def write_number(
     for ch in raw:
         jitter = rng.uniform(-0.04, 0.04) * height
         if ch.isdigit():
-            g = _glyph(source.take(int(ch)), height * rng.uniform(0.92, 1.08), rng, rng.random() < broken)
+            squeeze = rng.uniform(0.5, 0.8) if narrow and rng.random() < narrow else 1.0
+            g = _glyph(source.take(int(ch)), height * rng.uniform(0.92, 1.08), rng, rng.random() < broken, squeeze)
             push = previous.isdigit() and rng.random() < touching
             # Touching: pushed back by up to a sixth of the narrower digit, so strokes meet or
             # overlap a little, as in real writing (not one digit written over the other).

@@ -44,6 +44,7 @@ class StringTrainConfig:
     seed: int = 20261124
     initial: str | None = None  # start from this string model's weights instead of at random
     average_with: str | None = None  # then average the weights with this model's, if validation says so
+    narrow: float = 0.0  # this share of composed digits is written narrow (synth.write_number)
 
 
 def random_text(rng: np.random.Generator) -> str:
@@ -83,7 +84,7 @@ def _security_pattern(shape: tuple[int, int], rng: np.random.Generator) -> np.nd
     return layer
 
 
-def compose_field(text: str, source: DigitSource, rng: np.random.Generator) -> np.ndarray:
+def compose_field(text: str, source: DigitSource, rng: np.random.Generator, narrow: float = 0.0) -> np.ndarray:
     """A grey field crop (H, W) uint8 with `text` written in it by hand, as scanned.
 
     Neighbours touch (and zeros chain) at a rate drawn per field; the whole is slanted, the pen
@@ -99,7 +100,8 @@ def compose_field(text: str, source: DigitSource, rng: np.random.Generator) -> n
     canvas = np.full((box_h + 2 * pad, box_w + 2 * pad), 255, np.uint8)
     paper = rng.uniform(200, 255)
     ink = rng.uniform(10, 110)
-    write_number(canvas, (pad, pad, box_w, box_h), text, source, rng, ink, touching=rng.uniform(0, 0.9), broken=0.1)
+    touching = rng.uniform(0, 0.9)
+    write_number(canvas, (pad, pad, box_w, box_h), text, source, rng, ink, touching=touching, broken=0.1, narrow=narrow)
     if rng.random() < 0.7:  # slant
         shear = rng.uniform(-0.35, 0.3)
         m = np.float32([[1, shear, -shear * canvas.shape[0] / 2], [0, 1, 0]])
@@ -277,7 +279,7 @@ def _string_batches(
                 while not fits(text):
                     text = random_text(rng)
                 source.new_writer()
-                images.append(field_input(compose_field(text, source, rng)))
+                images.append(field_input(compose_field(text, source, rng, config.narrow)))
                 texts.append(text)
             return np.stack(images)[..., None], encode_labels(texts)
 
