@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
+from formreader.pipeline import decide_page, page_probabilities, page_second_readings, segment_page  # noqa: E402
 from formreader.reading.classify import DigitClassifier  # noqa: E402
 from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
@@ -36,7 +36,7 @@ THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
 
 
 def segment_all(items, template, classifier):
-    """items: (page, truth dict). Returns [(segmented page, probabilities, truth)]."""
+    """items: (page, truth dict). Returns [(segmented page, probabilities, truth, second model's readings)]."""
     features = prepare_reference(template.reference)
     out = []
     for page, truth in items:
@@ -45,14 +45,15 @@ def segment_all(items, template, classifier):
         except RegistrationError as e:
             print(f"  {page.source} page {page.page}: {e}")
             continue
-        out.append((seg, page_probabilities([seg], classifier)[0], truth))
+        out.append((seg, page_probabilities([seg], classifier)[0], truth, page_second_readings([seg], classifier)[0]))
     return out
 
 
 def score(segmented, template, threshold: float, classifier) -> dict:
     rows = []
-    for seg, probs, truth in segmented:
-        for f in decide_page(seg, probs, template, threshold, classifier.field_power(seg.bitonal)).fields:
+    for seg, probs, truth, second in segmented:
+        power = classifier.field_power(seg.bitonal)
+        for f in decide_page(seg, probs, template, threshold, power, second=second).fields:
             rows.append((f.value == truth[f.name], f.status != "ok", f.confidence))
     right, flagged, conf = (np.array(c) for c in zip(*rows))
     return {

@@ -202,13 +202,16 @@ def decide_page(
     field_power: float = 1.0,
     sequences: list[np.ndarray] | None = None,
     string_calibration: list[float] | None = None,
+    second: np.ndarray | None = None,
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
 
     field_power: the model's calibration of boxed fields' confidence for this page's kind of scan
     (DigitClassifier.field_power).
     sequences: the string model's step probabilities (64, 15) for each free field in order, when
-    there is a string model: a free field is then read by both readers (combine_readings)."""
+    there is a string model: a free field is then read by both readers (combine_readings).
+    second: what a second model reads in each digit image (page_second_readings); a boxed cell it
+    reads otherwise sends its field to review."""
     start = 0
     fields = []
     wholes = iter(sequences or [])
@@ -225,7 +228,7 @@ def decide_page(
         readings = []
         for s in cells:
             if s.image is not None:
-                readings.append(reading_from_probabilities(probabilities[start]))
+                readings.append(reading_from_probabilities(probabilities[start], None if second is None else second[start]))
                 start += 1
             elif s.stray_ink > STRAY_INK_FRACTION:
                 readings.append(DigitReading("", STRAY_INK_CONFIDENCE))
@@ -263,6 +266,24 @@ def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -
     return np.split(probs, np.cumsum([len(f[0]) for f in found])[:-1])
 
 
+def page_second_readings(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray | None]:
+    """What the piece model (trained on MNIST and on string pieces, not on the other writers the
+    digit model learnt) reads in each page's boxed cells: (N,) classes aligned with
+    digit_images (-1 for free-field pieces), in one batch; None for each page when the
+    classifier has no piece model beside it."""
+    if classifier.strings is None:
+        return [None] * len(segs)
+    found = [digit_images(s) for s in segs]
+    if not found:
+        return []
+    images = np.concatenate([f[0] for f in found])
+    boxed = ~np.concatenate([f[1] for f in found])
+    readings = np.full(len(images), -1, np.int64)
+    if boxed.any():
+        readings[boxed] = classifier.strings.probabilities(images[boxed]).argmax(1)
+    return np.split(readings, np.cumsum([len(f[0]) for f in found])[:-1])
+
+
 def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[list[np.ndarray]] | None:
     """The string model's step probabilities for each page's free fields, in one batch; None
     when the classifier has no string model beside it."""
@@ -284,11 +305,12 @@ def decide_pages(
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
     calib = classifier.string_model.calibration if classifier.string_model else None
+    seconds = page_second_readings(segs, classifier)
     return [
-        decide_page(
-            s, p, forms.get(s.template) or next(iter(forms.values())), threshold, classifier.field_power(s.bitonal), q, calib
+        decide_page(s, p, forms.get(s.template) or next(iter(forms.values())), threshold, power, q, calib, r)
+        for s, p, q, r, power in zip(
+            segs, page_probabilities(segs, classifier), sequences, seconds, [classifier.field_power(s.bitonal) for s in segs]
         )
-        for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)
     ]
 
 

@@ -30,12 +30,12 @@ def sample_records(template, classifier):
 def test_samples_reproduce_ground_truth(sample_records, truth):
     right, total, flagged, wrong_unflagged = field_accuracy(sample_records, truth)
     assert total == len(truth) == 60
-    # Measured with the shipped model (benchmarks/evaluate_forms.py): 53 of 60 right, one wrong
-    # field not flagged; 23% flagged (the model trained on several populations of writers is
-    # less sure of MNIST's own digits than the MNIST-only one was, and says so).
+    # Measured with the shipped models (benchmarks/evaluate_forms.py): 53 of 60 right, every
+    # wrong field flagged; 28% flagged (22% before the second reader of boxed cells, which
+    # caught the one wrong field that passed as `ok`).
     assert right >= 52
-    assert wrong_unflagged <= 1
-    assert flagged / total <= 0.25
+    assert wrong_unflagged == 0
+    assert flagged / total <= 0.3
 
 
 def test_every_sample_page_registers_well(sample_records):

@@ -158,3 +158,43 @@ def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifie
             right += sum(a == b for a, b in zip(read, truth[spec.name])) if len(read) == len(truth[spec.name]) else 0
             total += len(truth[spec.name])
     assert right >= 0.9 * total
+
+
+def test_a_cell_two_models_read_apart_sends_its_field_to_review(classifier):
+    """NSYSU's hooked 7s that the digit model reads as a confident 1 (the European 1 it learnt
+    from CVL): where the piece model, which never saw CVL, reads a 7, the field is not `ok`."""
+    from formreader.reading.classify import reading_from_probabilities
+    from formreader.reading.fields import read_field
+    from formreader.reading.segment import segment_crops
+    from formreader.reading.template import Field
+    from formreader.training.datasets import load_nsysu
+
+    x, y, _ = load_nsysu()
+    images, _ = segment_crops(x[y == 7])
+    first, second = classifier.probabilities(images), classifier.strings.probabilities(images)
+    caught = np.flatnonzero((first.argmax(1) == 1) & (first.max(1) >= 0.85) & (second.argmax(1) == 7))
+    assert len(caught) >= 1  # confident 1s that are 7s, and a second model that says so
+    spec = Field("code", cells=((0, 0, 10, 10), (10, 0, 10, 10)))
+    sure_five = np.eye(11)[5] * 0.999
+    for k in caught:
+        cells = [reading_from_probabilities(sure_five, 5), reading_from_probabilities(first[k], int(second[k].argmax()))]
+        field = read_field(spec, cells, threshold=0.5)
+        assert field.value == "51" and field.confidence >= 0.5  # confident, yet:
+        assert field.status == "review" and field.reasons == ["cell 2 read 1, by a second model 7"]
+    agreed = [reading_from_probabilities(sure_five, 5), reading_from_probabilities(sure_five, 5)]
+    assert read_field(spec, agreed, threshold=0.5).status == "ok"
+
+
+def test_second_readings_follow_the_digit_images_of_a_page(template, classifier):
+    """The piece model's readings of a real page's boxed cells line up with its digit images and
+    mostly agree with the digit model's on MNIST-like writing."""
+    from formreader.pipeline import digit_images, page_probabilities, page_second_readings, segment_page
+    from formreader.reading.ingest import read_pages
+
+    from .conftest import SCANS
+
+    seg = segment_page(next(read_pages(SCANS / "scan_c.png")), template)
+    second = page_second_readings([seg], classifier)[0]
+    probs = page_probabilities([seg], classifier)[0]
+    assert second.shape == (len(digit_images(seg)[0]),) == (len(probs),)
+    assert (second == probs.argmax(1)).mean() >= 0.9

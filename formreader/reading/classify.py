@@ -266,9 +266,12 @@ class DigitReading:
     digit: str
     confidence: float  # calibrated probability that `digit` is right
     probabilities: np.ndarray | None = None  # (11,) or None for a blank cell
+    second: str | None = None  # what a second model reads there ('?': not a digit), when one is asked
 
 
-def reading_from_probabilities(p: np.ndarray) -> DigitReading:
-    """The reading for one cell's probabilities (11,): the most probable class."""
+def reading_from_probabilities(p: np.ndarray, second: int | None = None) -> DigitReading:
+    """The reading for one cell's probabilities (11,): the most probable class; `second`: the
+    class a second model reads there, if one was asked."""
     k = int(np.argmax(p))
-    return DigitReading("?" if k == NOT_A_DIGIT else LABELS[k], float(p[k]), p)
+    label = lambda c: "?" if c == NOT_A_DIGIT else LABELS[c]  # noqa: E731
+    return DigitReading(label(k), float(p[k]), p, None if second is None else label(int(second)))

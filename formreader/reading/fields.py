@@ -66,6 +66,12 @@ def read_field(
             reasons.append("required field is empty")
     elif spec.length is not None and len(value) != spec.length:
         reasons.append(f"{len(value)} digits where {spec.length} are expected")
+    # A second model that reads a cell otherwise (trained on other writers, it errs elsewhere)
+    # catches confident errors of a style the first has learnt wrong, e.g. a hooked 7 read as 1.
+    disputed = [(i, c) for i, c in enumerate(cells) if c.second is not None and c.digit and c.second != c.digit]
+    if disputed:
+        i, c = disputed[0]
+        reasons.append(f"cell {i + 1} read {c.digit}, by a second model {c.second}")
     if confidence < threshold:
         reasons.append(f"low confidence {confidence:.2f}")
     status = "review" if reasons else "ok"

@@ -329,7 +329,9 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
                 seg = segment_page(page, template)
             except RegistrationError:
                 continue
-            # Threshold 0: only the rules give reasons; power 1: the plain product of the cells.
+            # Power 1: the plain product of the cells. Threshold 0 and no second model: only the
+            # rules give reasons (a field the two models dispute is kept: the power calibrates
+            # the product of the cells, whatever else flags the field).
             read = decide_page(seg, page_probabilities([seg], classifier)[0], template, 0.0, 1.0)
             for spec, f in zip(template.fields, read.fields):
                 if f.reasons or spec.kind == "free":
