@@ -125,8 +125,14 @@ def main() -> None:
     is_flag=True,
     help="Keep the files an earlier run with the same --out finished (interrupted: the rest is read; finished: new files only).",
 )
+@click.option(
+    "--second-reader/--no-second-reader",
+    default=True,
+    show_default=True,
+    help="A second model reads the boxed cells too; a cell the two read apart sends its field to review.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def process(inputs, templates, out, review_threshold, model, workers, scheduler, resume, quiet) -> None:
+def process(inputs, templates, out, review_threshold, model, workers, scheduler, resume, second_reader, quiet) -> None:
     """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
 
     Exit status: 0 when every file and page was read, 1 when some could not be (see the
@@ -170,6 +176,9 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
         "model": clf.meta.get("tflite_sha256", "")[:16],
         "string_model": clf.string_model.meta.get("tflite_sha256", "")[:16] if clf.string_model else "",
+        # The piece model reads free fields' pieces and, as the second reader, boxed cells.
+        "piece_model": clf.strings.meta.get("tflite_sha256", "")[:16] if clf.strings else "",
+        "second_reader": second_reader,
         "review_threshold": review_threshold,
         # Which fields are quantities, for workbooks made from these results (number cells).
         "numeric_fields": " ".join(sorted({f.name for t in forms for f in t.fields if f.numeric})),
@@ -194,7 +203,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
                 records = process_paths(
                     files, forms if len(forms) > 1 else forms[0], clf, review_threshold, workers, journal,
                     on_page=on_page, scheduler=scheduler,
-                    views=views_path_for(out),
+                    views=views_path_for(out), second_reader=second_reader,
                 )
             finally:
                 bar.close()

@@ -299,13 +299,15 @@ def decide_pages(
     template: Template | Sequence[Template],
     classifier: DigitClassifier,
     threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    second_reader: bool = True,
 ) -> list[PageRead]:
     """Classify the digits (and read the free fields) of several segmented pages in one batch
-    each; each page decided by the rules of the template it was read as."""
+    each; each page decided by the rules of the template it was read as. With `second_reader`
+    the piece model reads the boxed cells too (page_second_readings)."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
     calib = classifier.string_model.calibration if classifier.string_model else None
-    seconds = page_second_readings(segs, classifier)
+    seconds = page_second_readings(segs, classifier) if second_reader else [None] * len(segs)
     return [
         decide_page(s, p, forms.get(s.template) or next(iter(forms.values())), threshold, power, q, calib, r)
         for s, p, q, r, power in zip(
@@ -517,6 +519,7 @@ def process_paths(
     on_page: Callable[[dict], None] | None = None,
     scheduler: str | None = None,
     views: Path | None = None,
+    second_reader: bool = True,
 ) -> list[dict]:
     """Read every page of every input; returns one record per page or unreadable file.
 
@@ -527,7 +530,7 @@ def process_paths(
     cluster's workers instead of local processes: the same page function, the same results.
     With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
     formreader.export.view_name), written before its record: the review station shows fields
-    from it, cut where the record's `box` says.
+    from it, cut where the record's `box` says. `second_reader`: see decide_pages.
     """
     journal = journal or Journal(None)
     # One form, or several: then each page is read as the form it matches (match_form).
@@ -572,7 +575,7 @@ def process_paths(
 
     def classify_segmented() -> None:
         segs = [d for d in segmented if isinstance(d, SegmentedPage)]
-        per_page = iter(decide_pages(segs, template, classifier, threshold))
+        per_page = iter(decide_pages(segs, template, classifier, threshold, second_reader))
         for d in segmented:
             if isinstance(d, PageError):
                 record(error_record(d))

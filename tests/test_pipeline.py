@@ -296,3 +296,29 @@ def test_a_template_drawn_a_few_pixels_off_reads_no_box_as_a_digit(style, classi
     truths = [truth[f.name] for _, truth in items for f in template.fields]
     assert [v for v, _ in readings["sloppy"]] == [v for v, _ in readings["exact"]]
     assert sum(v == t for (v, _), t in zip(readings["sloppy"], truths)) >= 0.85 * len(truths)
+
+
+def test_the_second_reader_can_be_turned_off(template, classifier, sample_records, truth):
+    """Without the second reader fewer sample fields are flagged and one wrong field passes as
+    `ok` (53 of 60 right either way): the choice is the user's, and a resumed run keeps it."""
+    plain = process_paths([SCANS], template, classifier, second_reader=False)
+    right, total, flagged, wrong_unflagged = field_accuracy(plain, truth)
+    right_2, _, flagged_2, wrong_unflagged_2 = field_accuracy(sample_records, truth)
+    assert right == right_2 and flagged < flagged_2 and wrong_unflagged >= wrong_unflagged_2
+    disputed = [
+        f for r in sample_records for f in r["fields"] if any("by a second model" in reason for reason in f["reasons"])
+    ]
+    assert disputed and not any("by a second model" in reason for r in plain for f in r["fields"] for reason in f["reasons"])
+
+
+def test_resume_with_the_second_reader_switched_is_refused(tmp_path):
+    out = tmp_path / "r.csv"
+    first = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q")
+    assert first.returncode == 0
+    journal = tmp_path / "r.journal.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:-1]) + "\n")  # as an interrupted run leaves it: no end
+    resumed = run_cli(
+        "process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", "--resume", "--no-second-reader"
+    )
+    assert resumed.returncode == 2 and "second_reader" in resumed.stderr
