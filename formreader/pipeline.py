@@ -25,11 +25,10 @@ import numpy as np
 
 from formreader.export import view_name, write_atomically
 from formreader.reading.classify import (
-    LABELS,
-    NOT_A_DIGIT,
     NUM_CLASSES,
     DigitClassifier,
     DigitReading,
+    label_of,
     reading_from_probabilities,
 )
 from formreader.reading.fields import (
@@ -251,19 +250,26 @@ def digit_images(seg: SegmentedPage) -> tuple[np.ndarray, np.ndarray]:
     return (np.stack(images) if images else np.zeros((0, 28, 28), np.float32)), np.array(pieces, bool)
 
 
+def _stacked_digit_images(segs: list[SegmentedPage]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The digit_images of several pages as one batch: images (N, 28, 28), which are free-field
+    pieces (N,) bool, and the indices where each page's part begins after the first's."""
+    found = [digit_images(s) for s in segs]
+    images = np.concatenate([f[0] for f in found])
+    pieces = np.concatenate([f[1] for f in found])
+    return images, pieces, np.cumsum([len(f[0]) for f in found])[:-1]
+
+
 def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray]:
     """(N, 11) probabilities of each page's digit_images, in one batch per model: boxed cells by
     the digit model, the pieces of free fields by the model that also refuses wrong cuts."""
-    found = [digit_images(s) for s in segs]
-    if not found:
+    if not segs:
         return []
-    images = np.concatenate([f[0] for f in found])
-    piece = np.concatenate([f[1] for f in found])
+    images, piece, starts = _stacked_digit_images(segs)
     probs = np.zeros((len(images), NUM_CLASSES), np.float32)
     for model, which in ((classifier, ~piece), (classifier.for_strings, piece)):
         if which.any():
             probs[which] = model.probabilities(images[which])
-    return np.split(probs, np.cumsum([len(f[0]) for f in found])[:-1])
+    return np.split(probs, starts)
 
 
 def page_second_readings(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray | None]:
@@ -273,15 +279,14 @@ def page_second_readings(segs: list[SegmentedPage], classifier: DigitClassifier)
     classifier has no piece model beside it."""
     if classifier.strings is None:
         return [None] * len(segs)
-    found = [digit_images(s) for s in segs]
-    if not found:
+    if not segs:
         return []
-    images = np.concatenate([f[0] for f in found])
-    boxed = ~np.concatenate([f[1] for f in found])
+    images, piece, starts = _stacked_digit_images(segs)
+    boxed = ~piece
     readings = np.full(len(images), -1, np.int64)
     if boxed.any():
         readings[boxed] = classifier.strings.probabilities(images[boxed]).argmax(1)
-    return np.split(readings, np.cumsum([len(f[0]) for f in found])[:-1])
+    return np.split(readings, starts)
 
 
 def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[list[np.ndarray]] | None:
@@ -308,11 +313,10 @@ def decide_pages(
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
     calib = classifier.string_model.calibration if classifier.string_model else None
     seconds = page_second_readings(segs, classifier) if second_reader else [None] * len(segs)
+    first = next(iter(forms.values()))
     return [
-        decide_page(s, p, forms.get(s.template) or next(iter(forms.values())), threshold, power, q, calib, r)
-        for s, p, q, r, power in zip(
-            segs, page_probabilities(segs, classifier), sequences, seconds, [classifier.field_power(s.bitonal) for s in segs]
-        )
+        decide_page(s, p, forms.get(s.template) or first, threshold, classifier.field_power(s.bitonal), q, calib, r)
+        for s, p, q, r in zip(segs, page_probabilities(segs, classifier), sequences, seconds)
     ]
 
 
@@ -500,7 +504,7 @@ def runner_up(reading: DigitReading) -> list | None:
     if p is None or len(p) < 2:
         return None
     k = int(np.argsort(p)[-2])
-    return ["?" if k == NOT_A_DIGIT else LABELS[k], round(float(p[k]), 6)]
+    return [label_of(k), round(float(p[k]), 6)]
 
 
 def error_record(err: PageError) -> dict:

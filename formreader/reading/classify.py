@@ -269,9 +269,13 @@ class DigitReading:
     second: str | None = None  # what a second model reads there ('?': not a digit), when one is asked
 
 
+def label_of(k: int) -> str:
+    """A class as a reading writes it: the digit, or '?' for not-a-digit."""
+    return "?" if k == NOT_A_DIGIT else LABELS[k]
+
+
 def reading_from_probabilities(p: np.ndarray, second: int | None = None) -> DigitReading:
     """The reading for one cell's probabilities (11,): the most probable class; `second`: the
     class a second model reads there, if one was asked."""
     k = int(np.argmax(p))
-    label = lambda c: "?" if c == NOT_A_DIGIT else LABELS[c]  # noqa: E731
-    return DigitReading(label(k), float(p[k]), p, None if second is None else label(int(second)))
+    return DigitReading(label_of(k), float(p[k]), p, None if second is None else label_of(int(second)))

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from skimage.filters import threshold_sauvola
 
-from formreader.reading.classify import NOT_A_DIGIT, DigitReading
+from formreader.reading.classify import NOT_A_DIGIT, DigitReading, reading_from_probabilities
 from formreader.reading.segment import hysteresis, normalize_digit, remove_frame
 
 MAX_PIECES = 4
@@ -390,8 +390,8 @@ def _digit_option(blob: Blob, probabilities: np.ndarray, digit_width: float) -> 
     for (a, b), i in zip(ranges, idx):
         p = probabilities[i]
         k = int(np.argmax(p))
-        option.digits.append(DigitReading("?" if k == NOT_A_DIGIT else str(k), float(p[k]), p))
-        option.raw += "?" if k == NOT_A_DIGIT else str(k)
+        option.digits.append(reading_from_probabilities(p))
+        option.raw += option.digits[-1].digit
         # A mark that is not a digit counts by the chance that it is the digit it looks most
         # like: a reading that may have lost a digit must not report the confidence of one that
         # has not ('3?' is not '3' at 0.99).
