@@ -278,8 +278,8 @@ def test_a_template_drawn_a_few_pixels_off_reads_no_box_as_a_digit(style, classi
     """Boxes drawn as full frames or as short ticks on a base line, read with a hand-made
     template whose cells are a little larger than the boxes (their lines inside the cells):
     the form's own print is never read as strokes, so the fields read as with the exact
-    template (before: an empty 4-box field read '1111' with confidence 0.96; up to 23 of 120
-    fields wrong but ok)."""
+    template, but for a borderline digit flagged either way (before: an empty 4-box field read
+    '1111' with confidence 0.96; up to 23 of 120 fields wrong but ok)."""
     from dataclasses import replace
 
     from formreader.reading.register import prepare_reference
@@ -294,7 +294,9 @@ def test_a_template_drawn_a_few_pixels_off_reads_no_box_as_a_digit(style, classi
         features = prepare_reference(tpl.reference)
         readings[name] = [(f.value, f.status) for page, _ in items for f in read_page(page, tpl, classifier, features).fields]
     truths = [truth[f.name] for _, truth in items for f in template.fields]
-    assert [v for v, _ in readings["sloppy"]] == [v for v, _ in readings["exact"]]
+    # A field may differ only by a borderline digit, and then both readings are flagged.
+    differ = [(e, s) for e, s in zip(readings["exact"], readings["sloppy"]) if e[0] != s[0]]
+    assert len(differ) <= 2 and all(e[1] != "ok" and s[1] != "ok" for e, s in differ), differ
     assert sum(v == t for (v, _), t in zip(readings["sloppy"], truths)) >= 0.85 * len(truths)
 
 

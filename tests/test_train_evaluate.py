@@ -96,7 +96,8 @@ def test_confusion_and_risk_coverage_on_a_known_case():
 
 def test_corrections_teach_a_style_the_model_misread(tmp_path, classifier, mnist_test):
     """`train --extra`: the 1s written with a long up-stroke that the model reads as 7 (CVL
-    validation writers of the fixture), once corrected, are read as 1s; MNIST is not forgotten."""
+    validation writers of the fixture), once corrected, are read as 1s; MNIST is not forgotten
+    (>= 99.5% of its whole test set)."""
     import cv2
 
     from formreader.reading.segment import segment_crops
@@ -118,11 +119,10 @@ def test_corrections_teach_a_style_the_model_misread(tmp_path, classifier, mnist
     taught = DigitClassifier.load(out)
     assert (taught.probabilities(images[misread]).argmax(1) == 1).all()
     mnist_x, mnist_y = mnist_test
-    before = (classifier.probabilities(mnist_x / 255.0).argmax(1) == mnist_y).mean()
     after = (taught.probabilities(mnist_x / 255.0).argmax(1) == mnist_y).mean()
-    # On the fixture's 4,000 MNIST test digits (99.55% before): a few borderline digits flip.
-    # The whole MNIST test after a fine-tune on the full training data: benchmarks/evaluate_corrections.py.
-    assert after >= 0.99 and after >= before - 0.005
+    # The whole MNIST test set (99.67% before), after a fine-tune that saw only the fixture's 2,000
+    # MNIST training digits; on the full training data: benchmarks/evaluate_corrections.py.
+    assert after >= 0.995
 
 
 def test_a_labelled_folder_is_read_and_an_empty_one_refused(tmp_path, mnist_test):
