@@ -64,18 +64,24 @@ def main() -> None:
     if reader is None:
         print("no string model beside the digit model")
         return
-    from formreader.reading.string_model import decode, field_input
+    from formreader.reading.string_model import VIEWS, decode_views, field_views
     from formreader.training.datasets import load_orand
 
+    # A field is read in each of its views (string_model.VIEWS): (64, V, 32, 256).
     try:  # real fields where there are some; the model's speed does not depend on what it reads
-        fields = np.stack([field_input(a.image) for a in load_orand("val")][:64])
+        fields = np.stack([field_views(a.image) for a in load_orand("val")][:64])
     except FileNotFoundError:
-        fields = np.random.default_rng(0).random((64, 32, 256), dtype=np.float32)
-    model_rate = rate(reader.logits, fields, args.seconds)
-    decoded_rate = rate(lambda b: [decode(p) for p in reader.probabilities(b)], fields, args.seconds)
+        fields = np.random.default_rng(0).random((64, len(VIEWS), 32, 256), dtype=np.float32)
+
+    def steps(b: np.ndarray) -> np.ndarray:  # (fields, views, steps, classes)
+        p = reader.probabilities(b.reshape(-1, *b.shape[2:]))
+        return p.reshape(len(b), -1, *p.shape[1:])
+
+    model_rate = rate(lambda b: reader.logits(b.reshape(-1, *b.shape[2:])), fields, args.seconds)
+    decoded_rate = rate(lambda b: [decode_views(p) for p in steps(b)], fields, args.seconds)
     print(
-        f"string model ({reader.meta.get('parameters')} parameters), batch {len(fields)}: {model_rate:.0f} fields/s "
-        f"alone, {decoded_rate:.0f} fields/s with beam-search decoding"
+        f"string model ({reader.meta.get('parameters')} parameters), batch {len(fields)} fields in {len(VIEWS)} views: "
+        f"{model_rate:.0f} fields/s alone, {decoded_rate:.0f} fields/s with beam-search decoding"
     )
 
 

@@ -11,7 +11,7 @@ from formreader.pipeline import Journal, process_paths
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.reading.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
 from formreader.reading.segment import segment_crops
-from formreader.reading.string_model import combine_readings, field_input, read_twice
+from formreader.reading.string_model import combine_readings, field_views, read_twice
 from formreader.reading.strings import StringReading, decide_string, segment_string
 from formreader.reading.template import Field, Template, load_template
 
@@ -85,7 +85,7 @@ def read_number(
     spec = Field("number", kind="free", optional=True, separators=separators, pattern=pattern)
     reader = classifier.string_model
     if reader is not None:  # read whole by the string model too: the field gets both readers' decision
-        steps = reader.probabilities(field_input(image)[None])[0]
+        steps = reader.probabilities(field_views(image))
         reading = combine_readings(read_twice(layout, pieces, steps, spec), image.shape, reader.calibration)
     else:
         reading = decide_string(layout, pieces, separators, pattern)

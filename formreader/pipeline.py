@@ -52,7 +52,7 @@ from formreader.reading.ingest import (
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.reading.segment import DigitSegment, segment_digit
-from formreader.reading.string_model import combine_readings, field_input, read_twice
+from formreader.reading.string_model import combine_readings, field_views, read_twice
 from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame
 from formreader.reading.template import Template
 
@@ -70,7 +70,7 @@ class SegmentedPage:
     boxes: list[list[Box]]  # per field, per cell: located interiors, reference pixels (free field: its box)
     segments: list[list[DigitSegment] | StringLayout]  # per field: per cell, or a free field's layout
     offsets: list[tuple[int, int]]  # per field: where its crop starts on the page (free fields)
-    # per field: a free field's input to the string model (32, 256) and its crop's (H, W); else None
+    # per field: a free field's inputs to the string model, one per view (V, 32, 256), and its crop's (H, W); else None
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
     view: bytes | None = None  # the registered page as JPEG, for the review station (see process_paths)
     template: str = ""  # the name of the form it was read as
@@ -166,7 +166,7 @@ def segment_page(
             boxes.append([spec.box])
             segments.append(segment_string(crop))
             offsets.append(offset)
-            wholes.append((field_input(crop), crop.shape))
+            wholes.append((field_views(crop), crop.shape))
             continue
         wholes.append(None)
         located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
@@ -295,7 +295,10 @@ def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> li
     if classifier.string_model is None:
         return None
     inputs = [w[0] for s in segs for w in (s.wholes or []) if w is not None]
-    probs = iter(classifier.string_model.probabilities(np.stack(inputs)) if inputs else [])
+    if not inputs:
+        return [[] for _ in segs]
+    steps = classifier.string_model.probabilities(np.concatenate(inputs))
+    probs = iter(steps.reshape(len(inputs), -1, *steps.shape[1:]))  # (fields, views, steps, classes)
     return [[next(probs) for w in (s.wholes or []) if w is not None] for s in segs]
 
 
