@@ -71,15 +71,10 @@ def field_views(crop: np.ndarray) -> np.ndarray:
     """A grey free-field crop (H, W) uint8 -> the model's inputs for each of VIEWS, (V, 32, 256)
     float32 (`field_input` of the crop widened and slanted; the first view is the crop itself)."""
     crop = np.asarray(crop)
-    if crop.ndim != 2 or min(crop.shape) < 2:
-        raise ValueError(f"a field crop must be a 2-D grey image of at least 2x2 pixels, got shape {crop.shape}")
+    views = [field_input(crop)]  # VIEWS[0], the crop itself; refuses what is not a grey crop
     h, w = crop.shape
     paper = float(np.percentile(crop, 90))
-    views = []
-    for widen, shear in VIEWS:
-        if (widen, shear) == (1.0, 0.0):
-            views.append(field_input(crop))
-            continue
+    for widen, shear in VIEWS[1:]:
         extra = round(abs(shear) * h)  # a slanted field is wider by this, so none of it is cut off
         m = np.float32([[widen, shear, extra / 2 - shear * h / 2], [0, 1, 0]])
         size = (round(w * widen) + extra, h)
