@@ -180,12 +180,17 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
     return sorted(readings, key=lambda r: -r[1])
 
 
+def _readings(probs: np.ndarray, pattern: str, beam: int) -> list[tuple[str, float]]:
+    """The beam's readings held to the pattern; if nothing the beam kept can match it, the
+    unconstrained ones."""
+    readings = beam_search(probs, beam, pattern)
+    return readings if readings or not pattern else beam_search(probs, beam)
+
+
 def decode(probs: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecoding:
     """One field's reading from its step probabilities (T, C): the beam's best (held to the
     pattern when there is one and some reading matches it), with the spans of the best path."""
-    readings = beam_search(probs, beam, pattern)
-    if pattern and not readings:  # nothing the beam kept can match: the unconstrained reading
-        readings = beam_search(probs, beam)
+    readings = _readings(probs, pattern, beam)
     text, p = readings[0] if readings else ("", 0.0)
     spans = greedy_spans(probs)
     if "".join(s.char for s in spans) != text:
@@ -204,10 +209,7 @@ def decode_views(steps: np.ndarray, pattern: str = "", beam: int = 16) -> String
     score: dict[str, float] = {}
     written: dict[str, tuple[str, float]] = {}
     for probs in steps:
-        readings = beam_search(probs, beam, pattern)
-        if pattern and not readings:
-            readings = beam_search(probs, beam)
-        for text, p in readings:
+        for text, p in _readings(probs, pattern, beam):
             digits = digits_of(text)
             score[digits] = score.get(digits, 0.0) + p / len(steps)
             if p > written.get(digits, ("", -1.0))[1]:
