@@ -60,8 +60,8 @@ def field_input(crop: np.ndarray) -> np.ndarray:
 
 # The views of a field the model reads, as (widening, shear): the crop as it is, 15% wider, and
 # slanted either way. A reading found in every view is surer than one view's; a field one view
-# misreads, the others often read right. Chosen on the validation fields of `formreader
-# calibrate-strings`: fields read right, ORAND validation checks 79.2% -> 80.2%, generated checks
+# misreads, the others often read right. Chosen on validation fields made as `formreader
+# calibrate-strings` makes them: fields read right, ORAND validation checks 79.2% -> 80.2%, generated checks
 # 83.2% -> 86.0%, free-field forms of MNIST and CVL validation writers 92.7% -> 92.7% and
 # 75.3% -> 77.3%. (Narrower views and wider margins helped the real checks and hurt the rest.)
 VIEWS = ((1.0, 0.0), (1.15, 0.0), (1.0, 0.15), (1.0, -0.15))
@@ -191,11 +191,16 @@ def decode(probs: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecodi
     """One field's reading from its step probabilities (T, C): the beam's best (held to the
     pattern when there is one and some reading matches it), with the spans of the best path."""
     readings = _readings(probs, pattern, beam)
-    text, p = readings[0] if readings else ("", 0.0)
+    return _decoding(probs, *(readings[0] if readings else ("", 0.0)))
+
+
+def _decoding(probs: np.ndarray, text: str, probability: float) -> StringDecoding:
+    """A reading with its characters placed on the steps `probs` (T, C): the best path's spans
+    when it reads `text`, else the best alignment of `text`."""
     spans = greedy_spans(probs)
     if "".join(s.char for s in spans) != text:
         spans = _align_spans(probs, text)
-    return StringDecoding(text, p, spans, probs)
+    return StringDecoding(text, probability, spans, probs)
 
 
 def decode_views(steps: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecoding:
@@ -215,13 +220,9 @@ def decode_views(steps: np.ndarray, pattern: str = "", beam: int = 16) -> String
             if p > written.get(digits, ("", -1.0))[1]:
                 written[digits] = (text, p)
     if not score:
-        return StringDecoding("", 0.0, [], steps[0])
+        return _decoding(steps[0], "", 0.0)
     best = max(score, key=score.__getitem__)
-    text = written[best][0]
-    spans = greedy_spans(steps[0])
-    if "".join(s.char for s in spans) != text:
-        spans = _align_spans(steps[0], text)
-    return StringDecoding(text, score[best], spans, steps[0])
+    return _decoding(steps[0], written[best][0], score[best])
 
 
 def _align_spans(probs: np.ndarray, text: str) -> list[CharacterSpan]:
