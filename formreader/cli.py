@@ -156,6 +156,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
     )
     from formreader.pipeline import Journal, JournalError, process_paths
     from formreader.reading.ingest import count_pages, find_inputs
+    from formreader.reading.string_model import VIEWS
     from formreader.review.decisions import apply_decisions, load_decisions
 
     forms = _load_templates(templates)
@@ -174,10 +175,11 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         _fail(f"--out {out} would overwrite the input {clash[0]}: choose another --out")
     settings = {
         "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
-        "model": clf.meta.get("tflite_sha256", "")[:16],
-        "string_model": clf.string_model.meta.get("tflite_sha256", "")[:16] if clf.string_model else "",
+        "model": clf.fingerprint,
+        "string_model": clf.string_model.fingerprint if clf.string_model else "",
+        "string_views": str(VIEWS) if clf.string_model else "",
         # The piece model reads free fields' pieces and, as the second reader, boxed cells.
-        "piece_model": clf.strings.meta.get("tflite_sha256", "")[:16] if clf.strings else "",
+        "piece_model": clf.strings.fingerprint if clf.strings else "",
         "second_reader": second_reader,
         "review_threshold": review_threshold,
         # Which fields are quantities, for workbooks made from these results (number cells).

@@ -324,3 +324,27 @@ def test_resume_with_the_second_reader_switched_is_refused(tmp_path):
         "process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", "--resume", "--no-second-reader"
     )
     assert resumed.returncode == 2 and "second_reader" in resumed.stderr
+
+
+def test_resume_with_a_recalibrated_model_is_refused(tmp_path):
+    """The same network with another field calibration reads other statuses: the journal's
+    model fingerprint covers the card's calibration, so such a resume is refused."""
+    import json
+    import shutil
+
+    from formreader.reading.classify import MODELS
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("*.md"))
+    out = tmp_path / "r.csv"
+    first = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--model", models / "digits.keras")
+    assert first.returncode == 0, first.stderr
+    journal = tmp_path / "r.journal.jsonl"
+    journal.write_text("\n".join(journal.read_text().splitlines()[:-1]) + "\n")  # interrupted: no end
+    card = models / "digits.json"
+    meta = json.loads(card.read_text())
+    card.write_text(json.dumps({**meta, "field_power": meta["field_power"] * 1.5}))
+    resumed = run_cli(
+        "process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--resume", "--model", models / "digits.keras"
+    )
+    assert resumed.returncode == 2 and "other settings (model)" in resumed.stderr, resumed.stderr

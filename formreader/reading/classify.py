@@ -189,6 +189,15 @@ class LiteRTModel:
         self.__dict__.update(state)
         self._runners = threading.local()
 
+    @property
+    def fingerprint(self) -> str:
+        """What decides this model's readings, as 16 hex digits: its network and its card's
+        calibration (temperature, field powers, field calibration). A journal written with other
+        weights or another calibration is not resumed with this model."""
+        keys = ("field_power", "field_power_bitonal", "field_calibration")
+        decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
+        return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """The raw outputs for one batch, on this thread's interpreter."""
         return run_interpreter(self._runners, self.tflite, self.threads, x)
