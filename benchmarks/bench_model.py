@@ -73,12 +73,8 @@ def main() -> None:
     except FileNotFoundError:
         fields = np.random.default_rng(0).random((64, len(VIEWS), 32, 256), dtype=np.float32)
 
-    def steps(b: np.ndarray) -> np.ndarray:  # (fields, views, steps, classes)
-        p = reader.probabilities(b.reshape(-1, *b.shape[2:]))
-        return p.reshape(len(b), -1, *p.shape[1:])
-
     model_rate = rate(lambda b: reader.logits(b.reshape(-1, *b.shape[2:])), fields, args.seconds)
-    decoded_rate = rate(lambda b: [decode_views(p) for p in steps(b)], fields, args.seconds)
+    decoded_rate = rate(lambda b: [decode_views(p) for p in reader.view_probabilities(b)], fields, args.seconds)
     print(
         f"string model ({reader.meta.get('parameters')} parameters), batch {len(fields)} fields in {len(VIEWS)} views: "
         f"{model_rate:.0f} fields/s alone, {decoded_rate:.0f} fields/s with beam-search decoding"

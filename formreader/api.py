@@ -85,7 +85,7 @@ def read_number(
     spec = Field("number", kind="free", optional=True, separators=separators, pattern=pattern)
     reader = classifier.string_model
     if reader is not None:  # read whole by the string model too: the field gets both readers' decision
-        steps = reader.probabilities(field_views(image))
+        steps = reader.view_probabilities(field_views(image)[None])[0]
         reading = combine_readings(read_twice(layout, pieces, steps, spec), image.shape, reader.calibration)
     else:
         reading = decide_string(layout, pieces, separators, pattern)

@@ -207,7 +207,7 @@ def decide_page(
 
     field_power: the model's calibration of boxed fields' confidence for this page's kind of scan
     (DigitClassifier.field_power).
-    sequences: the string model's step probabilities (64, 15) for each free field in order, when
+    sequences: the string model's step probabilities (V, 64, 15) for each free field's views in order, when
     there is a string model: a free field is then read by both readers (combine_readings).
     second: what a second model reads in each digit image (page_second_readings); a boxed cell it
     reads otherwise sends its field to review."""
@@ -297,8 +297,7 @@ def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> li
     inputs = [w[0] for s in segs for w in (s.wholes or []) if w is not None]
     if not inputs:
         return [[] for _ in segs]
-    steps = classifier.string_model.probabilities(np.concatenate(inputs))
-    probs = iter(steps.reshape(len(inputs), -1, *steps.shape[1:]))  # (fields, views, steps, classes)
+    probs = iter(classifier.string_model.view_probabilities(np.stack(inputs)))
     return [[next(probs) for w in (s.wholes or []) if w is not None] for s in segs]
 
 

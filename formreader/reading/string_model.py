@@ -325,6 +325,12 @@ class StringModel(LiteRTModel):
         parts = [self.logits(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
         return softmax(np.concatenate(parts), self.temperature)
 
+    def view_probabilities(self, views: np.ndarray) -> np.ndarray:
+        """Step probabilities (F, V, 64, 15) for fields' views (F, V, 32, 256) from field_views,
+        all read in one batch."""
+        steps = self.probabilities(views.reshape(-1, INPUT_HEIGHT, INPUT_WIDTH))
+        return steps.reshape(*views.shape[:2], *steps.shape[1:])
+
 
 def _logit(p: float) -> float:
     p = min(max(p, 1e-6), 1 - 1e-6)

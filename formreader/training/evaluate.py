@@ -360,15 +360,14 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
 def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs: list) -> list:
     """Read grey free-field crops with both readers, each held to its template field's rules
     (`specs`, formreader.reading.template.Field), in two batches: [formreader.reading.string_model.TwoReadings]."""
-    from formreader.reading.string_model import VIEWS, field_views, read_twice
+    from formreader.reading.string_model import field_views, read_twice
     from formreader.reading.strings import segment_string
 
     layouts = [segment_string(c) for c in crops]
     images = [layout.images for layout in layouts]
     probs = classifier.for_strings.probabilities(np.concatenate(images)) if sum(map(len, images)) else np.zeros((0, 11))
     per_field = np.split(probs, np.cumsum([len(i) for i in images])[:-1])
-    steps = classifier.string_model.probabilities(np.concatenate([field_views(c) for c in crops]))
-    steps = steps.reshape(len(crops), len(VIEWS), *steps.shape[1:])
+    steps = classifier.string_model.view_probabilities(np.stack([field_views(c) for c in crops]))
     return [read_twice(layout, p, q, spec) for layout, p, q, spec in zip(layouts, per_field, steps, specs)]
 
 
