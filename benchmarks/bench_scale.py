@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from formreader.training.datasets import load_mnist  # noqa: E402
 from formreader.training.synth import make_pages, scan  # noqa: E402
 
 
-def write_pdfs(folder: Path, pages: int, per_pdf: int, seed: int = 2027) -> None:
+def write_pdfs(folder: Path, pages: int, per_pdf: int, seed: int = 2027) -> dict[tuple[str, int], dict[str, str]]:
+    """Write the PDFs; returns each page's truth: (file name, page) -> field -> digits."""
     images, labels = load_mnist("test")
     _, _, filled = make_pages(pages, seed, images, labels)
     rng = np.random.default_rng(seed)
@@ -39,6 +41,17 @@ def write_pdfs(folder: Path, pages: int, per_pdf: int, seed: int = 2027) -> None
     for k in range(0, pages, per_pdf):
         group = scans[k : k + per_pdf]
         group[0].save(folder / f"batch_{k // per_pdf:03d}.pdf", save_all=True, append_images=group[1:], resolution=200.0)
+    return {(f"batch_{k // per_pdf:03d}.pdf", k % per_pdf + 1): p.values for k, p in enumerate(filled)}
+
+
+def fields_read(results: Path, truth: dict[tuple[str, int], dict[str, str]]) -> str:
+    """Right, flagged and wrong-but-ok fields of a run, against the pages' truth."""
+    rows = pd.read_csv(results, dtype={"value": str}, keep_default_na=False)
+    rows = rows[rows.field != ""]
+    right = np.array([truth[(Path(f).name, int(p))][k] == v for f, p, k, v in zip(rows.file, rows.page, rows.field, rows.value)])
+    ok = (rows.status == "ok").to_numpy()
+    return (f"{len(rows)} fields: {right.mean():.2%} right, {1 - ok.mean():.1%} flagged, "
+            f"{(ok & ~right).sum()} wrong but ok ({(ok & ~right).mean():.2%})")
 
 
 def render_all(folder: Path, out: Path) -> float:
@@ -58,7 +71,7 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "pdfs").mkdir()
         (tmp / "ppm").mkdir()
-        write_pdfs(tmp / "pdfs", args.pages, args.per_pdf)
+        truth = write_pdfs(tmp / "pdfs", args.pages, args.per_pdf)
         poppler = render_all(tmp / "pdfs", tmp / "ppm")
         cmd = [
             sys.executable,
@@ -79,6 +92,7 @@ def main() -> None:
         start = time.perf_counter()
         peak_kib = int(subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True).stdout.split()[-1])
         formreader = time.perf_counter() - start
+        accuracy = fields_read(tmp / "out" / "r.csv", truth)
     print(f"{args.pages} pages of 200-DPI scanned forms in {args.pages // args.per_pdf} PDFs, {os.cpu_count()} cores")
     print(f"  {'':34} {'seconds':>8} {'pages/s':>8}")
     print(f"  {'pdftoppm -gray -r 200, 2 at a time':34} {poppler:8.1f} {args.pages / poppler:8.1f}")
@@ -86,6 +100,7 @@ def main() -> None:
     print(
         f"  ratio {formreader / poppler:.1f}x the rendering alone; peak memory of the largest process {peak_kib / 1024:.0f} MiB"
     )
+    print(f"  {accuracy}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def pages(path: Path, dpi: int = 150) -> list:
     return list(read_pages(path, pdf_dpi=dpi))
 
 
-def test_pdf_every_page_rendered_by_poppler():
+def test_pdf_every_page_read():
     got = pages(SCANS / "batch_a.pdf")
     assert [p.page for p in got] == [1, 2, 3, 4]
     assert all(isinstance(p, Page) and p.image.dtype == np.uint8 and p.image.ndim == 2 for p in got)
@@ -28,9 +28,112 @@ def test_pdf_every_page_rendered_by_poppler():
     assert np.abs(got[0].image.astype(int) - got[1].image.astype(int)).mean() > 1
 
 
-def test_pdf_rendered_at_requested_resolution():
+def test_pdf_read_at_requested_resolution():
+    # The 150-DPI JPEG scans are decoded at half their size (libjpeg's reduced decoding).
     (first, *_) = pages(SCANS / "batch_a.pdf", dpi=75)
-    assert abs(first.image.shape[1] - 645) <= 2 and first.dpi == 75
+    assert abs(first.image.shape[1] - 645) <= 2 and first.dpi == pytest.approx(75, abs=0.1)
+
+
+def pdf_of_scan(path: Path, scan: np.ndarray, dpi: float, encoding: str = "jpeg", rotate: int = 0,
+                content: bytes = b"", placed: tuple[float, float, float, float] | None = None) -> bytes:
+    """Write a one-page PDF holding the grey `scan` as a scanner writes it: the image over the
+    whole page. `content` is drawn after it; `placed` (x, y, w, h in points) puts the image
+    elsewhere on the page. Returns the image's encoded bytes."""
+    import zlib
+
+    import cv2
+    import pikepdf
+    from pikepdf import Dictionary, Name
+
+    h, w = scan.shape
+    if encoding == "jpeg":
+        data, codec = cv2.imencode(".jpg", scan, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(), Name.DCTDecode
+    else:
+        data, codec = zlib.compress(scan.tobytes()), Name.FlateDecode
+    pdf = pikepdf.new()
+    image = pikepdf.Stream(pdf, data, Type=Name.XObject, Subtype=Name.Image, Width=w, Height=h,
+                           ColorSpace=Name.DeviceGray, BitsPerComponent=8, Filter=codec)
+    width_pt, height_pt = w * 72 / dpi, h * 72 / dpi
+    x, y, pw, ph = placed or (0, 0, width_pt, height_pt)
+    drawing = f"q {pw:.4f} 0 0 {ph:.4f} {x:.4f} {y:.4f} cm /Im0 Do Q\n".encode() + content
+    page = Dictionary(Type=Name.Page, MediaBox=[0, 0, width_pt, height_pt],
+                      Resources=Dictionary(XObject=Dictionary(Im0=image)), Contents=pikepdf.Stream(pdf, drawing))
+    if rotate:
+        page.Rotate = rotate
+    pdf.pages.append(pikepdf.Page(page))
+    pdf.save(path)
+    return data
+
+
+def poppler(path: Path, dpi: float) -> np.ndarray:
+    """The PDF's first page as poppler renders it."""
+    import io
+    import subprocess
+
+    command = ["pdftoppm", "-gray", "-r", f"{dpi:g}", "-f", "1", "-l", "1", str(path)]
+    done = subprocess.run(command, capture_output=True, check=True)
+    return np.asarray(Image.open(io.BytesIO(done.stdout)).convert("L"))
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "flate"])
+def test_a_scanned_pdf_page_is_read_as_its_scan(tmp_path, encoding):
+    import cv2
+
+    (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))  # a 200-DPI grey scan
+    data = pdf_of_scan(tmp_path / "s.pdf", scan, 200, encoding)
+    (page,) = pages(tmp_path / "s.pdf", dpi=200)
+    assert page.dpi == pytest.approx(200, abs=0.01)
+    # The scan's own pixels, decoded from the file: the JPEG as libjpeg decodes it, Flate exact.
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if encoding == "jpeg" else scan
+    assert np.array_equal(page.image, expected)
+    # What poppler renders differs only by its resampling (which smooths the scan's noise).
+    rendered = poppler(tmp_path / "s.pdf", 200)
+    assert rendered.shape == page.image.shape
+    assert np.abs(rendered.astype(int) - page.image).mean() < 6
+
+
+def test_a_bitonal_pdf_and_a_turned_page_are_read_as_poppler_shows_them(tmp_path):
+    fax = next(iter(pages(SCANS / "fax_b.tif"))).image  # bitonal, 150 DPI
+    Image.fromarray(fax).convert("1").save(tmp_path / "fax.pdf", resolution=150)  # CCITT G4, as Pillow writes it
+    (page,) = pages(tmp_path / "fax.pdf", dpi=150)
+    assert np.array_equal(page.image, fax)
+    rendered = poppler(tmp_path / "fax.pdf", 150)  # a row more: poppler rounds the page's size up
+    assert np.mean(rendered[: fax.shape[0], : fax.shape[1]] != page.image) < 0.03
+
+    (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))
+    pdf_of_scan(tmp_path / "turned.pdf", scan, 200, "flate", rotate=90)
+    (page,) = pages(tmp_path / "turned.pdf", dpi=200)
+    assert np.array_equal(page.image, np.rot90(scan, -1))  # /Rotate 90: a quarter turn clockwise
+    assert np.abs(poppler(tmp_path / "turned.pdf", 200).astype(int) - page.image).mean() < 6
+
+
+def test_a_high_resolution_jpeg_scan_is_decoded_at_the_resolution_asked(tmp_path):
+    import cv2
+
+    (scan,) = (p.image for p in pages(SCANS / "scan_e.jpg"))  # 300 DPI
+    pdf_of_scan(tmp_path / "s.pdf", scan, 300)
+    (page,) = pages(tmp_path / "s.pdf", dpi=150)
+    assert page.image.shape == ((scan.shape[0] + 1) // 2, (scan.shape[1] + 1) // 2)
+    assert page.dpi == pytest.approx(150, rel=0.01)
+    halved = cv2.resize(scan, (page.image.shape[1], page.image.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(halved.astype(int) - page.image).mean() < 3
+
+
+def test_a_page_that_is_more_than_a_scan_is_rendered_as_printed(tmp_path):
+    (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))
+    h, w = scan.shape
+    # A black square drawn over the scan (a stamp, a redaction): the page is rendered, square
+    # and all, at the resolution asked for.
+    pdf_of_scan(tmp_path / "stamped.pdf", scan, 200, content=b"0 g 36 36 72 72 re f\n")
+    (page,) = pages(tmp_path / "stamped.pdf", dpi=100)
+    assert page.dpi == 100 and abs(page.image.shape[1] - w / 2) <= 1
+    bottom = page.image.shape[0]
+    assert page.image[bottom - 145 : bottom - 55, 55:145].max() < 30  # the square: 0.5-1.5 in from the corner
+    # A scan placed in a corner of a larger page: the page is rendered, paper around the scan.
+    pdf_of_scan(tmp_path / "placed.pdf", scan, 200, placed=(0, 0, w * 36 / 200, h * 36 / 200))
+    (page,) = pages(tmp_path / "placed.pdf", dpi=100)
+    assert page.dpi == 100 and abs(page.image.shape[1] - w / 2) <= 1
+    assert page.image[: page.image.shape[0] // 3].min() > 240  # the top of the page is blank paper
 
 
 def test_tiff_every_frame():
