@@ -9,6 +9,7 @@ keeps what it finished (see `Journal`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -58,6 +59,10 @@ from formreader.reading.template import Template
 
 VIEW_QUALITY = 80  # JPEG quality of the page pictures kept for review: digits stay legible at a tenth of the size
 STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
+# glibc's mallopt parameters (malloc.h), and what a worker sets them to: buffers up to 64 MiB come
+# from its heap, and up to 256 MiB freed at the heap's top stay there for the next page.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_KEPT = 64 << 20, 256 << 20
 
 
 @dataclass
@@ -346,6 +351,7 @@ _worker_state: dict = {}
 
 def _init_worker(template: Template | list[Template], features: ReferenceFeatures | list, views: bool = False) -> None:
     cv2.setNumThreads(1)
+    _keep_freed_memory()
     _worker_state.update(template=template, features=features, views=views)
     # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself.
     parent = os.getppid()
@@ -356,6 +362,20 @@ def _init_worker(template: Template | list[Template], features: ReferenceFeature
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep the buffers a page frees for the next page, instead of giving them
+    back to the kernel at once and faulting them in again: reading a page allocates and frees tens
+    of megabytes of image buffers, and that cost a worker about 6 ms of system time a page (3,000
+    page faults), a tenth of its time. The kept memory is bounded (TRIM_KEPT). A no-op where the C
+    library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_KEPT)
+    except (OSError, AttributeError):
+        pass
 
 
 def _segment_or_error(
