@@ -13,12 +13,14 @@ import ctypes
 import json
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import cv2
@@ -349,19 +351,27 @@ def read_page(
 _worker_state: dict = {}
 
 
-def _init_worker(template: Template | list[Template], features: ReferenceFeatures | list, views: bool = False) -> None:
-    cv2.setNumThreads(1)
-    _keep_freed_memory()
-    _worker_state.update(template=template, features=features, views=views)
-    # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself.
-    parent = os.getppid()
+def _init_worker(state: str, size: int, views: bool, parent: int) -> None:
+    """Set up a pool's worker. `state`: the name of a shared memory block whose first `size`
+    bytes are the pickled (template, features). Passed as the pool's own arguments, those few
+    megabytes would be written down each new worker's pipe while the parent waits for the worker
+    to start (0.45 s a worker, one after another). `parent`: the pid of the process that runs
+    the pool."""
 
+    # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself,
+    # also when that happened while it was starting.
     def watch_parent() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()
+    cv2.setNumThreads(1)
+    _keep_freed_memory()
+    block = shared_memory.SharedMemory(name=state)
+    template, features = pickle.loads(bytes(block.buf[:size]))
+    block.close()
+    _worker_state.update(template=template, features=features, views=views)
 
 
 def _keep_freed_memory() -> None:
@@ -571,13 +581,17 @@ def process_paths(
     # OpenCV) can deadlock the child.
     spawn = multiprocessing.get_context("spawn")
     client = _dask_client(scheduler) if scheduler else None
-    pool = (
-        ProcessPoolExecutor(
-            workers, mp_context=spawn, initializer=_init_worker, initargs=(template, features, views is not None)
+    pool, state = None, None
+    if workers > 1 and client is None:
+        # The workers' state, shared rather than sent (see _init_worker); should this process be
+        # killed, multiprocessing's resource tracker removes the block.
+        blob = pickle.dumps((template, features), protocol=pickle.HIGHEST_PROTOCOL)
+        state = shared_memory.SharedMemory(create=True, size=len(blob))
+        state.buf[: len(blob)] = blob
+        pool = ProcessPoolExecutor(
+            workers, mp_context=spawn, initializer=_init_worker,
+            initargs=(state.name, len(blob), views is not None, os.getpid()),
         )
-        if workers > 1 and client is None
-        else None
-    )
     if client is not None:  # the template and its features travel to each worker once
         shared = client.scatter([template, features], broadcast=True)
 
@@ -658,6 +672,8 @@ def process_paths(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+            state.close()
+            state.unlink()
         if client is not None:
             client.close()
     return records
