@@ -224,6 +224,7 @@ SCAN_COLOURS = {"/DeviceGray", "/DeviceRGB"}
 # reader ignores a JPEG's own orientation tag, so OpenCV is told to.)
 REDUCED_JPEG = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+MAX_SCAN_CONTENT_BYTES = 1024
 ALIGNMENT_PT = 0.05  # how far (in points) the image may be from covering the page exactly
 
 
@@ -262,10 +263,16 @@ def scanned_image(source: str, number: int, dpi: float = 0) -> Page | None:
 def _lone_full_page_image(page) -> object | None:
     """The image XObject that a page consists of, when the page draws it, and only it, over the
     whole media box with no rotation or flip; else None."""
-    from pikepdf import Name, parse_content_stream
+    from pikepdf import Array, Name, parse_content_stream
 
     box = [float(v) for v in page.mediabox]
     if "/CropBox" in page.obj and [float(v) for v in page.obj.CropBox] != box:
+        return None
+    # Drawing one image takes a few dozen bytes: a longer content stream (text, vector drawing)
+    # is not parsed at all.
+    contents = page.obj.get("/Contents")
+    streams = contents if isinstance(contents, Array) else [contents] if contents is not None else []
+    if sum(int(stream.get("/Length", 0)) for stream in streams) > MAX_SCAN_CONTENT_BYTES:
         return None
     drawn, matrix, saved = [], [1.0, 0, 0, 1.0, 0, 0], []
     for operands, operator in parse_content_stream(page):
