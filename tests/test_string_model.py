@@ -256,6 +256,28 @@ def test_real_check_amounts_never_trained_on():
     assert sum(r.status == "ok" and not ok for r, ok in zip(readings, right)) <= 1
 
 
+def test_real_checks_go_to_review_for_a_rule_or_a_low_confidence_alone():
+    """The fixture's real checks (ORAND validation and test): the readers' disagreement is one
+    input of the calibrated confidence, never a flag of its own, so a check goes to review only
+    under the threshold (or for a rule); a low-confidence check whose digits the cut reader
+    reads otherwise names that reading for the person who checks it, and some checks here are
+    read otherwise by the two readers and still ok."""
+    import formreader
+    from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
+    from formreader.training.datasets import load_orand
+
+    amounts = load_orand("val") + load_orand("test")
+    readings = [formreader.read_number(a.image, separators=".,") for a in amounts]
+    for r in readings:
+        low = r.confidence < DEFAULT_REVIEW_THRESHOLD
+        assert (r.status == "review") == (low or any(not x.startswith("low confidence") for x in r.reasons)), r.reasons
+        if low and r.other:
+            assert f"(cut into digits: '{r.other}')" in r.reasons[-1]
+        assert r.other == "" or "".join(c for c in r.other if c.isdigit()) != r.value
+    assert any(r.other and r.status == "ok" for r in readings)
+    assert any(r.other and r.status == "review" for r in readings)
+
+
 @needs_model
 def test_inspect_shows_where_the_string_model_placed_each_digit(tmp_path):
     """The overlay of a check: each digit of a free field outlined where the string model read it."""

@@ -110,8 +110,8 @@ def read_free_field(
     spec: Field, reading: StringReading, offset: tuple[int, int] = (0, 0), threshold: float = DEFAULT_REVIEW_THRESHOLD
 ) -> FieldReading:
     """Decide a free-written field from its string reading; offset: the crop's corner on the page.
-    The reading's own reasons (the two readers disagreeing) come first."""
-    reasons: list[str] = list(reading.reasons)
+    A field of low confidence names the other reader's digits where they differ."""
+    reasons: list[str] = []
     n = len(reading.value)
     if reading.unreadable:
         reasons.append(f"{reading.unreadable} mark(s) that are not digits")
@@ -131,7 +131,7 @@ def read_free_field(
         reasons.append(f"'{reading.raw}' is not written as the field's pattern expects")
     confidence = reading.confidence if reading.raw else BLANK_CONFIDENCE
     if confidence < threshold:
-        reasons.append(f"low confidence {confidence:.2f}")
+        reasons.append(f"low confidence {confidence:.2f}" + (f" (cut into digits: '{reading.other}')" if reading.other else ""))
     dx, dy = offset
     return FieldReading(
         spec.name,

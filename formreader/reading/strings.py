@@ -82,6 +82,7 @@ class StringReading:
     unreadable: int = 0  # blobs that are not digits (scribbles, marks); each is a '?' in raw
     status: str = "ok"  # 'ok' or 'review', decided by formreader.reading.fields.read_free_field
     reasons: list[str] = field(default_factory=list)
+    other: str = ""  # another reader's reading of the same ink, where it reads other digits
 
 
 def string_ink(crop: np.ndarray, min_contrast: float = 25.0) -> np.ndarray:
