@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from formreader.pipeline import Journal, process_paths
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
@@ -14,6 +14,9 @@ from formreader.reading.segment import segment_crops
 from formreader.reading.string_model import combine_readings, field_views, read_twice
 from formreader.reading.strings import StringReading, decide_string, segment_string
 from formreader.reading.template import Field, Template, load_template
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _classifiers: dict[str, DigitClassifier] = {}
 

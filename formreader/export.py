@@ -23,10 +23,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from formreader.reading.classify import file_sha256
+
+if TYPE_CHECKING:  # pandas is imported where tables are made: the page workers never need it
+    import pandas as pd
 
 FIELD_COLUMNS = [
     "file", "page", "field", "value", "text", "confidence", "status", "reasons", "raw", "registration_quality",
@@ -70,6 +72,8 @@ def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     and, when the pages are of several forms, 'wide.NAME' for each form's pages alone),
     with a person's decisions where formreader.review.decisions put them). The wide table holds each
     field's final value; its 'review' column names the fields still waiting for a person."""
+    import pandas as pd
+
     fields, digits, errors, wide = [], [], [], []
     for rec in records:
         rec = {**rec, "source": as_text(display_path(rec["source"]))}
@@ -311,6 +315,7 @@ def write_xlsx(fields: pd.DataFrame, errors: pd.DataFrame, settings: dict, path:
     and a person need not check, a number cell showing its decimals; cells needing review filled,
     their reasons as a comment; a batch of several forms: a sheet so for each, named after it),
     'errors' and 'settings'. No cell is a formula, whatever it holds. Written atomically."""
+    import pandas as pd
     from openpyxl import Workbook
     from openpyxl.comments import Comment
     from openpyxl.styles import Font, PatternFill
@@ -381,6 +386,8 @@ class NotResultsError(ValueError):
 def write_workbook(results: Path, xlsx: Path) -> int:
     """Write the workbook of the results of `process --out results` (its CSVs, and the run's
     settings from its journal) to `xlsx`; returns the number of pages. Raises NotResultsError."""
+    import pandas as pd
+
     paths = output_paths(results)
     try:
         fields = pd.read_csv(paths["fields"], dtype=str, keep_default_na=False)
