@@ -245,11 +245,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_batch(tmp_path: Path) -> subprocess.Popen:
+def start_batch(tmp_path: Path, *options: str) -> subprocess.Popen:
+    """A run on six copies of the samples' 4-page PDF (made on the first call), two workers."""
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(6):
-        shutil.copyfile(SCANS / "batch_a.pdf", folder / f"b{i}.pdf")
+    if not folder.exists():
+        folder.mkdir()
+        for i in range(6):
+            shutil.copyfile(SCANS / "batch_a.pdf", folder / f"b{i}.pdf")
     cmd = [
         sys.executable,
         "-m",
@@ -262,6 +264,7 @@ def start_batch(tmp_path: Path) -> subprocess.Popen:
         tmp_path / "r.csv",
         "-j",
         "2",
+        *options,
     ]
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -300,6 +303,30 @@ def test_interrupted_run_exits_130_and_resumes_to_the_same_rows(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     fields, _ = read_results(tmp_path / "r.csv")
     assert len(fields) == 6 * 4 * 6 and not fields.duplicated(["file", "page", "field"]).any()
+
+
+def test_a_run_killed_at_several_points_resumes_to_the_uninterrupted_csvs(tmp_path):
+    """kill -9 once a page, then nine, then seventeen of the 24 pages are in the journal (each
+    time resumed with --resume, and killed again): the last resume's CSVs are byte for byte
+    those of a run that was never interrupted."""
+    proc = start_batch(tmp_path)
+    journal = tmp_path / "r.journal.jsonl"
+    for pages in (1, 9, 17):
+        deadline = time.time() + 120
+        while time.time() < deadline and (not journal.exists() or journal.read_text().count('"kind": "page"') < pages):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert not (tmp_path / "r.csv").exists()
+        proc = start_batch(tmp_path, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    whole = run_cli("process", tmp_path / "in", "--template", TEMPLATE, "--out", tmp_path / "whole" / "r.csv", "-q", "-j", "2")
+    assert whole.returncode == 0, whole.stderr
+    for name in ("r.csv", "r.wide.csv", "r.digits.csv", "r.errors.csv"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert len(read_results(tmp_path / "r.csv")[0]) == 6 * 4 * 6
 
 
 def test_workers_of_a_killed_run_end_too(tmp_path):

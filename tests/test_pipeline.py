@@ -206,13 +206,19 @@ def test_progress_counts_pages(template, classifier):
     assert seen == records and len(seen) == 4
 
 
-def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records):
+def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records, tmp_path):
     """The same batch on a real Dask LocalCluster (worker processes) reads what a local run reads."""
     from distributed import LocalCluster
+
+    from formreader.export import write_results
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         records = process_paths([SCANS], template, classifier, scheduler=cluster.scheduler_address)
     assert records == sample_records
+    # and so the CSVs written from them, byte for byte
+    cluster_csvs = write_results(records, tmp_path / "cluster" / "r.csv")
+    local_csvs = write_results(sample_records, tmp_path / "local" / "r.csv")
+    assert [p.read_bytes() for p in cluster_csvs.values()] == [p.read_bytes() for p in local_csvs.values()]
 
 
 def test_an_unreachable_scheduler_is_a_clear_refusal(tmp_path):
