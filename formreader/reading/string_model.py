@@ -337,8 +337,6 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-
-
 def digits_of(text: str) -> str:
     """The digits of a reading, its separators left out: what a field's value is."""
     return "".join(c for c in text if c.isdigit())
