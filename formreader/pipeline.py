@@ -54,7 +54,7 @@ from formreader.reading.ingest import (
 )
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
-from formreader.reading.segment import DigitSegment, segment_digit
+from formreader.reading.segment import DigitSegment, segment_cells
 from formreader.reading.string_model import combine_readings, field_views, read_twice
 from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame
 from formreader.reading.template import Template
@@ -176,17 +176,20 @@ def segment_page(
             wholes.append((field_views(crop), crop.shape))
             continue
         wholes.append(None)
-        located = [box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)]
-        boxes.append(located)
-        # The blank form's own print is dropped from each cell first: ticks, dividers and borders
-        # of any style are never read as strokes, wherever the template puts the box.
-        segments.append([
-            segment_digit(
-                cell_crop(reg.aligned, b), interior=cell_interior(reg.aligned.shape, b), printed=cell_crop(features.printed, b)
-            )
-            for b in located
-        ])
+        boxes.append([box for box, _ in refine_cells(reg.aligned, list(spec.cells), template.dpi)])
+        segments.append([])  # the page's cells are segmented together, below
         offsets.append((0, 0))
+    # The blank form's own print is dropped from each cell first: ticks, dividers and borders of
+    # any style are never read as strokes, wherever the template puts the box.
+    boxed = [k for k, spec in enumerate(template.fields) if spec.kind != "free"]
+    cells = [b for k in boxed for b in boxes[k]]
+    done = iter(segment_cells(
+        [cell_crop(reg.aligned, b) for b in cells],
+        interiors=[cell_interior(reg.aligned.shape, b) for b in cells],
+        printed=[cell_crop(features.printed, b) for b in cells],
+    ))
+    for k in boxed:
+        segments[k] = [next(done) for _ in boxes[k]]
     return SegmentedPage(
         page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name, bitonal=is_bitonal(page.image)
     )

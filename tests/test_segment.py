@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from formreader.reading.locate import cell_crop
-from formreader.reading.segment import normalize_digit, segment_digit
+from formreader.reading.segment import normalize_digit, segment_cells, segment_digit
 from formreader.training.synth import write_digit
 
 
@@ -103,3 +103,53 @@ def test_faint_pencil_is_found():
     faint = [c for c in crops if c.min() > 190][:20]
     assert len(faint) >= 5
     assert all(segment_digit(c).image is not None for c in faint)
+
+
+def test_cells_segmented_together_get_what_each_gets_alone(mnist_test):
+    """A page's cells go through segmentation as one stack per shape (one OpenCV call over a
+    mosaic of them): each must come out exactly as it would alone, blanks, borders and all."""
+    images, _ = mnist_test
+    crops, interiors, printed = [], [], []
+    for k in range(40):
+        size = (36, 36, 44)[k % 3]
+        digit = None if k % 7 == 3 else images[k]
+        crops.append(boxed(digit, seed=k, ink=40 + k, size=size))
+        h, w = crops[-1].shape
+        interiors.append((3, 3, w - 6, h - 6) if k % 2 else None)
+        mark = np.zeros((h, w), bool)
+        mark[h // 2, : w // 4] = k % 5 == 0  # a printed tick on some of them
+        printed.append(mark)
+    for k in range(40, 80):  # digits cut tight, their strokes on the crop's edges, beside each other
+        crops.append(255 - images[k][5:23, 4:24])
+        interiors.append(None)
+        printed.append(np.zeros((18, 20), bool))
+    crops.append(np.full((30, 30), 250, np.uint8))  # a blank crop of a shape of its own
+    interiors.append(None)
+    printed.append(np.zeros((30, 30), bool))
+    together = segment_cells(crops, interiors=interiors, printed=printed, batch=16)
+    alone = [segment_digit(c, interior=i, printed=p) for c, i, p in zip(crops, interiors, printed)]
+    assert sum(s.image is None for s in alone) >= 6  # blanks among them, to be kept blank
+    for t, a in zip(together, alone):
+        assert (t.image is None) == (a.image is None) and t.stray_ink == a.stray_ink
+        if a.image is not None:
+            assert np.array_equal(t.image, a.image)
+
+
+def test_a_cell_never_reaches_into_its_neighbour_in_the_stack():
+    """Ink on a cell's bottom edge beside ink on the next cell's top edge: segmented together,
+    neither joins nor seeds the other's strokes (the mosaic keeps them apart)."""
+    paper = np.full((30, 30), 230, np.uint8)
+    above = paper.copy()
+    above[26:, 3:21] = 40  # a bar along its bottom edge, too short for a box line
+    above[:, 14:17] = 40
+    faint = paper.copy()
+    faint[:, 20:24] = 40  # a stroke...
+    faint[:4, 4:11] = 190  # ...and a faint mark at the top edge, touching nothing dark: not ink
+    apart = paper.copy()
+    apart[:, 20:24] = 40  # a stroke, and a blob too far from it to belong to the digit
+    apart[:5, 1:8] = 40
+    crops = [above, faint, above, apart]
+    together = segment_cells(crops)
+    alone = [segment_digit(c) for c in crops]
+    assert alone[1].stray_ink == together[1].stray_ink
+    assert np.array_equal(alone[3].image, together[3].image)

@@ -5,7 +5,10 @@ anti-aliased, and placed in a 28x28 field so that its centre of mass is at the c
 happens before that (thresholding, line removal, choosing which ink is the digit) is what makes a
 scanned box look like MNIST, and is where real-paper accuracy is won or lost.
 
-All functions take and return numpy arrays; none reads or writes files.
+All functions take and return numpy arrays; none reads or writes files. The stages work on
+stacks of crops of one shape, (N, H, W): a page's cells or a batch of digits are segmented with
+one call to each OpenCV operation over a mosaic of the crops, laid apart so that none reaches
+into its neighbour, which gives each crop exactly what it would get alone.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from formreader.reading.locate import Box
@@ -60,55 +64,89 @@ class DigitSegment:
 def ink_intensity(grey: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
     """Estimate how much ink each pixel holds and which pixels are ink.
 
-    grey: (H, W) uint8 or float, dark ink on light paper.
-    Returns (ink, mask): ink (H, W) float32 in [0, 1], 1 at the darkest ink; mask (H, W) bool.
+    grey: (N, H, W) uint8 or float, dark ink on light paper (or one crop, (H, W)).
+    Returns (ink, mask) of grey's shape: ink float32 in [0, 1], 1 at the darkest ink; mask bool.
     Thresholding is by hysteresis, relative to the paper: pixels clearly darker than the paper
     seed the strokes, which then grow through fainter connected pixels, so faint pencil keeps
-    its thin ends without admitting noise. "Clearly darker" adapts to the crop: half the depth
+    its thin ends without admitting noise. "Clearly darker" adapts to each crop: half the depth
     of its darkest ink, but never more than `seed_limit` grey levels (box lines are far darker
     than a pencil digit) nor less than the contrast that the paper's noise allows.
     """
+    if grey.ndim == 2:
+        ink, mask = ink_intensity(grey[None], params)
+        return ink[0], mask[0]
     g = grey.astype(np.float32)
-    if min(g.shape) >= 12:
-        g = cv2.GaussianBlur(g, (3, 3), 0.6)  # scanner noise, not stroke detail
-    # The statistics below are order statistics of grey levels: read off a histogram of whole
-    # levels rather than sorting the crop's pixels again for each.
-    counts = _histogram(g)
-    paper = _level_at(counts, 0.90)
-    darkest = _level_at(counts, 0.005)
+    n, h, w = g.shape
+    if min(h, w) >= 12:  # scanner noise, not stroke detail; each crop's edge mirrored as alone
+        padded = np.pad(g, ((0, 0), (1, 1), (0, 0)), mode="reflect").reshape(-1, w)
+        g = cv2.GaussianBlur(padded, (3, 3), 0.6).reshape(n, h + 2, w)[:, 1:-1]
+    # The statistics below are order statistics of grey levels: read off each crop's histogram
+    # of whole levels rather than sorting its pixels again for each.
+    whole = _whole_levels(g) + (np.arange(n) * 256)[:, None, None]  # crop k's levels in bins 256k...
+    counts = np.bincount(whole.ravel(), minlength=256 * n).reshape(n, 256)
+    paper, darkest = _level_at(counts, 0.90), _level_at(counts, 0.005)
     # Noise from the pixels near paper level only: ink must not inflate it.
-    near = counts * (np.arange(256) > paper - 25)
-    if near.any():
-        middle = _level_at(near, 0.5)
-        deviations = np.bincount(np.abs(np.arange(256) - int(middle)), weights=near, minlength=256)
-        noise = 1.4826 * _level_at(deviations, 0.5)
-    else:
-        noise = 0.0
-    contrast = max(params.min_contrast, params.noise_contrast * noise)
+    near = counts * (_LEVELS > paper[:, None] - 25)
+    middle = _level_at(near, 0.5)
+    distance = np.abs(_LEVELS - middle[:, None].astype(int)) + (np.arange(n) * 256)[:, None]
+    deviations = np.bincount(distance.ravel(), weights=near.ravel(), minlength=256 * n).reshape(n, 256)
+    noise = np.where(near.any(axis=1), 1.4826 * _level_at(deviations, 0.5), 0.0)
+    contrast = np.maximum(params.min_contrast, params.noise_contrast * noise)
     depth = paper - darkest
-    if depth < contrast:
-        return np.zeros(g.shape, np.float32), np.zeros(g.shape, bool)
-    high = paper - max(contrast, min(params.seed_depth * depth, params.seed_limit))
-    low = paper - max(0.6 * contrast, min(params.grow_depth * depth, 0.5 * params.seed_limit))
-    mask = hysteresis(g < low, g < high)
-    ink_level = _level_at(_histogram(g[mask]), 0.10) if mask.any() else darkest
-    ink = np.clip((paper - g) / max(paper - ink_level, 1.0), 0.0, 1.0)
-    return ink.astype(np.float32), mask
+    high = paper - np.maximum(contrast, np.minimum(params.seed_depth * depth, params.seed_limit))
+    low = paper - np.maximum(0.6 * contrast, np.minimum(params.grow_depth * depth, 0.5 * params.seed_limit))
+    # Compared in float32, the crops' own precision.
+    mask = hysteresis(g < _per_crop(low), g < _per_crop(high))
+    mask[depth < contrast] = False  # no ink clearly darker than the paper: a blank crop
+    inked = mask.any(axis=(1, 2))
+    counts_in_mask = np.bincount(whole[mask], minlength=256 * n).reshape(n, 256)
+    ink_level = np.where(inked, _level_at(counts_in_mask, 0.10), darkest)
+    ink = (_per_crop(paper) - g) / _per_crop(np.maximum(paper - ink_level, 1.0))
+    ink = np.minimum(np.maximum(ink, 0.0, out=ink), 1.0, out=ink)
+    ink[depth < contrast] = 0.0
+    return ink, mask
 
 
-def _histogram(grey: np.ndarray) -> np.ndarray:
-    """(256,) counts of the whole grey levels of float pixels (any shape)."""
-    return np.bincount(np.clip(grey + 0.5, 0, 255).astype(np.uint8).ravel(), minlength=256)
+_LEVELS = np.arange(256)
 
 
-def _level_at(counts: np.ndarray, q: float) -> float:
-    """The grey level below which a share `q` of the pixels lie, from their (256,) histogram."""
-    cumulative = np.cumsum(counts)
-    return float(np.searchsorted(cumulative, q * cumulative[-1]))
+def _whole_levels(grey: np.ndarray) -> np.ndarray:
+    """Float pixels (any shape) rounded to whole grey levels: uint8 of the same shape."""
+    return np.minimum(np.maximum(grey + 0.5, 0), 255).astype(np.uint8)
+
+
+def _level_at(counts: np.ndarray, q: float) -> np.ndarray:
+    """The grey level below which a share `q` of the pixels lie, from their histograms: (N, 256)
+    counts (or weights) in, (N,) float64 levels out."""
+    cumulative = np.cumsum(counts, axis=1)
+    return (cumulative < q * cumulative[:, -1:]).sum(axis=1).astype(np.float64)
+
+
+def _per_crop(values: np.ndarray) -> np.ndarray:
+    """(N,) per-crop values as float32 (N, 1, 1), to broadcast over a stack of crops."""
+    return values.astype(np.float32)[:, None, None]
+
+
+def _mosaic(stack: np.ndarray, apart: int) -> np.ndarray:
+    """A stack (N, H, W) as one image (N * (H + apart), W): each crop followed by `apart` rows of
+    zeros, so that a neighbourhood operation that reaches `apart` rows sees each crop alone."""
+    n, h, w = stack.shape
+    out = np.zeros((n, h + apart, w), stack.dtype)
+    out[:, :h] = stack
+    return out.reshape(n * (h + apart), w)
+
+
+def _unmosaic(image: np.ndarray, n: int, h: int) -> np.ndarray:
+    """The (N, H, W) crops of a `_mosaic` image (a view)."""
+    return image.reshape(n, -1, image.shape[1])[:, :h]
 
 
 def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """The `weak` pixels connected (4-neighbours) to a `strong` one. (H, W) bool in and out."""
+    """The `weak` pixels connected (4-neighbours) to a `strong` one. (H, W) or (N, H, W) bool in
+    and out; crops of a stack are never connected to each other."""
+    if weak.ndim == 3:
+        n, h, _ = weak.shape
+        return _unmosaic(hysteresis(_mosaic(weak, 1), _mosaic(strong, 1)), n, h)
     count, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=4)
     seeded = np.zeros(count, bool)
     seeded[labels[strong & weak]] = True
@@ -117,113 +155,164 @@ def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
 
 
 def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
-    """Remove long straight horizontal and vertical runs (box lines) from a binary mask.
+    """Remove long straight horizontal and vertical runs (box lines) from binary masks.
 
-    mask: (H, W) bool. Returns a new (H, W) bool mask. A run must span `line_length` of the
+    mask: (N, H, W) bool. Returns a new (N, H, W) bool mask. A run must span `line_length` of the
     crop's width (or height) and lie in the band `line_band` along an edge to count as a box
     line: a digit's own straight strokes (the stem of a 1) are shorter or further inside.
     """
-    h, w = mask.shape
-    m = mask.astype(np.uint8)
-    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, max(3, int(params.line_length * w))), np.uint8))
-    vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((max(3, int(params.line_length * h)), 1), np.uint8))
+    _, h, w = mask.shape
+    across, down = max(3, int(params.line_length * w)), max(3, int(params.line_length * h))
     band_h, band_w = max(1, int(params.line_band * h)), max(1, int(params.line_band * w))
-    horiz[band_h : h - band_h, :] = 0
-    vert[:, band_w : w - band_w] = 0
-    # Widen each line by a pixel across itself only (its anti-aliased edge), so a stroke that
-    # touches or crosses it keeps its pixels along the line.
-    lines = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
-    return mask & ~lines.astype(bool)
+    # An opening keeps a run only in a row (column) with that much ink; outside the image
+    # counts as ink to OpenCV's erosion, so a run at the edge needs only half the length.
+    rows, cols = mask.sum(axis=2), mask.sum(axis=1)
+    bands_h = np.concatenate([rows[:, :band_h], rows[:, h - band_h :]], axis=1).max(axis=1)
+    bands_w = np.concatenate([cols[:, :band_w], cols[:, w - band_w :]], axis=1).max(axis=1)
+    out = mask.copy()
+    for k in np.flatnonzero((bands_h >= across // 2) | (bands_w >= down // 2)):
+        m = mask[k].astype(np.uint8)
+        horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, across), np.uint8))
+        vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((down, 1), np.uint8))
+        horiz[band_h : h - band_h, :] = 0
+        vert[:, band_w : w - band_w] = 0
+        # Widen each line by a pixel across itself only (its anti-aliased edge), so a stroke that
+        # touches or crosses it keeps its pixels along the line.
+        lines = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
+        out[k] &= ~lines.astype(bool)
+    return out
 
 
-def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray | None:
-    """Keep the ink that forms the digit: the largest stroke and pieces close to it.
+def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the ink that forms each crop's digit: its largest stroke and pieces close to it.
 
     Drops specks, dots beside the digit and fragments of box lines along the crop's edges.
-    mask: (H, W) bool. Returns the kept (H, W) bool mask, or None when no digit is there.
+    mask: (N, H, W) bool. Returns (keep (N, H, W) bool, found (N,) bool): the kept ink, and
+    which crops have a digit at all (keep is empty where not).
     """
-    h, w = mask.shape
+    n, h, w = mask.shape
     side = min(h, w)
     # Label pieces joined across small gaps (pencil skips, the top bar of a 5), but count and
     # keep only the ink itself.
     gap = max(1, round(params.stroke_gap * side))
-    joined = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
-    n, labels = cv2.connectedComponents(joined, connectivity=8)
-    labels = np.where(mask, labels, 0)
-    candidates = []
-    for i in range(1, n):
-        ys, xs = np.nonzero(labels == i)
-        if len(ys) == 0:
-            continue
-        x, y = int(xs.min()), int(ys.min())
-        bw, bh, area = int(xs.max()) - x + 1, int(ys.max()) - y + 1, len(ys)
-        # A piece of box line left at an edge: thin, parallel to the edge it touches.
-        at_top_or_bottom = (y <= 1 or y + bh >= h - 1) and bh <= 0.15 * h and bw >= 2 * bh
-        at_left_or_right = (x <= 1 or x + bw >= w - 1) and bw <= 0.15 * w and bh >= 2 * bw
-        if (at_top_or_bottom or at_left_or_right) and area < 0.5 * bw * bh + 4 * max(bw, bh):
-            continue
-        candidates.append((area, i, x, y, bw, bh))
-    if not candidates:
-        return None
-    candidates.sort(reverse=True)
-    area, i, x, y, bw, bh = candidates[0]
-    if max(bw, bh) < params.min_digit_extent * side:
-        return None
-    keep = labels == i
-    reach = params.companion_gap * max(bw, bh)
-    x0, y0, x1, y1 = x - reach, y - reach, x + bw + reach, y + bh + reach
-    for a, j, cx, cy, cw, ch in candidates[1:]:
-        near = cx < x1 and cx + cw > x0 and cy < y1 and cy + ch > y0
-        if near and a >= params.companion_area * area and max(cw, ch) >= params.companion_extent * max(bw, bh):
-            keep |= labels == j
-    if keep.sum() < params.min_digit_area * h * w:
-        return None
-    return keep
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)
+    joined = _unmosaic(cv2.dilate(_mosaic(mask.astype(np.uint8), gap), disk), n, h)
+    count, labels = cv2.connectedComponents(_mosaic(joined, 1), connectivity=8)
+    labels = np.where(mask, _unmosaic(labels, n, h), 0)
+    # Each piece's crop, bounding box and area: (count - 1,) arrays over labels 1...
+    pieces = [(i, *sl) for i, sl in enumerate(ndimage.find_objects(labels), start=1) if sl is not None]
+    if not pieces:
+        return np.zeros_like(mask), np.zeros(n, bool)
+    label = np.array([p[0] for p in pieces])
+    crop = np.array([p[1].start for p in pieces])
+    y, x = np.array([p[2].start for p in pieces]), np.array([p[3].start for p in pieces])
+    bh, bw = np.array([p[2].stop for p in pieces]) - y, np.array([p[3].stop for p in pieces]) - x
+    area = np.bincount(labels.ravel(), minlength=count)[label]
+    # A piece of box line left at an edge: thin, parallel to the edge it touches.
+    at_top_or_bottom = ((y <= 1) | (y + bh >= h - 1)) & (bh <= 0.15 * h) & (bw >= 2 * bh)
+    at_left_or_right = ((x <= 1) | (x + bw >= w - 1)) & (bw <= 0.15 * w) & (bh >= 2 * bw)
+    line_piece = (at_top_or_bottom | at_left_or_right) & (area < 0.5 * bw * bh + 4 * np.maximum(bw, bh))
+    c = ~line_piece
+    label, crop, x, y, bw, bh, area = label[c], crop[c], x[c], y[c], bw[c], bh[c], area[c]
+    # Each crop's main piece: its largest (the later label on a tie).
+    order = np.lexsort((-label, -area, crop))
+    first = order[np.r_[True, crop[order][1:] != crop[order][:-1]]] if len(order) else order
+    main = np.full(n, -1)
+    main[crop[first]] = first
+    extent = np.maximum(bw, bh)
+    found = np.zeros(n, bool)
+    found[crop[first]] = extent[first] >= params.min_digit_extent * side
+    # Pieces kept beside it: near it, and big and long enough not to be a dot or a speck.
+    m = main[crop]
+    reach = params.companion_gap * extent[m]
+    near = (x < x[m] + bw[m] + reach) & (x + bw > x[m] - reach) & (y < y[m] + bh[m] + reach) & (y + bh > y[m] - reach)
+    companion = near & (area >= params.companion_area * area[m]) & (extent >= params.companion_extent * extent[m])
+    kept = np.zeros(count, bool)
+    kept[label[(companion | (np.arange(len(label)) == m)) & found[crop]]] = True
+    keep = kept[labels]
+    found &= keep.sum(axis=(1, 2)) >= params.min_digit_area * h * w
+    keep[~found] = False
+    return keep, found
 
 
 def stroke_width(ink: np.ndarray) -> float:
     """Mean stroke width in pixels: ink mass over skeleton length. ink: (H, W) float in [0, 1]."""
-    skeleton = skeletonize(ink > 0.5)
-    length = max(int(skeleton.sum()), 1)
-    return float(ink.sum()) / length
+    return stroke_widths([ink])[0]
+
+
+def stroke_widths(inks: list[np.ndarray]) -> list[float]:
+    """`stroke_width` of each of several ink maps (any sizes), skeletonised together."""
+    height, width = max(i.shape[0] for i in inks) + 1, max(i.shape[1] for i in inks)
+    slots = np.zeros((len(inks), height, width), bool)  # a zero row apart: thinning is local
+    for slot, ink in zip(slots, inks):
+        slot[: ink.shape[0], : ink.shape[1]] = ink > 0.5
+    lengths = skeletonize(slots.reshape(-1, width)).reshape(slots.shape).sum(axis=(1, 2))
+    return [float(ink.sum()) / max(int(n), 1) for ink, n in zip(inks, lengths)]
 
 
 def normalize_digit(ink: np.ndarray, thicken: bool = True, sharpen: bool = True) -> np.ndarray:
-    """Turn an ink map into a 28x28 MNIST-style image.
+    """Turn an ink map into a 28x28 MNIST-style image (see `normalize_digits`).
 
     ink: (H, W) float in [0, 1], ink high; everything outside the digit already zero.
-    Returns (28, 28) float32: the digit fitted in 20x20 (aspect kept), centre of mass at
-    (14, 14). With `thicken`, strokes thinner than MNIST's are grown to its width, since thin
-    pencil and low-resolution scans otherwise give digits the model has never seen.
+    Returns (28, 28) float32."""
+    return normalize_digits([ink], thicken, sharpen)[0]
+
+
+def normalize_digits(inks: list[np.ndarray], thicken: bool = True, sharpen: bool = True) -> np.ndarray:
+    """Turn ink maps into 28x28 MNIST-style images.
+
+    inks: (H, W) float arrays in [0, 1] (any sizes, or a stack), ink high; everything outside
+    the digit already zero. Returns (N, 28, 28) float32: each digit fitted in 20x20 (aspect
+    kept), centre of mass at (14, 14). With `thicken`, strokes thinner than MNIST's are grown
+    to its width, since thin pencil and low-resolution scans otherwise give digits the model
+    has never seen.
     """
-    ys, xs = np.nonzero(ink > 0.05)
-    if len(ys) == 0:
-        return np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
-    crop = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
-    h, w = crop.shape
-    scale = MNIST_BOX / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    small = cv2.resize(crop, (nw, nh), interpolation=interp)
-    small = np.clip(small / max(float(small.max()), 1e-6), 0, 1)
-    if sharpen and scale > 1.5:
-        # Enlarging smears a stroke's edge over several pixels; MNIST strokes have a solid core
-        # and a one-pixel anti-aliased edge. Re-steepen the edge.
-        small = np.clip((small - 0.2) / 0.5, 0, 1)
-    if thicken:
-        width = stroke_width(small)
+    out = np.zeros((len(inks), MNIST_SIZE, MNIST_SIZE), np.float32)
+    smalls, where = [], []
+    for k, ink in enumerate(inks):
+        rows, cols = np.flatnonzero((ink > 0.05).any(axis=1)), np.flatnonzero((ink > 0.05).any(axis=0))
+        if len(rows) == 0:
+            continue
+        crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32, copy=False)
+        h, w = crop.shape
+        scale = MNIST_BOX / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        small = _to_unit(cv2.resize(crop, (nw, nh), interpolation=interp))
+        if sharpen and scale > 1.5:
+            # Enlarging smears a stroke's edge over several pixels; MNIST strokes have a solid
+            # core and a one-pixel anti-aliased edge. Re-steepen the edge.
+            small = np.clip((small - 0.2) / 0.5, 0, 1)
+        smalls.append(small)
+        where.append(k)
+    widths = stroke_widths(smalls) if thicken and smalls else [MNIST_STROKE_WIDTH] * len(smalls)
+    canvases = np.zeros((len(smalls), MNIST_SIZE, MNIST_SIZE), np.float32)
+    for canvas, small, width in zip(canvases, smalls, widths):
         if width < MNIST_STROKE_WIDTH - 0.6:
-            k = 2 if width > MNIST_STROKE_WIDTH - 1.2 else 3
-            small = np.maximum(small, cv2.dilate(small, np.ones((k, k), np.uint8)) * 0.85)
-    small = np.clip(small / max(float(small.max()), 1e-6), 0, 1)
-    canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
-    top, left = (MNIST_SIZE - nh) // 2, (MNIST_SIZE - nw) // 2
-    canvas[top : top + nh, left : left + nw] = small
-    total = canvas.sum()
-    cy = (canvas.sum(axis=1) @ np.arange(MNIST_SIZE)) / total
-    cx = (canvas.sum(axis=0) @ np.arange(MNIST_SIZE)) / total
-    shift = np.float32([[1, 0, (MNIST_SIZE - 1) / 2 - cx], [0, 1, (MNIST_SIZE - 1) / 2 - cy]])
-    return cv2.warpAffine(canvas, shift, (MNIST_SIZE, MNIST_SIZE), flags=cv2.INTER_LINEAR)
+            # Grown by at most 0.85 of its darkest ink, which is 1: the result's darkest is 1 still.
+            grow = 2 if width > MNIST_STROKE_WIDTH - 1.2 else 3
+            small = np.maximum(small, cv2.dilate(small, np.ones((grow, grow), np.uint8)) * 0.85)
+        nh, nw = small.shape
+        top, left = (MNIST_SIZE - nh) // 2, (MNIST_SIZE - nw) // 2
+        canvas[top : top + nh, left : left + nw] = small
+    # Each digit's centre of mass moved to the image's centre.
+    total = canvases.sum(axis=(1, 2))
+    cy = (canvases.sum(axis=2) @ _CENTRES) / total
+    cx = (canvases.sum(axis=1) @ _CENTRES) / total
+    middle = (MNIST_SIZE - 1) / 2
+    for k, canvas, dy, dx in zip(where, canvases, middle - cy, middle - cx):
+        shift = np.float32([[1, 0, dx], [0, 1, dy]])
+        out[k] = cv2.warpAffine(canvas, shift, (MNIST_SIZE, MNIST_SIZE), flags=cv2.INTER_LINEAR)
+    return out
+
+
+_CENTRES = np.arange(MNIST_SIZE)
+
+
+def _to_unit(image: np.ndarray) -> np.ndarray:
+    """A non-negative float image divided by its maximum, so that its darkest ink is 1."""
+    image = image / max(float(image.max()), 1e-6)
+    return np.minimum(np.maximum(image, 0, out=image), 1, out=image)
 
 
 def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: float = 0.3) -> np.ndarray:
@@ -261,62 +350,110 @@ def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: floa
     return reaching[labels]
 
 
+def digit_inks(
+    crops: np.ndarray,
+    params: SegmentParams = DEFAULT_PARAMS,
+    interiors: list[Box | None] | None = None,
+    printed: np.ndarray | None = None,
+) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """The ink of the digit in each grey crop of a box, at the crops' own resolution.
+
+    crops: (N, H, W) uint8, dark ink on light paper. Returns (inks, stray): inks, N arrays
+    (H, W) float32 in [0, 1], high on the digit's strokes and zero elsewhere, or None where the
+    box is blank (no ink, or only specks and pieces of box line); stray (N,): the ink left after
+    line removal, as a fraction of the crop, digit or not. interiors (N boxes or None) and
+    printed ((N, H, W) bool): as for `segment_digit`.
+    """
+    ink, mask = ink_intensity(crops, params)
+    if printed is not None:
+        mask &= ~printed
+    for k, interior in enumerate(interiors or ()):
+        if interior is not None:
+            mask[k] = remove_frame(mask[k], interior)
+    mask = remove_box_lines(mask, params)
+    stray = mask.mean(axis=(1, 2))
+    keep, found = select_digit_ink(mask, params)
+    # Keep the anti-aliased fringe of the kept strokes, not of anything else.
+    n, h, _ = keep.shape
+    fringe = _unmosaic(cv2.dilate(_mosaic(keep.astype(np.uint8), 1), np.ones((3, 3), np.uint8)), n, h)
+    inks = np.where(fringe.astype(bool), ink, 0.0).astype(np.float32)
+    return [inks[k] if found[k] else None for k in range(n)], stray
+
+
 def digit_ink(
     crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None, printed: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, float]:
-    """The ink of the digit in a grey crop of a box, at the crop's own resolution.
+    """`digit_inks` of one crop (H, W): (ink (H, W) float32 or None where blank, stray)."""
+    inks, stray = digit_inks(crop[None], params, [interior], None if printed is None else printed[None])
+    return inks[0], float(stray[0])
 
-    crop: (H, W) uint8, dark ink on light paper. Returns (ink, stray): ink (H, W) float32 in
-    [0, 1], high on the digit's strokes and zero elsewhere, or None when the box is blank (no
-    ink, or only specks and pieces of box line); stray: the ink left after line removal, as a
-    fraction of the crop, digit or not. interior and printed: as for `segment_digit`.
+
+def segment_digits(
+    crops: np.ndarray,
+    params: SegmentParams = DEFAULT_PARAMS,
+    interiors: list[Box | None] | None = None,
+    printed: np.ndarray | None = None,
+) -> list[DigitSegment]:
+    """Segment one digit from each grey crop of a box (dark ink on light paper).
+
+    crops: (N, H, W) uint8, crops of one shape. interiors: where each box's inside lies in its
+    crop (x, y, w, h), when the form's template says so: then the border is removed wherever it
+    runs (`remove_frame`), so that no piece of it (thick, ragged or broken, as bitonal scans
+    make them) passes for a stroke. Long straight runs along the crops' edges are taken for box
+    lines in any case. A result's image is None when its box is blank (no ink, or only specks
+    and pieces of box line); its stray_ink then tells how much rejected ink there was.
+    printed: (N, H, W) bool, where the blank form has print in each crop (a registered page's
+    cells): that ink is the form's own (ticks, dividers, borders of any style, wherever the
+    template puts the box) and is dropped first; a stroke crossing it loses only the pixels on it.
     """
-    ink, mask = ink_intensity(crop, params)
-    if printed is not None:
-        mask &= ~printed
-    if interior is not None:
-        mask = remove_frame(mask, interior)
-    if not mask.any():
-        return None, 0.0
-    mask = remove_box_lines(mask, params)
-    stray = float(mask.mean())
-    keep = select_digit_ink(mask, params)
-    if keep is None:
-        return None, stray
-    # Keep the anti-aliased fringe of the kept strokes, not of anything else.
-    fringe = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    return np.where(fringe, ink, 0.0).astype(np.float32), stray
+    inks, stray = digit_inks(np.asarray(crops), params, interiors, printed)
+    found = [k for k, ink in enumerate(inks) if ink is not None]
+    images = normalize_digits([inks[k] for k in found], params.thicken, params.sharpen)
+    segments = [DigitSegment(None, float(s)) for s in stray]
+    for k, image in zip(found, images):
+        segments[k] = DigitSegment(image, float(stray[k]))
+    return segments
 
 
 def segment_digit(
     crop: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, interior: Box | None = None, printed: np.ndarray | None = None
 ) -> DigitSegment:
-    """Segment one digit from a grey crop of a box (dark ink on light paper, any size).
+    """`segment_digits` of one crop (H, W) uint8, of any size."""
+    return segment_digits(np.asarray(crop)[None], params, [interior], None if printed is None else printed[None])[0]
 
-    crop: (H, W) uint8. interior: where the box's inside lies in the crop (x, y, w, h), when the
-    form's template says so: then the border is removed wherever it runs (`remove_frame`), so
-    that no piece of it (thick, ragged or broken, as bitonal scans make them) passes for a
-    stroke. Long straight runs along the crop's edges are taken for box lines in any case. The
-    result's image is None when the box is blank (no ink, or only specks and pieces of box
-    line); its stray_ink then tells how much rejected ink there was. printed: (H, W) bool, where
-    the blank form has print in this crop (a registered page's cell): that ink is the form's
-    own (ticks, dividers, borders of any style, wherever the template puts the box) and is
-    dropped first; a stroke crossing it loses only the pixels on it.
-    """
-    ink, stray = digit_ink(crop, params, interior, printed)
-    if ink is None:
-        return DigitSegment(None, stray)
-    return DigitSegment(normalize_digit(ink, params.thicken, params.sharpen), stray)
+
+def segment_cells(
+    crops: list[np.ndarray],
+    params: SegmentParams = DEFAULT_PARAMS,
+    interiors: list[Box | None] | None = None,
+    printed: list[np.ndarray] | None = None,
+    batch: int = 256,
+) -> list[DigitSegment]:
+    """`segment_digits` of crops of any sizes (a list of (h, w) uint8, with their interiors and
+    printed masks if given): those of one shape are segmented together, `batch` at a time."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for k, crop in enumerate(crops):
+        by_shape.setdefault(np.shape(crop), []).append(k)
+    segments: list[DigitSegment | None] = [None] * len(crops)
+    for members in by_shape.values():
+        for i in range(0, len(members), batch):
+            part = members[i : i + batch]
+            done = segment_digits(
+                np.stack([crops[k] for k in part]),
+                params,
+                None if interiors is None else [interiors[k] for k in part],
+                None if printed is None else np.stack([printed[k] for k in part]),
+            )
+            for k, seg in zip(part, done):
+                segments[k] = seg
+    return segments
 
 
 def segment_crops(crops) -> tuple[np.ndarray, np.ndarray]:
     """Segment grey crops (a sequence of (h, w) uint8 of any sizes, dark ink on light paper),
     each as a box's crop is. Returns (images (M, 28, 28) float32, index (M,) of the crops that
     were not judged blank)."""
-    images, index = [], []
-    for i, crop in enumerate(crops):
-        seg = segment_digit(np.asarray(crop))
-        if seg.image is not None:
-            images.append(seg.image)
-            index.append(i)
+    segments = segment_cells([np.asarray(c) for c in crops])
+    index = [k for k, seg in enumerate(segments) if seg.image is not None]
+    images = [segments[k].image for k in index]
     return np.array(images, np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE), np.array(index, np.int64)
