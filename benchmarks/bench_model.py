@@ -3,11 +3,13 @@
     python benchmarks/bench_model.py [--seconds 3]
 
 Both models are measured in the same run, on the same machine, through the same fast path
-(TensorFlow's TFLite converter + the LiteRT interpreter), at batch 1 and batch 256; the
+(TensorFlow's TFLite converter by formreader.reading.classify.TFLITE_RECIPE + the LiteRT
+interpreter), at batch 1 and batch 256; the
 original is also measured through Keras `model.predict`, as the student project ran it. The
 original is built with random weights: its speed does not depend on them. Then `read_digits`
 on the 10,000 MNIST test crops (dark ink on light paper, as a scan gives them: each segmented,
-then classified), against the original via `model.predict` at batch 256. Then the string
+then classified, a chunk classified while the next is segmented), against the original via
+`model.predict` at batch 256. Then the string
 model (free fields read whole): fields per second, the model alone at batch 64, and with the
 beam search that decodes each field.
 """

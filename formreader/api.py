@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,11 +37,28 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     comes back as DigitReading(digit='', confidence=...) rather than a guess; '?' marks ink
     that is not a digit.
     """
-    images, index = segment_crops(crops)
+    classifier = get_classifier(model)
     readings = [DigitReading("", BLANK_CONFIDENCE) for _ in crops]
-    for i, p in zip(index, get_classifier(model).probabilities(images)):
-        readings[i] = reading_from_probabilities(p)
+
+    def settle(done: tuple[Future, np.ndarray]) -> None:
+        probabilities, index = done
+        for i, p in zip(index, probabilities.result()):
+            readings[i] = reading_from_probabilities(p)
+
+    # Each chunk is classified while the next is segmented: LiteRT runs without the GIL.
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for start in range(0, len(crops), READ_CHUNK):
+            images, index = segment_crops(crops[start : start + READ_CHUNK])
+            if pending:
+                settle(pending)
+            pending = pool.submit(classifier.probabilities, images), index + start
+        if pending:
+            settle(pending)
     return readings
+
+
+READ_CHUNK = 1024  # crops segmented at a time by read_digits
 
 
 def process_folder(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -167,6 +168,23 @@ def test_a_damaged_converted_model_is_made_again(tmp_path):
     assert (tmp_path / "digits.tflite").read_bytes() == (ROOT / "models" / "digits.tflite").read_bytes()
     x = np.random.default_rng(0).random((8, 28, 28), dtype=np.float32)
     assert np.allclose(damaged.logits(x), DigitClassifier.load().logits(x), atol=1e-4)
+
+
+def test_a_model_converted_by_another_recipe_is_converted_again(tmp_path):
+    """A .tflite that is intact and from the same .keras file, but converted another way (the
+    float32 conversion of earlier releases), is not run: the card's recipe decides."""
+    from formreader.reading.classify import TFLITE_RECIPE, DigitClassifier, convert_to_tflite, load_keras_model
+
+    for name in ("digits.keras", "digits.json"):
+        shutil.copyfile(ROOT / "models" / name, tmp_path / name)
+    plain = convert_to_tflite(load_keras_model(tmp_path / "digits.keras"), quantize=False)
+    (tmp_path / "digits.tflite").write_bytes(plain)
+    card = json.loads((tmp_path / "digits.json").read_text())
+    card.update(tflite_sha256=hashlib.sha256(plain).hexdigest(), tflite_recipe="float32")
+    (tmp_path / "digits.json").write_text(json.dumps(card))
+    DigitClassifier.load(tmp_path / "digits.keras")
+    assert (tmp_path / "digits.tflite").read_bytes() == (ROOT / "models" / "digits.tflite").read_bytes() != plain
+    assert json.loads((tmp_path / "digits.json").read_text())["tflite_recipe"] == TFLITE_RECIPE
 
 
 @pytest.mark.parametrize("mode", ["I;16", "F"])
