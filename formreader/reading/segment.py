@@ -269,11 +269,10 @@ def normalize_digits(inks: list[np.ndarray], thicken: bool = True, sharpen: bool
     """
     out = np.zeros((len(inks), MNIST_SIZE, MNIST_SIZE), np.float32)
     smalls, where = [], []
-    for k, ink in enumerate(inks):
-        rows, cols = np.flatnonzero((ink > 0.05).any(axis=1)), np.flatnonzero((ink > 0.05).any(axis=0))
-        if len(rows) == 0:
+    for k, (ink, (top, bottom, left, right)) in enumerate(zip(inks, _ink_bounds(inks))):
+        if bottom < top:
             continue
-        crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32, copy=False)
+        crop = ink[top : bottom + 1, left : right + 1].astype(np.float32, copy=False)
         h, w = crop.shape
         scale = MNIST_BOX / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -310,9 +309,22 @@ _CENTRES = np.arange(MNIST_SIZE)
 
 
 def _to_unit(image: np.ndarray) -> np.ndarray:
-    """A non-negative float image divided by its maximum, so that its darkest ink is 1."""
-    image = image / max(float(image.max()), 1e-6)
-    return np.minimum(np.maximum(image, 0, out=image), 1, out=image)
+    """A non-negative float image divided by its maximum, so that its darkest ink is 1 (and
+    none is above: x / m <= 1 for x <= m, rounded as IEEE divides)."""
+    return image / max(float(image.max()), 1e-6)
+
+
+def _ink_bounds(inks: list[np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right), inclusive, of the pixels above 0.05 of each ink map; bottom <
+    top where there are none. Maps of one shape are measured together."""
+    if len({ink.shape for ink in inks}) != 1:
+        return [_ink_bounds([ink])[0] for ink in inks]
+    seen = np.stack(inks) > 0.05
+    rows, cols = seen.any(axis=2), seen.any(axis=1)
+    top, left = rows.argmax(axis=1), cols.argmax(axis=1)
+    bottom, right = rows.shape[1] - 1 - rows[:, ::-1].argmax(axis=1), cols.shape[1] - 1 - cols[:, ::-1].argmax(axis=1)
+    bottom[~rows.any(axis=1)] = -1
+    return list(zip(top.tolist(), bottom.tolist(), left.tolist(), right.tolist()))
 
 
 def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: float = 0.3) -> np.ndarray:
