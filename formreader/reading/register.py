@@ -44,6 +44,7 @@ class ReferenceFeatures:
     keypoints: list[tuple[np.ndarray, np.ndarray]]
     corners: np.ndarray  # (M, 1, 2) float32, reference pixels: well-textured points to track
     smooth: np.ndarray  # (H, W) uint8, the reference slightly blurred, as corners are tracked on it
+    levels: tuple[float, float]  # the reference's paper and print grey levels (grey_levels)
     structure: np.ndarray  # (H, W) bool, printed lines and text of the reference
     # (H, W) bool, everything printed on the blank form, grey print included, widened by 2 px:
     # on a registered page, ink there is the form's own, not handwriting.
@@ -91,7 +92,27 @@ def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     # pattern or tint, which scanning blurs away.
     structure = _ink(reference) & (reference < 160)
     printed = cv2.dilate((reference < 200).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    return ReferenceFeatures(reference.shape, scale, keypoints, corners, _smooth(reference), structure, printed)
+    return ReferenceFeatures(
+        reference.shape, scale, keypoints, corners, _smooth(reference), grey_levels(reference), structure, printed
+    )
+
+
+def grey_levels(grey: np.ndarray) -> tuple[float, float]:
+    """(paper, print) grey levels of a page: its median and its darkest 1%. grey: (H, W) uint8."""
+    cumulative = np.cumsum(cv2.calcHist([grey], [0], None, [256], [0, 256]).ravel())
+    paper, ink = np.searchsorted(cumulative, [0.5 * cumulative[-1], 0.01 * cumulative[-1]])
+    return float(paper), float(ink)
+
+
+def _as_reference(page: np.ndarray, levels: tuple[float, float]) -> np.ndarray:
+    """A lookup table (256,) uint8 taking a page's paper and print grey levels (grey_levels) to
+    the reference's `levels`. Tracking compares grey levels: on a page scanned darker or paler
+    than the reference, a corner's window is matched off by a pixel or two, and the fit to them
+    wanders instead of settling."""
+    paper, ink = grey_levels(page)
+    ref_paper, ref_ink = levels
+    gain = (ref_paper - ref_ink) / max(paper - ink, 1.0)
+    return np.clip((np.arange(256) - ink) * gain + ref_ink, 0, 255).astype(np.uint8)
 
 
 def register_page(
@@ -189,8 +210,10 @@ def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarra
     frame = np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)
     track = dict(winSize=(21, 21), maxLevel=3, criteria=criteria)
+    as_reference = _as_reference(page, features.levels)
     for _ in range(rounds):
-        warped = _smooth(cv2.warpPerspective(page, homography, (w, h), flags=cv2.INTER_LINEAR, borderValue=255))
+        warped = cv2.warpPerspective(page, homography, (w, h), flags=cv2.INTER_LINEAR, borderValue=255)
+        warped = _smooth(cv2.LUT(warped, as_reference))
         found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, warped, features.corners, None, **track)
         back, ok_back, _ = cv2.calcOpticalFlowPyrLK(warped, features.smooth, found, None, **track)
         returned = np.abs(back - features.corners).reshape(-1, 2).max(axis=1) < 0.3

@@ -174,11 +174,12 @@ def scan(
     max_rotation: float = 10.0,
     upside_down: bool = False,
     dpi_scale: float = 1.0,
-) -> np.ndarray:
+    with_homography: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Simulate scanning a paper page: geometry, paper tone, light, blur and noise.
 
     page: (H, W) uint8. Returns (H', W') uint8 at `dpi_scale` times the page's resolution, on a
-    scanner bed 4% larger than the page.
+    scanner bed 4% larger than the page; `with_homography`: and the (3, 3) page -> scan map.
     """
     h, w = page.shape
     out_w, out_h = int(w * 1.04 * dpi_scale), int(h * 1.04 * dpi_scale)
@@ -197,7 +198,8 @@ def scan(
     img *= ramp[None, :] if rng.random() < 0.5 else ramp[::-1][None, :]
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 0.9) * dpi_scale)
     img += rng.normal(0, rng.uniform(2, 6), img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return (img, homography) if with_homography else img
 
 
 def make_pages(
