@@ -95,15 +95,16 @@ def ink_intensity(grey: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> t
     depth = paper - darkest
     high = paper - np.maximum(contrast, np.minimum(params.seed_depth * depth, params.seed_limit))
     low = paper - np.maximum(0.6 * contrast, np.minimum(params.grow_depth * depth, 0.5 * params.seed_limit))
+    blank = depth < contrast  # no ink clearly darker than the paper
     # Compared in float32, the crops' own precision.
     mask = hysteresis(g < _per_crop(low), g < _per_crop(high))
-    mask[depth < contrast] = False  # no ink clearly darker than the paper: a blank crop
+    mask[blank] = False
     inked = mask.any(axis=(1, 2))
     counts_in_mask = np.bincount(whole[mask], minlength=256 * n).reshape(n, 256)
     ink_level = np.where(inked, _level_at(counts_in_mask, 0.10), darkest)
     ink = (_per_crop(paper) - g) / _per_crop(np.maximum(paper - ink_level, 1.0))
     ink = np.minimum(np.maximum(ink, 0.0, out=ink), 1.0, out=ink)
-    ink[depth < contrast] = 0.0
+    ink[blank] = 0.0
     return ink, mask
 
 
