@@ -12,7 +12,7 @@ from formreader.pipeline import Journal, process_paths
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.reading.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
 from formreader.reading.segment import segment_crops
-from formreader.reading.string_model import combine_readings, field_views, read_twice
+from formreader.reading.string_model import field_views
 from formreader.reading.strings import StringReading, decide_string, segment_string
 from formreader.reading.template import Field, Template, load_template
 
@@ -107,7 +107,7 @@ def read_number(
     reader = classifier.string_model
     if reader is not None:  # read whole by the string model too: the field gets both readers' decision
         steps = reader.view_probabilities(field_views(image)[None])[0]
-        reading = combine_readings(read_twice(layout, pieces, steps, spec), image.shape, reader.calibration)
+        reading = reader.decide(layout, pieces, steps, spec, image.shape)
     else:
         reading = decide_string(layout, pieces, separators, pattern)
     decision = read_free_field(spec, reading, threshold=review_threshold)

@@ -613,28 +613,41 @@ def calibrate(model, data, pages) -> None:
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
 @click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
 def calibrate_strings(model, data, checks) -> None:
-    """Fit the free fields' confidence (both readers together) on validation fields: ORAND's
-    validation checks and generated checks of the digit model's validation digits; writes the
-    string model's card."""
+    """Fit how the two readers choose a free field's reading and the confidence in it, on
+    validation fields: ORAND's validation checks, generated checks of the digit model's validation
+    digits and free-field forms of its validation writers; writes the string model's card."""
     import json
 
     import numpy as np
 
-    from formreader.training.evaluate import fit_two_readers, read_free_fields, two_reader_calibration_fields
+    from formreader.training.evaluate import (
+        CUT_WEIGHTS,
+        fit_cut_weight,
+        fit_two_readers,
+        read_free_fields,
+        two_reader_calibration_fields,
+    )
 
     clf = _load_classifier(model)
     if clf.string_model is None:
         _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
     crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data)
-    readings = read_free_fields(clf, crops, specs)
+    # First how the two readers choose a field's reading, then the confidence in what they choose.
+    readings = read_free_fields(clf, crops, specs, cut_weight=float(CUT_WEIGHTS.max()))
+    cut_weight = fit_cut_weight(readings, truths, sources)
+    readings = [r.chosen(cut_weight) for r in readings]
     weights = fit_two_readers(readings, truths, sources)
     card = Path(clf.string_model.path).with_suffix(".json")
     meta = json.loads(card.read_text())
     right = np.mean([r.value == t for r, t in zip(readings, truths)])
+    meta["cut_weight"] = cut_weight
     meta["field_calibration"] = [round(w, 4) for w in weights]
-    meta["field_calibration_fit"] = {"fields": len(readings), "string_model_right": round(float(right), 4), "checks": checks}
+    meta["field_calibration_fit"] = {"fields": len(readings), "read_right": round(float(right), 4), "checks": checks}
     card.write_text(json.dumps(meta, indent=2) + "\n")
-    click.echo(f"{card}: field_calibration {meta['field_calibration']} on {len(readings)} fields ({right:.1%} read right whole)")
+    click.echo(
+        f"{card}: cut_weight {cut_weight}, field_calibration {meta['field_calibration']} on {len(readings)} fields "
+        f"({right:.1%} read right whole)"
+    )
 
 
 @main.command()

@@ -55,7 +55,7 @@ from formreader.reading.ingest import (
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.reading.segment import DigitSegment, segment_cells
-from formreader.reading.string_model import combine_readings, field_views, read_twice
+from formreader.reading.string_model import StringModel, field_views
 from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame
 from formreader.reading.template import Template
 
@@ -210,15 +210,16 @@ def decide_page(
     threshold: float = DEFAULT_REVIEW_THRESHOLD,
     field_power: float = 1.0,
     sequences: list[np.ndarray] | None = None,
-    string_calibration: list[float] | None = None,
+    string_model: StringModel | None = None,
     second: np.ndarray | None = None,
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
 
     field_power: the model's calibration of boxed fields' confidence for this page's kind of scan
     (DigitClassifier.field_power).
-    sequences: the string model's step probabilities (V, 64, 15) for each free field's views in order, when
-    there is a string model: a free field is then read by both readers (combine_readings).
+    sequences, string_model: the string model's step probabilities (V, 64, 15) for each free field's views
+    in order, and the model (its card decides), when there is one: a free field is then read by both
+    readers (StringModel.decide).
     second: what a second model reads in each digit image (page_second_readings); a boxed cell it
     reads otherwise sends its field to review."""
     start = 0
@@ -228,8 +229,8 @@ def decide_page(
         if isinstance(cells, StringLayout):
             probs = probabilities[start : start + len(cells.images)]
             start += len(cells.images)
-            if sequences is not None and whole is not None:
-                reading = combine_readings(read_twice(cells, probs, next(wholes), spec), whole[1], string_calibration)
+            if sequences is not None and string_model is not None and whole is not None:
+                reading = string_model.decide(cells, probs, next(wholes), spec, whole[1])
             else:
                 reading = decide_string(cells, probs, spec.separators, spec.pattern)
             fields.append(read_free_field(spec, reading, offset, threshold))
@@ -323,11 +324,10 @@ def decide_pages(
     the piece model reads the boxed cells too (page_second_readings)."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
-    calib = classifier.string_model.calibration if classifier.string_model else None
     seconds = page_second_readings(segs, classifier) if second_reader else [None] * len(segs)
-    first = next(iter(forms.values()))
+    first, reader = next(iter(forms.values())), classifier.string_model
     return [
-        decide_page(s, p, forms.get(s.template) or first, threshold, classifier.field_power(s.bitonal), q, calib, r)
+        decide_page(s, p, forms.get(s.template) or first, threshold, classifier.field_power(s.bitonal), q, reader, r)
         for s, p, q, r in zip(segs, page_probabilities(segs, classifier), sequences, seconds)
     ]
 

@@ -204,9 +204,9 @@ class LiteRTModel:
     @property
     def fingerprint(self) -> str:
         """What decides this model's readings, as 16 hex digits: its network and its card's
-        calibration (temperature, field powers, field calibration). A journal written with other
+        calibration (temperature, field powers, field calibration, the cut reader's weight). A journal written with other
         weights or another calibration is not resumed with this model."""
-        keys = ("field_power", "field_power_bitonal", "field_calibration")
+        keys = ("field_power", "field_power_bitonal", "field_calibration", "cut_weight")
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,26 +204,52 @@ def _decoding(probs: np.ndarray, text: str, probability: float) -> StringDecodin
     return StringDecoding(text, probability, spans, probs)
 
 
-def decode_views(steps: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecoding:
-    """One field's reading from the step probabilities of each of its views (V, T, C)
-    (`field_views`): the digits with the highest probability averaged over the views (a view whose
-    beam did not keep them counts 0), written as the view that found them likeliest wrote them;
-    the characters' spans are placed on the first view, the crop as it is."""
-    steps = np.asarray(steps)
-    if steps.ndim == 2:
-        return decode(steps, pattern, beam)
-    score: dict[str, float] = {}
-    written: dict[str, tuple[str, float]] = {}
+def view_readings(steps: np.ndarray, pattern: str = "", beam: int = 16) -> dict[str, tuple[str, float]]:
+    """Every reading the views' beams keep, by its digits: digits -> (the text as the view that
+    found it likeliest wrote it, its probability averaged over the views; a view whose beam did
+    not keep it counts 0). steps: (V, T, C), the step probabilities of each of a field's views."""
+    readings: dict[str, tuple[str, float]] = {}
+    best: dict[str, float] = {}
     for probs in steps:
         for text, p in _readings(probs, pattern, beam):
             digits = digits_of(text)
-            score[digits] = score.get(digits, 0.0) + p / len(steps)
-            if p > written.get(digits, ("", -1.0))[1]:
-                written[digits] = (text, p)
-    if not score:
+            written, total = readings.get(digits, (text, 0.0))
+            if p > best.get(digits, -1.0):
+                written, best[digits] = text, p
+            readings[digits] = (written, total + p / len(steps))
+    return readings
+
+
+def decode_views(steps: np.ndarray, pattern: str = "", beam: int = 16) -> StringDecoding:
+    """One field's reading from the step probabilities of each of its views (V, T, C)
+    (`field_views`): the digits with the highest probability averaged over the views
+    (`view_readings`); the characters' spans are placed on the first view, the crop as it is."""
+    steps = np.asarray(steps)
+    if steps.ndim == 2:
+        return decode(steps, pattern, beam)
+    readings = view_readings(steps, pattern, beam)
+    if not readings:
         return _decoding(steps[0], "", 0.0)
-    best = max(score, key=score.__getitem__)
-    return _decoding(steps[0], written[best][0], score[best])
+    text, probability = max(readings.values(), key=lambda r: r[1])
+    return _decoding(steps[0], text, probability)
+
+
+def ctc_probability(probs: np.ndarray, text: str) -> float:
+    """The probability of `text` under CTC: the sum over every path of steps `probs` (T, C) that
+    reads it (the forward algorithm), for a text the beam search may not have kept."""
+    labels = np.array([BLANK] + [k for c in text_to_labels(text) for k in (c, BLANK)])
+    logp = np.log(np.maximum(np.asarray(probs)[:, labels], 1e-30))
+    # A step may move on by two (over a blank) only between different characters.
+    skip = np.zeros(len(labels), bool)
+    skip[2:] = (labels[2:] != BLANK) & (labels[2:] != labels[:-2])
+    alpha = np.full(len(labels), -np.inf)
+    alpha[: min(2, len(labels))] = logp[0, : min(2, len(labels))]
+    for t in range(1, len(logp)):
+        moved = alpha.copy()
+        moved[1:] = np.logaddexp(moved[1:], alpha[:-1])
+        moved[2:] = np.where(skip[2:], np.logaddexp(moved[2:], alpha[:-2]), moved[2:])
+        alpha = moved + logp[t]
+    return float(np.exp(np.logaddexp.reduce(alpha[-2:])))
 
 
 def _align_spans(probs: np.ndarray, text: str) -> list[CharacterSpan]:
@@ -315,6 +342,19 @@ class StringModel(LiteRTModel):
         """The two readers' field calibration (TwoReadings.confidence), if one was fitted."""
         return self.meta.get("field_calibration")
 
+    @property
+    def cut_weight(self) -> float:
+        """How much the cut reader's support weighs in choosing a free field's reading
+        (TwoReadings.chosen), as fitted by `formreader calibrate-strings`; 0 if never fitted."""
+        return float(self.meta.get("cut_weight", 0.0))
+
+    def decide(
+        self, layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec: Field, crop_shape: tuple[int, int]
+    ) -> StringReading:
+        """A free field's reading by both readers (read_twice, combine_readings), by this model's
+        card: steps (V, 64, 15) of the crop's views, the cut reader's layout and pieces (M, 11)."""
+        return combine_readings(read_twice(layout, pieces, steps, spec, self.cut_weight), crop_shape, self.calibration)
+
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Raw logits (N, 64, 15) for inputs (N, 32, 256) float32 from field_input."""
         return self.run(np.ascontiguousarray(inputs, dtype=np.float32).reshape(-1, INPUT_HEIGHT, INPUT_WIDTH, 1))
@@ -342,30 +382,68 @@ def digits_of(text: str) -> str:
     return "".join(c for c in text if c.isdigit())
 
 
+# A reading the cut reader cannot make at all counts as this unlikely by it (cut_support's
+# floor): the string model alone may still carry it, if it is that much surer.
+SUPPORT_FLOOR = 1e-6
+
+
 @dataclass
 class TwoReadings:
     """One free field read by both readers: cut-and-classify's reading (strings.decide_string),
-    the string model's decoding, and how far the cut reader supports the string model's digits
-    (strings.cut_support)."""
+    the reading chosen for the field (`whole`, decoded on the string model's steps), how far the
+    cut reader supports its digits (strings.cut_support), and its share of what the two readers
+    together find likely among all the candidates (`share`, TwoReadings.chosen).
+
+    `candidates`: every reading either reader proposes, by its digits -> (text as written, the
+    string model's probability of it over the views, the cut reader's support of it, or None
+    where it was not asked: a reading too unlikely by the string model to be chosen, `scores`)."""
 
     cut: StringReading
     whole: StringDecoding
     support: float
+    candidates: dict[str, tuple[str, float, float | None]] = field(default_factory=dict)
+    share: float = 1.0
 
     @property
     def value(self) -> str:
         return digits_of(self.whole.text)
 
+    def scores(self, cut_weight: float) -> np.ndarray:
+        """Each candidate's log-score (in `candidates`' order) with the cut reader weighed by
+        `cut_weight`: the string model's log-probability plus `cut_weight` times the log of the
+        cut reader's support. A reading more than SUPPORT_FLOOR ** cut_weight less likely by the
+        string model than the likeliest cannot be chosen whatever its support; its support is
+        neither asked (read_twice) nor used: it counts as SUPPORT_FLOOR."""
+        probability = np.array([max(p, 1e-30) for _, p, _ in self.candidates.values()])
+        asked = probability >= probability.max() * SUPPORT_FLOOR**cut_weight
+        support = [s if a and s is not None else SUPPORT_FLOOR for (_, _, s), a in zip(self.candidates.values(), asked)]
+        return np.log(probability) + cut_weight * np.log(np.maximum(np.array(support, np.float64), SUPPORT_FLOOR))
+
+    def chosen(self, cut_weight: float) -> TwoReadings:
+        """The same field with the reading the two readers together find likeliest (`scores`: a
+        product of the two experts, the cut reader's vote weighed by a power fitted on validation
+        fields by `formreader calibrate-strings`; 0: the string model's reading alone), and its
+        share of all the candidates' scores."""
+        if not self.candidates:
+            return self
+        score = self.scores(cut_weight)
+        best = int(np.argmax(score))
+        text, probability, support = list(self.candidates.values())[best]
+        share = float(np.exp(score[best] - np.logaddexp.reduce(score)))
+        return TwoReadings(self.cut, _decoding(self.whole.steps, text, probability), support, self.candidates, share)
+
     def features(self) -> list[float]:
-        """What the field calibration weighs: both readers' probabilities (as logits), whether
-        they read the same digits, and the support (as a log10 from -6 to 0)."""
+        """What the field calibration weighs: the reading's share of the candidates and both
+        readers' probabilities (as logits), whether they read the same digits, and the support
+        (as a log10 from -6 to 0)."""
         agree = self.value == self.cut.value and not self.cut.unreadable
         cut = self.cut.confidence if self.cut.raw else 0.5
-        return [_logit(self.whole.probability), _logit(cut), float(agree), max(-6.0, math.log10(max(self.support, 1e-12)))]
+        support = max(-6.0, math.log10(max(self.support, 1e-12)))
+        return [_logit(self.share), _logit(self.whole.probability), _logit(cut), float(agree), support]
 
     def confidence(self, calibration: list[float] | None) -> float:
-        """P(the string model's reading is right): a logistic fit over `features` (`calibration`:
-        their weights, then a bias; fitted on validation fields by `formreader calibrate-strings`).
+        """P(the chosen reading is right): a logistic fit over `features` (`calibration`: their
+        weights, then a bias; fitted on validation fields by `formreader calibrate-strings`).
         Without one, the string model's own probability."""
         if not calibration:
             return self.whole.probability
@@ -373,16 +451,34 @@ class TwoReadings:
         return 1.0 / (1.0 + math.exp(-z))
 
 
-def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec: Field) -> TwoReadings:
-    """Read a free field with both readers, each held to the field's rules.
+def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec: Field, cut_weight: float = 0.0) -> TwoReadings:
+    """Read a free field with both readers, each held to the field's rules, and choose between
+    their readings (TwoReadings.chosen).
 
     layout, pieces: the field's string segmentation and its pieces' probabilities (M, 11);
     steps: the string model's step probabilities for the same crop's views (V, 64, 15)
     (`field_views`), or for the crop alone (64, 15).
     """
+    steps = np.asarray(steps)
+    steps = steps[None] if steps.ndim == 2 else steps
+    pattern = reading_pattern(spec)
     cut = decide_string(layout, pieces, spec.separators, spec.pattern)
-    whole = decode_views(steps, reading_pattern(spec))
-    return TwoReadings(cut, whole, cut_support(layout, pieces, digits_of(whole.text)))
+    readings = view_readings(steps, pattern)
+    # The cut reader's own reading, where the string model's beams did not keep it (a mark it
+    # took for a separator before the first digit or after the last left out).
+    written = cut.raw.strip(".,-/")
+    if written and not cut.unreadable and cut.value not in readings and re.fullmatch(pattern, written):
+        readings[cut.value] = (written, float(np.mean([ctc_probability(p, written) for p in steps])))
+    if not readings:
+        return TwoReadings(cut, _decoding(steps[0], "", 0.0), 0.0)
+    # Only a reading within SUPPORT_FLOOR ** cut_weight of the likeliest can be chosen: the
+    # cut reader's support is asked of those alone (each costs a search over its cuts).
+    likeliest = max(p for _, p in readings.values())
+    candidates = {
+        digits: (text, p, cut_support(layout, pieces, digits) if p >= likeliest * SUPPORT_FLOOR**cut_weight else None)
+        for digits, (text, p) in readings.items()
+    }
+    return TwoReadings(cut, _decoding(steps[0], "", 0.0), 0.0, candidates).chosen(cut_weight)
 
 
 def _digit_distribution(steps: np.ndarray | None, span: CharacterSpan) -> np.ndarray | None:

@@ -357,9 +357,11 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
 # ---------------------------------------------------------------------------------------------
 
 
-def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs: list) -> list:
+def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs: list, cut_weight: float | None = None) -> list:
     """Read grey free-field crops with both readers, each held to its template field's rules
-    (`specs`, formreader.reading.template.Field), in two batches: [formreader.reading.string_model.TwoReadings]."""
+    (`specs`, formreader.reading.template.Field), in two batches, each reading chosen with the
+    cut reader's weight `cut_weight` (default: the string model card's; TwoReadings.chosen):
+    [formreader.reading.string_model.TwoReadings]."""
     from formreader.reading.string_model import field_views, read_twice
     from formreader.reading.strings import segment_string
 
@@ -368,7 +370,37 @@ def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs
     probs = classifier.for_strings.probabilities(np.concatenate(images)) if sum(map(len, images)) else np.zeros((0, 11))
     per_field = np.split(probs, np.cumsum([len(i) for i in images])[:-1])
     steps = classifier.string_model.view_probabilities(np.stack([field_views(c) for c in crops]))
-    return [read_twice(layout, p, q, spec) for layout, p, q, spec in zip(layouts, per_field, steps, specs)]
+    weight = classifier.string_model.cut_weight if cut_weight is None else cut_weight
+    return [read_twice(layout, p, q, spec, weight) for layout, p, q, spec in zip(layouts, per_field, steps, specs)]
+
+
+def _source_weights(groups: np.ndarray | None, n: int) -> np.ndarray:
+    """(n,) weights summing to 1 by which every source (`groups`) weighs alike."""
+    groups = np.zeros(n, int) if groups is None else np.asarray(groups)
+    _, index, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[index]
+    return weight / weight.sum()
+
+
+CUT_WEIGHTS = np.round(np.arange(0.0, 1.0001, 0.05), 2)  # the cut reader's weights tried
+
+
+def fit_cut_weight(readings: list, truths: list[str], groups: np.ndarray | None = None) -> float:
+    """The cut reader's weight in choosing a free field's reading (TwoReadings.chosen): of
+    CUT_WEIGHTS, the one under which the true digits are likeliest among each field's
+    candidates (their scores normalised over the field, each source weighing alike). Fields
+    whose truth neither reader proposes say nothing of the weight and are left out.
+    `readings` must be read with the largest weight tried (read_free_fields' cut_weight), so
+    that each holds the cut reader's support of every candidate any weight could choose."""
+    keep = [i for i, (r, t) in enumerate(zip(readings, truths)) if t in r.candidates]
+    weight = _source_weights(None if groups is None else np.asarray(groups)[keep], len(keep))
+    truth = [list(readings[i].candidates).index(truths[i]) for i in keep]
+
+    def loss(w: float) -> float:
+        scores = [readings[i].scores(w) for i in keep]
+        return float(sum(a * (np.logaddexp.reduce(z) - z[t]) for a, z, t in zip(weight, scores, truth)))
+
+    return float(min(CUT_WEIGHTS, key=loss))
 
 
 def fit_two_readers(readings: list, truths: list[str], groups: np.ndarray | None = None, l2: float = 0.01) -> list[float]:
@@ -381,11 +413,7 @@ def fit_two_readers(readings: list, truths: list[str], groups: np.ndarray | None
     x = np.array([r.features() for r in readings], np.float64)
     y = np.array([r.value == t for r, t in zip(readings, truths)], np.float64)
     x1 = np.hstack([x, np.ones((len(x), 1))])
-
-    groups = np.zeros(len(readings), int) if groups is None else np.asarray(groups)
-    _, index, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    weight = 1.0 / counts[index]
-    weight /= weight.sum()
+    weight = _source_weights(groups, len(readings))
 
     def loss(w):
         z = x1 @ w
