@@ -1,6 +1,6 @@
 """Free-written numbers: string and digit accuracy on the sample checks and on held-out checks.
 
-    python benchmarks/evaluate_checks.py [--checks 200] [--seed 555]
+    python benchmarks/evaluate_checks.py [--checks 200] [--seed 555] [--model models/digits.keras]
 
 Reads samples/checks (truth in samples/checks_truth.csv) through the whole pipeline,
 `--checks` freshly generated scanned checks (MNIST test digits, a seed the samples do not use),
@@ -152,9 +152,10 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=200)
     parser.add_argument("--seed", type=int, default=555)
     parser.add_argument("--free-pages", type=int, default=30, help="free-field forms per source of writers")
+    parser.add_argument("--model", type=Path, help="the digit model (.keras), the others beside it; default: the shipped ones")
     args = parser.parse_args()
     template = load_template(ROOT / "templates" / "bank_check.yaml")
-    classifier = DigitClassifier.load()
+    classifier = DigitClassifier.load(args.model)
     features = prepare_reference(template.reference)
 
     truth = pd.read_csv(ROOT / "samples" / "checks_truth.csv", dtype=str, keep_default_na=False)

@@ -178,8 +178,9 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         "model": clf.fingerprint,
         "string_model": clf.string_model.fingerprint if clf.string_model else "",
         "string_views": str(VIEWS) if clf.string_model else "",
-        # The piece model reads free fields' pieces and, as the second reader, boxed cells.
+        # The piece model reads free fields' pieces; the second reader, boxed cells again.
         "piece_model": clf.strings.fingerprint if clf.strings else "",
+        "second_model": clf.second_reader.fingerprint if clf.second_reader else "",
         "second_reader": second_reader,
         "review_threshold": review_threshold,
         # Which fields are quantities, for workbooks made from these results (number cells).

@@ -284,11 +284,11 @@ def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -
 
 
 def page_second_readings(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray | None]:
-    """What the piece model (trained on MNIST and on string pieces, not on the other writers the
-    digit model learnt) reads in each page's boxed cells: (N,) classes aligned with
-    digit_images (-1 for free-field pieces), in one batch; None for each page when the
-    classifier has no piece model beside it."""
-    if classifier.strings is None:
+    """What the second reader (DigitClassifier.second_reader: trained on other writers, it errs
+    elsewhere) reads in each page's boxed cells: (N,) classes aligned with digit_images (-1 for
+    free-field pieces), in one batch; None for each page when the classifier has no second reader."""
+    second = classifier.second_reader
+    if second is None:
         return [None] * len(segs)
     if not segs:
         return []
@@ -296,7 +296,7 @@ def page_second_readings(segs: list[SegmentedPage], classifier: DigitClassifier)
     boxed = ~piece
     readings = np.full(len(images), -1, np.int64)
     if boxed.any():
-        readings[boxed] = classifier.strings.probabilities(images[boxed]).argmax(1)
+        readings[boxed] = second.probabilities(images[boxed]).argmax(1)
     return np.split(readings, starts)
 
 

@@ -32,6 +32,7 @@ _REPOSITORY_MODELS = Path(__file__).resolve().parents[2] / "models"
 MODELS = _REPOSITORY_MODELS if (_REPOSITORY_MODELS / "digits.keras").exists() else Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = MODELS / "digits.keras"
 STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.keras tuned on string pieces
+SECOND_READER_SUFFIX = ".second.keras"  # models/digits.second.keras: a second opinion on boxed cells
 STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
 LABELS = "0123456789"
 
@@ -226,6 +227,9 @@ class DigitClassifier(LiteRTModel):
     # The same network fine-tuned on the pieces string segmentation cuts (models/digits.strings.keras),
     # which refuses wrong cuts; it reads free-written numbers, this one reads boxed cells.
     strings: DigitClassifier | None = None
+    # A model trained on other writers (models/digits.second.keras: MNIST's alone), which errs
+    # elsewhere: a boxed cell it reads otherwise sends its field to review.
+    second: DigitClassifier | None = None
     # The string model (CNN + CTC, models/strings.keras beside this one) that reads a free field
     # whole; free fields are read by both it and the cut pieces (formreader.reading.string_model).
     string_model: StringModel | None = None
@@ -236,8 +240,12 @@ class DigitClassifier(LiteRTModel):
         content, temperature, meta = cls.read_card(path, f"model file not found: {path} (train one with `formreader train`)")
         clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
         clf._check()
+        if path.name.endswith((STRING_MODEL_SUFFIX, SECOND_READER_SUFFIX)):
+            return clf  # a companion: the models beside the digit model are the digit model's
+        if path.with_suffix(SECOND_READER_SUFFIX).exists():
+            clf.second = cls.load(path.with_suffix(SECOND_READER_SUFFIX), threads)
         companion = path.with_suffix(STRING_MODEL_SUFFIX)
-        if companion.exists() and not path.name.endswith(STRING_MODEL_SUFFIX):
+        if companion.exists():
             clf.strings = cls.load(companion, threads)
             reader = path.with_name(STRING_READER_NAME)
             if reader.exists():
@@ -257,6 +265,12 @@ class DigitClassifier(LiteRTModel):
     def for_strings(self) -> DigitClassifier:
         """The classifier for free-written numbers' pieces: the string model beside this one, if any."""
         return self.strings or self
+
+    @property
+    def second_reader(self) -> DigitClassifier | None:
+        """The model that reads boxed cells a second time: digits.second.keras beside this one,
+        else the piece model (a model folder made before there was a second reader of its own)."""
+        return self.second or self.strings
 
     def _check(self) -> None:
         try:

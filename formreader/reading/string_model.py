@@ -512,5 +512,9 @@ def combine_readings(both: TwoReadings, crop_shape: tuple[int, int], calibration
         (x0, 0, x1 - x0, h) for (x0, x1), s in zip(character_columns(whole.spans, crop_shape), whole.spans) if s.char.isdigit()
     ]
     other = both.cut.raw if both.cut.value != both.value else ""
+    # Digits the cut reader read around marks that are no digit keep those marks ('3?'): a
+    # reading never drops what it could not read, and the field goes to review for them.
+    marked = both.cut.unreadable if both.cut.value == both.value else 0
+    raw = both.cut.raw if marked else whole.text
     # The cut reader's cuts stay: the inspect picture shows where it split touching ink too.
-    return StringReading(both.value, whole.text, both.confidence(calibration), digits, both.cut.cuts, boxes, 0, other=other)
+    return StringReading(both.value, raw, both.confidence(calibration), digits, both.cut.cuts, boxes, marked, other=other)

@@ -37,6 +37,7 @@ MAX_ALTERNATIVES = 200
 # printed by benchmarks/evaluate_checks.py.
 CONFIDENCE_POWER = 0.5
 CUT_FROM_WIDTH = 0.8  # blobs at least this many digit widths wide are tried cut (a touching 21 is narrow)
+FLAT_MARK = 0.55  # of a digit's height: a mark no taller, at either end of a number, closes it ('100.-')
 
 
 @dataclass
@@ -414,8 +415,10 @@ def decide_string(layout: StringLayout, probabilities: np.ndarray, separators: s
     """
     digit_width = layout.digit_width or 0.7 * max(layout.digit_height, 1.0)
     kinds = [b.kind for b in layout.blobs]
-    choices: list[list[_Option]] = []  # per blob, the default reading first
+    choices: list[list[_Option]] = []  # per blob read, the default reading first
+    read: list[Blob] = []  # the blob of each of `choices`
     for n, blob in enumerate(layout.blobs):
+        read += [blob] * (blob.kind == "separator" or bool(blob.alternatives))
         between = "digit" in kinds[:n] and "digit" in kinds[n + 1 :]
         digit = _digit_option(blob, probabilities, digit_width) if blob.alternatives else None
         slash = _Option(blob.separator) if blob.separator in separators else None
@@ -434,6 +437,15 @@ def decide_string(layout: StringLayout, probabilities: np.ndarray, separators: s
             for picked in itertools.combinations(ambiguous, swaps)
         )
         chosen = next((c for c in candidates if re.fullmatch(pattern, "".join(o.raw for o in c))), chosen)
+    # A flat mark before the first digit or after the last that is no digit is the dash or the
+    # bars that close an amount ('100.-', '636='): not a mark the reading could not read. (A
+    # small digit there, cents written high, is read as a digit and kept.)
+    digits_at = [i for i, o in enumerate(chosen) if any(c.isdigit() for c in o.raw)]
+    flat = [b.height < FLAT_MARK * layout.digit_height for b in read]
+    chosen = [
+        o for i, o in enumerate(chosen)
+        if not (set(o.raw) == {"?"} and flat[i] and (not digits_at or i < digits_at[0] or i > digits_at[-1]))
+    ]
     reading = StringReading("", "".join(o.raw for o in chosen), 1.0, [], [], [])
     for o in chosen:
         reading.digits += o.digits
