@@ -102,6 +102,22 @@ def test_the_two_readers_choose_together():
     assert both.chosen(0.0).share == pytest.approx(0.5 / 0.905)
 
 
+def test_a_reading_that_keeps_to_the_fields_rules_wins_over_the_views():
+    """A view whose beam keeps nothing the field's pattern allows offers its unconstrained
+    reading ('115' where a date's '1/5' is asked); a reading of another view that keeps to the
+    pattern is the field's, however likely the other."""
+    from formreader.reading.string_model import read_twice
+    from formreader.reading.strings import StringLayout
+    from formreader.reading.template import Field
+
+    spec = Field("date", kind="free", box=(0, 0, 1, 1), separators="/", pattern=r"\d{1,2}/\d{1,2}")
+    doubtful = steps({"1": 0.95}, {}, {"1": 0.5, "/": 0.45}, {}, {"5": 0.9}, {})
+    no_slash = steps({"1": 0.95}, {}, {"1": 0.95}, {}, {"5": 0.9}, {})
+    nothing_cut = StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0)
+    both = read_twice(nothing_cut, np.zeros((0, 11)), np.stack([doubtful, no_slash]), spec, 0.5)
+    assert both.whole.text == "1/5" and list(both.candidates) == ["15"]
+
+
 def test_pattern_settles_a_slash_against_a_one():
     """A stroke that is a little more a 1 than a slash: `115` unconstrained, `1/5` for a date-like pattern."""
     probs = steps({"1": 0.95}, {}, {"1": 0.5, "/": 0.45}, {}, {"5": 0.9}, {})

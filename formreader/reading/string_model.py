@@ -469,6 +469,10 @@ def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec
     written = cut.raw.strip(".,-/")
     if written and not cut.unreadable and cut.value not in readings and re.fullmatch(pattern, written):
         readings[cut.value] = (written, float(np.mean([ctc_probability(p, written) for p in steps])))
+    # A view whose beam kept nothing the field's rules allow offers what it read unconstrained;
+    # where another reading keeps to the rules, that one is the field's.
+    allowed = {d: r for d, r in readings.items() if re.fullmatch(pattern, r[0])}
+    readings = allowed or readings
     if not readings:
         return TwoReadings(cut, _decoding(steps[0], "", 0.0), 0.0)
     # Only a reading within SUPPORT_FLOOR ** cut_weight of the likeliest can be chosen: the
