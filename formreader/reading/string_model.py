@@ -155,6 +155,9 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
     beams: dict[str, tuple[float, float]] = {"": (0.0, -math.inf)}
     for t in range(len(probs)):
         candidates = [k for k in np.flatnonzero(probs[t] >= prune) if k != BLANK]
+        if not candidates:  # a step of blank alone: every prefix ends in a blank, in the same order
+            beams = {prefix: (_logsumexp(pb, pc) + logp[t, BLANK], -math.inf) for prefix, (pb, pc) in beams.items()}
+            continue
         nxt: dict[str, tuple[float, float]] = {}
 
         def add(prefix: str, blank: float, char: float, nxt: dict = nxt) -> None:

@@ -467,8 +467,9 @@ def cut_support(layout: StringLayout, probabilities: np.ndarray, digits: str) ->
     probabilities: (M, 11) for layout.images.
     """
     n = len(digits)
-    target = [int(c) for c in digits]
+    target = np.array([int(c) for c in digits], np.int64)
     logp = np.log(np.clip(probabilities, 1e-12, 1.0)) if len(probabilities) else np.zeros((0, 11))
+    surest = logp[:, :NOT_A_DIGIT].max(axis=1)  # each piece's likeliest digit
     best_total = 0.0  # the cut reader's own best, blob by blob
     f = np.full(n + 1, -np.inf)  # f[i]: best log-probability with the first i digits read
     f[0] = 0.0
@@ -482,10 +483,13 @@ def cut_support(layout: StringLayout, probabilities: np.ndarray, digits: str) ->
             own = max(own, skip)
         for _, idx, penalty in blob.alternatives:
             k = len(idx)
-            own = max(own, float(logp[idx, :NOT_A_DIGIT].max(axis=1).sum()) - penalty)
-            for i in range(n - k + 1):
-                if f[i] > -np.inf:
-                    g[i + k] = max(g[i + k], f[i] + float(logp[idx, target[i : i + k]].sum()) - penalty)
+            own = max(own, float(surest[idx].sum()) - penalty)
+            if k > n:
+                continue
+            # The k pieces read as digits i .. i + k - 1 of `digits`, for every i at once.
+            m = logp[idx][:, target]
+            reads = sum(m[j, j : n - k + 1 + j] for j in range(k))
+            g[k:] = np.maximum(g[k:], f[: n - k + 1] + reads - penalty)
         f = g
         best_total += own
     if f[n] == -np.inf:
