@@ -44,10 +44,10 @@ def collapse(path: tuple[int, ...]) -> str:
     return "".join(ALPHABET[k - 1] for k in chars)
 
 
-def test_beam_search_sums_every_alignment():
-    """The beam's probability of a text is the sum over all its CTC paths (brute force on 3
-    classes and 6 steps), and it finds the most probable text, not the best single path."""
-    rng = np.random.default_rng(0)
+def every_alignment(seed: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Random step probabilities (6, 15) over the blank, '0' and '7', and the exact probability
+    of every text they can read: the sum over all its CTC paths, by brute force."""
+    rng = np.random.default_rng(seed)
     used = [BLANK, ALPHABET.index("0") + 1, ALPHABET.index("7") + 1]
     probs = np.zeros((6, NUM_STRING_CLASSES))
     probs[:, used] = rng.dirichlet(np.ones(3), 6)
@@ -55,6 +55,13 @@ def test_beam_search_sums_every_alignment():
     for path in itertools.product(used, repeat=6):
         text = collapse(path)
         exact[text] = exact.get(text, 0.0) + math.prod(probs[t, k] for t, k in enumerate(path))
+    return probs, exact
+
+
+def test_beam_search_sums_every_alignment():
+    """The beam's probability of a text is the sum over all its CTC paths, and it finds the
+    most probable text, not the best single path."""
+    probs, exact = every_alignment(0)
     readings = beam_search(probs, beam=64, prune=0.0)
     best = max(exact, key=exact.get)
     assert readings[0][0] == best
@@ -63,17 +70,9 @@ def test_beam_search_sums_every_alignment():
 
 
 def test_ctc_probability_sums_every_alignment():
-    """The probability of a given text is the sum over all its CTC paths (brute force on 3
-    classes and 6 steps), for texts with a repeated character too, and for ones the beam
-    search would not keep."""
-    rng = np.random.default_rng(1)
-    used = [BLANK, ALPHABET.index("0") + 1, ALPHABET.index("7") + 1]
-    probs = np.zeros((6, NUM_STRING_CLASSES))
-    probs[:, used] = rng.dirichlet(np.ones(3), 6)
-    exact: dict[str, float] = {}
-    for path in itertools.product(used, repeat=6):
-        text = collapse(path)
-        exact[text] = exact.get(text, 0.0) + math.prod(probs[t, k] for t, k in enumerate(path))
+    """The probability of a given text is the sum over all its CTC paths, for texts with a
+    repeated character too, and for ones the beam search would not keep."""
+    probs, exact = every_alignment(1)
     for text in ("", "0", "7", "00", "070", "77", "0707", "700"):
         assert ctc_probability(probs, text) == pytest.approx(exact[text], rel=1e-6), text
     assert ctc_probability(probs, "0000000") == 0.0  # longer than the steps allow
