@@ -485,7 +485,8 @@ def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec
         digits: (text, p, cut_support(layout, pieces, digits) if p >= likeliest * SUPPORT_FLOOR**cut_weight else None)
         for digits, (text, p) in readings.items()
     }
-    return TwoReadings(cut, _decoding(steps[0], "", 0.0), 0.0, candidates).chosen(cut_weight)
+    # Nothing decoded yet: `chosen` decodes the reading it picks, on the crop's own view.
+    return TwoReadings(cut, StringDecoding("", 0.0, [], steps[0]), 0.0, candidates).chosen(cut_weight)
 
 
 def _digit_distribution(steps: np.ndarray | None, span: CharacterSpan) -> np.ndarray | None:
