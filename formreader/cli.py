@@ -53,11 +53,11 @@ def _load_template(path: Path):
         _fail(str(e))
 
 
-def _load_classifier(model: Path | None):
+def _load_classifier(model: Path | None, calibrating: bool = False):
     from formreader.reading.classify import DigitClassifier, ModelError
 
     try:
-        return DigitClassifier.load(model)
+        return DigitClassifier.load(model, calibrating=calibrating)
     except ModelError as e:
         _fail(str(e))
 
@@ -629,7 +629,7 @@ def calibrate_strings(model, data, checks) -> None:
         two_reader_calibration_fields,
     )
 
-    clf = _load_classifier(model)
+    clf = _load_classifier(model, calibrating=True)
     if clf.string_model is None:
         _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
     crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data)

@@ -428,3 +428,32 @@ def test_a_free_fields_thick_worn_border_is_painted_out(mnist_test):
     assert (clean[border] > 128).mean() > 0.95  # the border is gone
     assert (clean[digits & (crop < 128)] < 128).mean() > 0.97  # the digits' ink is kept
     assert formreader.read_number(clean, separators="").value == "4071"
+
+
+def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tmp_path):
+    """A string model card whose field calibration weighs other inputs (an older formreader's:
+    four, no share of the candidates) is refused with the fix named, rather than read with
+    confidences that mean nothing; `formreader calibrate-strings` fits the cut reader's weight
+    and the calibration anew (on the fixture's validation fields), and reading works again."""
+    import json
+    import shutil
+
+    from formreader.reading.classify import MODELS
+    from formreader.reading.string_model import FEATURES
+
+    from .conftest import SCANS, TEMPLATE, run_cli
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models, ignore=shutil.ignore_patterns("*.md", "evaluation"))
+    card = models / "strings.json"
+    meta = json.loads(card.read_text())
+    card.write_text(json.dumps({**meta, "field_calibration": [0.5, 0.1, 0.6, 0.2, 1.0]}))
+    out = tmp_path / "r.csv"
+    refused = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--model", models / "digits.keras")
+    assert refused.returncode == 2 and "formreader calibrate-strings" in refused.stderr, refused.stderr
+    fitted = run_cli("calibrate-strings", "--model", models / "digits.keras", "--checks", "10")
+    assert fitted.returncode == 0, fitted.stderr
+    meta = json.loads(card.read_text())
+    assert len(meta["field_calibration"]) == len(FEATURES) + 1 and 0.0 <= meta["cut_weight"] <= 1.0
+    read = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--model", models / "digits.keras")
+    assert read.returncode == 0, read.stderr

@@ -235,7 +235,10 @@ class DigitClassifier(LiteRTModel):
     string_model: StringModel | None = None
 
     @classmethod
-    def load(cls, path: Path | None = None, threads: int | None = None) -> DigitClassifier:
+    def load(cls, path: Path | None = None, threads: int | None = None, calibrating: bool = False) -> DigitClassifier:
+        """The digit model at `path` (default: the shipped one) with the models beside it;
+        `calibrating`: the string model's field calibration is about to be fitted anew
+        (StringModel.load)."""
         path = Path(path) if path else DEFAULT_MODEL
         content, temperature, meta = cls.read_card(path, f"model file not found: {path} (train one with `formreader train`)")
         clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
@@ -251,7 +254,7 @@ class DigitClassifier(LiteRTModel):
             if reader.exists():
                 from formreader.reading.string_model import StringModel
 
-                clf.string_model = StringModel.load(reader, threads)
+                clf.string_model = StringModel.load(reader, threads, calibrating)
         return clf
 
     def field_power(self, bitonal: bool = False) -> float:

@@ -327,7 +327,10 @@ class StringModel(LiteRTModel):
     """
 
     @classmethod
-    def load(cls, path: Path | str | None = None, threads: int | None = None) -> StringModel:
+    def load(cls, path: Path | str | None = None, threads: int | None = None, calibrating: bool = False) -> StringModel:
+        """The string model at `path` and its card. ModelError when it cannot be used, or when
+        its field calibration weighs other inputs than TwoReadings.features (fitted by another
+        version of formreader), unless `calibrating` (`formreader calibrate-strings` fits it anew)."""
         path = Path(path) if path else DEFAULT_STRING_MODEL
         missing = f"string model not found: {path} (train one with `formreader train-strings`)"
         content, temperature, meta = cls.read_card(path, missing)
@@ -337,6 +340,12 @@ class StringModel(LiteRTModel):
             raise ModelError(
                 f"string model {path} gives outputs {out.shape[1:]}, formreader needs "
                 f"({INPUT_WIDTH // STEP}, {NUM_STRING_CLASSES})"
+            )
+        fitted = model.calibration
+        if fitted and len(fitted) != len(FEATURES) + 1 and not calibrating:
+            raise ModelError(
+                f"the field calibration in {path.with_suffix('.json')} weighs {len(fitted) - 1} inputs, this formreader "
+                f"weighs {len(FEATURES)} ({', '.join(FEATURES)}): run `formreader calibrate-strings` to fit it again"
             )
         return model
 
@@ -388,6 +397,8 @@ def digits_of(text: str) -> str:
 # A reading the cut reader cannot make at all counts as this unlikely by it (cut_support's
 # floor): the string model alone may still carry it, if it is that much surer.
 SUPPORT_FLOOR = 1e-6
+# What a free field's calibrated confidence weighs, in TwoReadings.features' order.
+FEATURES = ("share of the candidates", "string model's probability", "cut reader's confidence", "agreement", "support")
 
 
 @dataclass
@@ -442,7 +453,7 @@ class TwoReadings:
         agree = self.value == self.cut.value and not self.cut.unreadable
         cut = self.cut.confidence if self.cut.raw else 0.5
         support = max(-6.0, math.log10(max(self.support, 1e-12)))
-        return [_logit(self.share), _logit(self.whole.probability), _logit(cut), float(agree), support]
+        return [_logit(self.share), _logit(self.whole.probability), _logit(cut), float(agree), support]  # FEATURES
 
     def confidence(self, calibration: list[float] | None) -> float:
         """P(the chosen reading is right): a logistic fit over `features` (`calibration`: their
