@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
-from skimage.morphology import skeletonize
 
 from formreader.reading.locate import Box
 
@@ -201,6 +199,8 @@ def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     count, labels = cv2.connectedComponents(_mosaic(joined, 1), connectivity=8)
     labels = np.where(mask, _unmosaic(labels, n, h), 0)
     # Each piece's crop, bounding box and area: (count - 1,) arrays over labels 1...
+    from scipy import ndimage  # see stroke_widths
+
     pieces = [(i, *sl) for i, sl in enumerate(ndimage.find_objects(labels), start=1) if sl is not None]
     if not pieces:
         return np.zeros_like(mask), np.zeros(n, bool)
@@ -243,6 +243,10 @@ def stroke_width(ink: np.ndarray) -> float:
 
 def stroke_widths(inks: list[np.ndarray]) -> list[float]:
     """`stroke_width` of each of several ink maps (any sizes), skeletonised together."""
+    # Imported where first used, as scipy's ndimage above and Sauvola's threshold in strings: the
+    # main process of a batch read by workers only classifies, and never loads them (0.5 s).
+    from skimage.morphology import skeletonize
+
     height, width = max(i.shape[0] for i in inks) + 1, max(i.shape[1] for i in inks)
     slots = np.zeros((len(inks), height, width), bool)  # a zero row apart: thinning is local
     for slot, ink in zip(slots, inks):

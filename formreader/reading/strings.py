@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from skimage.filters import threshold_sauvola
 
 from formreader.reading.classify import NOT_A_DIGIT, DigitReading, reading_from_probabilities
 from formreader.reading.segment import hysteresis, normalize_digit, remove_frame
@@ -95,6 +94,8 @@ def string_ink(crop: np.ndarray, min_contrast: float = 25.0) -> np.ndarray:
     90th percentile of darkness once the strong ink is set aside: a light security pattern
     or paper texture sets it).
     """
+    from skimage.filters import threshold_sauvola  # see segment.stroke_widths
+
     g = cv2.GaussianBlur(crop.astype(np.float32), (3, 3), 0.7)
     window = max(15, (min(crop.shape) // 2) | 1)
     sauvola = g < threshold_sauvola(g, window_size=window, k=0.2)
