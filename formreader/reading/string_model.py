@@ -397,6 +397,14 @@ def digits_of(text: str) -> str:
 # A reading the cut reader cannot make at all counts as this unlikely by it (cut_support's
 # floor): the string model alone may still carry it, if it is that much surer.
 SUPPORT_FLOOR = 1e-6
+def _askable(probability: np.ndarray, cut_weight: float) -> np.ndarray:
+    """Which readings (their string-model probabilities, (K,)) the cut reader's support could
+    still make the choice: those within SUPPORT_FLOOR ** cut_weight of the likeliest. For the
+    others it is neither asked (read_twice) nor used (TwoReadings.scores)."""
+    probability = np.maximum(np.asarray(probability, np.float64), 1e-30)
+    return probability >= probability.max() * SUPPORT_FLOOR**cut_weight
+
+
 # What a free field's calibrated confidence weighs, in TwoReadings.features' order.
 FEATURES = ("share of the candidates", "string model's probability", "cut reader's confidence", "agreement", "support")
 
@@ -429,7 +437,7 @@ class TwoReadings:
         string model than the likeliest cannot be chosen whatever its support; its support is
         neither asked (read_twice) nor used: it counts as SUPPORT_FLOOR."""
         probability = np.array([max(p, 1e-30) for _, p, _ in self.candidates.values()])
-        asked = probability >= probability.max() * SUPPORT_FLOOR**cut_weight
+        asked = _askable(probability, cut_weight)
         support = [s if a and s is not None else SUPPORT_FLOOR for (_, _, s), a in zip(self.candidates.values(), asked)]
         return np.log(probability) + cut_weight * np.log(np.maximum(np.array(support, np.float64), SUPPORT_FLOOR))
 
@@ -489,12 +497,12 @@ def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec
     readings = allowed or readings
     if not readings:
         return TwoReadings(cut, _decoding(steps[0], "", 0.0), 0.0)
-    # Only a reading within SUPPORT_FLOOR ** cut_weight of the likeliest can be chosen: the
-    # cut reader's support is asked of those alone (each costs a search over its cuts).
-    likeliest = max(p for _, p in readings.values())
+    # The cut reader's support is asked only where it could make the choice (each costs a
+    # search over its cuts).
+    asked = _askable([p for _, p in readings.values()], cut_weight)
     candidates = {
-        digits: (text, p, cut_support(layout, pieces, digits) if p >= likeliest * SUPPORT_FLOOR**cut_weight else None)
-        for digits, (text, p) in readings.items()
+        digits: (text, p, cut_support(layout, pieces, digits) if a else None)
+        for (digits, (text, p)), a in zip(readings.items(), asked)
     }
     # Nothing decoded yet: `chosen` decodes the reading it picks, on the crop's own view.
     return TwoReadings(cut, StringDecoding("", 0.0, [], steps[0]), 0.0, candidates).chosen(cut_weight)
