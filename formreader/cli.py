@@ -381,11 +381,11 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 )
 @click.option("--mnist-only", is_flag=True, help="Train on MNIST alone (no CVL or ORAND digits), as the first model was.")
 @click.option(
-    "--bitonal",
+    "--scanned",
     default=0.0,
     show_default=True,
     type=click.FloatRange(0, 1),
-    help="Add this share of the training digits again as a bitonal scan gives them.",
+    help="Add this share of the training digits again as a scanned form's box gives them (a quarter bitonal).",
 )
 @click.option(
     "--strings",
@@ -420,7 +420,7 @@ def train(
     narrow,
     patience,
     mnist_only,
-    bitonal,
+    scanned,
     strings,
     initial,
     extra,
@@ -443,7 +443,7 @@ def train(
         width=width,
         stretch=stretch,
         narrow=narrow,
-        bitonal=bitonal,
+        scanned=scanned,
         patience=patience,
         cvl=not mnist_only,
         orand=not mnist_only,

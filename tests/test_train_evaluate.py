@@ -13,7 +13,15 @@ from formreader.training.evaluate import (
     risk_at_coverage,
     risk_coverage,
 )
-from formreader.training.train import TrainConfig, augment_batch, fit_temperature, make_string_pieces, nll, train_model
+from formreader.training.train import (
+    TrainConfig,
+    augment_batch,
+    fit_temperature,
+    make_string_pieces,
+    nll,
+    scanned_copies,
+    train_model,
+)
 
 
 def test_training_runs_end_to_end_on_a_subset(tmp_path):
@@ -182,3 +190,18 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
     assert 0 < result["bitonal_fields"] < result["fields"]
     assert 0.2 < result["field_power"] < 5 and 0.2 < result["field_power_bitonal"] < 5
     assert classifier.field_power(True) == classifier.meta["field_power_bitonal"] != classifier.field_power(False)
+
+
+def test_scanned_copies_look_like_a_scanned_forms_cells(classifier, mnist_test):
+    images, labels = mnist_test
+    x = images[:300].astype(np.float32) / 255.0
+    edges = {}
+    for share in (0.0, 1.0):  # grey scans, then bitonal ones
+        copies, kept = scanned_copies(x, np.random.default_rng(5), bitonal_share=share)
+        assert copies.shape == (len(kept), 28, 28) and len(kept) > 0.97 * len(x)
+        assert np.abs(copies - x[kept]).reshape(len(kept), -1).max(1).mean() > 0.5  # not the images given
+        # Still the same digits (an independent reader agrees), as a scan of them is.
+        assert (classifier.probabilities(copies).argmax(1) == labels[kept]).mean() > 0.95
+        edges[share] = ((copies > 0.1) & (copies < 0.9)).mean()  # grey pixels at the strokes' edges
+    # A bitonal scan is 0 or 255: its strokes' edges stay harder once normalised.
+    assert edges[1.0] < 0.85 * edges[0.0]
