@@ -29,7 +29,6 @@ import numpy as np
 import yaml
 
 from formreader.reading.locate import Box, BoxLimits, find_boxes, find_tick_cells, overlaps, sort_reading_order
-from formreader.reading.schema import layout_problems, structure_problems
 
 
 class TemplateError(ValueError):
@@ -88,6 +87,10 @@ def load_template(path: Path) -> Template:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TemplateError(f"{where}: not UTF-8 text (byte {e.start}): save the template as UTF-8") from e
+    # The schema (pydantic) is imported here, not with the module: a worker that is handed a
+    # loaded template never validates one, and starts without it.
+    from formreader.reading.schema import layout_problems, structure_problems
+
     try:
         # Aliases are refused before anything is built: a few hundred bytes of nested aliases
         # (a "billion laughs") expand to gigabytes, and a template never needs them.
