@@ -184,6 +184,9 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
 
     forms = calibration_forms(classifier.meta, pages=1, seed=3)
     assert len(forms) == 3 * len(FORM_STYLES)  # MNIST, CVL and ORAND validation digits, every style
+    assert [(source.split()[0], style) for source, style, *_ in forms] == [
+        (source, style) for source in ("MNIST", "CVL's", "ORAND's") for style in FORM_STYLES
+    ]
     result = calibrate_fields(classifier, pages=2)
     assert result["fields"] >= 2 * len(forms)
     # Bitonal scans (one style in three) get an exponent of their own.

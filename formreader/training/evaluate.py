@@ -289,8 +289,8 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
 def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None = None) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
     CVL writers and ORAND checks held out from its training, as its card records): three
-    populations of writers, so that the calibration is not one population's
-    [(template, [(page, truth)])]."""
+    populations of writers, so that the calibration is not one population's.
+    [(source, style, template, [(page, truth)])]."""
     from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
     from formreader.training.synth import FORM_STYLES, ink_on_black, scanned_forms
     from formreader.training.train import TrainConfig, mnist_split
@@ -299,18 +299,22 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
     config = TrainConfig(**meta.get("config", {}))
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
     val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
-    sources = [(images[val], labels[val])]
+    sources = {"MNIST validation digits": (images[val], labels[val])}
     writers = meta.get("held_out", {}).get("cvl_validation_writers", [])
     if writers:
         x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
         keep = np.isin(w, writers)
-        sources.append(ink_on_black(x[keep], y[keep]))
+        sources[f"CVL's {len(writers)} validation writers"] = ink_on_black(x[keep], y[keep])
     checks = set(meta.get("held_out", {}).get("orand_validation_checks", []))
     if checks:
         amounts = [a for a in load_orand("val", root / "orand_car_a" if root else None) if a.name in checks]
         crops, y, _ = orand_digit_crops(amounts)
-        sources.append(ink_on_black(crops, y))
-    return [scanned_forms(style, im, lab, pages, seed) for im, lab in sources for style in FORM_STYLES]
+        sources[f"ORAND's {len(amounts)} val checks"] = ink_on_black(crops, y)
+    return [
+        (source, style, *scanned_forms(style, im, lab, pages, seed))
+        for source, (im, lab) in sources.items()
+        for style in FORM_STYLES
+    ]
 
 
 def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 31, data_dir: Path | None = None) -> dict:
@@ -323,7 +327,7 @@ def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 3
     from formreader.reading.register import RegistrationError
 
     confidence, right, bitonal = [], [], []
-    for template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
+    for _, _, template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
         for page, truth in items:
             try:
                 seg = segment_page(page, template)
