@@ -208,3 +208,28 @@ def test_scanned_copies_look_like_a_scanned_forms_cells(classifier, mnist_test):
         edges[share] = ((copies > 0.1) & (copies < 0.9)).mean()  # grey pixels at the strokes' edges
     # A bitonal scan is 0 or 255: its strokes' edges stay harder once normalised.
     assert edges[1.0] < 0.85 * edges[0.0]
+
+
+def test_scanned_copies_join_both_splits_with_their_labels_and_sources(mnist_test, monkeypatch):
+    """Validation gets copies too (early stopping and the temperature then weigh scanned cells),
+    each with its original's label and source, also when the scan wipes some digits out."""
+    import formreader.training.train as train
+
+    # A "scan" that keeps every other digit unchanged: each copy can be traced to its original.
+    monkeypatch.setattr(train, "scanned_copies", lambda images, rng: (images[::2], np.arange(0, len(images), 2)))
+    images, labels = mnist_test
+    x = images[:200].astype(np.float32) / 255.0
+    y = labels[:200].astype(np.int32)
+    y[:20] = NOT_A_DIGIT  # not-a-digit examples get no copies
+    source = np.arange(200, dtype=np.uint8) % 3
+    data = train.TrainingData(x[:150], y[:150], source[:150], x[150:], y[150:], source[150:], {})
+    out = train.with_scanned_copies(data, 0.5, np.random.default_rng(0))
+    for split in ("train", "val"):
+        x0, y0, s0 = (getattr(data, f"{k}_{split}") for k in ("x", "y", "source"))
+        x1, y1, s1 = (getattr(out, f"{k}_{split}") for k in ("x", "y", "source"))
+        n = len(y0)
+        assert np.array_equal(x1[:n], x0) and np.array_equal(y1[:n], y0) and np.array_equal(s1[:n], s0)
+        assert len(y1) - n == (int(0.5 * (y0 < NOT_A_DIGIT).sum()) + 1) // 2 > 0
+        for copy, label, src in zip(x1[n:], y1[n:], s1[n:]):
+            original = int(np.flatnonzero((x0 == copy).all(axis=(1, 2)))[0])
+            assert (label, src) == (y0[original], s0[original]) and label != NOT_A_DIGIT
