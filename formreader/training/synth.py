@@ -155,12 +155,17 @@ def write_digit(canvas: np.ndarray, box: Box, digit: np.ndarray, rng: np.random.
     canvas[y0:y1, x0:x1] = np.minimum(region, region * (1 - alpha) + ink * alpha).astype(np.uint8)
 
 
+def pen_or_pencil(rng: np.random.Generator) -> float:
+    """The grey level of a writer's ink on white paper: a pen mostly, a pencil one time in seven."""
+    return rng.uniform(15, 70) if rng.random() < 0.85 else rng.uniform(90, 130)
+
+
 def fill_form(
     blank: np.ndarray, fields: list[Field], values: dict[str, str], source: DigitSource, rng: np.random.Generator
 ) -> np.ndarray:
     """Write `values` into the form's boxes with MNIST digits; a space leaves a box empty."""
     page = blank.copy()
-    ink = rng.uniform(15, 70) if rng.random() < 0.85 else rng.uniform(90, 130)  # pen, or pencil
+    ink = pen_or_pencil(rng)
     for spec in fields:
         for box, ch in zip(spec.cells, values.get(spec.name, "")):
             if ch != " ":
