@@ -233,3 +233,15 @@ def test_scanned_copies_join_both_splits_with_their_labels_and_sources(mnist_tes
         for copy, label, src in zip(x1[n:], y1[n:], s1[n:]):
             original = int(np.flatnonzero((x0 == copy).all(axis=(1, 2)))[0])
             assert (label, src) == (y0[original], s0[original]) and label != NOT_A_DIGIT
+
+
+def test_a_card_written_by_an_older_version_still_gives_its_validation_writers(classifier):
+    """Cards record their training options; one this version no longer has (`bitonal`, before
+    stop 23) must not stop `formreader calibrate` from finding the model's validation split."""
+    from formreader.training.evaluate import calibration_forms
+    from formreader.training.train import TrainConfig
+
+    old = {k: v for k, v in classifier.meta["config"].items() if k != "scanned"} | {"bitonal": 0.3}
+    assert TrainConfig.from_card(old) == TrainConfig.from_card(classifier.meta["config"] | {"scanned": 0.0})
+    forms = calibration_forms(classifier.meta | {"config": old}, pages=1, seed=3)
+    assert [source for source, *_ in forms] == [source for source, *_ in calibration_forms(classifier.meta, 1, 3)]

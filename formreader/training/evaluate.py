@@ -296,7 +296,7 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
     from formreader.training.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
-    config = TrainConfig(**meta.get("config", {}))
+    config = TrainConfig.from_card(meta.get("config", {}))
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
     val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
     sources = {"MNIST validation digits": (images[val], labels[val])}
@@ -450,7 +450,7 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
         specs.append(amount)
         truths.append(a.value)
     real = len(crops)
-    config = TrainConfig(**classifier.meta.get("config", {}))
+    config = TrainConfig.from_card(classifier.meta.get("config", {}))
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
     val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
     blank, fields, filled = make_checks(checks, seed, images[val], labels[val])

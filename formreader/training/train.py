@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -53,6 +53,13 @@ class TrainConfig:
     # A folder of labelled digits to learn too (LABEL/*.png): what people confirmed and corrected
     # at the review station (results.corrections/), trained with the base data so nothing is forgotten.
     extra: str | None = None
+
+    @classmethod
+    def from_card(cls, config: dict) -> TrainConfig:
+        """The config a model card records (its "config"), less options this version no longer
+        has: a card written before stop 23 records `bitonal`, which `scanned` replaced."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------
