@@ -397,6 +397,8 @@ def digits_of(text: str) -> str:
 # A reading the cut reader cannot make at all counts as this unlikely by it (cut_support's
 # floor): the string model alone may still carry it, if it is that much surer.
 SUPPORT_FLOOR = 1e-6
+
+
 def _askable(probability: np.ndarray, cut_weight: float) -> np.ndarray:
     """Which readings (their string-model probabilities, (K,)) the cut reader's support could
     still make the choice: those within SUPPORT_FLOOR ** cut_weight of the likeliest. For the
