@@ -60,7 +60,7 @@ from formreader.reading.strings import StringLayout, decide_string, segment_stri
 from formreader.reading.template import Template
 
 VIEW_QUALITY = 80  # JPEG quality of the page pictures kept for review: digits stay legible at a tenth of the size
-STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a blank cell makes it uncertain
+STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a cell reads as a mark, not a blank
 # glibc's mallopt parameters (malloc.h), and what a worker sets them to: buffers up to 64 MiB come
 # from its heap, and up to 256 MiB freed at the heap's top stay there for the next page.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -241,7 +241,7 @@ def decide_page(
                 readings.append(reading_from_probabilities(probabilities[start], None if second is None else second[start]))
                 start += 1
             elif s.stray_ink > STRAY_INK_FRACTION:
-                readings.append(DigitReading("", STRAY_INK_CONFIDENCE))
+                readings.append(DigitReading("?", STRAY_INK_CONFIDENCE))
             else:
                 readings.append(DigitReading("", BLANK_CONFIDENCE))
         fields.append(read_field(spec, readings, threshold, field_power))

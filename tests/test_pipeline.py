@@ -76,6 +76,30 @@ def test_blank_field_is_empty_not_guessed(filled_pages, template, classifier, mn
     assert [d.digit for d in read.fields[4].digits][:3] == ["", "", ""]
 
 
+def test_a_digit_the_scan_broke_up_is_flagged_not_dropped(filled_pages, template, classifier, mnist_test):
+    """Pieces of a real digit, each too small to be one, left in an optional field's box: the
+    field is not read as empty and `ok` (a digit silently lost) but keeps a '?' for review."""
+    from formreader.training.synth import DigitSource, fill_form
+
+    blank, fields, _ = filled_pages
+    rng = np.random.default_rng(5)
+    images, labels = mnist_test
+    values = {"customer_no": "12345678", "date": "01022003", "postal_code": "54321", "amount": "   1234",
+              "phone": "0123456789"}
+    page = fill_form(blank, fields, values, DigitSource(images, labels, rng), rng)
+    x, y, w, h = fields[2].cells[0]  # quantity, left empty above
+    two = cv2.resize(images[np.flatnonzero(labels == 2)[0]], (w - 8, h - 8)) > 100
+    ys, xs = np.nonzero(two)
+    for k in np.linspace(0, len(ys) - 1, 3).astype(int):  # three pieces of its strokes, 3 px across
+        piece = np.zeros_like(two)
+        piece[max(0, ys[k] - 1) : ys[k] + 2, max(0, xs[k] - 1) : xs[k] + 2] = True
+        page[y + 4 : y + h - 4, x + 4 : x + w - 4][piece & two] = 30
+    read = read_page(Page(scan(page, rng, max_rotation=3), 150.0, "x", 1), template, classifier)
+    quantity = read.fields[2]
+    assert quantity.status == "review" and "?" in quantity.text and quantity.confidence < 0.2
+    assert quantity.reasons[0] == "mark that is not a digit in cell 1"
+
+
 @pytest.fixture()
 def messy_batch(tmp_path):
     """The samples plus every kind of bad input, in one folder."""
