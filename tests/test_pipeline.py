@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 
@@ -98,6 +99,36 @@ def test_a_digit_the_scan_broke_up_is_flagged_not_dropped(filled_pages, template
     quantity = read.fields[2]
     assert quantity.status == "review" and "?" in quantity.text and quantity.confidence < 0.2
     assert quantity.reasons[0] == "mark that is not a digit in cell 1"
+
+
+def test_a_date_read_as_no_date_is_read_as_the_likeliest_date(template, classifier, mnist_test):
+    """Real MNIST digits for 76051999 in the demo form's date boxes, each read right: a day 76
+    breaks the date's pattern, so the field holds the likeliest reading that keeps it (checked
+    against every date the pattern allows) and goes to a person."""
+    from formreader.pipeline import reading_from_probabilities
+    from formreader.reading.fields import read_field
+
+    images, labels = mnist_test
+    x = images.astype(np.float32) / 255.0
+    p = classifier.probabilities(x[:2000])
+    sure = [np.flatnonzero((labels[:2000] == d) & (p.argmax(1) == d))[0] for d in range(10)]
+    spec = template.fields[1]
+    cells = [reading_from_probabilities(p[sure[int(d)]]) for d in "76051999"]
+    # A 7 that could be nothing else: no day is likely enough to put in its place.
+    assert p[sure[7], :4].max() < 1e-4
+    field = read_field(spec, cells, threshold=0.85)
+    assert field.value == "76051999" and field.reasons[0] == "'76051999' does not fit the field's pattern"
+    # The 7 read as 7 that a 0, 1, 2 or 3 comes closest to: the likeliest date is read instead.
+    sevens = np.flatnonzero((labels[:2000] == 7) & (p.argmax(1) == 7))
+    cells[0] = reading_from_probabilities(p[sevens[np.argmax(p[sevens, :4].max(1))]])
+    field = read_field(spec, cells, threshold=0.85)
+    assert field.status == "review" and field.reasons[0] == "read '76051999', which does not fit the field's pattern"
+    assert re.fullmatch(spec.pattern, field.value) and field.value[2:] == "051999"
+    log_p = np.log(np.stack([c.probabilities[:10] for c in cells]))
+    dates = [f"{d:02d}{m:02d}{y}" for d in range(1, 32) for m in range(1, 13) for y in range(1900, 2100)]
+    digits = np.array([[int(ch) for ch in s] for s in dates])
+    assert field.value == dates[int(np.argmax(log_p[np.arange(8), digits].sum(1)))]
+    assert field.confidence < 0.85  # the product of what each box gives the digits now read
 
 
 @pytest.fixture()

@@ -26,6 +26,8 @@ def test_demo_template_loads(template):
     assert template.reference.shape == (874, 1240) and template.dpi == 150
     quantity = template.fields[2]
     assert quantity.optional and quantity.length is None
+    date = template.fields[1].pattern  # a day and a month that exist
+    assert re.fullmatch(date, "31122019") and not any(re.fullmatch(date, d) for d in ("76051999", "01132019", "00102019"))
 
 
 @pytest.fixture()
@@ -56,6 +58,7 @@ def write(tmp_path, doc):
         (lambda d: d.__setitem__("reference", "missing.png"), "reference image"),
         (lambda d: d.pop("fields"), "missing 'fields'"),
         (lambda d: d.__setitem__("dpi", "high"), "'dpi' must be a number"),
+        (lambda d: d["fields"][1].__setitem__("pattern", "(0[1-9]"), "field 'date': 'pattern' is not a regular expression"),
     ],
 )
 def test_bad_template_errors_name_file_field_and_problem(template_copy, change, message):

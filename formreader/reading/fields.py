@@ -3,11 +3,13 @@
 A field's confidence is the probability that the whole value is right: the product of its cells'
 calibrated probabilities (each cell is read independently). A field goes to review when that
 confidence is under the threshold, or when it breaks a rule of the template: a digit missing
-where the length is fixed, a gap between digits, ink that is not a digit, an empty required field.
+where the length is fixed, a gap between digits, ink that is not a digit, an empty required field,
+a reading its pattern does not allow.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -54,6 +56,16 @@ def read_field(
     misstates a field's chance of being right.
     """
     reasons: list[str] = []
+    first = "".join(c.digit for c in cells)
+    if spec.pattern and first and "?" not in first and not re.fullmatch(spec.pattern, first):
+        # The likeliest reading breaks the field's rule (a month 13, a day 76): its likeliest
+        # reading that keeps it is named instead, and a person decides.
+        held = pattern_reading(cells, spec.pattern)
+        if held is None:
+            reasons.append(f"'{first}' does not fit the field's pattern")
+        else:
+            cells = held
+            reasons.append(f"read '{first}', which does not fit the field's pattern")
     confidence = 1.0
     for c in cells:
         confidence *= c.confidence
@@ -80,6 +92,36 @@ def read_field(
         reasons.append(f"low confidence {confidence:.2f}")
     status = "review" if reasons else "ok"
     return FieldReading(spec.name, value, confidence, status, reasons, cells, text=written(spec, marks))
+
+
+def pattern_reading(cells: list[DigitReading], pattern: str, beam: int = 64, floor: float = 1e-4) -> list[DigitReading] | None:
+    """The cells read as the likeliest digits (the product of their probabilities) whose value
+    matches `pattern` (a regular expression for the digits, blank cells left out), or None when
+    none does. Each cell keeps its own probabilities; blank cells stay blank. A beam of `beam`
+    prefixes, each still able to match; digits under `floor` in a cell are not tried there."""
+    import regex  # partial matching of a prefix against the pattern
+
+    compiled = regex.compile(pattern)
+    prefixes: list[tuple[float, list[int]]] = [(0.0, [])]
+    for c in (c for c in cells if c.digit):
+        if c.probabilities is None:
+            return None
+        options = [k for k in range(10) if c.probabilities[k] >= floor]
+        grown = [
+            (score + math.log(c.probabilities[k]), [*digits, k])
+            for score, digits in prefixes
+            for k in options
+            if compiled.fullmatch("".join(map(str, [*digits, k])), partial=True)
+        ]
+        prefixes = sorted(grown, key=lambda p: -p[0])[:beam]
+    match = next((d for _, d in prefixes if compiled.fullmatch("".join(map(str, d)))), None)
+    if match is None:
+        return None
+    chosen = iter(match)
+    return [
+        DigitReading(str(k := next(chosen)), float(c.probabilities[k]), c.probabilities, c.second) if c.digit else c
+        for c in cells
+    ]
 
 
 def written(spec: Field, marks: str) -> str:

@@ -40,6 +40,7 @@ class BoxesField(_Strict):
     optional: bool = False
     format: Annotated[str, Rule(pattern=r"^[# .,\-/:]*$", description="'#' a box, and the marks printed between")] = ""
     numeric: bool = Rule(False, description="a quantity: a number cell in workbooks")
+    pattern: str = Rule("", description="a regular expression the digits read (blank boxes left out) must match")
 
 
 class FreeField(_Strict):
@@ -120,14 +121,14 @@ def layout_problems(doc: dict, node: yaml.Node | None, shape: tuple[int, int], i
                     problems.append(f"{at}{label} {[x, y, w, h]} {what} {other}")
                     break
             seen[(x, y, w, h)] = f"{label} of field '{f['name']}'"
+        try:
+            re.compile(f.get("pattern", ""))
+        except re.error as e:
+            problems.append(f"{where}'pattern' is not a regular expression ({e}): {f['pattern']!r}")
         if f.get("kind") == "free":
             low, high = f.get("min_length"), f.get("max_length")
             if low and high and low > high:
                 problems.append(f"{where}'min_length' is larger than 'max_length'")
-            try:
-                re.compile(f.get("pattern", ""))
-            except re.error as e:
-                problems.append(f"{where}'pattern' is not a regular expression ({e}): {f['pattern']!r}")
             continue
         n = len(f["cells"])
         if f.get("length") is not None and f["length"] > n:

@@ -10,6 +10,7 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
         cells: [[x, y, w, h], ...]   # one box per digit, left to right
         length: 8              # optional: exactly this many digits
         optional: false        # optional: true if the field may be left empty
+        pattern: '4\\d{7}'       # optional: a regular expression the digits read must match
       - name: amount           # a number written freely in one box (a check's amount)
         kind: free
         box: [x, y, w, h]
@@ -48,7 +49,7 @@ class Field:
     min_length: int | None = None  # kind 'free': digits allowed, when not exact
     max_length: int | None = None
     separators: str = ""  # kind 'free': separators that may stand between digits, of . , - /
-    pattern: str = ""  # kind 'free': regular expression the whole raw reading must match
+    pattern: str = ""  # regular expression the whole reading must match (boxes: the digits read)
     format: str = ""  # kind 'boxes': how the number is written, '#' a box, e.g. '#####.##', '##/##/####'
     numeric: bool = False  # a quantity (not an identifier): a number cell in workbooks
 
@@ -255,6 +256,7 @@ def _field_doc(f: Field) -> dict:
         doc.update({"optional": True} if f.optional else {})
         doc.update({"format": f.format} if f.format else {})
         doc.update({"numeric": True} if f.numeric else {})
+        doc.update({"pattern": f.pattern} if f.pattern else {})
         doc["cells"] = [list(c) for c in f.cells]
     return doc
 

@@ -23,6 +23,8 @@ DPI = 150
 PAGE_SIZE = (1240, 874)  # A5 landscape at 150 DPI, width x height
 CELL = 36  # box interior, pixels
 LINE = 2  # box line thickness, pixels
+# The demo form's date, DDMMYYYY in its eight boxes: a day and month that exist, a year of 1900-2099.
+BOXED_DATE = r"(0[1-9]|[12]\d|3[01])(0[1-9]|1[0-2])(19|20)\d\d"
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -82,7 +84,8 @@ def blank_form(line: int = LINE) -> tuple[np.ndarray, list[Field]]:
     x0 = 340
     fields = [
         Field("customer_no", tuple(_separate_boxes(canvas, x0, rows[0], 8, line=line)), length=8),
-        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/", line)), length=8, format="##/##/####"),
+        Field("date", tuple(_combs(canvas, x0, rows[1], [2, 2, 4], "/", line)), length=8, format="##/##/####",
+              pattern=BOXED_DATE),
         Field("quantity", tuple(_separate_boxes(canvas, x0, rows[2], 4, line=line)), optional=True),
     ]
     cv2.putText(canvas, "Postal code", (700, rows[2] + 30), FONT, 0.75, 0, 2, cv2.LINE_AA)
