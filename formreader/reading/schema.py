@@ -125,6 +125,10 @@ def layout_problems(doc: dict, node: yaml.Node | None, shape: tuple[int, int], i
             re.compile(f.get("pattern", ""))
         except re.error as e:
             problems.append(f"{where}'pattern' is not a regular expression ({e}): {f['pattern']!r}")
+        printed = next((m for m in ("/", ",", ":", r"\.", r"\-") if m in f.get("pattern", "")), None)
+        if f.get("kind") != "free" and printed:
+            problems.append(f"{where}'pattern' is matched against the digits read, without the marks printed "
+                            f"between the boxes: it cannot hold '{printed[-1]}' ({f['pattern']})")
         if f.get("kind") == "free":
             low, high = f.get("min_length"), f.get("max_length")
             if low and high and low > high:
