@@ -58,8 +58,8 @@ def read_field(
     reasons: list[str] = []
     first = "".join(c.digit for c in cells)
     if spec.pattern and first and "?" not in first and not re.fullmatch(spec.pattern, first):
-        # The likeliest reading breaks the field's rule (a month 13, a day 76): its likeliest
-        # reading that keeps it is named instead, and a person decides.
+        # The likeliest reading breaks the field's rule (a day 76, a month 13): the likeliest
+        # reading that keeps it is read instead, and a person decides.
         held = pattern_reading(cells, spec.pattern)
         if held is None:
             reasons.append(f"'{first}' does not fit the field's pattern")
