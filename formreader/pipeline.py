@@ -534,11 +534,12 @@ def page_record(read: PageRead) -> dict:
 
 
 def runner_up(reading: DigitReading) -> list | None:
-    """The second most probable digit of a cell and its probability, where the cell has them."""
+    """The most probable reading of a cell other than its own, and its probability, where the
+    cell has them (the second most probable; the first where a field's pattern chose another)."""
     p = reading.probabilities
     if p is None or len(p) < 2:
         return None
-    k = int(np.argsort(p)[-2])
+    k = next(int(k) for k in np.argsort(p)[::-1] if label_of(int(k)) != reading.digit)
     return [label_of(k), round(float(p[k]), 6)]
 
 

@@ -132,6 +132,7 @@ def test_a_date_read_as_no_date_is_read_as_the_likeliest_date(template, classifi
     digits = np.array([[int(ch) for ch in s] for s in dates])
     assert field.value == dates[int(np.argmax(log_p[np.arange(8), digits].sum(1)))]
     assert field.confidence < 0.85  # the product of what each box gives the digits now read
+    assert pipeline.runner_up(field.digits[0])[0] == "7"  # the reviewer is offered what was read
 
 
 @pytest.fixture()
