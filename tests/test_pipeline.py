@@ -78,27 +78,35 @@ def test_blank_field_is_empty_not_guessed(filled_pages, template, classifier, mn
 
 
 def test_a_digit_the_scan_broke_up_is_flagged_not_dropped(filled_pages, template, classifier, mnist_test):
-    """Pieces of a real digit, each too small to be one, left in an optional field's box: the
-    field is not read as empty and `ok` (a digit silently lost) but keeps a '?' for review."""
+    """Pieces of a real digit, each too small to be one, left in the first box of `235`: the
+    field is not read as `35` and `ok` (a digit silently lost) but keeps a '?' for review, and a
+    person's correction still teaches the model the digits it did read."""
+    from formreader.pipeline import page_record, segment_page
+    from formreader.review.decisions import labelled_cells
     from formreader.training.synth import DigitSource, fill_form
 
     blank, fields, _ = filled_pages
     rng = np.random.default_rng(5)
     images, labels = mnist_test
-    values = {"customer_no": "12345678", "date": "01022003", "postal_code": "54321", "amount": "   1234",
-              "phone": "0123456789"}
+    values = {"customer_no": "12345678", "date": "01022003", "quantity": " 35", "postal_code": "54321",
+              "amount": "   1234", "phone": "0123456789"}
     page = fill_form(blank, fields, values, DigitSource(images, labels, rng), rng)
-    x, y, w, h = fields[2].cells[0]  # quantity, left empty above
+    x, y, w, h = fields[2].cells[0]  # quantity's first box, left empty above
     two = cv2.resize(images[np.flatnonzero(labels == 2)[0]], (w - 8, h - 8)) > 100
     ys, xs = np.nonzero(two)
     for k in np.linspace(0, len(ys) - 1, 3).astype(int):  # three pieces of its strokes, 3 px across
         piece = np.zeros_like(two)
         piece[max(0, ys[k] - 1) : ys[k] + 2, max(0, xs[k] - 1) : xs[k] + 2] = True
         page[y + 4 : y + h - 4, x + 4 : x + w - 4][piece & two] = 30
-    read = read_page(Page(scan(page, rng, max_rotation=3), 150.0, "x", 1), template, classifier)
+    scanned = Page(scan(page, rng, max_rotation=3), 150.0, "x", 1)
+    read = read_page(scanned, template, classifier)
     quantity = read.fields[2]
-    assert quantity.status == "review" and "?" in quantity.text and quantity.confidence < 0.2
+    assert quantity.value == "35" and quantity.text == "?35"
+    assert quantity.status == "review" and quantity.confidence < 0.2
     assert quantity.reasons[0] == "mark that is not a digit in cell 1"
+    record = page_record(read)["fields"][2]
+    picture = segment_page(scanned, template).registration.aligned
+    assert [(cell, label) for cell, _, label in labelled_cells(record, picture, "235")] == [(1, "3"), (2, "5")]
 
 
 def test_a_date_read_as_no_date_is_read_as_the_likeliest_date(template, classifier, mnist_test):
