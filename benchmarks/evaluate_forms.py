@@ -132,14 +132,14 @@ def main() -> None:
     report("Samples (samples/scans)", segment_all(items, template, classifier), template, classifier)
 
     if args.validation:
-        from formreader.training.evaluate import calibration_forms
+        from formreader.training.evaluate import CALIBRATION_PAGES, CALIBRATION_SEED, calibration_forms
 
         rows = [
             (source, style, score(segment_all(forms, t, classifier), t, DEFAULT_REVIEW_THRESHOLD, classifier))
-            for source, style, t, forms in calibration_forms(classifier.meta, 40, 31)
+            for source, style, t, forms in calibration_forms(classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED)
         ]
-        print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, 40 pages each, "
-                    f"seed 31, threshold {DEFAULT_REVIEW_THRESHOLD})", rows)
+        print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
+                    f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {DEFAULT_REVIEW_THRESHOLD})", rows)
 
     rows = []
     for source, (images, labels) in held_out_writers().items():

@@ -286,6 +286,10 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
+# The forms `formreader calibrate` fits field confidence on: pages of each source and style, and their seed.
+CALIBRATION_PAGES, CALIBRATION_SEED = 40, 31
+
+
 def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None = None) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
     CVL writers and ORAND checks held out from its training, as its card records): three
@@ -317,7 +321,9 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
     ]
 
 
-def calibrate_fields(classifier: DigitClassifier, pages: int = 40, seed: int = 31, data_dir: Path | None = None) -> dict:
+def calibrate_fields(
+    classifier: DigitClassifier, pages: int = CALIBRATION_PAGES, seed: int = CALIBRATION_SEED, data_dir: Path | None = None
+) -> dict:
     """Fit the field-confidence exponents of a model (DigitClassifier.field_power) on forms of its
     validation writers, one for grey scans and one for bitonal ones; fields that break a rule are
     flagged whatever their confidence and are left out. Returns {'field_power',
