@@ -158,7 +158,10 @@ def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
 
     mask: (N, H, W) bool. Returns a new (N, H, W) bool mask. A run must span `line_length` of the
     crop's width (or height) and lie in the band `line_band` along an edge to count as a box
-    line: a digit's own straight strokes (the stem of a 1) are shorter or further inside.
+    line: a digit's own straight strokes (the stem of a 1) are shorter or further inside. And it
+    must behave as a box's line does (`_box_lines`): in a crop cut tight around the digit (a
+    postal code's 16x16 digits, a check's digit cut by its box) the bar of a 7 or the foot of a
+    2 runs along the edge too.
     """
     _, h, w = mask.shape
     across, down = max(3, int(params.line_length * w)), max(3, int(params.line_length * h))
@@ -175,11 +178,80 @@ def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
         vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((down, 1), np.uint8))
         horiz[band_h : h - band_h, :] = 0
         vert[:, band_w : w - band_w] = 0
-        # Widen each line by a pixel across itself only (its anti-aliased edge), so a stroke that
-        # touches or crosses it keeps its pixels along the line.
-        lines = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
-        out[k] &= ~lines.astype(bool)
+        out[k] &= ~_widened(*_box_lines(mask[k], horiz, vert, (band_h, band_w)))
     return out
+
+
+def _widened(horiz: np.ndarray, vert: np.ndarray) -> np.ndarray:
+    """Horizontal and vertical runs (H, W) uint8, each widened by a pixel across itself only (its
+    anti-aliased edge), so a stroke that touches or crosses a line keeps its pixels along it."""
+    return (cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))).astype(bool)
+
+
+def _box_lines(
+    mask: np.ndarray, horiz: np.ndarray, vert: np.ndarray, bands: tuple[int, int], reach: float = 0.06
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of the straight runs along a crop's edges, the ones that are a box's lines, not strokes.
+
+    mask: (H, W) bool, the crop's ink; horiz, vert: (H, W) uint8, its horizontal and vertical
+    runs; bands: how far (rows, columns) from the edges box lines are looked for. Returns the
+    runs kept as lines, of the same form. A box's line runs past the digit inside it at both
+    ends (by `reach` of the side), and a stroke meets it at one of its ends only where another
+    line of the box does (a corner). A 7's bar in a crop cut tight around it runs past its stem
+    by a pixel or two, and the stem leaves it at its end: the bar stays.
+    """
+    h, w = mask.shape
+    rest = mask & ~_widened(horiz, vert)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(rest.astype(np.uint8), connectivity=8)
+    # The digit's extent: the pieces of ink left that reach inside the bands along the edges,
+    # specks and pieces of a ragged or broken line aside.
+    x, y, bw, bh, area = stats[1:].T
+    inside = (y + bh > bands[0]) & (y < h - bands[0]) & (x + bw > bands[1]) & (x < w - bands[1])
+    stats = stats[1:][inside & ~_line_pieces(x, y, bw, bh, area, h, w)]
+    if not len(stats):
+        return horiz, vert  # nothing but lines and their debris
+    area = stats[:, cv2.CC_STAT_AREA]
+    big = stats[area >= 0.1 * area.max()]
+    left, top = big[:, cv2.CC_STAT_LEFT], big[:, cv2.CC_STAT_TOP]
+    spans = (
+        (left.min(), (left + big[:, cv2.CC_STAT_WIDTH]).max() - 1, max(1, round(reach * w))),
+        (top.min(), (top + big[:, cv2.CC_STAT_HEIGHT]).max() - 1, max(1, round(reach * h))),
+    )
+    runs = []
+    for d, lines in enumerate((horiz, vert)):  # d: the axis a run goes along, 0 = x
+        n, labels, st, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
+        start = st[:, cv2.CC_STAT_LEFT] if d == 0 else st[:, cv2.CC_STAT_TOP]
+        end = start + (st[:, cv2.CC_STAT_WIDTH] if d == 0 else st[:, cv2.CC_STAT_HEIGHT]) - 1
+        lo, hi, margin = spans[d]
+        past = (start <= lo - margin) & (end >= hi + margin)
+        past[0] = False
+        runs.append((labels, start, end, past))
+    kept = []
+    for d, (labels, start, end, past) in enumerate(runs):
+        corners = runs[1 - d][3][runs[1 - d][0]]  # the other direction's lines
+        for i in np.flatnonzero(past):
+            past[i] = not _stroke_leaves_end(rest, labels == i, start[i], end[i], d, corners)
+        kept.append(past[labels].astype(np.uint8))
+    return kept[0], kept[1]
+
+
+def _stroke_leaves_end(rest: np.ndarray, run: np.ndarray, start: int, end: int, axis: int, corners: np.ndarray) -> bool:
+    """Does ink other than lines (rest, (H, W) bool) meet this run (H, W) bool, going along
+    `axis` (0: x) from `start` to `end`, near one of its ends where no other line (corners)
+    meets it? Near: within the run's thickness and two pixels."""
+    ys, xs = np.nonzero(run)
+    along, across = (xs, ys) if axis == 0 else (ys, xs)
+    near = 2 + int(np.ptp(across))
+    touching = cv2.dilate(run.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & rest
+    position = np.nonzero(touching)[1 - axis]
+    for a, b in ((start, start + near), (end - near, end)):
+        zone = np.zeros_like(run)
+        lo, hi = max(0, a - 2), b + 3
+        side = slice(max(0, across.min() - near), across.max() + near + 1)
+        zone[(side, slice(lo, hi)) if axis == 0 else (slice(lo, hi), side)] = True
+        if not (corners & zone).any() and ((position >= a) & (position <= b)).any():
+            return True
+    return False
 
 
 def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
@@ -209,11 +281,7 @@ def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     y, x = np.array([p[2].start for p in pieces]), np.array([p[3].start for p in pieces])
     bh, bw = np.array([p[2].stop for p in pieces]) - y, np.array([p[3].stop for p in pieces]) - x
     area = np.bincount(labels.ravel(), minlength=count)[label]
-    # A piece of box line left at an edge: thin, parallel to the edge it touches.
-    at_top_or_bottom = ((y <= 1) | (y + bh >= h - 1)) & (bh <= 0.15 * h) & (bw >= 2 * bh)
-    at_left_or_right = ((x <= 1) | (x + bw >= w - 1)) & (bw <= 0.15 * w) & (bh >= 2 * bw)
-    line_piece = (at_top_or_bottom | at_left_or_right) & (area < 0.5 * bw * bh + 4 * np.maximum(bw, bh))
-    c = ~line_piece
+    c = ~_line_pieces(x, y, bw, bh, area, h, w)
     label, crop, x, y, bw, bh, area = label[c], crop[c], x[c], y[c], bw[c], bh[c], area[c]
     # Each crop's main piece: its largest (the later label on a tie).
     order = np.lexsort((-label, -area, crop))
@@ -234,6 +302,14 @@ def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     found &= keep.sum(axis=(1, 2)) >= params.min_digit_area * h * w
     keep[~found] = False
     return keep, found
+
+
+def _line_pieces(x: np.ndarray, y: np.ndarray, bw: np.ndarray, bh: np.ndarray, area: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Which pieces of ink (their boxes x, y, bw, bh and areas, (K,) arrays, in an (h, w) crop)
+    are pieces of box line left at an edge: thin, parallel to the edge they touch."""
+    at_top_or_bottom = ((y <= 1) | (y + bh >= h - 1)) & (bh <= 0.15 * h) & (bw >= 2 * bh)
+    at_left_or_right = ((x <= 1) | (x + bw >= w - 1)) & (bw <= 0.15 * w) & (bh >= 2 * bw)
+    return (at_top_or_bottom | at_left_or_right) & (area < 0.5 * bw * bh + 4 * np.maximum(bw, bh))
 
 
 def stroke_width(ink: np.ndarray) -> float:
