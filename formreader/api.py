@@ -11,6 +11,7 @@ import numpy as np
 from formreader.pipeline import Journal, process_paths
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.reading.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
+from formreader.reading.ingest import grey_crop
 from formreader.reading.segment import segment_crops
 from formreader.reading.string_model import field_views
 from formreader.reading.strings import StringReading, decide_string, segment_string
@@ -35,8 +36,11 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
 
     Each crop is segmented and normalised as a form's cell is. A crop with no digit in it
     comes back as DigitReading(digit='', confidence=...) rather than a guess; '?' marks ink
-    that is not a digit.
+    that is not a digit. Crops may also be RGB, bool, 16-bit or float, and light ink on dark
+    (MNIST's own arrays): see formreader.reading.ingest.grey_crop. A crop that is no image
+    raises ValueError naming it, before any is read.
     """
+    crops = _grey_crops(crops)
     classifier = get_classifier(model)
     readings = [DigitReading("", BLANK_CONFIDENCE) for _ in crops]
 
@@ -59,6 +63,17 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
 
 
 READ_CHUNK = 1024  # crops segmented at a time by read_digits
+
+
+def _grey_crops(crops: list[np.ndarray]) -> list[np.ndarray]:
+    """`grey_crop` of each crop; a ValueError names the first crop that is no image."""
+    out = []
+    for k, crop in enumerate(crops):
+        try:
+            out.append(grey_crop(crop))
+        except ValueError as e:
+            raise ValueError(f"crop {k}: {e}") from None
+    return out
 
 
 def process_folder(
@@ -97,9 +112,10 @@ def read_number(
     digits are right), the digits, where touching digits were cut apart, and the decision a free
     field of a form gets: `status` ('ok' or 'review') and `reasons`. `separators` may stand
     between digits; `pattern`, a regular expression for the whole raw reading, settles what
-    looks like both a slash and a 1, and a reading that breaks it goes to review.
+    looks like both a slash and a 1, and a reading that breaks it goes to review. The image may
+    also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
     """
-    image = np.asarray(image)
+    image = grey_crop(image)
     classifier = get_classifier(model)
     layout = segment_string(image)
     pieces = classifier.for_strings.probabilities(layout.images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import formreader
 from formreader.training.datasets import load_nsysu
@@ -29,6 +30,44 @@ def test_read_digits_any_size_and_blank():
     got_big, got_blank = formreader.read_digits([big, blank])
     assert got_big.digit == str(labels[10])
     assert got_blank.digit == ""
+
+
+def test_read_digits_takes_arrays_as_programs_hold_them(mnist_test):
+    """MNIST's own arrays (light ink on dark), floats in 0-1 or -1 to 1 (as USPS's digits come),
+    RGB, 16-bit and bool crops read as the same digits as dark-on-light uint8. Before, MNIST's
+    arrays read 6% right, 60% judged blank, and float crops all came back blank with confidence
+    1.0: no digit, said with certainty."""
+    import cv2
+
+    images, labels = mnist_test
+    x, truth = images[:200], labels[:200].astype(str)
+    paper = list(255 - x)
+    forms = {
+        "light on dark": list(x),
+        "float 0-1": [c / 255.0 for c in paper],
+        "float -1 to 1, light on dark": [c / 127.5 - 1 for c in x],
+        "RGB": [cv2.cvtColor(c, cv2.COLOR_GRAY2RGB) for c in paper],
+        "uint16": [c.astype(np.uint16) * 257 for c in paper],
+        "bool ink": [c > 128 for c in x],
+    }
+    expected = np.array([r.digit for r in formreader.read_digits(paper)])
+    assert (expected == truth).mean() >= 0.98
+    for name, crops in forms.items():
+        got = np.array([r.digit for r in formreader.read_digits(crops)])
+        assert (got == expected).mean() >= 0.98, name
+        assert (got == truth).mean() >= 0.97, name
+
+
+def test_read_digits_names_the_crop_that_is_no_image(mnist_test):
+    images, _ = mnist_test
+    for bad, says in (
+        (np.zeros((0, 5)), "empty"),
+        (np.full((8, 8), np.nan), "NaN"),
+        (np.zeros((4, 4, 2)), "shape"),
+        (np.full((9, 9), -3.0), "negative"),
+    ):
+        with pytest.raises(ValueError, match=f"crop 1: .*{says}"):
+            formreader.read_digits([255 - images[0], bad])
 
 
 def test_process_folder_returns_a_dataframe():

@@ -418,3 +418,58 @@ def _page_size_points(text: str) -> tuple[float, float]:
 def _first_line(message: str) -> str:
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return lines[0] if lines else "unknown error"
+
+
+def grey_crop(crop: np.ndarray) -> np.ndarray:
+    """An image array handed in by a program, as the reading stages take it: (H, W) uint8, dark
+    ink on light paper.
+
+    crop: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA (laid on white paper); bool (True: ink),
+    uint8, uint16 (0-65535), other integers (0-255, or their own range beyond it), or floats
+    (0-1; -1 to 1, as USPS's digits come, when any pixel is below 0; 0-255 when any is above
+    1). Light ink on dark paper, as MNIST's own arrays are, is turned over: when most of the
+    crop's outermost pixels, and most of all its pixels, are darker than halfway between its
+    darkest and lightest, the dark is the paper (a digit is thinner than the paper around it).
+    Raises ValueError saying what is wrong with any other array.
+    """
+    a = np.asarray(crop)
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        alpha = _unit_range(a[..., 3]) if a.shape[2] == 4 else 1.0
+        a = (_unit_range(a[..., :3]) @ np.array([0.299, 0.587, 0.114])) * alpha + (1.0 - alpha)
+    elif a.ndim != 2:
+        raise ValueError(f"an image of shape {a.shape}: expected (H, W) grey, or (H, W, 3) RGB / (H, W, 4) RGBA")
+    if a.size == 0:
+        raise ValueError(f"an empty image (shape {a.shape})")
+    if a.dtype == bool:
+        a = np.where(a, 0, 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        a = np.round(255 * _unit_range(a)).astype(np.uint8)
+    lo, hi, _, _ = cv2.minMaxLoc(a)
+    middle = (lo + hi) / 2
+    if hi - lo >= 16:
+        ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        if (ring < middle).mean() > 0.5 and (a < middle).mean() > 0.5:
+            a = 255 - a
+    return a
+
+
+def _unit_range(a: np.ndarray) -> np.ndarray:
+    """Pixel values of any numeric type as float64 in [0, 1] (see `grey_crop`)."""
+    if a.dtype == bool:
+        return a.astype(np.float64)
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise ValueError(f"pixels of type {a.dtype}: expected numbers")
+    f = a.astype(np.float64)
+    if not np.isfinite(f).all():
+        raise ValueError("an image with NaN or infinite pixels")
+    if a.dtype == np.uint8:
+        return f / 255
+    if a.dtype == np.uint16:
+        return f / 65535
+    floating = np.issubdtype(a.dtype, np.floating)
+    if floating and -1.0 <= f.min() < 0 and f.max() <= 1.0:
+        return (f + 1) / 2
+    if f.min() < 0:
+        raise ValueError(f"negative pixel values (down to {f.min():g}): expected 0-1, -1 to 1, 0-255 or 0-65535")
+    top = 1.0 if floating and f.max() <= 1.0 else 255.0 if f.max() <= 255 else f.max()
+    return f / top
