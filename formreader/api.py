@@ -10,11 +10,11 @@ import numpy as np
 
 from formreader.pipeline import Journal, process_paths
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
-from formreader.reading.fields import BLANK_CONFIDENCE, DEFAULT_REVIEW_THRESHOLD, read_free_field
+from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD, read_free_field, unread_cell
 from formreader.reading.ingest import grey_crop
-from formreader.reading.segment import segment_crops
+from formreader.reading.segment import MNIST_SIZE, segment_cells
 from formreader.reading.string_model import field_views
-from formreader.reading.strings import StringReading, decide_string, segment_string
+from formreader.reading.strings import StringReading, decide_string, segment_string, writing_window
 from formreader.reading.template import Field, Template, load_template
 
 if TYPE_CHECKING:
@@ -36,15 +36,16 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
 
     Each crop is segmented and normalised as a form's cell is. A crop with no digit in it
     comes back as DigitReading(digit='', confidence=...) rather than a guess; '?' marks ink
-    that is not a digit. Crops may also be RGB, bool, 16-bit or float, and light ink on dark
+    that is not a digit, or more ink than specks where no digit was found (confidence 0.1, as a
+    form's cell). Crops may also be RGB, bool, 16-bit or float, and light ink on dark
     (MNIST's own arrays): see formreader.reading.ingest.grey_crop. A crop that is no image
     raises ValueError naming it, before any is read.
     """
     crops = _grey_crops(crops)
     classifier = get_classifier(model)
-    readings = [DigitReading("", BLANK_CONFIDENCE) for _ in crops]
+    readings: list[DigitReading | None] = [None] * len(crops)
 
-    def settle(done: tuple[Future, np.ndarray]) -> None:
+    def settle(done: tuple[Future, list[int]]) -> None:
         probabilities, index = done
         for i, p in zip(index, probabilities.result()):
             readings[i] = reading_from_probabilities(p)
@@ -53,10 +54,15 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for start in range(0, len(crops), READ_CHUNK):
-            images, index = segment_crops(crops[start : start + READ_CHUNK])
+            segments = segment_cells(crops[start : start + READ_CHUNK])
+            index = [start + k for k, s in enumerate(segments) if s.image is not None]
+            for k, s in enumerate(segments):
+                if s.image is None:
+                    readings[start + k] = unread_cell(s.stray_ink)
+            images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
             if pending:
                 settle(pending)
-            pending = pool.submit(classifier.probabilities, images), index + start
+            pending = pool.submit(classifier.probabilities, images), index
         if pending:
             settle(pending)
     return readings
@@ -116,6 +122,8 @@ def read_number(
     also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
     """
     image = grey_crop(image)
+    x, y, w, h = writing_window(image)  # a number written small in a large crop: read where it is
+    image = image[y : y + h, x : x + w]
     classifier = get_classifier(model)
     layout = segment_string(image)
     pieces = classifier.for_strings.probabilities(layout.images)
@@ -128,4 +136,6 @@ def read_number(
         reading = decide_string(layout, pieces, separators, pattern)
     decision = read_free_field(spec, reading, threshold=review_threshold)
     reading.status, reading.reasons = decision.status, decision.reasons
+    reading.boxes = [(bx + x, by + y, bw, bh) for bx, by, bw, bh in reading.boxes]  # the given crop's pixels
+    reading.cuts = [c + x for c in reading.cuts]
     return reading

@@ -35,12 +35,11 @@ from formreader.reading.classify import (
     reading_from_probabilities,
 )
 from formreader.reading.fields import (
-    BLANK_CONFIDENCE,
     DEFAULT_REVIEW_THRESHOLD,
-    STRAY_INK_CONFIDENCE,
     FieldReading,
     read_field,
     read_free_field,
+    unread_cell,
 )
 from formreader.reading.ingest import (
     MAX_PAGE_PIXELS,
@@ -56,11 +55,10 @@ from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cell
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.reading.segment import DigitSegment, segment_cells
 from formreader.reading.string_model import StringModel, field_views
-from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame
+from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame, writing_window
 from formreader.reading.template import Template
 
 VIEW_QUALITY = 80  # JPEG quality of the page pictures kept for review: digits stay legible at a tenth of the size
-STRAY_INK_FRACTION = 0.004  # rejected ink above this share of a cell reads as a mark, not a blank
 # glibc's mallopt parameters (malloc.h), and what a worker sets them to: buffers up to 64 MiB come
 # from its heap, and up to 256 MiB freed at the heap's top stay there for the next page.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -167,9 +165,7 @@ def segment_page(
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = []
     for spec in template.fields:
         if spec.kind == "free":
-            crop, offset = free_field_crop(reg.aligned, spec.box)
-            x, y, w, h = spec.box
-            crop = without_frame(crop, (x - offset[0], y - offset[1], w, h))
+            crop, offset = free_field_window(reg.aligned, spec.box)
             boxes.append([spec.box])
             segments.append(segment_string(crop))
             offsets.append(offset)
@@ -193,6 +189,17 @@ def segment_page(
     return SegmentedPage(
         page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name, bitonal=is_bitonal(page.image)
     )
+
+
+def free_field_window(page: np.ndarray, box: Box) -> tuple[np.ndarray, tuple[int, int]]:
+    """A free field as both readers take it: its crop (`free_field_crop`), the box's border
+    painted out (`strings.without_frame`), cut to the writing where that is small in the box
+    (`strings.writing_window`); and the window's corner on the page."""
+    crop, (x0, y0) = free_field_crop(page, box)
+    x, y, w, h = box
+    crop = without_frame(crop, (x - x0, y - y0, w, h))
+    wx, wy, ww, wh = writing_window(crop)
+    return crop[wy : wy + wh, wx : wx + ww], (x0 + wx, y0 + wy)
 
 
 def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.ndarray, tuple[int, int]]:
@@ -240,10 +247,8 @@ def decide_page(
             if s.image is not None:
                 readings.append(reading_from_probabilities(probabilities[start], None if second is None else second[start]))
                 start += 1
-            elif s.stray_ink > STRAY_INK_FRACTION:
-                readings.append(DigitReading("?", STRAY_INK_CONFIDENCE))
             else:
-                readings.append(DigitReading("", BLANK_CONFIDENCE))
+                readings.append(unread_cell(s.stray_ink))
         fields.append(read_field(spec, readings, threshold, field_power))
     reg = seg.registration
     return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes, template.name)

@@ -305,10 +305,9 @@ def test_both_readers_read_more_fields_right_than_either_alone(mnist_test):
     (on the held-out sets of benchmarks/evaluate_checks.py: generated checks 87.5% -> 91.8%,
     ORAND test 90.7% -> 93.0%); and the cut reader's weight that `formreader calibrate-strings`
     fits on the real checks is above 0: its vote carries what the string model lacks."""
-    from formreader.pipeline import free_field_crop
+    from formreader.pipeline import free_field_window
     from formreader.reading.classify import DigitClassifier
     from formreader.reading.register import prepare_reference, register_page
-    from formreader.reading.strings import without_frame
     from formreader.reading.template import Field
     from formreader.training.datasets import load_orand
     from formreader.training.evaluate import fit_cut_weight, read_free_fields
@@ -321,9 +320,7 @@ def test_both_readers_read_more_fields_right_than_either_alone(mnist_test):
     for page, values in filled:
         aligned = register_page(scan(page, rng, max_rotation=5), blank, features).aligned
         for spec in fields:
-            crop, (x0, y0) = free_field_crop(aligned, spec.box)
-            x, y, w, h = spec.box
-            crops.append(without_frame(crop, (x - x0, y - y0, w, h)))
+            crops.append(free_field_window(aligned, spec.box)[0])
             specs.append(spec)
             truths.append("".join(c for c in values[spec.name] if c.isdigit()))
     amounts = load_orand("val") + load_orand("test")

@@ -23,12 +23,22 @@ from formreader.reading.template import Field
 DEFAULT_REVIEW_THRESHOLD = 0.85
 # Confidence that a cell with no ink at all is blank.
 BLANK_CONFIDENCE = 0.999
-# A cell whose ink was all rejected, but more of it than specks leave (pipeline.STRAY_INK_FRACTION),
-# reads '?': what is left of a digit the scan broke up, or a mark a person should see. The field's
-# value leaves it out, and is right only if the cell held no digit: on the forms of `formreader
-# calibrate` (the model's validation writers) every one of 11 such cells held one, and none of
-# the 1,433 cells judged blank with less ink did (at 0.9, as before, '235' was read '35' and `ok`).
+# A cell whose ink was all rejected, but more of it than specks leave (STRAY_INK_FRACTION of the
+# crop), reads '?': what is left of a digit the scan broke up, or a mark a person should see. The
+# field's value leaves it out, and is right only if the cell held no digit: on the forms of
+# `formreader calibrate` (the model's validation writers) every one of 11 such cells held one, and
+# none of the 1,433 cells judged blank with less ink did (at 0.9, as before, '235' was read '35'
+# and `ok`).
+STRAY_INK_FRACTION = 0.004
 STRAY_INK_CONFIDENCE = 0.1
+
+
+def unread_cell(stray_ink: float) -> DigitReading:
+    """The reading of a cell (or crop) in which segmentation found no digit: blank, or '?' when
+    more ink was rejected than specks leave (stray_ink: its share of the crop)."""
+    if stray_ink > STRAY_INK_FRACTION:
+        return DigitReading("?", STRAY_INK_CONFIDENCE)
+    return DigitReading("", BLANK_CONFIDENCE)
 
 
 @dataclass

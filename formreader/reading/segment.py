@@ -35,6 +35,8 @@ class SegmentParams:
     noise_contrast: float = 6.0  # ...and at least this many times the paper's noise (std)
     min_digit_extent: float = 0.2  # a digit's tallest side, as a fraction of the crop side
     min_digit_area: float = 0.004  # a digit's ink area, as a fraction of the crop area
+    loose_side: int = 80  # a crop wider than this (px) judges a digit's size as one this wide:
+    # a small digit in a loose crop is a digit, as in a box (form cells are smaller)
     companion_area: float = 0.12  # a stroke piece kept beside the main one: area vs the main's,
     companion_extent: float = 0.25  # ...its longer side vs the main one's (a dot is not a stroke)
     companion_gap: float = 0.25  # ...and its distance to the main one, vs the main one's size
@@ -290,7 +292,8 @@ def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     main[crop[first]] = first
     extent = np.maximum(bw, bh)
     found = np.zeros(n, bool)
-    found[crop[first]] = extent[first] >= params.min_digit_extent * side
+    loose = min(1.0, params.loose_side / side)
+    found[crop[first]] = extent[first] >= params.min_digit_extent * side * loose
     # Pieces kept beside it: near it, and big and long enough not to be a dot or a speck.
     m = main[crop]
     reach = params.companion_gap * extent[m]
@@ -299,7 +302,7 @@ def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     kept = np.zeros(count, bool)
     kept[label[(companion | (np.arange(len(label)) == m)) & found[crop]]] = True
     keep = kept[labels]
-    found &= keep.sum(axis=(1, 2)) >= params.min_digit_area * h * w
+    found &= keep.sum(axis=(1, 2)) >= params.min_digit_area * h * w * loose**2
     keep[~found] = False
     return keep, found
 

@@ -468,9 +468,8 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
     written with the digit model's MNIST validation digits, and free-field forms (thick worn
     borders, bitonal) written by its MNIST and CVL validation writers. Returns (crops, specs,
     truths, sources): sources 0 for ORAND, 1 the checks, 2 and 3 the forms."""
-    from formreader.pipeline import free_field_crop, scale_to_template
+    from formreader.pipeline import free_field_window, scale_to_template
     from formreader.reading.register import RegistrationError, prepare_reference, register_page
-    from formreader.reading.strings import without_frame
     from formreader.reading.template import Field
     from formreader.training.datasets import load_cvl, load_orand
     from formreader.training.synth import ink_on_black, make_checks, scan, scanned_free_forms
@@ -496,9 +495,7 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
         except RegistrationError:
             continue
         for spec in fields:
-            crop, (x0, y0) = free_field_crop(aligned, spec.box)
-            bx, by, bw, bh = spec.box
-            crops.append(without_frame(crop, (bx - x0, by - y0, bw, bh)))  # as the pipeline reads it
+            crops.append(free_field_window(aligned, spec.box)[0])  # as the pipeline reads it
             specs.append(spec)
             truths.append("".join(c for c in values[spec.name] if c.isdigit()))
     sources = [0] * real + [1] * (len(crops) - real)
@@ -518,9 +515,7 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
             except RegistrationError:
                 continue
             for spec in template.fields:
-                crop, (x0, y0) = free_field_crop(reg.aligned, spec.box)
-                bx, by, bw, bh = spec.box
-                crops.append(without_frame(crop, (bx - x0, by - y0, bw, bh)))
+                crops.append(free_field_window(reg.aligned, spec.box)[0])
                 specs.append(spec)
                 truths.append(truth[spec.name])
                 sources.append(2 + k)
