@@ -11,7 +11,7 @@ import numpy as np
 from formreader.pipeline import Journal, process_paths
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
 from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD, read_free_field, unread_cell
-from formreader.reading.ingest import grey_crop
+from formreader.reading.ingest import grey_crop, grey_crops
 from formreader.reading.segment import MNIST_SIZE, segment_cells
 from formreader.reading.string_model import field_views
 from formreader.reading.strings import StringReading, decide_string, segment_string, writing_window
@@ -41,7 +41,7 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     (MNIST's own arrays): see formreader.reading.ingest.grey_crop. A crop that is no image
     raises ValueError naming it, before any is read.
     """
-    crops = _grey_crops(crops)
+    crops = grey_crops(crops)
     classifier = get_classifier(model)
     readings: list[DigitReading | None] = [None] * len(crops)
 
@@ -69,17 +69,6 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
 
 
 READ_CHUNK = 1024  # crops segmented at a time by read_digits
-
-
-def _grey_crops(crops: list[np.ndarray]) -> list[np.ndarray]:
-    """`grey_crop` of each crop; a ValueError names the first crop that is no image."""
-    out = []
-    for k, crop in enumerate(crops):
-        try:
-            out.append(grey_crop(crop))
-        except ValueError as e:
-            raise ValueError(f"crop {k}: {e}") from None
-    return out
 
 
 def process_folder(

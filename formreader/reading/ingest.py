@@ -432,6 +432,35 @@ def grey_crop(crop: np.ndarray) -> np.ndarray:
     darkest and lightest, the dark is the paper (a digit is thinner than the paper around it).
     Raises ValueError saying what is wrong with any other array.
     """
+    return grey_crops([crop])[0]
+
+
+def grey_crops(crops: list[np.ndarray]) -> list[np.ndarray]:
+    """`grey_crop` of each of several crops; those of one shape are looked at together (a batch
+    of 10,000 digits in milliseconds). A ValueError names the first crop that is no image."""
+    out = []
+    for k, crop in enumerate(crops):
+        try:
+            out.append(_grey_pixels(crop))
+        except ValueError as e:
+            raise ValueError(f"crop {k}: {e}" if len(crops) > 1 else str(e)) from None
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for k, a in enumerate(out):
+        by_shape.setdefault(a.shape, []).append(k)
+    for members in by_shape.values():
+        stack = np.stack([out[k] for k in members])
+        lo, hi = stack.min(axis=(1, 2)).astype(np.int16), stack.max(axis=(1, 2)).astype(np.int16)
+        middle = (lo + hi) / 2
+        ring = np.concatenate([stack[:, 0], stack[:, -1], stack[:, :, 0], stack[:, :, -1]], axis=1)
+        dark = (hi - lo >= 16) & ((ring < middle[:, None]).mean(axis=1) > 0.5)
+        for k in np.flatnonzero(dark):
+            if (stack[k] < middle[k]).mean() > 0.5:
+                out[members[k]] = 255 - out[members[k]]
+    return out
+
+
+def _grey_pixels(crop: np.ndarray) -> np.ndarray:
+    """A crop's pixels as (H, W) uint8 (see `grey_crop`), either polarity."""
     a = np.asarray(crop)
     if a.ndim == 3 and a.shape[2] in (3, 4):
         alpha = _unit_range(a[..., 3]) if a.shape[2] == 4 else 1.0
@@ -441,15 +470,9 @@ def grey_crop(crop: np.ndarray) -> np.ndarray:
     if a.size == 0:
         raise ValueError(f"an empty image (shape {a.shape})")
     if a.dtype == bool:
-        a = np.where(a, 0, 255).astype(np.uint8)
-    elif a.dtype != np.uint8:
-        a = np.round(255 * _unit_range(a)).astype(np.uint8)
-    lo, hi, _, _ = cv2.minMaxLoc(a)
-    middle = (lo + hi) / 2
-    if hi - lo >= 16:
-        ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-        if (ring < middle).mean() > 0.5 and (a < middle).mean() > 0.5:
-            a = 255 - a
+        return np.where(a, 0, 255).astype(np.uint8)
+    if a.dtype != np.uint8:
+        return np.round(255 * _unit_range(a)).astype(np.uint8)
     return a
 
 

@@ -180,7 +180,8 @@ def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
         vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((down, 1), np.uint8))
         horiz[band_h : h - band_h, :] = 0
         vert[:, band_w : w - band_w] = 0
-        out[k] &= ~_widened(*_box_lines(mask[k], horiz, vert, (band_h, band_w)))
+        if horiz.any() or vert.any():
+            out[k] &= ~_widened(*_box_lines(mask[k], horiz, vert, (band_h, band_w)))
     return out
 
 
