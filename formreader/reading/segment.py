@@ -243,7 +243,7 @@ def _stroke_leaves_end(rest: np.ndarray, run: np.ndarray, start: int, end: int, 
     `axis` (0: x) from `start` to `end`, near one of its ends where no other line (corners)
     meets it? Near: within the run's thickness and two pixels."""
     ys, xs = np.nonzero(run)
-    along, across = (xs, ys) if axis == 0 else (ys, xs)
+    across = ys if axis == 0 else xs
     near = 2 + int(np.ptp(across))
     touching = cv2.dilate(run.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & rest
     position = np.nonzero(touching)[1 - axis]
