@@ -14,7 +14,7 @@ from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD, read_free_field,
 from formreader.reading.ingest import grey_crop, grey_crops
 from formreader.reading.segment import MNIST_SIZE, segment_cells
 from formreader.reading.string_model import field_views
-from formreader.reading.strings import StringReading, decide_string, segment_string, writing_window
+from formreader.reading.strings import StringReading, decide_string, field_image, segment_string
 from formreader.reading.template import Field, Template, load_template
 
 if TYPE_CHECKING:
@@ -110,9 +110,7 @@ def read_number(
     looks like both a slash and a 1, and a reading that breaks it goes to review. The image may
     also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
     """
-    image = grey_crop(image)
-    x, y, w, h = writing_window(image)  # a number written small in a large crop: read where it is
-    image = image[y : y + h, x : x + w]
+    image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
     layout = segment_string(image)
     pieces = classifier.for_strings.probabilities(layout.images)

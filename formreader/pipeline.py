@@ -55,7 +55,7 @@ from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cell
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
 from formreader.reading.segment import DigitSegment, segment_cells
 from formreader.reading.string_model import StringModel, field_views
-from formreader.reading.strings import StringLayout, decide_string, segment_string, without_frame, writing_window
+from formreader.reading.strings import StringLayout, decide_string, field_image, segment_string, without_frame
 from formreader.reading.template import Template
 
 VIEW_QUALITY = 80  # JPEG quality of the page pictures kept for review: digits stay legible at a tenth of the size
@@ -193,13 +193,13 @@ def segment_page(
 
 def free_field_window(page: np.ndarray, box: Box) -> tuple[np.ndarray, tuple[int, int]]:
     """A free field as both readers take it: its crop (`free_field_crop`), the box's border
-    painted out (`strings.without_frame`), cut to the writing where that is small in the box
-    (`strings.writing_window`); and the window's corner on the page."""
+    painted out (`strings.without_frame`), then `strings.field_image` (cut to the writing where
+    that is small in the box, paper added where it touches the crop's edge); and the image's
+    corner on the page."""
     crop, (x0, y0) = free_field_crop(page, box)
     x, y, w, h = box
-    crop = without_frame(crop, (x - x0, y - y0, w, h))
-    wx, wy, ww, wh = writing_window(crop)
-    return crop[wy : wy + wh, wx : wx + ww], (x0 + wx, y0 + wy)
+    image, (dx, dy) = field_image(without_frame(crop, (x - x0, y - y0, w, h)))
+    return image, (x0 + dx, y0 + dy)
 
 
 def free_field_crop(page: np.ndarray, box: Box, margin: int = 4) -> tuple[np.ndarray, tuple[int, int]]:

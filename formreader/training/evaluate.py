@@ -401,8 +401,9 @@ def read_free_fields(classifier: DigitClassifier, crops: list[np.ndarray], specs
     cut reader's weight `cut_weight` (default: the string model card's; TwoReadings.chosen):
     [formreader.reading.string_model.TwoReadings]."""
     from formreader.reading.string_model import field_views, read_twice
-    from formreader.reading.strings import segment_string
+    from formreader.reading.strings import field_image, segment_string
 
+    crops = [field_image(c)[0] for c in crops]  # as read_number and the pipeline read them
     layouts = [segment_string(c) for c in crops]
     images = [layout.images for layout in layouts]
     probs = classifier.for_strings.probabilities(np.concatenate(images)) if sum(map(len, images)) else np.zeros((0, 11))
