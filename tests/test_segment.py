@@ -172,3 +172,14 @@ def test_digits_cut_tight_keep_the_strokes_on_their_edges(mnist_test):
     assert (read == truth).mean() >= 0.97
     sevens = truth == "7"
     assert (read[sevens] == "7").mean() >= 0.9
+
+
+def test_a_digits_size_is_judged_against_its_box_when_the_box_is_known(mnist_test):
+    """A 20-px digit in a 120-px crop: with no box known (a loose crop handed to read_digits) it
+    is a digit; in a template's box of that size it is a mark too small to be the box's digit
+    (the form's rule, as before), which the pipeline reads '?' for a person to see."""
+    images, labels = mnist_test
+    crop = cv2.copyMakeBorder(255 - images[0], 46, 46, 46, 46, cv2.BORDER_CONSTANT, value=250)
+    assert segment_digit(crop).image is not None
+    boxed = segment_digit(crop, interior=(10, 10, 100, 100))
+    assert boxed.image is None and boxed.stray_ink > 0.004

@@ -35,8 +35,9 @@ class SegmentParams:
     noise_contrast: float = 6.0  # ...and at least this many times the paper's noise (std)
     min_digit_extent: float = 0.2  # a digit's tallest side, as a fraction of the crop side
     min_digit_area: float = 0.004  # a digit's ink area, as a fraction of the crop area
-    loose_side: int = 80  # a crop wider than this (px) judges a digit's size as one this wide:
-    # a small digit in a loose crop is a digit, as in a box (form cells are smaller)
+    loose_side: int = 80  # a crop wider than this (px), whose box is not known, judges a digit's
+    # size as one this wide: a small digit in a loose crop is a digit (a box's own crop, its
+    # interior known, judges it against the box, however large)
     companion_area: float = 0.12  # a stroke piece kept beside the main one: area vs the main's,
     companion_extent: float = 0.25  # ...its longer side vs the main one's (a dot is not a stroke)
     companion_gap: float = 0.25  # ...and its distance to the main one, vs the main one's size
@@ -257,12 +258,16 @@ def _stroke_leaves_end(rest: np.ndarray, run: np.ndarray, start: int, end: int, 
     return False
 
 
-def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
+def select_digit_ink(
+    mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, boxed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Keep the ink that forms each crop's digit: its largest stroke and pieces close to it.
 
     Drops specks, dots beside the digit and fragments of box lines along the crop's edges.
-    mask: (N, H, W) bool. Returns (keep (N, H, W) bool, found (N,) bool): the kept ink, and
-    which crops have a digit at all (keep is empty where not).
+    mask: (N, H, W) bool; boxed: (N,) bool, the crops whose box is known (the template's), whose
+    digit's size is judged against the whole crop however large (`SegmentParams.loose_side`).
+    Returns (keep (N, H, W) bool, found (N,) bool): the kept ink, and which crops have a digit
+    at all (keep is empty where not).
     """
     n, h, w = mask.shape
     side = min(h, w)
@@ -293,8 +298,11 @@ def select_digit_ink(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
     main[crop[first]] = first
     extent = np.maximum(bw, bh)
     found = np.zeros(n, bool)
-    loose = min(1.0, params.loose_side / side)
-    found[crop[first]] = extent[first] >= params.min_digit_extent * side * loose
+    # A digit's least size, against the crop; a loose crop's (no box known) is capped.
+    loose = np.full(n, min(1.0, params.loose_side / side))
+    if boxed is not None:
+        loose[boxed] = 1.0
+    found[crop[first]] = extent[first] >= params.min_digit_extent * side * loose[crop[first]]
     # Pieces kept beside it: near it, and big and long enough not to be a dot or a speck.
     m = main[crop]
     reach = params.companion_gap * extent[m]
@@ -469,7 +477,8 @@ def digit_inks(
             mask[k] = remove_frame(mask[k], interior)
     mask = remove_box_lines(mask, params)
     stray = mask.mean(axis=(1, 2))
-    keep, found = select_digit_ink(mask, params)
+    boxed = np.array([i is not None for i in interiors], bool) if interiors is not None else None
+    keep, found = select_digit_ink(mask, params, boxed)
     # Keep the anti-aliased fringe of the kept strokes, not of anything else.
     n, h, _ = keep.shape
     fringe = _unmosaic(cv2.dilate(_mosaic(keep.astype(np.uint8), 1), np.ones((3, 3), np.uint8)), n, h)
