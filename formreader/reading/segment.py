@@ -223,7 +223,7 @@ def _box_lines(
     )
     runs = []
     for d, lines in enumerate((horiz, vert)):  # d: the axis a run goes along, 0 = x
-        n, labels, st, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
+        _, labels, st, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
         start = st[:, cv2.CC_STAT_LEFT] if d == 0 else st[:, cv2.CC_STAT_TOP]
         end = start + (st[:, cv2.CC_STAT_WIDTH] if d == 0 else st[:, cv2.CC_STAT_HEIGHT]) - 1
         lo, hi, margin = spans[d]

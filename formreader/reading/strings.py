@@ -332,8 +332,9 @@ def field_image(
         y0, y1 = max(0, top - m), min(h, bottom + m)
         x0, x1 = max(0, min(b.x0 for b in blobs) - m), min(w, max(b.x1 for b in blobs) + m)
         return crop[y0:y1, x0:x1], (x0, y0)
-    touching = min(b.y0 for b in blobs) <= 0 or max(b.y1 for b in blobs) >= h or min(b.x0 for b in blobs) <= 0
-    if not (touching or max(b.x1 for b in blobs) >= w):
+    x0, y0 = min(b.x0 for b in blobs), min(b.y0 for b in blobs)
+    x1, y1 = max(b.x1 for b in blobs), max(b.y1 for b in blobs)
+    if x0 > 0 and y0 > 0 and x1 < w and y1 < h:  # paper all round already
         return crop, (0, 0)
     pad = max(1, round(edge * digit_height))
     paper = int(np.percentile(crop, 90))
