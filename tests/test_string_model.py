@@ -126,6 +126,26 @@ def test_pattern_settles_a_slash_against_a_one():
     assert decode(probs, r"\d{4}").text == "115"
 
 
+def test_a_check_date_is_read_as_a_date_that_exists():
+    """The shipped check template says what its date may be: a day and a month that exist, the
+    year in two digits or 19xx/20xx. A first 1 that looks a little more like a 7 reads '73.12.24'
+    alone; held to the template's pattern, the likeliest date."""
+    from formreader.reading.template import load_template
+    from formreader.training.synth import DATE_PATTERN
+
+    pattern = next(f.pattern for f in load_template(ROOT / "templates" / "bank_check.yaml").fields if f.name == "date")
+    assert pattern == DATE_PATTERN  # the generated checks and calibration read dates as the template does
+    for date in ("13.12.24", "1.6.22", "01-02-2021", "31/12/1999", "9/10/2030"):
+        assert re.fullmatch(pattern, date), date
+    for not_a_date in ("73.12.24", "26.0.2025", "00-07-2022", "01-02-1021", "08.11.0025", "1/2.2020", "1.13.22"):
+        assert not re.fullmatch(pattern, not_a_date), not_a_date
+    probs = steps(
+        {"7": 0.55, "1": 0.43}, {}, {"3": 0.95}, {".": 0.9}, {"1": 0.95}, {}, {"2": 0.95},
+        {".": 0.9}, {"2": 0.95}, {}, {"4": 0.95},
+    )
+    assert decode(probs).text == "73.12.24"
+    assert decode(probs, pattern).text == "13.12.24"
+
 def test_beam_search_holds_length_rules():
     from formreader.reading.fields import reading_pattern
     from formreader.reading.template import Field
