@@ -146,6 +146,7 @@ def test_a_check_date_is_read_as_a_date_that_exists():
     assert decode(probs).text == "73.12.24"
     assert decode(probs, pattern).text == "13.12.24"
 
+
 def test_beam_search_holds_length_rules():
     from formreader.reading.fields import reading_pattern
     from formreader.reading.template import Field

@@ -25,6 +25,8 @@ CELL = 36  # box interior, pixels
 LINE = 2  # box line thickness, pixels
 # The demo form's date, DDMMYYYY in its eight boxes: a day and month that exist, a year of 1900-2099.
 BOXED_DATE = r"(0[1-9]|[12]\d|3[01])(0[1-9]|1[0-2])(19|20)\d\d"
+# A day and a month that exist, written freely: with or without a leading zero (one group each).
+DAY, MONTH = r"(0?[1-9]|[12]\d|3[01])", r"(0?[1-9]|1[0-2])"
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -371,9 +373,9 @@ def bitonal(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 CHECK_SIZE = (1050, 480)  # 7 x 3.2 inches at 150 DPI
 AMOUNT_BOX = (742, 128, 268, 66)  # interior of the courtesy amount box
 DATE_BOX = (742, 40, 268, 58)  # the date is written on a guide line, with no box
-# A check's date: a day and a month that exist, either with or without a leading zero, then the
-# year in two digits or as 19xx/20xx, one separator throughout ('1.6.22', '01-02-2021').
-DATE_PATTERN = r"(0?[1-9]|[12]\d|3[01])([/.-])(0?[1-9]|1[0-2])\2(\d\d|(19|20)\d\d)"
+# A check's date: day, month, then the year in two digits or as 19xx/20xx, one separator
+# throughout ('1.6.22', '01-02-2021').
+DATE_PATTERN = rf"{DAY}([/.-]){MONTH}\2(\d\d|(19|20)\d\d)"
 AMOUNT_PATTERN = r"(\d{1,3}(,\d{3})+|\d+)\.\d{2}"
 
 
@@ -561,7 +563,7 @@ def free_form(line: int = 4) -> tuple[np.ndarray, list[Field]]:
     for name, (x, y, bw, bh), kind in FREE_FIELDS:
         cv2.putText(canvas, name.capitalize(), (x, y - 14), FONT, 0.7, 0, 2, cv2.LINE_AA)
         cv2.rectangle(canvas, (x - line, y - line), (x + bw + line - 1, y + bh + line - 1), 0, line)
-        rules = {"amount": (".,", r"\d+\.\d{2}"), "date": ("/", r"(0?[1-9]|[12]\d|3[01])/(0?[1-9]|1[0-2])/(19|20)\d\d")}
+        rules = {"amount": (".,", r"\d+\.\d{2}"), "date": ("/", rf"{DAY}/{MONTH}/(19|20)\d\d")}
         separators, pattern = rules.get(kind, ("", ""))
         fields.append(Field(name, kind="free", box=(x, y, bw, bh), min_length=1, separators=separators, pattern=pattern))
     cv2.putText(canvas, "Write each number inside its box.", (60, 720), FONT, 0.6, 0, 1, cv2.LINE_AA)
