@@ -8,7 +8,7 @@ import pytest
 
 import formreader
 from formreader.reading.locate import cell_crop
-from formreader.reading.segment import normalize_digit, segment_cells, segment_digit
+from formreader.reading.segment import _label_boxes, normalize_digit, segment_cells, segment_digit, thin
 from formreader.training.synth import write_digit
 
 
@@ -42,6 +42,42 @@ def test_thin_strokes_are_thickened_to_mnist_width():
     from formreader.reading.segment import stroke_width
 
     assert stroke_width(normalize_digit(ink, thicken=True)) > stroke_width(normalize_digit(ink, thicken=False)) + 0.5
+
+
+def test_thinning_is_scikit_images(mnist_test):
+    """segment.thin is skimage's skeletonize, with which MNIST_STROKE_WIDTH and the digit model's
+    training crops were measured: on real digits, thin and thick, and on noise of any density."""
+    from skimage.morphology import skeletonize
+
+    images, _ = mnist_test
+    rng = np.random.default_rng(3)
+    for image in images[rng.choice(len(images), 150, replace=False)]:
+        for threshold, scale in ((40, 1), (160, 1), (100, 3)):
+            mask = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR) > threshold
+            assert (thin(mask) == skeletonize(mask)).all()
+    for density in (0.2, 0.5, 0.8):
+        noise = rng.random((60, 90)) < density
+        assert (thin(noise) == skeletonize(noise)).all()
+
+
+def test_pieces_boxes_are_scipys(mnist_test):
+    """The pieces' bounding boxes in a stack of labelled crops, as scipy.ndimage.find_objects."""
+    from scipy import ndimage
+
+    images, _ = mnist_test
+    holes = np.random.default_rng(0).random((40, 28, 28)) < 0.8  # crops in several pieces
+    stack = np.stack([cv2.dilate(images[i], None) > 60 for i in range(40)]) & holes
+    labels = np.zeros(stack.shape, np.int32)
+    for i, mask in enumerate(stack):
+        count, crop_labels = cv2.connectedComponents(mask.astype(np.uint8))
+        labels[i] = np.where(crop_labels > 0, crop_labels + labels.max(), 0)
+    label, crop, y, x, height, width = _label_boxes(labels)
+    found = [(k, *box) for k, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None]
+    assert len(found) > 40 and label.tolist() == [k for k, *_ in found]
+    assert crop.tolist() == [c.start for _, c, _, _ in found]
+    assert y.tolist() == [r.start for _, _, r, _ in found] and height.tolist() == [r.stop - r.start for _, _, r, _ in found]
+    assert x.tolist() == [c.start for *_, c in found] and width.tolist() == [c.stop - c.start for *_, c in found]
+    assert all(len(a) == 0 for a in _label_boxes(np.zeros((2, 5, 5), np.int32)))
 
 
 def test_boxed_mnist_digits_are_read_after_segmentation(mnist_test, classifier):

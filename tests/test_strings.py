@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import formreader
-from formreader.reading.strings import remove_guide_lines, segment_string, string_ink
+from formreader.reading.strings import remove_guide_lines, sauvola_threshold, segment_string, string_ink
 from formreader.training.synth import DigitSource, blank_check, write_number
 
 from .conftest import ROOT
@@ -52,6 +52,23 @@ def touching_pair(images, labels, a: int, b: int, nth: int) -> tuple[np.ndarray,
 
 
 PAIRS = [(2, 3), (4, 7), (5, 6), (8, 0), (1, 9), (3, 5), (6, 2), (7, 4), (0, 8), (9, 1)]
+
+
+def test_sauvola_threshold_is_scikit_images():
+    """strings.sauvola_threshold is skimage's threshold_sauvola (float image, r = 1), on real
+    check amounts, within float32 rounding: the same pixels are ink."""
+    from skimage.filters import threshold_sauvola
+
+    from formreader.training.datasets import load_orand
+
+    amounts = load_orand("test")
+    assert amounts
+    for amount in amounts:
+        grey = cv2.GaussianBlur(amount.image.astype(np.float32), (3, 3), 0.7)
+        window = max(15, (min(grey.shape) // 2) | 1)
+        ours, theirs = sauvola_threshold(grey, window), threshold_sauvola(grey, window_size=window, k=0.2)
+        assert np.abs(ours - theirs).max() < 0.5
+        assert ((grey < ours) == (grey < theirs)).all()
 
 
 def test_touching_pairs_are_split(mnist_test):

@@ -278,16 +278,10 @@ def select_digit_ink(
     joined = _unmosaic(cv2.dilate(_mosaic(mask.astype(np.uint8), gap), disk), n, h)
     count, labels = cv2.connectedComponents(_mosaic(joined, 1), connectivity=8)
     labels = np.where(mask, _unmosaic(labels, n, h), 0)
-    # Each piece's crop, bounding box and area: (count - 1,) arrays over labels 1...
-    from scipy import ndimage  # see stroke_widths
-
-    pieces = [(i, *sl) for i, sl in enumerate(ndimage.find_objects(labels), start=1) if sl is not None]
-    if not pieces:
+    # Each piece's label, crop, bounding box and area: (K,) arrays over the labels that have ink.
+    label, crop, y, x, bh, bw = _label_boxes(labels)
+    if not len(label):
         return np.zeros_like(mask), np.zeros(n, bool)
-    label = np.array([p[0] for p in pieces])
-    crop = np.array([p[1].start for p in pieces])
-    y, x = np.array([p[2].start for p in pieces]), np.array([p[3].start for p in pieces])
-    bh, bw = np.array([p[2].stop for p in pieces]) - y, np.array([p[3].stop for p in pieces]) - x
     area = np.bincount(labels.ravel(), minlength=count)[label]
     c = ~_line_pieces(x, y, bw, bh, area, h, w)
     label, crop, x, y, bw, bh, area = label[c], crop[c], x[c], y[c], bw[c], bh[c], area[c]
@@ -316,6 +310,22 @@ def select_digit_ink(
     return keep, found
 
 
+def _label_boxes(labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For each label > 0 present in a stack of label images (N, H, W) int, in increasing order:
+    (label, crop, y, x, height, width), (K,) int arrays; a label lies in one crop."""
+    flat = labels.ravel()
+    at = np.flatnonzero(flat)
+    if not len(at):
+        return (np.zeros(0, np.intp),) * 6
+    at = at[np.argsort(flat[at], kind="stable")]
+    label = flat[at]
+    starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
+    crop, y, x = np.unravel_index(at, labels.shape)
+    y0, x0 = np.minimum.reduceat(y, starts), np.minimum.reduceat(x, starts)
+    y1, x1 = np.maximum.reduceat(y, starts), np.maximum.reduceat(x, starts)
+    return label[starts], crop[starts], y0, x0, y1 - y0 + 1, x1 - x0 + 1
+
+
 def _line_pieces(x: np.ndarray, y: np.ndarray, bw: np.ndarray, bh: np.ndarray, area: np.ndarray, h: int, w: int) -> np.ndarray:
     """Which pieces of ink (their boxes x, y, bw, bh and areas, (K,) arrays, in an (h, w) crop)
     are pieces of box line left at an edge: thin, parallel to the edge they touch."""
@@ -331,16 +341,47 @@ def stroke_width(ink: np.ndarray) -> float:
 
 def stroke_widths(inks: list[np.ndarray]) -> list[float]:
     """`stroke_width` of each of several ink maps (any sizes), skeletonised together."""
-    # Imported where first used, as scipy's ndimage above and Sauvola's threshold in strings: the
-    # main process of a batch read by workers only classifies, and never loads them (0.5 s).
-    from skimage.morphology import skeletonize
-
     height, width = max(i.shape[0] for i in inks) + 1, max(i.shape[1] for i in inks)
     slots = np.zeros((len(inks), height, width), bool)  # a zero row apart: thinning is local
     for slot, ink in zip(slots, inks):
         slot[: ink.shape[0], : ink.shape[1]] = ink > 0.5
-    lengths = skeletonize(slots.reshape(-1, width)).reshape(slots.shape).sum(axis=(1, 2))
+    lengths = thin(slots.reshape(-1, width)).reshape(slots.shape).sum(axis=(1, 2))
     return [float(ink.sum()) / max(int(n), 1) for ink, n in zip(inks, lengths)]
+
+
+# Zhang and Suen's thinning as scikit-image's `skeletonize` (2-D) does it, with which MNIST's
+# stroke width above and the digit model's training crops were measured: for each pattern of a
+# pixel's eight neighbours (bit 0 the one above, then clockwise: NE, E, SE, S, SW, W, NW),
+# whether it may be removed in the first sub-iteration (1), the second (2) or either (3).
+# Written out here (tests/test_segment.py compares the two) because importing scikit-image's
+# morphology, and scipy's ndimage with it, cost each worker 0.25 s at its first page.
+_THINNING = np.frombuffer(
+    b"0001031100002233000030000000203200000000000000002000202030003032"
+    b"0301000000000000300000002000000021010000000000002000000030002020"
+    b"0103010300000003000000000000000200000000000000000000000000000000"
+    b"0103000100000001100000000000000033030001000000003101000031002000",
+    np.uint8,
+) - ord("0")
+_REMOVABLE = [(_THINNING & step).astype(bool).astype(np.uint8) for step in (1, 2)]
+_NEIGHBOUR_BITS = np.float32([[128, 1, 2], [64, 0, 4], [32, 16, 8]])
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel-wide skeleton of a binary image: mask (H, W) bool -> (H, W) bool, as
+    skimage.morphology.skeletonize. Each sub-iteration removes, all at once, the pixels whose
+    neighbours make them removable in it, until one round removes none."""
+    image = mask.astype(np.uint8)
+    while True:
+        removed = False
+        for removable in _REMOVABLE:
+            # Each pixel's neighbour pattern as a byte (its neighbours' bits summed; 0-255, exact).
+            codes = cv2.filter2D(image, -1, _NEIGHBOUR_BITS, borderType=cv2.BORDER_CONSTANT)
+            drop = cv2.LUT(codes, removable) & image
+            if drop.any():
+                image -= drop
+                removed = True
+        if not removed:
+            return image.astype(bool)
 
 
 def normalize_digit(ink: np.ndarray, thicken: bool = True, sharpen: bool = True) -> np.ndarray:
