@@ -156,15 +156,16 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         views_path_for,
     )
     from formreader.pipeline import Journal, JournalError, process_paths
-    from formreader.reading.ingest import count_pages, find_inputs
+    from formreader.reading.ingest import count_pages, find_inputs, other_files
     from formreader.reading.string_model import VIEWS
     from formreader.review.decisions import apply_decisions, load_decisions
 
     forms = _load_templates(templates)
     clf = _load_classifier(model)
     files = find_inputs(list(inputs))
+    skipped = other_files(list(inputs))
     if not files:
-        _fail("no PDF, TIFF, PNG or JPEG files found in " + ", ".join(map(str, inputs)))
+        _fail("no PDF or image files found in " + ", ".join(map(str, inputs)) + _skipped_note(skipped))
     if out.suffix.lower() in (".xlsx", ".xls", ".ods"):
         _fail(
             f"--out {out}: the results are CSV files; write a workbook from them with "
@@ -242,7 +243,18 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         for e in errors:
             where = f"{e['source']}" + (f" page {e['page']}" if e["page"] else "")
             click.echo(f"  could not read {where}: {e['error']}", err=True)
+        if skipped:
+            click.echo(_skipped_note(skipped).strip(), err=True)
     sys.exit(1 if errors else 0)
+
+
+def _skipped_note(skipped: list[Path], named: int = 5) -> str:
+    """Which files of the input folders were left unread for their type, for a message."""
+    if not skipped:
+        return ""
+    names = ", ".join(str(f) for f in skipped[:named]) + (f" and {len(skipped) - named} more" if len(skipped) > named else "")
+    files = "a file" if len(skipped) == 1 else f"{len(skipped)} files"
+    return f"\nNot read: {files} in the folders of a type other than PDF or an image formreader reads: {names}"
 
 
 @main.group()

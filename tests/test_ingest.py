@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from formreader.reading.ingest import Page, PageError, find_inputs, is_bitonal, read_pages
+from formreader.reading.ingest import Page, PageError, find_inputs, is_bitonal, other_files, read_pages
 
-from .conftest import BAD_INPUTS, SCANS, write_bad_inputs
+from .conftest import BAD_INPUTS, SCANS, TEMPLATE, run_cli, write_bad_inputs
 
 
 def pages(path: Path, dpi: int = 150) -> list:
@@ -157,6 +157,32 @@ def test_find_inputs_recursive_stable_order(tmp_path):
     (tmp_path / "b" / "notes.txt").write_text("x")
     (tmp_path / ".hidden.png").write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in find_inputs([tmp_path])] == ["a.PNG", "b/c.pdf"]
+
+
+def test_scans_in_other_image_formats_are_read_and_other_files_named(tmp_path):
+    """A scanner's BMP, GIF, lossless WebP and SANE's PGM are read as the same page; a
+    spreadsheet and a phone's HEIC photo in the folder are named as not read, not skipped
+    silently, and a folder holding nothing readable is refused with their names."""
+    with Image.open(SCANS / "fax_b.tif") as tif:
+        scan = tif.convert("L")
+    for name in ("p.bmp", "p.gif", "p.pgm"):
+        scan.save(tmp_path / name)
+    scan.save(tmp_path / "p.webp", lossless=True)
+    (tmp_path / "totals.xlsx").write_bytes(b"PK")
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"x")
+    found = find_inputs([tmp_path])
+    assert [f.name for f in found] == ["p.bmp", "p.gif", "p.pgm", "p.webp"]
+    for f in found:
+        (page,) = pages(f)
+        assert isinstance(page, Page) and np.array_equal(page.image, np.asarray(scan)), f.name
+    assert [f.name for f in other_files([tmp_path])] == ["IMG_0001.HEIC", "totals.xlsx"]
+    run = run_cli("process", tmp_path, "--template", TEMPLATE, "--out", tmp_path / "out" / "r.csv")
+    assert run.returncode == 0 and "4 pages read from 4 files" in run.stdout
+    assert "Not read: 2 files" in run.stderr and "IMG_0001.HEIC" in run.stderr and "totals.xlsx" in run.stderr
+    (tmp_path / "only").mkdir()
+    (tmp_path / "IMG_0001.HEIC").rename(tmp_path / "only" / "IMG_0001.HEIC")
+    refused = run_cli("process", tmp_path / "only", "--template", TEMPLATE, "--out", tmp_path / "r.csv")
+    assert refused.returncode == 2 and "IMG_0001.HEIC" in refused.stderr and not (tmp_path / "r.csv").exists()
 
 
 def test_rgba_and_16_bit_images_become_grey(tmp_path):

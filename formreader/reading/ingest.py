@@ -18,7 +18,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+# What scanners and their software write: TIFF, PNG and JPEG most, and BMP, GIF, WebP, JPEG 2000
+# (archives) and PNM (SANE's scanimage); every one of them is read by Pillow.
+IMAGE_SUFFIXES = {
+    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k", ".jpx", ".pnm", ".pbm", ".pgm", ".ppm"
+}
 SUFFIXES = IMAGE_SUFFIXES | {".pdf"}
 MAX_SIDE_PX = 20000  # about 1.7 m at 300 DPI: anything larger is not a scanned form
 MAX_PIXELS = 200_000_000
@@ -69,11 +73,12 @@ class PdfPage:
 def find_inputs(paths: list[Path]) -> list[Path]:
     """Files to read under `paths` (files or folders, recursively), in a stable sorted order.
 
-    Hidden files and files of other types inside folders are skipped; a file named explicitly is
-    always kept, so that a wrong type is reported rather than silently ignored. Symlinked folders
-    are followed (once each: a link loop ends there); a link that leads nowhere and a folder
-    that cannot be listed are kept, so that reading them gives an error row rather than
-    silence. A file reached twice (named twice, or by a folder and a glob) is read once.
+    Hidden files and files of other types inside folders are skipped (`other_files` lists them);
+    a file named explicitly is always kept, so that a wrong type is reported rather than silently
+    ignored. Symlinked folders are followed (once each: a link loop ends there); a link that
+    leads nowhere and a folder that cannot be listed are kept, so that reading them gives an
+    error row rather than silence. A file reached twice (named twice, or by a folder and a glob)
+    is read once.
     """
     found: list[Path] = []
     seen: set[str] = set()
@@ -89,23 +94,32 @@ def find_inputs(paths: list[Path]) -> list[Path]:
         if not p.is_dir():
             add(p)
             continue
-        in_folder: list[Path] = []
-        visited: set[str] = set()
         problems: list[Path] = []  # folders that could not be listed
-        for root, dirs, files in os.walk(p, followlinks=True, onerror=lambda e, out=problems: out.append(Path(e.filename))):
-            real = os.path.realpath(root)
-            if real in visited:
-                dirs[:] = []
-                continue
-            visited.add(real)
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                f = Path(root) / name
-                if not name.startswith(".") and f.suffix.lower() in SUFFIXES:
-                    in_folder.append(f)
+        in_folder = [f for f in _folder_files(p, problems) if f.suffix.lower() in SUFFIXES]
         for f in sorted(in_folder + problems):
             add(f)
     return found
+
+
+def other_files(paths: list[Path]) -> list[Path]:
+    """The files inside the folders of `paths` that find_inputs leaves out for their type (not a
+    PDF or an image it reads: a spreadsheet, a phone's HEIC photo), sorted; hidden ones aside."""
+    others = [f for p in map(Path, paths) if p.is_dir() for f in _folder_files(p, []) if f.suffix.lower() not in SUFFIXES]
+    return sorted(set(others))
+
+
+def _folder_files(folder: Path, problems: list[Path]) -> Iterator[Path]:
+    """Every file under `folder` that is not hidden, nor in a hidden folder; symlinked folders
+    followed once each. Folders that cannot be listed are added to `problems`."""
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=lambda e: problems.append(Path(e.filename))):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(root) / name for name in files if not name.startswith("."))
 
 
 def count_pages(path: Path) -> int:
@@ -347,7 +361,8 @@ def _read_image(path: Path) -> Iterator[Page | PageError]:
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
-        yield PageError(source, 0, f"not an image file: content is not PNG, JPEG or TIFF (suffix {path.suffix!r})")
+        yield PageError(source, 0, f"not an image file: content is not PDF, TIFF, PNG, JPEG or another image format read "
+                        f"(suffix {path.suffix!r})")
         return
     except Image.DecompressionBombError as e:  # Pillow's own limit, met before ours when opening
         yield PageError(source, 0, f"image too large: {_first_line(str(e))}")
