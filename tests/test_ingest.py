@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,26 @@ def test_scans_in_other_image_formats_are_read_and_other_files_named(tmp_path):
     (tmp_path / "IMG_0001.HEIC").rename(tmp_path / "only" / "IMG_0001.HEIC")
     refused = run_cli("process", tmp_path / "only", "--template", TEMPLATE, "--out", tmp_path / "r.csv")
     assert refused.returncode == 2 and "IMG_0001.HEIC" in refused.stderr and not (tmp_path / "r.csv").exists()
+
+
+def test_results_written_among_the_scans_are_not_read_as_scans(tmp_path):
+    """A run whose results go into the scans' folder leaves page pictures (RESULTS.pages, JPEG)
+    and corrected digits (RESULTS.corrections, PNG) there: the next run reads the scans alone,
+    to the same rows, and does not list the results as files it left unread."""
+    shutil.copyfile(SCANS / "batch_a.pdf", tmp_path / "batch_a.pdf")
+    first = run_cli("process", tmp_path, "--template", TEMPLATE, "--out", tmp_path / "r.csv")
+    assert first.returncode == 0, first.stderr
+    assert any((tmp_path / "r.pages").glob("*.jpg"))
+    (tmp_path / "r.corrections" / "7").mkdir(parents=True)
+    Image.new("L", (28, 28), 255).save(tmp_path / "r.corrections" / "7" / "a.png")
+    (tmp_path / "old.pages").mkdir()  # named like a results folder, but no results beside it: read
+    Image.new("L", (300, 200), 255).save(tmp_path / "old.pages" / "blank.png")
+    assert [f.relative_to(tmp_path).as_posix() for f in find_inputs([tmp_path])] == ["batch_a.pdf", "old.pages/blank.png"]
+    assert other_files([tmp_path]) == []
+    (tmp_path / "old.pages" / "blank.png").unlink()
+    second = run_cli("process", tmp_path, "--template", TEMPLATE, "--out", tmp_path / "again.csv")
+    assert second.returncode == 0 and "Not read" not in second.stderr, second.stderr
+    assert (tmp_path / "again.wide.csv").read_text() == (tmp_path / "r.wide.csv").read_text()
 
 
 def test_rgba_and_16_bit_images_become_grey(tmp_path):

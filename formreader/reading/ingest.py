@@ -103,14 +103,44 @@ def find_inputs(paths: list[Path]) -> list[Path]:
 
 def other_files(paths: list[Path]) -> list[Path]:
     """The files inside the folders of `paths` that find_inputs leaves out for their type (not a
-    PDF or an image it reads: a spreadsheet, a phone's HEIC photo), sorted; hidden ones aside."""
-    others = [f for p in map(Path, paths) if p.is_dir() for f in _folder_files(p, []) if f.suffix.lower() not in SUFFIXES]
+    PDF or an image it reads: a spreadsheet, a phone's HEIC photo), sorted; hidden ones and the
+    results of formreader's own runs (`_results_stems`) aside."""
+    others = [
+        f
+        for p in map(Path, paths)
+        if p.is_dir()
+        for f in _folder_files(p, [])
+        if f.suffix.lower() not in SUFFIXES and not _of_results(f.name, _results_stems(f.parent))
+    ]
     return sorted(set(others))
 
 
+# What a run writing RESULTS.csv leaves beside it (formreader.export): RESULTS.manifest.json and,
+# while it runs, RESULTS.journal.jsonl; the folders RESULTS.pages (the registered pages, JPEG) and
+# RESULTS.corrections (digits a person corrected, PNG). Results written into the scans' folder
+# must not be read as scans by the next run: they would add their pictures' pages to its rows.
+RESULTS_MARKERS = (".manifest.json", ".journal.jsonl")
+RESULTS_FOLDERS = (".pages", ".corrections")
+
+
+def _results_stems(folder: Path | str) -> set[str]:
+    """The names (without endings) of the formreader results in `folder`."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return set()
+    return {name[: -len(marker)] for name in names for marker in RESULTS_MARKERS if name.endswith(marker)}
+
+
+def _of_results(name: str, stems: set[str]) -> bool:
+    """Whether a file or folder `name` is one of the results named by `stems`: RESULTS.anything."""
+    return any(name.startswith(stem + ".") for stem in stems)
+
+
 def _folder_files(folder: Path, problems: list[Path]) -> Iterator[Path]:
-    """Every file under `folder` that is not hidden, nor in a hidden folder; symlinked folders
-    followed once each. Folders that cannot be listed are added to `problems`."""
+    """Every file under `folder` that is not hidden, nor in a hidden folder or a folder of
+    formreader's results; symlinked folders followed once each. Folders that cannot be listed
+    are added to `problems`."""
     visited: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True, onerror=lambda e: problems.append(Path(e.filename))):
         real = os.path.realpath(root)
@@ -118,7 +148,8 @@ def _folder_files(folder: Path, problems: list[Path]) -> Iterator[Path]:
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        stems = _results_stems(root) if any(d.endswith(RESULTS_FOLDERS) for d in dirs) else set()
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (d.endswith(RESULTS_FOLDERS) and _of_results(d, stems))]
         yield from (Path(root) / name for name in files if not name.startswith("."))
 
 
