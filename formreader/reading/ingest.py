@@ -73,7 +73,8 @@ class PdfPage:
 def find_inputs(paths: list[Path]) -> list[Path]:
     """Files to read under `paths` (files or folders, recursively), in a stable sorted order.
 
-    Hidden files and files of other types inside folders are skipped (`other_files` lists them);
+    Hidden files and files of other types inside folders are skipped (`other_files` lists them),
+    and so are the folders of pictures a run's results keep beside them (`RESULTS_FOLDERS`);
     a file named explicitly is always kept, so that a wrong type is reported rather than silently
     ignored. Symlinked folders are followed (once each: a link loop ends there); a link that
     leads nowhere and a folder that cannot be listed are kept, so that reading them gives an
