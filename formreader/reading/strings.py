@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from formreader.reading.classify import NOT_A_DIGIT, DigitReading, reading_from_probabilities
-from formreader.reading.segment import hysteresis, normalize_digit, remove_frame
+from formreader.reading.segment import hysteresis, normalize_digits, remove_frame
 
 MAX_PIECES = 4
 MAX_ALTERNATIVES = 200
@@ -287,12 +287,13 @@ def _cut_penalty(blob: Blob, cuts: tuple[int, ...], digit_width: float) -> float
     return penalty
 
 
-def _piece_image(blob: Blob, a: int, b: int) -> np.ndarray | None:
+def _piece_ink(blob: Blob, a: int, b: int) -> np.ndarray | None:
+    """The ink of a blob's columns a..b (anti-aliased a little, as a scan's is), or None for a
+    sliver too small to be a digit."""
     piece = blob.mask[:, a:b]
     if piece.sum() < 3:
         return None
-    ink = cv2.GaussianBlur(piece.astype(np.float32), (3, 3), 0.6)
-    return normalize_digit(ink)
+    return cv2.GaussianBlur(piece.astype(np.float32), (3, 3), 0.6)
 
 
 def without_frame(crop: np.ndarray, interior: tuple[int, int, int, int]) -> np.ndarray:
@@ -357,7 +358,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
     """Find the digits and separators of a free-written number in a grey crop (H, W) uint8."""
     mask = remove_guide_lines(string_ink(crop))
     blobs, digit_height = group_blobs(mask)
-    images: list[np.ndarray] = []
+    images: list[np.ndarray] = []  # the candidate pieces' ink, normalised together at the end
     if not blobs:
         return StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0)
     tall, band = _digit_line(blobs, digit_height)
@@ -371,7 +372,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
             blob.kind, blob.separator = "separator", sep
             kept.append(blob)
             if sep == "/":  # a slash looks like a slanted 1: keep the digit reading too
-                piece = _piece_image(blob, 0, blob.width)
+                piece = _piece_ink(blob, 0, blob.width)
                 if piece is not None:
                     blob.alternatives.append(([(0, blob.width)], [len(images)], 0.0))
                     images.append(piece)
@@ -393,7 +394,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
                     continue  # a sliver between two cuts is not a digit
                 for r in ranges:
                     if r not in index:
-                        piece = _piece_image(blob, *r)
+                        piece = _piece_ink(blob, *r)
                         index[r] = None if piece is None else len(images)
                         if piece is not None:
                             images.append(piece)
@@ -404,8 +405,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
                 if len(blob.alternatives) >= MAX_ALTERNATIVES:
                     break
         kept.append(blob)
-    stack = np.stack(images) if images else np.zeros((0, 28, 28), np.float32)
-    return StringLayout(kept, stack, digit_height, digit_width)
+    return StringLayout(kept, normalize_digits(images), digit_height, digit_width)
 
 
 @dataclass
