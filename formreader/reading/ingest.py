@@ -106,14 +106,15 @@ def other_files(paths: list[Path]) -> list[Path]:
     """The files inside the folders of `paths` that find_inputs leaves out for their type (not a
     PDF or an image it reads: a spreadsheet, a phone's HEIC photo), sorted; hidden ones and the
     results of formreader's own runs (`_results_stems`) aside."""
-    others = [
-        f
-        for p in map(Path, paths)
-        if p.is_dir()
-        for f in _folder_files(p, [])
-        if f.suffix.lower() not in SUFFIXES and not _of_results(f.name, _results_stems(f.parent))
-    ]
-    return sorted(set(others))
+    stems: dict[Path, set[str]] = {}  # each folder's results, listed once however many files it holds
+    others = set()
+    for folder in (Path(p) for p in paths if Path(p).is_dir()):
+        for f in _folder_files(folder, []):
+            if f.parent not in stems:
+                stems[f.parent] = _results_stems(f.parent)
+            if f.suffix.lower() not in SUFFIXES and not _of_results(f.name, stems[f.parent]):
+                others.add(f)
+    return sorted(others)
 
 
 # What a run writing RESULTS.csv leaves beside it (formreader.export): RESULTS.manifest.json and,
