@@ -156,14 +156,13 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         views_path_for,
     )
     from formreader.pipeline import Journal, JournalError, process_paths
-    from formreader.reading.ingest import count_pages, find_inputs, other_files
+    from formreader.reading.ingest import count_pages, scan_inputs
     from formreader.reading.string_model import VIEWS
     from formreader.review.decisions import apply_decisions, load_decisions
 
     forms = _load_templates(templates)
     clf = _load_classifier(model)
-    files = find_inputs(list(inputs))
-    skipped = other_files(list(inputs))
+    files, skipped = scan_inputs(list(inputs))
     if not files:
         _fail("no PDF or image files found in " + ", ".join(map(str, inputs)) + _skipped_note(skipped))
     if out.suffix.lower() in (".xlsx", ".xls", ".ods"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from formreader.reading.ingest import Page, PageError, find_inputs, is_bitonal, other_files, read_pages
+from formreader.reading.ingest import Page, PageError, find_inputs, is_bitonal, read_pages, scan_inputs
 
 from .conftest import BAD_INPUTS, SCANS, TEMPLATE, run_cli, write_bad_inputs
 
@@ -176,7 +176,7 @@ def test_scans_in_other_image_formats_are_read_and_other_files_named(tmp_path):
     for f in found:
         (page,) = pages(f)
         assert isinstance(page, Page) and np.array_equal(page.image, np.asarray(scan)), f.name
-    assert [f.name for f in other_files([tmp_path])] == ["IMG_0001.HEIC", "totals.xlsx"]
+    assert [f.name for f in scan_inputs([tmp_path])[1]] == ["IMG_0001.HEIC", "totals.xlsx"]
     run = run_cli("process", tmp_path, "--template", TEMPLATE, "--out", tmp_path / "out" / "r.csv")
     assert run.returncode == 0 and "4 pages read from 4 files" in run.stdout
     assert "Not read: 2 files" in run.stderr and "IMG_0001.HEIC" in run.stderr and "totals.xlsx" in run.stderr
@@ -199,7 +199,7 @@ def test_results_written_among_the_scans_are_not_read_as_scans(tmp_path):
     (tmp_path / "old.pages").mkdir()  # named like a results folder, but no results beside it: read
     Image.new("L", (300, 200), 255).save(tmp_path / "old.pages" / "blank.png")
     assert [f.relative_to(tmp_path).as_posix() for f in find_inputs([tmp_path])] == ["batch_a.pdf", "old.pages/blank.png"]
-    assert other_files([tmp_path]) == []
+    assert scan_inputs([tmp_path])[1] == []
     (tmp_path / "old.pages" / "blank.png").unlink()
     second = run_cli("process", tmp_path, "--template", TEMPLATE, "--out", tmp_path / "again.csv")
     assert second.returncode == 0 and "Not read" not in second.stderr, second.stderr

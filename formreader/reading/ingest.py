@@ -71,18 +71,28 @@ class PdfPage:
 
 
 def find_inputs(paths: list[Path]) -> list[Path]:
-    """Files to read under `paths` (files or folders, recursively), in a stable sorted order.
+    """Files to read under `paths` (files or folders, recursively), in a stable sorted order:
+    the first list of `scan_inputs`."""
+    return scan_inputs(paths)[0]
 
-    Hidden files and files of other types inside folders are skipped (`other_files` lists them),
-    and so are the folders of pictures a run's results keep beside them (`RESULTS_FOLDERS`);
-    a file named explicitly is always kept, so that a wrong type is reported rather than silently
-    ignored. Symlinked folders are followed (once each: a link loop ends there); a link that
-    leads nowhere and a folder that cannot be listed are kept, so that reading them gives an
-    error row rather than silence. A file reached twice (named twice, or by a folder and a glob)
-    is read once.
+
+def scan_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(files to read, files left unread) under `paths` (files or folders, recursively), each in
+    a stable sorted order, from one walk of the folders.
+
+    Hidden files are skipped, and so are the folders of pictures a run's results keep beside
+    them (`RESULTS_FOLDERS`); files of other types inside folders are left unread, and listed as
+    such (not a PDF or an image it reads: a spreadsheet, a phone's HEIC photo) unless they are
+    formreader's own results (`_results_stems`). A file named explicitly is always read, so that
+    a wrong type is reported rather than silently ignored. Symlinked folders are followed (once
+    each: a link loop ends there); a link that leads nowhere and a folder that cannot be listed
+    are kept, so that reading them gives an error row rather than silence. A file reached twice
+    (named twice, or by a folder and a glob) is read once.
     """
     found: list[Path] = []
     seen: set[str] = set()
+    others: set[Path] = set()
+    stems: dict[Path, set[str]] = {}  # each folder's results, listed once however many files it holds
 
     def add(f: Path) -> None:
         key = os.path.realpath(f)
@@ -96,25 +106,18 @@ def find_inputs(paths: list[Path]) -> list[Path]:
             add(p)
             continue
         problems: list[Path] = []  # folders that could not be listed
-        in_folder = [f for f in _folder_files(p, problems) if f.suffix.lower() in SUFFIXES]
-        for f in sorted(in_folder + problems):
-            add(f)
-    return found
-
-
-def other_files(paths: list[Path]) -> list[Path]:
-    """The files inside the folders of `paths` that find_inputs leaves out for their type (not a
-    PDF or an image it reads: a spreadsheet, a phone's HEIC photo), sorted; hidden ones and the
-    results of formreader's own runs (`_results_stems`) aside."""
-    stems: dict[Path, set[str]] = {}  # each folder's results, listed once however many files it holds
-    others = set()
-    for folder in (Path(p) for p in paths if Path(p).is_dir()):
-        for f in _folder_files(folder, []):
+        in_folder: list[Path] = []
+        for f in _folder_files(p, problems):
+            if f.suffix.lower() in SUFFIXES:
+                in_folder.append(f)
+                continue
             if f.parent not in stems:
                 stems[f.parent] = _results_stems(f.parent)
-            if f.suffix.lower() not in SUFFIXES and not _of_results(f.name, stems[f.parent]):
+            if not _of_results(f.name, stems[f.parent]):
                 others.add(f)
-    return sorted(others)
+        for f in sorted(in_folder + problems):
+            add(f)
+    return found, sorted(others)
 
 
 # What a run writing RESULTS.csv leaves beside it (formreader.export): RESULTS.manifest.json and,
