@@ -475,3 +475,20 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     assert len(meta["field_calibration"]) == len(FEATURES) + 1 and 0.0 <= meta["cut_weight"] <= 1.0
     read = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--model", models / "digits.keras")
     assert read.returncode == 0, read.stderr
+
+
+def test_more_checks_than_the_digits_fill_are_written(mnist_test):
+    """A benchmark asking for more checks than its digits can fill once (`evaluate_checks.py
+    --checks 1000`: about 25 digits a check, 1,000 test digits a class) gets them, each field
+    written; it stopped with 'no MNIST images of 2 left'."""
+    from formreader.training.synth import make_checks
+
+    images, labels = mnist_test
+    few = np.concatenate([np.flatnonzero(labels == d)[:2] for d in range(10)])  # 20 digits
+    blank, fields, checks = make_checks(12, 5, images[few], labels[few])
+    assert len(checks) == 12
+    for page, values in checks:
+        for spec in fields:
+            x, y, w, h = spec.box
+            if any(c.isdigit() for c in values[spec.name]):
+                assert (page[y : y + h, x : x + w] < blank[y : y + h, x : x + w]).any(), spec.name

@@ -523,10 +523,11 @@ def random_check_values(rng: np.random.Generator) -> dict[str, str]:
 def make_checks(
     n: int, seed: int, images: np.ndarray, labels: np.ndarray
 ) -> tuple[np.ndarray, list[Field], list[tuple[np.ndarray, dict[str, str]]]]:
-    """The blank check, its fields and `n` filled checks with their raw values (ground truth)."""
+    """The blank check, its fields and `n` filled checks with their raw values (ground truth).
+    Digits repeat only once a class's images are used up (more checks than MNIST's test split fills)."""
     rng = np.random.default_rng(seed)
     blank, fields = blank_check()
-    source = DigitSource(images, labels, rng)
+    source = DigitSource(images, labels, rng, reuse=True)
     checks = []
     for _ in range(n):
         values = random_check_values(rng)
