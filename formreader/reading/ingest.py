@@ -92,7 +92,6 @@ def scan_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     found: list[Path] = []
     seen: set[str] = set()
     others: set[Path] = set()
-    stems: dict[Path, set[str]] = {}  # each folder's results, listed once however many files it holds
 
     def add(f: Path) -> None:
         key = os.path.realpath(f)
@@ -107,13 +106,10 @@ def scan_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             continue
         problems: list[Path] = []  # folders that could not be listed
         in_folder: list[Path] = []
-        for f in _folder_files(p, problems):
+        for f, of_results in _folder_files(p, problems):
             if f.suffix.lower() in SUFFIXES:
                 in_folder.append(f)
-                continue
-            if f.parent not in stems:
-                stems[f.parent] = _results_stems(f.parent)
-            if not _of_results(f.name, stems[f.parent]):
+            elif not of_results:
                 others.add(f)
         for f in sorted(in_folder + problems):
             add(f)
@@ -128,12 +124,8 @@ RESULTS_MARKERS = (".manifest.json", ".journal.jsonl")
 RESULTS_FOLDERS = (".pages", ".corrections")
 
 
-def _results_stems(folder: Path | str) -> set[str]:
-    """The names (without endings) of the formreader results in `folder`."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return set()
+def _results_stems(names: list[str]) -> set[str]:
+    """The names (without endings) of the formreader results among a folder's file `names`."""
     return {name[: -len(marker)] for name in names for marker in RESULTS_MARKERS if name.endswith(marker)}
 
 
@@ -142,10 +134,11 @@ def _of_results(name: str, stems: set[str]) -> bool:
     return any(name.startswith(stem + ".") for stem in stems)
 
 
-def _folder_files(folder: Path, problems: list[Path]) -> Iterator[Path]:
+def _folder_files(folder: Path, problems: list[Path]) -> Iterator[tuple[Path, bool]]:
     """Every file under `folder` that is not hidden, nor in a hidden folder or a folder of
-    formreader's results; symlinked folders followed once each. Folders that cannot be listed
-    are added to `problems`."""
+    formreader's results, and whether it is one of those results (known from its folder's own
+    listing); symlinked folders followed once each. Folders that cannot be listed are added to
+    `problems`."""
     visited: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True, onerror=lambda e: problems.append(Path(e.filename))):
         real = os.path.realpath(root)
@@ -153,9 +146,9 @@ def _folder_files(folder: Path, problems: list[Path]) -> Iterator[Path]:
             dirs[:] = []
             continue
         visited.add(real)
-        stems = _results_stems(root) if any(d.endswith(RESULTS_FOLDERS) for d in dirs) else set()
+        stems = _results_stems(files)
         dirs[:] = [d for d in dirs if not d.startswith(".") and not (d.endswith(RESULTS_FOLDERS) and _of_results(d, stems))]
-        yield from (Path(root) / name for name in files if not name.startswith("."))
+        yield from ((Path(root) / name, _of_results(name, stems)) for name in files if not name.startswith("."))
 
 
 def count_pages(path: Path) -> int:
