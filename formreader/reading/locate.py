@@ -10,6 +10,7 @@ templates from a blank form and refines a registered page's cells to where its b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import median
 
 import cv2
 import numpy as np
@@ -124,8 +125,9 @@ def sort_reading_order(boxes: list[Box]) -> list[Box]:
         cy = box[1] + box[3] / 2
         if rows:
             last = rows[-1]
-            ref_cy = np.median([b[1] + b[3] / 2 for b in last])
-            ref_h = np.median([b[3] for b in last])
+            # (statistics.median: numpy's costs 20 us on a list this short, 70 times a page)
+            ref_cy = median([b[1] + b[3] / 2 for b in last])
+            ref_h = median([b[3] for b in last])
             if abs(cy - ref_cy) < 0.5 * ref_h:
                 last.append(box)
                 continue
