@@ -26,9 +26,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from formreader.pipeline import decide_page, page_probabilities, page_second_readings, segment_page  # noqa: E402
+from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
 from formreader.reading.classify import DigitClassifier  # noqa: E402
-from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
@@ -39,7 +38,7 @@ THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
 
 
 def segment_all(items, template, classifier):
-    """items: (page, truth dict). Returns [(segmented page, probabilities, truth, second model's readings)]."""
+    """items: (page, truth dict). Returns [(segmented page, probabilities, truth)]."""
     features = prepare_reference(template.reference)
     out = []
     for page, truth in items:
@@ -48,15 +47,15 @@ def segment_all(items, template, classifier):
         except RegistrationError as e:
             print(f"  {page.source} page {page.page}: {e}")
             continue
-        out.append((seg, page_probabilities([seg], classifier)[0], truth, page_second_readings([seg], classifier)[0]))
+        out.append((seg, page_probabilities([seg], classifier)[0], truth))
     return out
 
 
 def score(segmented, template, threshold: float, classifier) -> dict:
     rows = []
-    for seg, probs, truth, second in segmented:
+    for seg, probs, truth in segmented:
         power = classifier.field_power(seg.bitonal)
-        for f in decide_page(seg, probs, template, threshold, power, second=second).fields:
+        for f in decide_page(seg, probs, template, threshold, power).fields:
             rows.append((f.value == truth[f.name], f.status != "ok", f.confidence))
     right, flagged, conf = (np.array(c) for c in zip(*rows))
     return {
@@ -72,10 +71,10 @@ def score(segmented, template, threshold: float, classifier) -> dict:
 
 
 def report(name: str, segmented, template, classifier) -> None:
-    base = score(segmented, template, DEFAULT_REVIEW_THRESHOLD, classifier)
+    base = score(segmented, template, classifier.review_threshold, classifier)
     print(f"\n{name}: {base['fields']} fields on {len(segmented)} pages")
     print(
-        f"  at the default threshold {DEFAULT_REVIEW_THRESHOLD}: field accuracy {base['accuracy']:.2%}, "
+        f"  at the model's threshold {classifier.review_threshold}: field accuracy {base['accuracy']:.2%}, "
         f"{base['flagged']:.1%} flagged for review, {base['wrong_unflagged']} wrong fields NOT flagged "
         f"(of {base['wrong']} wrong)"
     )
@@ -135,11 +134,11 @@ def main() -> None:
         from formreader.training.evaluate import CALIBRATION_PAGES, CALIBRATION_SEED, calibration_forms
 
         rows = [
-            (source, style, score(segment_all(forms, t, classifier), t, DEFAULT_REVIEW_THRESHOLD, classifier))
+            (source, style, score(segment_all(forms, t, classifier), t, classifier.review_threshold, classifier))
             for source, style, t, forms in calibration_forms(classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED)
         ]
         print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
-                    f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {DEFAULT_REVIEW_THRESHOLD})", rows)
+                    f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
 
     rows = []
     for source, (images, labels) in held_out_writers().items():
@@ -148,10 +147,10 @@ def main() -> None:
             segmented = segment_all(items, t, classifier)
             if args.details:
                 report(f"{source}, {form} (seed {args.seed})", segmented, t, classifier)
-            r = score(segmented, t, DEFAULT_REVIEW_THRESHOLD, classifier)
+            r = score(segmented, t, classifier.review_threshold, classifier)
             rows.append((source, form, r))
     print_table(f"Held-out writers on generated scanned forms ({args.pages} pages each, seed {args.seed}, threshold "
-                f"{DEFAULT_REVIEW_THRESHOLD})", rows)
+                f"{classifier.review_threshold})", rows)
     print("  field confidence calibration, all nine:")
     print_calibration(
         np.concatenate([r["confidence"] for *_, r in rows]), np.concatenate([r["right"] for *_, r in rows]),

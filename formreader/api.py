@@ -75,10 +75,11 @@ def process_folder(
     folder: Path | str,
     template: Template | Path | str,
     model: Path | str | None = None,
-    review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    review_threshold: float | None = None,
     workers: int = 1,
 ) -> pd.DataFrame:
     """Read every scan under `folder`; one row per field per page (see formreader.export).
+    review_threshold: as `formreader process --review-threshold` (None: the model's).
 
     The returned frame's `attrs` hold the other tables: 'digits', 'wide' and 'errors'.
     """

@@ -104,10 +104,9 @@ def main() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV (long form).")
 @click.option(
     "--review-threshold",
-    default=DEFAULT_REVIEW_THRESHOLD,
-    show_default=True,
     type=click.FloatRange(0, 1),
-    help="Fields less sure than this go to review.",
+    help=f"Fields less sure than this go to review; default: the model's for boxed fields (chosen by `formreader "
+    f"calibrate`), {DEFAULT_REVIEW_THRESHOLD} for free ones.",
 )
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="Model file (.keras); default: the shipped one.")
 @click.option(
@@ -126,14 +125,8 @@ def main() -> None:
     is_flag=True,
     help="Keep the files an earlier run with the same --out finished (interrupted: the rest is read; finished: new files only).",
 )
-@click.option(
-    "--second-reader/--no-second-reader",
-    default=True,
-    show_default=True,
-    help="A second model reads the boxed cells too; a cell the two read apart sends its field to review.",
-)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def process(inputs, templates, out, review_threshold, model, workers, scheduler, resume, second_reader, quiet) -> None:
+def process(inputs, templates, out, review_threshold, model, workers, scheduler, resume, quiet) -> None:
     """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
 
     Exit status: 0 when every file and page was read, 1 when some could not be (see the
@@ -179,11 +172,12 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         "model": clf.fingerprint,
         "string_model": clf.string_model.fingerprint if clf.string_model else "",
         "string_views": str(VIEWS) if clf.string_model else "",
-        # The piece model reads free fields' pieces; the second reader, boxed cells again.
+        # The piece model reads free fields' pieces; the companion, boxed cells with the digit model.
         "piece_model": clf.strings.fingerprint if clf.strings else "",
-        "second_model": clf.second_reader.fingerprint if clf.second_reader else "",
-        "second_reader": second_reader,
-        "review_threshold": review_threshold,
+        "companion_model": clf.companion.fingerprint if clf.companion else "",
+        # The thresholds in force: boxed fields', then free fields'.
+        "review_threshold": review_threshold if review_threshold is not None else clf.review_threshold,
+        "free_review_threshold": review_threshold if review_threshold is not None else DEFAULT_REVIEW_THRESHOLD,
         # Which fields are quantities, for workbooks made from these results (number cells).
         "numeric_fields": " ".join(sorted({f.name for t in forms for f in t.fields if f.numeric})),
     }
@@ -209,7 +203,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
                 records = process_paths(
                     files, forms if len(forms) > 1 else forms[0], clf, review_threshold, workers, journal,
                     on_page=on_page, scheduler=scheduler,
-                    views=views_path_for(out), second_reader=second_reader,
+                    views=views_path_for(out),
                 )
             finally:
                 bar.close()
@@ -338,7 +332,7 @@ def template_check(path) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
 @click.option("--page", "page_number", default=1, show_default=True, type=click.IntRange(1), help="Page of a PDF or TIFF.")
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--review-threshold", default=DEFAULT_REVIEW_THRESHOLD, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--review-threshold", type=click.FloatRange(0, 1), help="As for `process`.")
 def inspect(page_file, template, out, page_number, model, review_threshold) -> None:
     """Draw the registered page with its cells, digits and confidences (review in orange)."""
     import cv2
@@ -385,6 +379,9 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
 @click.option("--learning-rate", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--width", default=2.0, show_default=True, type=click.FloatRange(0.25, 4), help="The CNN's channel multiplier.")
 @click.option(
+    "--depth", default=1, show_default=True, type=click.IntRange(1, 2), help="2: the deeper network (the companion)."
+)
+@click.option(
     "--stretch", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Share of each batch stretched to a square."
 )
 @click.option(
@@ -430,6 +427,7 @@ def train(
     seed,
     learning_rate,
     width,
+    depth,
     stretch,
     narrow,
     patience,
@@ -455,6 +453,7 @@ def train(
         seed=seed,
         learning_rate=learning_rate,
         width=width,
+        depth=depth,
         stretch=stretch,
         narrow=narrow,
         scanned=scanned,
@@ -590,6 +589,9 @@ def evaluate(model, data, nsysu, plots, before) -> None:
     click.echo("\nWriters never trained on, each crop through read_digits (segmentation included):")
     sources = held_out_digits(data, nsysu)
     click.echo(format_sources(evaluate_sources(clf, sources)))
+    if clf.companion is not None:
+        click.echo(f"\nRead as a form's boxed cells are, by this model and {Path(clf.companion.path).name} together:")
+        click.echo(format_sources(evaluate_sources(clf, sources, pair=True)))
     if before:
         click.echo(f"\nBefore ({before}), the same sources:")
         click.echo(format_sources(evaluate_sources(_load_classifier(before), sources)))
@@ -613,11 +615,14 @@ def calibrate(model, data, pages) -> None:
     meta = json.loads(card.read_text())
     meta["field_power"] = round(result["field_power"], 4)
     meta["field_power_bitonal"] = round(result["field_power_bitonal"], 4)
-    meta["field_calibration"] = {k: v for k, v in result.items() if not k.startswith("field_power")} | {"pages": pages}
+    meta["review_threshold"] = result["review_threshold"]
+    meta["field_calibration"] = {k: v for k, v in result.items() if k not in meta} | {"pages": pages}
     card.write_text(json.dumps(meta, indent=2) + "\n")
     click.echo(
         f"{card}: field_power {meta['field_power']} (grey scans), {meta['field_power_bitonal']} (bitonal; "
-        f"{result['fields']} fields, {result['bitonal_fields']} bitonal, {result['right']:.1%} right)"
+        f"{result['fields']} fields, {result['bitonal_fields']} bitonal, {result['right']:.1%} right); "
+        f"review_threshold {meta['review_threshold']} ({result['flagged']:.1%} flagged, "
+        f"{result['wrong_not_flagged']} wrong not flagged)"
     )
 
 

@@ -218,17 +218,16 @@ def decide_page(
     field_power: float = 1.0,
     sequences: list[np.ndarray] | None = None,
     string_model: StringModel | None = None,
-    second: np.ndarray | None = None,
+    boxed_threshold: float | None = None,
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
 
-    field_power: the model's calibration of boxed fields' confidence for this page's kind of scan
-    (DigitClassifier.field_power).
+    threshold: the review threshold of free fields, and of boxed ones unless `boxed_threshold` is
+    given (DigitClassifier.review_threshold). field_power: the model's calibration of boxed fields'
+    confidence for this page's kind of scan (DigitClassifier.field_power).
     sequences, string_model: the string model's step probabilities (V, 64, 15) for each free field's views
     in order, and the model (its card decides), when there is one: a free field is then read by both
-    readers (StringModel.decide).
-    second: what a second model reads in each digit image (page_second_readings); a boxed cell it
-    reads otherwise sends its field to review."""
+    readers (StringModel.decide)."""
     start = 0
     fields = []
     wholes = iter(sequences or [])
@@ -245,11 +244,11 @@ def decide_page(
         readings = []
         for s in cells:
             if s.image is not None:
-                readings.append(reading_from_probabilities(probabilities[start], None if second is None else second[start]))
+                readings.append(reading_from_probabilities(probabilities[start]))
                 start += 1
             else:
                 readings.append(unread_cell(s.stray_ink))
-        fields.append(read_field(spec, readings, threshold, field_power))
+        fields.append(read_field(spec, readings, threshold if boxed_threshold is None else boxed_threshold, field_power))
     reg = seg.registration
     return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes, template.name)
 
@@ -277,32 +276,17 @@ def _stacked_digit_images(segs: list[SegmentedPage]) -> tuple[np.ndarray, np.nda
 
 def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray]:
     """(N, 11) probabilities of each page's digit_images, in one batch per model: boxed cells by
-    the digit model, the pieces of free fields by the model that also refuses wrong cuts."""
+    the digit model and its companion (DigitClassifier.cell_probabilities), the pieces of free
+    fields by the model that also refuses wrong cuts."""
     if not segs:
         return []
     images, piece, starts = _stacked_digit_images(segs)
     probs = np.zeros((len(images), NUM_CLASSES), np.float32)
-    for model, which in ((classifier, ~piece), (classifier.for_strings, piece)):
-        if which.any():
-            probs[which] = model.probabilities(images[which])
+    if (~piece).any():
+        probs[~piece] = classifier.cell_probabilities(images[~piece])
+    if piece.any():
+        probs[piece] = classifier.for_strings.probabilities(images[piece])
     return np.split(probs, starts)
-
-
-def page_second_readings(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray | None]:
-    """What the second reader (DigitClassifier.second_reader: trained on other writers, it errs
-    elsewhere) reads in each page's boxed cells: (N,) classes aligned with digit_images (-1 for
-    free-field pieces), in one batch; None for each page when the classifier has no second reader."""
-    second = classifier.second_reader
-    if second is None:
-        return [None] * len(segs)
-    if not segs:
-        return []
-    images, piece, starts = _stacked_digit_images(segs)
-    boxed = ~piece
-    readings = np.full(len(images), -1, np.int64)
-    if boxed.any():
-        readings[boxed] = second.probabilities(images[boxed]).argmax(1)
-    return np.split(readings, starts)
 
 
 def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[list[np.ndarray]] | None:
@@ -321,19 +305,19 @@ def decide_pages(
     segs: list[SegmentedPage],
     template: Template | Sequence[Template],
     classifier: DigitClassifier,
-    threshold: float = DEFAULT_REVIEW_THRESHOLD,
-    second_reader: bool = True,
+    threshold: float | None = None,
 ) -> list[PageRead]:
     """Classify the digits (and read the free fields) of several segmented pages in one batch
-    each; each page decided by the rules of the template it was read as. With `second_reader`
-    the piece model reads the boxed cells too (page_second_readings)."""
+    each; each page decided by the rules of the template it was read as. threshold: the review
+    threshold of every field; None: the model's for boxed fields (DigitClassifier.review_threshold),
+    DEFAULT_REVIEW_THRESHOLD for free ones."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
-    seconds = page_second_readings(segs, classifier) if second_reader else [None] * len(segs)
     first, reader = next(iter(forms.values())), classifier.string_model
+    free, boxed = (DEFAULT_REVIEW_THRESHOLD, classifier.review_threshold) if threshold is None else (threshold, threshold)
     return [
-        decide_page(s, p, forms.get(s.template) or first, threshold, classifier.field_power(s.bitonal), q, reader, r)
-        for s, p, q, r in zip(segs, page_probabilities(segs, classifier), sequences, seconds)
+        decide_page(s, p, forms.get(s.template) or first, free, classifier.field_power(s.bitonal), q, reader, boxed)
+        for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)
     ]
 
 
@@ -342,9 +326,10 @@ def read_page(
     template: Template,
     classifier: DigitClassifier,
     features: ReferenceFeatures | None = None,
-    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    threshold: float | None = None,
 ) -> PageRead:
-    """Read one page completely. A page that cannot be registered comes back with `error` set."""
+    """Read one page completely (threshold: see decide_pages). A page that cannot be registered
+    comes back with `error` set."""
     try:
         seg = segment_page(page, template, features)
     except RegistrationError as e:
@@ -556,7 +541,7 @@ def process_paths(
     paths: Iterable[Path],
     template: Template | Sequence[Template],
     classifier: DigitClassifier,
-    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    threshold: float | None = None,
     workers: int = 1,
     journal: Journal | None = None,
     on_file: Callable[[str, int], None] | None = None,
@@ -564,7 +549,6 @@ def process_paths(
     on_page: Callable[[dict], None] | None = None,
     scheduler: str | None = None,
     views: Path | None = None,
-    second_reader: bool = True,
 ) -> list[dict]:
     """Read every page of every input; returns one record per page or unreadable file.
 
@@ -575,7 +559,7 @@ def process_paths(
     cluster's workers instead of local processes: the same page function, the same results.
     With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
     formreader.export.view_name), written before its record: the review station shows fields
-    from it, cut where the record's `box` says. `second_reader`: see decide_pages.
+    from it, cut where the record's `box` says. threshold: see decide_pages.
     """
     journal = journal or Journal(None)
     # One form, or several: then each page is read as the form it matches (match_form).
@@ -624,7 +608,7 @@ def process_paths(
 
     def classify_segmented() -> None:
         segs = [d for d in segmented if isinstance(d, SegmentedPage)]
-        per_page = iter(decide_pages(segs, template, classifier, threshold, second_reader))
+        per_page = iter(decide_pages(segs, template, classifier, threshold))
         for d in segmented:
             if isinstance(d, PageError):
                 record(error_record(d))

@@ -31,12 +31,12 @@ def sample_records(template, classifier):
 def test_samples_reproduce_ground_truth(sample_records, truth):
     right, total, flagged, wrong_unflagged = field_accuracy(sample_records, truth)
     assert total == len(truth) == 60
-    # Measured with the shipped models (benchmarks/evaluate_forms.py): 53 of 60 right, every
-    # wrong field flagged; 28% flagged (22% before the second reader of boxed cells, which
-    # caught the one wrong field that passed as `ok`).
+    # Measured with the shipped models (benchmarks/evaluate_forms.py): 54 of 60 right, every
+    # wrong field flagged; 31.7% flagged (at the model's review threshold, chosen for at most
+    # 0.3% wrong but `ok` on forms of writers it never saw; 28% at 0.85 with the second reader).
     assert right >= 52
     assert wrong_unflagged == 0
-    assert flagged / total <= 0.3
+    assert flagged / total <= 0.35
 
 
 def test_every_sample_page_registers_well(sample_records):
@@ -102,7 +102,8 @@ def test_a_digit_the_scan_broke_up_is_flagged_not_dropped(filled_pages, template
     read = read_page(scanned, template, classifier)
     quantity = read.fields[2]
     assert quantity.value == "35" and quantity.text == "?35"
-    assert quantity.status == "review" and quantity.confidence < 0.2
+    # No surer than the '?' cell's 0.1, raised to the field power as every boxed field's confidence is.
+    assert quantity.status == "review" and quantity.confidence <= 0.1 ** classifier.field_power(False) + 1e-6 < 0.3
     assert quantity.reasons[0] == "mark that is not a digit in cell 1"
     record = page_record(read)["fields"][2]
     picture = segment_page(scanned, template).registration.aligned
@@ -373,30 +374,15 @@ def test_a_template_drawn_a_few_pixels_off_reads_no_box_as_a_digit(style, classi
     assert sum(v == t for (v, _), t in zip(readings["sloppy"], truths)) >= 0.85 * len(truths)
 
 
-def test_the_second_reader_can_be_turned_off(template, classifier, sample_records, truth):
-    """Without the second reader fewer sample fields are flagged and one wrong field passes as
-    `ok` (53 of 60 right either way): the choice is the user's, and a resumed run keeps it."""
-    plain = process_paths([SCANS], template, classifier, second_reader=False)
-    right, total, flagged, wrong_unflagged = field_accuracy(plain, truth)
-    right_2, _, flagged_2, wrong_unflagged_2 = field_accuracy(sample_records, truth)
-    assert right == right_2 and flagged < flagged_2 and wrong_unflagged >= wrong_unflagged_2
-    disputed = [
-        f for r in sample_records for f in r["fields"] if any("by a second model" in reason for reason in f["reasons"])
-    ]
-    assert disputed and not any("by a second model" in reason for r in plain for f in r["fields"] for reason in f["reasons"])
-
-
-def test_resume_with_the_second_reader_switched_is_refused(tmp_path):
-    out = tmp_path / "r.csv"
-    first = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q")
-    assert first.returncode == 0
-    journal = tmp_path / "r.journal.jsonl"
-    lines = journal.read_text().splitlines()
-    journal.write_text("\n".join(lines[:-1]) + "\n")  # as an interrupted run leaves it: no end
-    resumed = run_cli(
-        "process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", "--resume", "--no-second-reader"
-    )
-    assert resumed.returncode == 2 and "second_reader" in resumed.stderr
+def test_boxed_fields_go_to_review_under_the_models_threshold_unless_one_is_given(template, classifier, sample_records):
+    """By default a boxed field is flagged for its confidence under the threshold `formreader
+    calibrate` chose for the model; a threshold given is used instead, for every field."""
+    low = [f for r in sample_records for f in r["fields"] if any(x.startswith("low confidence") for x in f["reasons"])]
+    sure = [f for r in sample_records for f in r["fields"] if not any(x.startswith("low confidence") for x in f["reasons"])]
+    assert low and all(f["confidence"] < classifier.review_threshold for f in low)
+    assert all(f["confidence"] >= classifier.review_threshold for f in sure)
+    given = process_paths([SCANS], template, classifier, threshold=0.0)
+    assert not any(x.startswith("low confidence") for r in given for f in r["fields"] for x in f["reasons"])
 
 
 def test_resume_with_a_recalibrated_model_is_refused(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from formreader.reading.classify import NOT_A_DIGIT, DigitClassifier
+from formreader.reading.classify import NOT_A_DIGIT, REVIEW_RISK, DigitClassifier
 from formreader.training.evaluate import (
     confusion_matrix,
     evaluate_probabilities,
@@ -164,8 +164,10 @@ def test_evaluate_shows_a_model_before_and_after(tmp_path):
     run = run_cli("evaluate", "--before", MODELS / "digits.keras", "--plots", tmp_path)
     assert run.returncode == 0, run.stderr
     after, before = run.stdout.split("Writers never trained on")[1].split("Before (")
+    alone, pair = after.split("Read as a form's boxed cells are, by this model and digits.companion.keras together")
     table = lambda text: [line for line in text.splitlines() if line.startswith(("MNIST test", "CVL validation"))]  # noqa: E731
-    assert table(after) and table(after) == table(before)
+    assert table(alone) and table(alone) == table(before)
+    assert len(table(pair)) == len(table(alone)) and table(pair) != table(alone)  # the pair reads otherwise
 
 
 def test_narrow_augmentation_squeezes_digits_sideways(mnist_test):
@@ -195,6 +197,11 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
     assert 0 < result["bitonal_fields"] < result["fields"]
     assert 0.2 < result["field_power"] < 5 and 0.2 < result["field_power_bitonal"] < 5
     assert classifier.field_power(True) == classifier.meta["field_power_bitonal"] != classifier.field_power(False)
+    # The review threshold lets out at most REVIEW_RISK of these fields wrong (here, with so few, none),
+    # and is no higher than it must be: a threshold only flags.
+    assert 0.0 <= result["review_threshold"] <= 1.0
+    assert result["wrong_not_flagged"] <= int(REVIEW_RISK * result["boxed_fields"])
+    assert 0.0 < result["flagged"] < 1.0
 
 
 def test_scanned_copies_look_like_a_scanned_forms_cells(classifier, mnist_test):

@@ -178,41 +178,37 @@ def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifie
     assert right >= 0.9 * total
 
 
-def test_a_cell_two_models_read_apart_sends_its_field_to_review(classifier):
-    """NSYSU's hooked 7s that the digit model reads as a confident 1 (the European 1 it learnt
-    from CVL): where the second reader, which never saw CVL, reads a 7, the field is not `ok`."""
-    from formreader.reading.classify import reading_from_probabilities
-    from formreader.reading.fields import read_field
+def test_the_companion_network_tempers_confident_misreads_of_writers_never_seen(classifier):
+    """NSYSU's digits (writers neither network saw) that the digit model reads wrong and sure: read
+    by both networks, most are less sure, and more of them fall under the review threshold."""
     from formreader.reading.segment import segment_crops
-    from formreader.reading.template import Field
     from formreader.training.datasets import load_nsysu
 
+    assert classifier.companion is not None  # models/digits.companion.keras, beside the digit model
     x, y, _ = load_nsysu()
-    images, _ = segment_crops(x[y == 7])
-    first, second = classifier.probabilities(images), classifier.second_reader.probabilities(images)
-    caught = np.flatnonzero((first.argmax(1) == 1) & (first.max(1) >= 0.85) & (second.argmax(1) == 7))
-    assert len(caught) >= 1  # confident 1s that are 7s, and a second model that says so
-    spec = Field("code", cells=((0, 0, 10, 10), (10, 0, 10, 10)))
-    sure_five = np.eye(11)[5] * 0.999
-    for k in caught:
-        cells = [reading_from_probabilities(sure_five, 5), reading_from_probabilities(first[k], int(second[k].argmax()))]
-        field = read_field(spec, cells, threshold=0.5)
-        assert field.value == "51" and field.confidence >= 0.5  # confident, yet:
-        assert field.status == "review" and field.reasons == ["cell 2 read 1, by a second model 7"]
-    agreed = [reading_from_probabilities(sure_five, 5), reading_from_probabilities(sure_five, 5)]
-    assert read_field(spec, agreed, threshold=0.5).status == "ok"
+    images, kept = segment_crops(x)
+    one = classifier.probabilities(images)
+    both = classifier.cell_probabilities(images)
+    assert np.allclose(both, (one + classifier.companion.probabilities(images)) / 2, atol=1e-6)
+    wrong_sure = np.flatnonzero((one.argmax(1) != y[kept]) & (one.max(1) >= 0.85))
+    assert len(wrong_sure) >= 3
+    tempered = both[wrong_sure, one[wrong_sure].argmax(1)] < one[wrong_sure].max(1)
+    assert tempered.mean() >= 0.7
+    assert (both[wrong_sure].max(1) < 0.85).sum() > (one[wrong_sure].max(1) < 0.85).sum()
+    assert (both.argmax(1) == y[kept]).mean() >= (one.argmax(1) == y[kept]).mean() - 0.005
 
 
-def test_second_readings_follow_the_digit_images_of_a_page(template, classifier):
-    """The second reader's readings of a real page's boxed cells line up with its digit images and
-    mostly agree with the digit model's on MNIST-like writing."""
-    from formreader.pipeline import digit_images, page_probabilities, page_second_readings, segment_page
+def test_a_pages_boxed_cells_are_read_by_both_networks(template, classifier):
+    """On a real page, the boxed cells' probabilities are the two networks' mean, in the order of the
+    page's digit images."""
+    from formreader.pipeline import digit_images, page_probabilities, segment_page
     from formreader.reading.ingest import read_pages
 
     from .conftest import SCANS
 
     seg = segment_page(next(read_pages(SCANS / "scan_c.png")), template)
-    second = page_second_readings([seg], classifier)[0]
+    images, piece = digit_images(seg)
     probs = page_probabilities([seg], classifier)[0]
-    assert second.shape == (len(digit_images(seg)[0]),) == (len(probs),)
-    assert (second == probs.argmax(1)).mean() >= 0.9
+    assert probs.shape == (len(images), 11) and not piece.any()
+    assert np.allclose(probs, classifier.cell_probabilities(images), atol=1e-6)
+    assert not np.allclose(probs, classifier.probabilities(images), atol=1e-3)

@@ -32,9 +32,16 @@ _REPOSITORY_MODELS = Path(__file__).resolve().parents[2] / "models"
 MODELS = _REPOSITORY_MODELS if (_REPOSITORY_MODELS / "digits.keras").exists() else Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODEL = MODELS / "digits.keras"
 STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.keras tuned on string pieces
-SECOND_READER_SUFFIX = ".second.keras"  # models/digits.second.keras: a second opinion on boxed cells
+COMPANION_SUFFIX = ".companion.keras"  # models/digits.companion.keras: a second network, averaged for boxed cells
 STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
 LABELS = "0123456789"
+# The review threshold of free fields, and of boxed fields when the model was calibrated without
+# one (DigitClassifier.review_threshold). Free fields: ORAND's validation checks and generated
+# ones, README "Measured".
+DEFAULT_REVIEW_THRESHOLD = 0.85
+# The share of fields a boxed field's review threshold may let out wrong on the forms it is chosen
+# on (`formreader calibrate`): the issue's aim for writers never seen.
+REVIEW_RISK = 0.003
 
 
 class ModelError(RuntimeError):
@@ -205,9 +212,10 @@ class LiteRTModel:
     @property
     def fingerprint(self) -> str:
         """What decides this model's readings, as 16 hex digits: its network and its card's
-        calibration (temperature, field powers, field calibration, the cut reader's weight). A journal written with other
-        weights or another calibration is not resumed with this model."""
-        keys = ("field_power", "field_power_bitonal", "field_calibration", "cut_weight")
+        calibration (temperature, field powers and review threshold, field calibration, the cut
+        reader's weight). A journal written with other weights or another calibration is not
+        resumed with this model."""
+        keys = ("field_power", "field_power_bitonal", "field_calibration", "cut_weight", "review_threshold")
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
 
@@ -227,9 +235,9 @@ class DigitClassifier(LiteRTModel):
     # The same network fine-tuned on the pieces string segmentation cuts (models/digits.strings.keras),
     # which refuses wrong cuts; it reads free-written numbers, this one reads boxed cells.
     strings: DigitClassifier | None = None
-    # A model trained on other writers (models/digits.second.keras: MNIST's alone), which errs
-    # elsewhere: a boxed cell it reads otherwise sends its field to review.
-    second: DigitClassifier | None = None
+    # A second network trained on the same writers, built otherwise (models/digits.companion.keras):
+    # boxed cells are read by both and their calibrated probabilities averaged (`cell_probabilities`).
+    companion: DigitClassifier | None = None
     # The string model (CNN + CTC, models/strings.keras beside this one) that reads a free field
     # whole; free fields are read by both it and the cut pieces (formreader.reading.string_model).
     string_model: StringModel | None = None
@@ -243,10 +251,10 @@ class DigitClassifier(LiteRTModel):
         content, temperature, meta = cls.read_card(path, f"model file not found: {path} (train one with `formreader train`)")
         clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
         clf._check()
-        if path.name.endswith((STRING_MODEL_SUFFIX, SECOND_READER_SUFFIX)):
-            return clf  # a companion: the models beside the digit model are the digit model's
-        if path.with_suffix(SECOND_READER_SUFFIX).exists():
-            clf.second = cls.load(path.with_suffix(SECOND_READER_SUFFIX), threads)
+        if path.name.endswith((STRING_MODEL_SUFFIX, COMPANION_SUFFIX)):
+            return clf  # a model beside the digit model: the others there are the digit model's
+        if path.with_suffix(COMPANION_SUFFIX).exists():
+            clf.companion = cls.load(path.with_suffix(COMPANION_SUFFIX), threads)
         companion = path.with_suffix(STRING_MODEL_SUFFIX)
         if companion.exists():
             clf.strings = cls.load(companion, threads)
@@ -270,10 +278,18 @@ class DigitClassifier(LiteRTModel):
         return self.strings or self
 
     @property
-    def second_reader(self) -> DigitClassifier | None:
-        """The model that reads boxed cells a second time: digits.second.keras beside this one,
-        else the piece model (a model folder made before there was a second reader of its own)."""
-        return self.second or self.strings
+    def review_threshold(self) -> float:
+        """The confidence under which a boxed field goes to review unless a threshold is given: chosen
+        by `formreader calibrate` on forms of writers the model never trained on, as the lowest that
+        lets no more than REVIEW_RISK of their fields out wrong (0.85 for a model not calibrated so)."""
+        return float(self.meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+
+    def cell_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, 11) of boxed cells' images (N, 28, 28): this network's
+        averaged with its companion's, when there is one. Two networks trained apart err on different
+        digits, and their mean is less sure where they disagree, most of all on writers neither saw."""
+        p = self.probabilities(images)
+        return p if self.companion is None else (p + self.companion.probabilities(images)) / 2
 
     def _check(self) -> None:
         try:
@@ -304,7 +320,6 @@ class DigitReading:
     digit: str
     confidence: float  # calibrated probability that `digit` is right
     probabilities: np.ndarray | None = None  # (11,) or None for a blank cell
-    second: str | None = None  # what a second model reads there ('?': not a digit), when one is asked
 
 
 def label_of(k: int) -> str:
@@ -312,8 +327,7 @@ def label_of(k: int) -> str:
     return "?" if k == NOT_A_DIGIT else LABELS[k]
 
 
-def reading_from_probabilities(p: np.ndarray, second: int | None = None) -> DigitReading:
-    """The reading for one cell's probabilities (11,): the most probable class; `second`: the
-    class a second model reads there, if one was asked."""
+def reading_from_probabilities(p: np.ndarray) -> DigitReading:
+    """The reading for one cell's probabilities (11,): the most probable class."""
     k = int(np.argmax(p))
-    return DigitReading(label_of(k), float(p[k]), p, None if second is None else label_of(int(second)))
+    return DigitReading(label_of(k), float(p[k]), p)

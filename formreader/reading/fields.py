@@ -13,14 +13,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from formreader.reading.classify import DigitReading
+from formreader.reading.classify import DEFAULT_REVIEW_THRESHOLD, DigitReading
 from formreader.reading.strings import StringReading
 from formreader.reading.template import Field
 
-# Chosen from measurements (benchmarks/evaluate_forms.py, README "Measured"): on 360 held-out
-# fields, 0.85 leaves as few wrong fields unflagged as 0.9 or 0.99 (2, both confident misreads
-# of ugly digits) while flagging 10% of fields instead of 14% or 42%; 0.8 lets 3 through.
-DEFAULT_REVIEW_THRESHOLD = 0.85
 # Confidence that a cell with no ink at all is blank.
 BLANK_CONFIDENCE = 0.999
 # A cell whose ink was all rejected, but more of it than specks leave (STRAY_INK_FRACTION of the
@@ -92,12 +88,6 @@ def read_field(
             reasons.append("required field is empty")
     elif spec.length is not None and len(value) != spec.length:
         reasons.append(f"{len(value)} digits where {spec.length} are expected")
-    # A second model that reads a cell otherwise (trained on other writers, it errs elsewhere)
-    # catches confident errors of a style the first has learnt wrong, e.g. a hooked 7 read as 1.
-    disputed = [(i, c) for i, c in enumerate(cells) if c.second is not None and c.digit and c.second != c.digit]
-    if disputed:
-        i, c = disputed[0]
-        reasons.append(f"cell {i + 1} read {c.digit}, by a second model {c.second}")
     if confidence < threshold:
         reasons.append(f"low confidence {confidence:.2f}")
     status = "review" if reasons else "ok"
@@ -129,7 +119,7 @@ def pattern_reading(cells: list[DigitReading], pattern: str, beam: int = 64, flo
         return None
     chosen = iter(match)
     return [
-        DigitReading(str(k := next(chosen)), float(c.probabilities[k]), c.probabilities, c.second) if c.digit else c
+        DigitReading(str(k := next(chosen)), float(c.probabilities[k]), c.probabilities) if c.digit else c
         for c in cells
     ]
 

@@ -251,15 +251,16 @@ def held_out_writers(log=print) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return sources
 
 
-def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float = 0.85) -> list[SourceFigures]:
-    """Per-source figures for crops read through segmentation and the classifier."""
+def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float = 0.85, pair: bool = False) -> list[SourceFigures]:
+    """Per-source figures for crops read through segmentation and the classifier (as `read_digits`
+    reads them); with `pair`, by the classifier and its companion, as a form's boxed cells are."""
     rows = []
     for name, (crops, labels) in sets.items():
         images, index = segment_crops(crops)
         probs = np.zeros((len(crops), 11))
         probs[:, NOT_A_DIGIT] = 1.0  # a crop judged blank: no digit read
         if len(index):
-            probs[index] = classifier.probabilities(images)
+            probs[index] = classifier.cell_probabilities(images) if pair else classifier.probabilities(images)
         predicted, confidence = probs.argmax(1), probs.max(1)
         correct = predicted == labels
         sure = confidence >= threshold
@@ -353,41 +354,67 @@ def calibrate_fields(
     classifier: DigitClassifier, pages: int = CALIBRATION_PAGES, seed: int = CALIBRATION_SEED, data_dir: Path | None = None
 ) -> dict:
     """Fit the field-confidence exponents of a model (DigitClassifier.field_power) on forms of its
-    validation writers, one for grey scans and one for bitonal ones; fields that break a rule are
-    flagged whatever their confidence and are left out. Returns {'field_power',
-    'field_power_bitonal', 'fields', 'bitonal_fields', 'right'}; a kind of scan with no fields
-    gets the other's exponent."""
+    validation writers, one for grey scans and one for bitonal ones (fields that break a rule are
+    flagged whatever their confidence and are left out of the fit); then the review threshold of
+    boxed fields (`review_threshold`): on the same forms, the lowest confidence above which no
+    more than REVIEW_RISK of all fields is wrong, rules kept. Returns {'field_power',
+    'field_power_bitonal', 'review_threshold', 'fields', 'bitonal_fields', 'right', 'flagged',
+    'wrong_not_flagged'}; a kind of scan with no fields gets the other's exponent."""
     from formreader.pipeline import decide_page, page_probabilities, segment_page
+    from formreader.reading.classify import REVIEW_RISK
     from formreader.reading.register import RegistrationError
 
-    confidence, right, bitonal = [], [], []
+    confidence, right, bitonal, ruled = [], [], [], []
     for _, _, template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
         for page, truth in items:
             try:
                 seg = segment_page(page, template)
             except RegistrationError:
                 continue
-            # Power 1: the plain product of the cells. Threshold 0 and no second model: only the
-            # rules give reasons (a field the two models dispute is kept: the power calibrates
-            # the product of the cells, whatever else flags the field).
+            # Power 1 (the plain product of the cells) and threshold 0: only the rules give reasons.
             read = decide_page(seg, page_probabilities([seg], classifier)[0], template, 0.0, 1.0)
             for spec, f in zip(template.fields, read.fields):
-                if f.reasons or spec.kind == "free":
-                    continue
-                confidence.append(f.confidence)
-                right.append(f.value == truth[f.name])
-                bitonal.append(seg.bitonal)
-    confidence, right, bitonal = np.array(confidence), np.array(right, bool), np.array(bitonal, bool)
-    fitted = {kind: fit_power(confidence[bitonal == kind], right[bitonal == kind]) for kind in set(bitonal.tolist())}
+                if spec.kind != "free":
+                    confidence.append(f.confidence)
+                    right.append(f.value == truth[f.name])
+                    bitonal.append(seg.bitonal)
+                    ruled.append(bool(f.reasons))
+    confidence, right, bitonal, ruled = (np.array(a) for a in (confidence, right, bitonal, ruled))
+    right, bitonal, ruled = right.astype(bool), bitonal.astype(bool), ruled.astype(bool)
+    fit = ~ruled
+    fitted = {k: fit_power(confidence[fit & (bitonal == k)], right[fit & (bitonal == k)]) for k in set(bitonal[fit].tolist())}
     grey = fitted.get(False, fitted.get(True, 1.0))
     bit = fitted.get(True, grey)
+    calibrated = confidence ** np.where(bitonal, bit, grey)
+    threshold = risk_threshold(calibrated, right, ruled, REVIEW_RISK)
+    passed = ~ruled & (calibrated >= threshold)
     return {
         "field_power": grey,
         "field_power_bitonal": bit,
-        "fields": len(right),
-        "bitonal_fields": int(bitonal.sum()),
-        "right": float(right.mean()),
+        "review_threshold": threshold,
+        "fields": int(fit.sum()),
+        "bitonal_fields": int((fit & bitonal).sum()),
+        "right": float(right[fit].mean()),
+        "boxed_fields": len(right),
+        "flagged": float(1 - passed.mean()),
+        "wrong_not_flagged": int((passed & ~right).sum()),
     }
+
+
+def risk_threshold(confidence: np.ndarray, right: np.ndarray, flagged: np.ndarray, risk: float) -> float:
+    """The lowest review threshold that lets at most `risk` of all N fields through wrong:
+    confidence (N,) calibrated, right (N,) bool, flagged (N,) bool (sent to review whatever their
+    confidence), rounded up to 3 decimals."""
+    allowed = int(np.floor(risk * len(right)))
+    candidates = np.sort(confidence[~flagged])[::-1]  # fields let through, surest first
+    wrong = np.cumsum(~right[~flagged][np.argsort(-confidence[~flagged], kind="stable")])
+    # Letting the k surest through lets wrong[k - 1] wrong ones out; the threshold must stop above
+    # the first field that would make it too many (ties at one confidence go together).
+    over = np.flatnonzero(wrong > allowed)
+    if over.size == 0:
+        return 0.0
+    stop = candidates[over[0]]
+    return float(min(1.0, np.ceil((stop + 1e-9) * 1000) / 1000))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,22 +18,33 @@ def _conv_bn_relu(x, filters: int, kernel: int = 3, padding: str = "same"):
     return layers.ReLU()(x)
 
 
-def build_digit_cnn(dropout: float = 0.3, width: float = 1.0) -> keras.Model:
+def build_digit_cnn(dropout: float = 0.3, width: float = 1.0, depth: int = 1) -> keras.Model:
     """formreader's digit CNN: 28x28x1 (ink 1.0 on 0.0) -> 11 logits; about 0.13M parameters at
     width 1 (channels 16-32-64-128, each times `width`).
 
     Pooling early keeps the arithmetic small (about 4M multiply-adds per digit against the
     original's 13M); the last conv sees the whole digit at 5x5, and the flattened map keeps
     where strokes are, which a global pooling would throw away.
+
+    depth 2: two 3x3 convolutions at 28x28 and at 14x14 instead of one 5x5 and one 3x3, and the
+    last two 64 wide (times `width`): channels 16-16-32-32-64-64, 0.32M parameters at width 2.
+    A network that sees the strokes differently, to average with the first (`companion`).
     """
+    if depth not in (1, 2):
+        raise ValueError(f"depth must be 1 or 2, got {depth}")
     inputs = keras.Input((28, 28, 1), name="digit")
     c = lambda n: int(round(n * width))  # noqa: E731
-    x = _conv_bn_relu(inputs, c(16), 5)
+    if depth == 1:
+        x = _conv_bn_relu(inputs, c(16), 5)
+    else:
+        x = _conv_bn_relu(_conv_bn_relu(inputs, c(16)), c(16))
     x = layers.MaxPooling2D()(x)  # 14x14
     x = _conv_bn_relu(x, c(32))
+    if depth == 2:
+        x = _conv_bn_relu(x, c(32))
     x = layers.MaxPooling2D()(x)  # 7x7
     x = _conv_bn_relu(x, c(64))
-    x = _conv_bn_relu(x, c(128), padding="valid")  # 5x5
+    x = _conv_bn_relu(x, c(128 if depth == 1 else 64), padding="valid")  # 5x5
     x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
     logits = layers.Dense(NUM_CLASSES, name="logits")(x)

@@ -42,6 +42,7 @@ class TrainConfig:
     cvl_val_writers: int = 10  # of them, this many writers are held out for validation
     orand: bool = True  # train on the ORAND-CAR-A digits of the 'train' checks (cut by their boxes)
     width: float = 2.0  # the CNN's channel multiplier (formreader.training.model.build_digit_cnn)
+    depth: int = 1  # 2: the deeper network of build_digit_cnn (the companion)
     stretch: float = 0.0  # this share of each batch is stretched to fill the square (`augment_batch`)
     narrow: float = 0.0  # this share of each batch is squeezed to a narrow digit (`augment_batch`)
     # Add this share of the training digits again as a scanned form's box gives them
@@ -630,7 +631,7 @@ def train_model(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     else:
-        model = build_digit_cnn(width=config.width)
+        model = build_digit_cnn(width=config.width, depth=config.depth)
     train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers=min(8, os.cpu_count() or 1))
     val = (data.x_val[..., None], data.y_val)
     steps = config.epochs * len(train_batches)
