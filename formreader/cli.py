@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
+from formreader.reading.classify import DEFAULT_REVIEW_THRESHOLD, REVIEW_RISK
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -603,19 +603,28 @@ def evaluate(model, data, nsysu, plots, before) -> None:
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Default: the shipped model.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and cvl_digits/.")
 @click.option("--pages", default=40, show_default=True, type=click.IntRange(1), help="Forms per source and form style.")
-def calibrate(model, data, pages) -> None:
-    """Calibrate a model's field confidence on forms of its validation writers; writes its card."""
+@click.option(
+    "--risk",
+    default=REVIEW_RISK,
+    show_default=True,
+    type=click.FloatRange(0, 0.5),
+    help="The share of those forms' fields the review threshold may let out wrong.",
+)
+def calibrate(model, data, pages, risk) -> None:
+    """Calibrate a model's field confidence on forms of its validation writers, and choose its
+    review threshold for boxed fields; writes its card."""
     import json
 
     from formreader.training.evaluate import calibrate_fields
 
     clf = _load_classifier(model)
-    result = calibrate_fields(clf, pages, data_dir=data)
+    result = calibrate_fields(clf, pages, data_dir=data, risk=risk)
     card = Path(clf.path).with_suffix(".json")
     meta = json.loads(card.read_text())
     meta["field_power"] = round(result["field_power"], 4)
     meta["field_power_bitonal"] = round(result["field_power_bitonal"], 4)
     meta["review_threshold"] = result["review_threshold"]
+    meta["review_risk"] = risk
     meta["field_calibration"] = {k: v for k, v in result.items() if k not in meta} | {"pages": pages}
     card.write_text(json.dumps(meta, indent=2) + "\n")
     click.echo(

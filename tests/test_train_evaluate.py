@@ -202,6 +202,11 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
     assert 0.0 <= result["review_threshold"] <= 1.0
     assert result["wrong_not_flagged"] <= int(REVIEW_RISK * result["boxed_fields"])
     assert 0.0 < result["flagged"] < 1.0
+    # A user who accepts more wrong fields (`formreader calibrate --risk`) gets a threshold no higher.
+    loose = calibrate_fields(classifier, pages=2, risk=0.1)
+    assert loose["field_power"] == result["field_power"]
+    assert loose["review_threshold"] <= result["review_threshold"] and loose["flagged"] <= result["flagged"]
+    assert result["wrong_not_flagged"] <= loose["wrong_not_flagged"] <= int(0.1 * loose["boxed_fields"])
 
 
 def test_scanned_copies_look_like_a_scanned_forms_cells(classifier, mnist_test):

@@ -351,13 +351,16 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
 
 
 def calibrate_fields(
-    classifier: DigitClassifier, pages: int = CALIBRATION_PAGES, seed: int = CALIBRATION_SEED, data_dir: Path | None = None
-) -> dict:
+    classifier: DigitClassifier,
+    pages: int = CALIBRATION_PAGES,
+    seed: int = CALIBRATION_SEED,
+    data_dir: Path | None = None,
+    risk: float | None = None,) -> dict:
     """Fit the field-confidence exponents of a model (DigitClassifier.field_power) on forms of its
     validation writers, one for grey scans and one for bitonal ones (fields that break a rule are
     flagged whatever their confidence and are left out of the fit); then the review threshold of
     boxed fields (`review_threshold`): on the same forms, the lowest confidence above which no
-    more than REVIEW_RISK of all fields is wrong, rules kept. Returns {'field_power',
+    more than `risk` (default REVIEW_RISK) of all fields is wrong, rules kept. Returns {'field_power',
     'field_power_bitonal', 'review_threshold', 'fields', 'bitonal_fields', 'right', 'flagged',
     'wrong_not_flagged'}; a kind of scan with no fields gets the other's exponent."""
     from formreader.pipeline import decide_page, page_probabilities, segment_page
@@ -386,7 +389,7 @@ def calibrate_fields(
     grey = fitted.get(False, fitted.get(True, 1.0))
     bit = fitted.get(True, grey)
     calibrated = confidence ** np.where(bitonal, bit, grey)
-    threshold = risk_threshold(calibrated, right, ruled, REVIEW_RISK)
+    threshold = risk_threshold(calibrated, right, ruled, REVIEW_RISK if risk is None else risk)
     passed = ~ruled & (calibrated >= threshold)
     return {
         "field_power": grey,
