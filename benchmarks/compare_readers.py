@@ -25,43 +25,23 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from formreader.pipeline import decide_page, digit_images, segment_page  # noqa: E402
 from formreader.reading.classify import REVIEW_RISK, DigitClassifier  # noqa: E402
-from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.training.evaluate import (  # noqa: E402
     CALIBRATION_PAGES,
     CALIBRATION_SEED,
+    boxed_field_records,
     calibration_forms,
-    fit_power,
+    fit_field_decision,
     held_out_writers,
-    risk_threshold,
 )
 from formreader.training.synth import FORM_STYLES, scanned_forms  # noqa: E402
 
 SHARES = (0.40, 0.45, 0.50, 0.55, 0.60)
 
 
-def read_fields(sets, readers: dict) -> dict:
-    """sets: [(template, [(page, truth)])]. Returns {reader: (right, raw confidence, broke a rule,
-    bitonal)}, each (N,) over every boxed field, confidence the plain product of the cells'."""
-    rows: dict = {name: [] for name in readers}
-    for template, items in sets:
-        features = prepare_reference(template.reference)
-        for page, truth in items:
-            try:
-                seg = segment_page(page, template, features)
-            except RegistrationError:
-                continue
-            images = digit_images(seg)[0]
-            for name, probabilities in readers.items():
-                read = decide_page(seg, probabilities(images), template, 0.0, 1.0)
-                rows[name] += [(f.value == truth[f.name], f.confidence, bool(f.reasons), seg.bitonal) for f in read.fields]
-    return {name: tuple(np.array(c) for c in zip(*r)) for name, r in rows.items()}
-
-
-def calibrated(fields: tuple, powers: dict) -> np.ndarray:
+def calibrated(fields: tuple, fitted: dict) -> np.ndarray:
     _, confidence, _, bitonal = fields
-    return np.where(bitonal, confidence ** powers[True], confidence ** powers[False])
+    return confidence ** np.where(bitonal, fitted["field_power_bitonal"], fitted["field_power"])
 
 
 def decided(fields: tuple, confidence: np.ndarray, threshold: float) -> str:
@@ -95,21 +75,20 @@ def main() -> None:
         "the companion alone": model.companion.probabilities,
         "the two averaged": model.cell_probabilities,
     }
-    validation = read_fields([(t, items) for *_, t, items in calibration_forms(model.meta, CALIBRATION_PAGES, CALIBRATION_SEED)],
-                             readers)
+    validation = boxed_field_records(
+        [(t, items) for *_, t, items in calibration_forms(model.meta, CALIBRATION_PAGES, CALIBRATION_SEED)], readers
+    )
     test_sets = []
     for images, labels in held_out_writers().values():
         test_sets += [scanned_forms(style, images, labels, 40, 777) for style in FORM_STYLES]
-    test = read_fields(test_sets, readers)
+    test = boxed_field_records(test_sets, readers)
     print(f"Boxed fields: {len(validation['the two averaged'][0])} of the model's validation writers (chosen on), "
           f"{len(test['the two averaged'][0])} of writers no model trained on (recorded); right / flagged / wrong but ok")
     for name in readers:
-        right, confidence, rule, bitonal = validation[name]
-        fit = ~rule
-        powers = {kind: fit_power(confidence[fit & (bitonal == kind)], right[fit & (bitonal == kind)]) for kind in (False, True)}
-        val_conf, test_conf = calibrated(validation[name], powers), calibrated(test[name], powers)
-        threshold = risk_threshold(val_conf, right, rule, args.risk)
-        print(f"\n{name}: field powers {powers[False]:.3f} grey, {powers[True]:.3f} bitonal")
+        fitted = fit_field_decision(*validation[name], args.risk)
+        val_conf, test_conf = calibrated(validation[name], fitted), calibrated(test[name], fitted)
+        threshold = fitted["review_threshold"]
+        print(f"\n{name}: field powers {fitted['field_power']:.3f} grey, {fitted['field_power_bitonal']:.3f} bitonal")
         print(f"  threshold for {args.risk:.1%} ({threshold:.3f}): validation {decided(validation[name], val_conf, threshold)}, "
               f"test {decided(test[name], test_conf, threshold)}")
         print(f"  threshold 0.85: validation {decided(validation[name], val_conf, 0.85)}, "

@@ -148,7 +148,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         rewrite_results,
         views_path_for,
     )
-    from formreader.pipeline import Journal, JournalError, process_paths
+    from formreader.pipeline import Journal, JournalError, process_paths, review_thresholds
     from formreader.reading.ingest import count_pages, scan_inputs
     from formreader.reading.string_model import VIEWS
     from formreader.review.decisions import apply_decisions, load_decisions
@@ -167,6 +167,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
     clash = [f for f in files if os.path.realpath(f) in outputs]
     if clash:
         _fail(f"--out {out} would overwrite the input {clash[0]}: choose another --out")
+    boxed_threshold, free_threshold = review_thresholds(clf, review_threshold)
     settings = {
         "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
         "model": clf.fingerprint,
@@ -176,8 +177,8 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         "piece_model": clf.strings.fingerprint if clf.strings else "",
         "companion_model": clf.companion.fingerprint if clf.companion else "",
         # The thresholds in force: boxed fields', then free fields'.
-        "review_threshold": review_threshold if review_threshold is not None else clf.review_threshold,
-        "free_review_threshold": review_threshold if review_threshold is not None else DEFAULT_REVIEW_THRESHOLD,
+        "review_threshold": boxed_threshold,
+        "free_review_threshold": free_threshold,
         # Which fields are quantities, for workbooks made from these results (number cells).
         "numeric_fields": " ".join(sorted({f.name for t in forms for f in t.fields if f.numeric})),
     }

@@ -301,6 +301,13 @@ def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> li
     return [[next(probs) for w in (s.wholes or []) if w is not None] for s in segs]
 
 
+def review_thresholds(classifier: DigitClassifier, threshold: float | None = None) -> tuple[float, float]:
+    """The review thresholds in force, (boxed fields', free fields'): `threshold` for both when
+    given, else the model's for boxed fields (DigitClassifier.review_threshold) and
+    DEFAULT_REVIEW_THRESHOLD for free ones."""
+    return (threshold, threshold) if threshold is not None else (classifier.review_threshold, DEFAULT_REVIEW_THRESHOLD)
+
+
 def decide_pages(
     segs: list[SegmentedPage],
     template: Template | Sequence[Template],
@@ -309,12 +316,11 @@ def decide_pages(
 ) -> list[PageRead]:
     """Classify the digits (and read the free fields) of several segmented pages in one batch
     each; each page decided by the rules of the template it was read as. threshold: the review
-    threshold of every field; None: the model's for boxed fields (DigitClassifier.review_threshold),
-    DEFAULT_REVIEW_THRESHOLD for free ones."""
+    threshold of every field, or None: see review_thresholds."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     sequences = page_sequences(segs, classifier) or [None] * len(segs)
     first, reader = next(iter(forms.values())), classifier.string_model
-    free, boxed = (DEFAULT_REVIEW_THRESHOLD, classifier.review_threshold) if threshold is None else (threshold, threshold)
+    boxed, free = review_thresholds(classifier, threshold)
     return [
         decide_page(s, p, forms.get(s.template) or first, free, classifier.field_power(s.bitonal), q, reader, boxed)
         for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)

@@ -355,35 +355,60 @@ def calibrate_fields(
     pages: int = CALIBRATION_PAGES,
     seed: int = CALIBRATION_SEED,
     data_dir: Path | None = None,
-    risk: float | None = None,) -> dict:
-    """Fit the field-confidence exponents of a model (DigitClassifier.field_power) on forms of its
-    validation writers, one for grey scans and one for bitonal ones (fields that break a rule are
-    flagged whatever their confidence and are left out of the fit); then the review threshold of
-    boxed fields (`review_threshold`): on the same forms, the lowest confidence above which no
-    more than `risk` (default REVIEW_RISK) of all fields is wrong, rules kept. Returns {'field_power',
-    'field_power_bitonal', 'review_threshold', 'fields', 'bitonal_fields', 'right', 'flagged',
-    'wrong_not_flagged'}; a kind of scan with no fields gets the other's exponent."""
-    from formreader.pipeline import decide_page, page_probabilities, segment_page
-    from formreader.reading.classify import REVIEW_RISK
-    from formreader.reading.register import RegistrationError
+    risk: float | None = None,
+) -> dict:
+    """Fit a model's boxed-field decision (`fit_field_decision`: the confidence exponents of
+    DigitClassifier.field_power and its review threshold) on forms of its validation writers,
+    their cells read as a page's boxed cells are (DigitClassifier.cell_probabilities)."""
+    sets = [(template, items) for *_, template, items in calibration_forms(classifier.meta, pages, seed, data_dir)]
+    return fit_field_decision(*boxed_field_records(sets, {"": classifier.cell_probabilities})[""], risk)
 
-    confidence, right, bitonal, ruled = [], [], [], []
-    for _, _, template, items in calibration_forms(classifier.meta, pages, seed, data_dir):
+
+def boxed_field_records(sets: list, readers: dict) -> dict:
+    """Every boxed field of generated forms, decided with each reader's cell probabilities:
+    sets [(template, [(page, truth)])], readers {name: images (N, 28, 28) -> probabilities (N, 11)}.
+    Returns {name: (right, confidence, ruled, bitonal)}, each (N,): the value right, the plain
+    product of the cells' probabilities (power 1), a rule broken (threshold 0: only rules give
+    reasons), the page a bitonal scan. Pages that do not register are left out."""
+    from formreader.pipeline import decide_page, digit_images, segment_page
+    from formreader.reading.register import RegistrationError, prepare_reference
+
+    rows: dict = {name: [] for name in readers}
+    for template, items in sets:
+        features = prepare_reference(template.reference)
+        boxed = [spec.kind != "free" for spec in template.fields]
         for page, truth in items:
             try:
-                seg = segment_page(page, template)
+                seg = segment_page(page, template, features)
             except RegistrationError:
                 continue
-            # Power 1 (the plain product of the cells) and threshold 0: only the rules give reasons.
-            read = decide_page(seg, page_probabilities([seg], classifier)[0], template, 0.0, 1.0)
-            for spec, f in zip(template.fields, read.fields):
-                if spec.kind != "free":
-                    confidence.append(f.confidence)
-                    right.append(f.value == truth[f.name])
-                    bitonal.append(seg.bitonal)
-                    ruled.append(bool(f.reasons))
-    confidence, right, bitonal, ruled = (np.array(a) for a in (confidence, right, bitonal, ruled))
-    right, bitonal, ruled = right.astype(bool), bitonal.astype(bool), ruled.astype(bool)
+            images = digit_images(seg)[0]
+            for name, probabilities in readers.items():
+                read = decide_page(seg, probabilities(images), template, 0.0, 1.0)
+                rows[name] += [
+                    (f.value == truth[f.name], f.confidence, bool(f.reasons), seg.bitonal)
+                    for f, keep in zip(read.fields, boxed)
+                    if keep
+                ]
+    return {
+        name: (np.array([r[0] for r in rs], bool), np.array([r[1] for r in rs], np.float64),
+               np.array([r[2] for r in rs], bool), np.array([r[3] for r in rs], bool))
+        for name, rs in rows.items()
+    }
+
+
+def fit_field_decision(
+    right: np.ndarray, confidence: np.ndarray, ruled: np.ndarray, bitonal: np.ndarray, risk: float | None = None
+) -> dict:
+    """Fit how boxed fields are decided, on fields of writers the model never trained on
+    (`boxed_field_records`): the confidence exponents, one for grey scans and one for bitonal ones
+    (fields that break a rule are flagged whatever their confidence and are left out of the fit;
+    a kind of scan with no fields gets the other's exponent); then the review threshold, the lowest
+    that lets at most `risk` (default REVIEW_RISK) of all the fields out wrong (`risk_threshold`).
+    Returns {'field_power', 'field_power_bitonal', 'review_threshold', 'fields' (that break no
+    rule), 'bitonal_fields', 'right', 'boxed_fields' (all), 'flagged', 'wrong_not_flagged'}."""
+    from formreader.reading.classify import REVIEW_RISK
+
     fit = ~ruled
     fitted = {k: fit_power(confidence[fit & (bitonal == k)], right[fit & (bitonal == k)]) for k in set(bitonal[fit].tolist())}
     grey = fitted.get(False, fitted.get(True, 1.0))
@@ -409,8 +434,8 @@ def risk_threshold(confidence: np.ndarray, right: np.ndarray, flagged: np.ndarra
     confidence (N,) calibrated, right (N,) bool, flagged (N,) bool (sent to review whatever their
     confidence), rounded up to 3 decimals."""
     allowed = int(np.floor(risk * len(right)))
-    candidates = np.sort(confidence[~flagged])[::-1]  # fields let through, surest first
-    wrong = np.cumsum(~right[~flagged][np.argsort(-confidence[~flagged], kind="stable")])
+    order = np.argsort(-confidence[~flagged], kind="stable")  # fields let through, surest first
+    candidates, wrong = confidence[~flagged][order], np.cumsum(~right[~flagged][order])
     # Letting the k surest through lets wrong[k - 1] wrong ones out; the threshold must stop above
     # the first field that would make it too many (ties at one confidence go together).
     over = np.flatnonzero(wrong > allowed)
