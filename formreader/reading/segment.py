@@ -474,26 +474,59 @@ def remove_frame(mask: np.ndarray, interior: Box, reach: float = 0.04, run: floa
     formreader.training.synth.FORM_STYLES): a wider band or shorter run also takes the flat foot of a 2
     or the bottom of a 0 written close to the line.
     """
-    x, y, w, h = interior
-    side = min(w, h)
-    s = max(1, round(reach * side))  # a ragged line's reach into the box, and the box's registration
-    length = max(3, round(run * side))
-    rows, cols = slice(max(0, y + s), max(0, y + h - s)), slice(max(0, x + s), max(0, x + w - s))  # the inside
-    m = mask.astype(np.uint8)
-    horiz = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, length), np.uint8))
-    vert = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((length, 1), np.uint8))
-    horiz[rows, :] = 0  # runs along the top and bottom sides only
-    vert[:, cols] = 0  # and down the left and right ones
-    # A ragged line's edge: a pixel across the line on each side goes with it.
-    frame = cv2.dilate(horiz, np.ones((3, 1), np.uint8)) | cv2.dilate(vert, np.ones((1, 3), np.uint8))
-    kept = mask & ~frame.astype(bool)
-    # What is left in the band and reaches nowhere into the box is the line's debris (the short
-    # pieces of a broken line): a stroke written across the line reaches inside.
-    count, labels = cv2.connectedComponents(kept.astype(np.uint8), connectivity=8)
-    reaching = np.zeros(count, bool)
-    reaching[np.unique(labels[rows, cols])] = True
-    reaching[0] = False
-    return reaching[labels]
+    return remove_frames(mask[None], [interior], reach, run)[0]
+
+
+def remove_frames(masks: np.ndarray, interiors: list[Box], reach: float = 0.04, run: float = 0.3) -> np.ndarray:
+    """`remove_frame` of a stack of crops: masks (N, H, W) bool, one interior each; returns a
+    new (N, H, W) bool. Crops whose borders are as long are done together, as one image."""
+    out = np.zeros_like(masks)
+    sides = [min(w, h) for _, _, w, h in interiors]
+    lengths = np.array([max(3, round(run * side)) for side in sides])
+    for length in np.unique(lengths):
+        group = np.flatnonzero(lengths == length)
+        n, h = len(group), masks.shape[1]
+        stack = masks[group].astype(np.uint8)
+        # One row of paper between crops: no dilation or connection crosses it.
+        m = _mosaic(stack, 1)
+        horiz = _unmosaic(cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((1, int(length)), np.uint8)), n, h)
+        vert = _vertical_runs(stack, int(length))
+        insides = []
+        for i, k in enumerate(group):
+            x, y, w, hh = interiors[k]
+            s = max(1, round(reach * sides[k]))  # a ragged line's reach into the box, and the box's registration
+            inside = slice(max(0, y + s), max(0, y + hh - s)), slice(max(0, x + s), max(0, x + w - s))
+            horiz[i, inside[0], :] = 0  # runs along the top and bottom sides only
+            vert[i, :, inside[1]] = 0  # and down the left and right ones
+            insides.append(inside)
+        # A ragged line's edge: a pixel across the line on each side goes with it.
+        frame = _widened(_mosaic(horiz, 1), _mosaic(vert, 1))
+        kept = m.astype(bool) & ~frame
+        # What is left in the band and reaches nowhere into the box is the line's debris (the
+        # short pieces of a broken line): a stroke written across the line reaches inside.
+        count, labels = cv2.connectedComponents(kept.astype(np.uint8), connectivity=8)
+        crops = _unmosaic(labels, n, h)
+        reaching = np.zeros(count, bool)
+        for i, (rows, cols) in enumerate(insides):
+            reaching[np.unique(crops[i, rows, cols])] = True
+        reaching[0] = False
+        out[group] = reaching[crops]
+    return out
+
+
+def _vertical_runs(stack: np.ndarray, length: int) -> np.ndarray:
+    """The opening of each crop of a stack (N, H, W) uint8 by a vertical line of `length`, as
+    OpenCV opens one crop alone: beyond its top and bottom edges counts as ink to the erosion
+    and as nothing to the dilation. Done on one image of all the crops, with rows of ink apart
+    (erosion) that are then cleared (dilation), so that no run reaches from one crop to the next."""
+    n, h, w = stack.shape
+    apart = length // 2 + 1
+    rows = np.ones((n, h + apart, w), np.uint8)
+    rows[:, :h] = stack
+    line = np.ones((length, 1), np.uint8)
+    eroded = cv2.erode(rows.reshape(-1, w), line).reshape(n, h + apart, w)
+    eroded[:, h:] = 0
+    return _unmosaic(cv2.dilate(eroded.reshape(-1, w), line), n, h)
 
 
 def digit_inks(
@@ -513,9 +546,9 @@ def digit_inks(
     ink, mask = ink_intensity(crops, params)
     if printed is not None:
         mask &= ~printed
-    for k, interior in enumerate(interiors or ()):
-        if interior is not None:
-            mask[k] = remove_frame(mask[k], interior)
+    framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
+    if framed:
+        mask[framed] = remove_frames(mask[framed], [interiors[k] for k in framed])
     mask = remove_box_lines(mask, params)
     stray = mask.mean(axis=(1, 2))
     boxed = np.array([i is not None for i in interiors], bool) if interiors is not None else None
