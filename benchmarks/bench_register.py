@@ -8,6 +8,12 @@ scale 0.92-1.08, shift, mild perspective) and blurred and noised as a scan is; t
 is scanned at twice the template's DPI, thresholded and brought back to it, as the pipeline
 does. Each page is registered on one thread. Prints, per style, ms/page and how far the cells'
 centres land from where they truly are (median, 99th percentile, worst, in template pixels).
+
+With `--batch N`: also the first N pages of `bench_scale.py` (the samples' form scanned at 200
+DPI, its seed), each brought to the template's DPI as the pipeline does and registered against
+the homography it was scanned with: how far its cells land, and the pages whose worst cell is 1
+px or more off with the quality score they were accepted at (a misregistered page that passes
+is read wrong, not flagged).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from formreader.pipeline import scale_to_template  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference, register_page  # noqa: E402
+from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.datasets import load_mnist  # noqa: E402
-from formreader.training.synth import FORM_STYLES, bitonal, make_pages  # noqa: E402
+from formreader.training.synth import FORM_STYLES, bitonal, make_pages, scan  # noqa: E402
 
 
 def warped(page: np.ndarray, rng: np.random.Generator, bitonal_scan: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +55,55 @@ def warped(page: np.ndarray, rng: np.random.Generator, bitonal_scan: bool) -> tu
     return out, np.diag([1 / factor, 1 / factor, 1.0]) @ m
 
 
+def cell_errors(scans, blank: np.ndarray, fields) -> tuple[list[np.ndarray | None], list[float], float]:
+    """Register each (scan, template -> scan homography): per page the (cells,) px its cells' centres
+    land off (None: not registered) and the quality score; and the ms a page."""
+    features = prepare_reference(blank)
+    centres = np.float32([[x + w / 2, y + h / 2] for f in fields for x, y, w, h in f.cells]).reshape(-1, 1, 2)
+    errors, qualities = [], []
+    start = time.perf_counter()
+    for image, m in scans:
+        try:
+            reg = register_page(image, blank, features)
+        except RegistrationError:
+            errors.append(None)
+            qualities.append(0.0)
+            continue
+        back = cv2.perspectiveTransform(cv2.perspectiveTransform(centres, m), reg.homography)
+        errors.append(np.abs(back - centres).max(axis=2).ravel())
+        qualities.append(reg.quality)
+    return errors, qualities, 1000 * (time.perf_counter() - start) / len(scans)
+
+
+def summary(errors: list[np.ndarray | None]) -> str:
+    e = np.concatenate([x for x in errors if x is not None] or [np.zeros(1)])
+    failed = sum(x is None for x in errors)
+    spread = f"median {np.median(e):.2f}, p99 {np.percentile(e, 99):.2f}, worst {e.max():.2f}"
+    return f"{failed} not registered; cell error px: {spread}"
+
+
+def batch_pages(pages: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """bench_scale.py's pages (its seed, 2027) against the homographies they were scanned with."""
+    template = load_template(ROOT / "templates" / "demo_form.yaml")
+    _, _, filled = make_pages(pages, 2027, images, labels)
+    rng = np.random.default_rng(2027)
+    scans = []
+    for p in filled:
+        image, m = scan(p.image, rng, dpi_scale=200 / 150, with_homography=True)
+        scaled = scale_to_template(image, 200.0, template)
+        factor = scaled.shape[1] / image.shape[1]
+        scans.append((scaled, np.diag([factor, factor, 1.0]) @ m))
+    errors, qualities, ms = cell_errors(scans, template.reference, template.fields)
+    print(f"bench_scale.py's first {pages} pages (200 DPI): {ms:.1f} ms/page; {summary(errors)}")
+    for k, (e, q) in enumerate(zip(errors, qualities)):
+        if e is not None and e.max() >= 1.0:
+            print(f"  page {k + 1}: worst cell {e.max():.2f} px off, accepted at quality {q:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=0, help="also register this many of bench_scale.py's pages")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     images, labels = load_mnist("test")
@@ -57,22 +111,10 @@ def main() -> None:
         blank, fields, pages = make_pages(args.pages, 99, images, labels, line=line, worn=worn, style=boxes)
         rng = np.random.default_rng(99)
         scans = [warped(p.image, rng, bitonal_scan) for p in pages]
-        features = prepare_reference(blank)
-        centres = np.float32([[x + w / 2, y + h / 2] for f in fields for x, y, w, h in f.cells]).reshape(-1, 1, 2)
-        errors, failed = [], 0
-        start = time.perf_counter()
-        for image, m in scans:
-            try:
-                reg = register_page(image, blank, features)
-            except RegistrationError:
-                failed += 1
-                continue
-            back = cv2.perspectiveTransform(cv2.perspectiveTransform(centres, m), reg.homography)
-            errors.append(np.abs(back - centres).max(axis=2).ravel())
-        elapsed = time.perf_counter() - start
-        e = np.concatenate(errors) if errors else np.zeros(1)
-        print(f"{style}: {len(scans)} pages, {failed} not registered, {1000 * elapsed / len(scans):.1f} ms/page; "
-              f"cell error px: median {np.median(e):.2f}, p99 {np.percentile(e, 99):.2f}, worst {e.max():.2f}")
+        errors, _, ms = cell_errors(scans, blank, fields)
+        print(f"{style}: {len(scans)} pages, {ms:.1f} ms/page; {summary(errors)}")
+    if args.batch:
+        batch_pages(args.batch, images, labels)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Register: map a scanned page onto the template's reference image.
 
 Coarse to fine. Coarse: ORB keypoints (rotation invariant, so pages fed upside down register
-too) of a reduced page are matched to the reference's, and a transform is fitted robustly
+too) of a reduced page are matched to the reference's, and a similarity is fitted robustly
 (RANSAC); a few hundred keypoints suffice for most pages, and a page they fail on is tried
 again with several thousand. Fine: the page is warped by that estimate, and the reference's
 corners (points with structure in two directions, chosen once per template) are tracked into it
@@ -139,15 +139,26 @@ def register_page(
     failure = RegistrationError("page does not match the template")
     for n, (ref_points, ref_desc) in zip(FEATURES, features.keypoints):
         try:
-            coarse = _match(small, scale, n, ref_points, ref_desc, features.scale, page.shape)
+            similarity, src, dst = _match(small, scale, n, ref_points, ref_desc, features.scale)
         except RegistrationError as e:
             failure = e
             continue
-        homography = _refine(page, features, coarse)
+        # Tracking starts from the similarity. A homography fitted to keypoints of the reduced
+        # page overfits perspective (on 20 of bench_scale.py's pages its worst corner of the form
+        # 5-190 px out, median 26; the similarity's 22 at most, median 13); tracked from that far
+        # through four pyramid levels, corners could lock onto the next box of a comb, and pages
+        # were read a box off yet accepted (`bench_register.py --batch 200`: 4 pages 1.4-16 px
+        # off; of 600 now, all within 1 px). The tracking corrects the perspective itself; the
+        # fitted one is the start only where the similarity is not confirmed.
+        homography = _refine(page, features, similarity, levels=2)
+        perspective = None
+        if homography is None:
+            perspective = _perspective(src, dst, 4.0 / features.scale, page.shape)
+            homography = None if perspective is None else _refine(page, features, perspective, levels=3)
         if homography is None:
             if n != FEATURES[-1]:
                 continue  # unconfirmed: try again with more keypoints
-            homography = coarse  # the best there is; the quality score decides
+            homography = similarity if perspective is None else perspective  # the best there is; the quality score decides
         aligned = cv2.warpPerspective(
             page, homography, (reference.shape[1], reference.shape[0]), flags=cv2.INTER_LINEAR, borderValue=255
         )
@@ -163,10 +174,12 @@ def register_page(
 
 
 def _match(
-    small: np.ndarray, scale: float, n: int, ref_points: np.ndarray, ref_desc: np.ndarray, ref_scale: float, shape
-) -> np.ndarray:
-    """A page -> reference homography from `n` ORB keypoints of the reduced page. Raises
-    RegistrationError when too few match consistently."""
+    small: np.ndarray, scale: float, n: int, ref_points: np.ndarray, ref_desc: np.ndarray, ref_scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A page -> reference similarity (3, 3) from `n` ORB keypoints of the reduced page (4
+    degrees of freedom: robust with few true matches), and the matched points consistent with
+    it, (K, 2) page and (K, 2) reference pixels. Raises RegistrationError when too few match
+    consistently."""
     pts, desc = _orb(small, n)
     if desc is None or len(pts) < 20:
         raise RegistrationError("too few features on the page: not a form, or an empty scan")
@@ -177,18 +190,20 @@ def _match(
     src = pts[[m.queryIdx for m in good]] / scale
     dst = ref_points[[m.trainIdx for m in good]] / ref_scale
     tolerance = 4.0 / ref_scale
-    # A similarity transform first (4 degrees of freedom: robust with few true matches), then a
-    # homography among its inliers for perspective.
     sim, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=5000)
     if sim is None or inliers is None or inliers.sum() < 10:
         raise RegistrationError("page does not match the template (no consistent alignment)")
     keep = inliers.ravel().astype(bool)
-    homography = np.vstack([sim, [0, 0, 1]])
-    if keep.sum() >= 20:
-        h, _ = cv2.findHomography(src[keep], dst[keep], cv2.RANSAC, tolerance)
-        if h is not None and _plausible(h, shape):
-            homography = h
-    return homography
+    return np.vstack([sim, [0, 0, 1]]), src[keep], dst[keep]
+
+
+def _perspective(src: np.ndarray, dst: np.ndarray, tolerance: float, shape: tuple[int, int]) -> np.ndarray | None:
+    """A page -> reference homography fitted to matched points (K, 2) each, or None when too
+    few or implausible (_plausible)."""
+    if len(src) < 20:
+        return None
+    h, _ = cv2.findHomography(src, dst, cv2.RANSAC, tolerance)
+    return h if h is not None and _plausible(h, shape) else None
 
 
 def _plausible(h: np.ndarray, shape: tuple[int, int]) -> bool:
@@ -201,7 +216,9 @@ def _plausible(h: np.ndarray, shape: tuple[int, int]) -> bool:
     return abs(h[2, 0]) * wid < 0.2 and abs(h[2, 1]) * hgt < 0.2
 
 
-def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarray, rounds: int = 3) -> np.ndarray | None:
+def _refine(
+    page: np.ndarray, features: ReferenceFeatures, homography: np.ndarray, levels: int, rounds: int = 3
+) -> np.ndarray | None:
     """Correct a page -> reference homography by tracking the reference's corners on the page.
 
     The page is warped by the estimate; each corner is followed from the reference into it
@@ -210,6 +227,12 @@ def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarra
     homography fitted to the kept ones (RANSAC) is the correction, applied again while it still
     moves the page by SETTLED_PX or more (up to `rounds` times). None when the estimate cannot be
     confirmed: too few corners follow, or the correction stays large (tracking gone astray).
+
+    levels: pyramid levels above full size for the first round, as far out as the estimate may
+    be (each doubles the reach of the 21-px window: 2 reach about 40 px, 3 about 80). No more
+    than that: on a coarse level a comb's boxes blur into a repeating pattern, and a corner
+    tracked from afar can lock onto the next box. Later rounds start within a few pixels and
+    track through one level.
     """
     h, w = features.shape
     if len(features.corners) < 12:
@@ -218,9 +241,7 @@ def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarra
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)
     as_reference = _as_reference(page, features.levels)
     for step in range(rounds):
-        # The estimate may be tens of pixels out at first (4 pyramid levels reach that far);
-        # once corrected it is within a few, and two levels do.
-        track = dict(winSize=(21, 21), maxLevel=3 if step == 0 else 1, criteria=criteria)
+        track = dict(winSize=(21, 21), maxLevel=levels if step == 0 else 1, criteria=criteria)
         warped = cv2.warpPerspective(page, homography, (w, h), flags=cv2.INTER_LINEAR, borderValue=255)
         warped = _smooth(cv2.LUT(warped, as_reference))
         found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, warped, features.corners, None, **track)
