@@ -148,3 +148,22 @@ def test_no_page_is_registered_a_box_off(mnist_test):
             reg = register_page(scaled, template.reference, features)
             errors[number] = round(cell_error(reg.homography, np.diag([factor, factor, 1.0]) @ m, cells), 2)
     assert max(errors.values()) < 1.0, errors
+
+
+def test_a_page_the_similarity_cannot_start_is_tracked_from_the_fitted_homography(filled_pages, monkeypatch):
+    """Where tracking from the keypoints' similarity is not confirmed, it starts again from the
+    homography fitted to them (its perspective), and the page still registers within a pixel."""
+    import formreader.reading.register as register
+
+    blank, fields, pages = filled_pages
+    scan, m = distort(pages[0].image, 4, 1.02, (20, 10), perspective=0.03)
+    refine, starts = register._refine, []
+
+    def similarity_refused(page, features, homography, levels, rounds=3):
+        starts.append(homography)
+        return None if len(starts) == 1 else refine(page, features, homography, levels, rounds)
+
+    monkeypatch.setattr(register, "_refine", similarity_refused)
+    reg = register_page(scan, blank)
+    assert len(starts) == 2 and abs(starts[0][2, :2]).max() == 0 and abs(starts[1][2, :2]).max() > 0
+    assert cell_error(reg.homography, m, [c for f in fields for c in f.cells]) < 1.0
