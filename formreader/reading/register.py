@@ -146,10 +146,11 @@ def register_page(
         # Tracking starts from the similarity. A homography fitted to keypoints of the reduced
         # page overfits perspective (on 20 of bench_scale.py's pages its worst corner of the form
         # 5-190 px out, median 26; the similarity's 22 at most, median 13); tracked from that far
-        # through four pyramid levels, corners could lock onto the next box of a comb, and pages
-        # were read a box off yet accepted (`bench_register.py --batch 200`: 4 pages 1.4-16 px
-        # off; of 600 now, all within 1 px). The tracking corrects the perspective itself; the
-        # fitted one is the start only where the similarity is not confirmed.
+        # through three pyramid levels above full size, corners could lock onto the next box of a
+        # comb, and pages were read a box off yet accepted (`bench_register.py --batch 200`: 4
+        # pages 1.4-16 px off; of 600 now, all within 1 px). The tracking corrects the
+        # perspective itself; the fitted one is the start only where the similarity is not
+        # confirmed.
         homography = _refine(page, features, similarity, levels=2)
         perspective = None
         if homography is None:
