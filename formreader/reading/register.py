@@ -21,6 +21,7 @@ import numpy as np
 WORK_SIDE = 1100  # pixels of the longer side at which features are matched
 FEATURES = (800, 4000)  # keypoints tried in turn: enough for most pages, then for hard ones
 CORNERS = 200  # reference corners tracked to refine the estimate
+MATCH_TOLERANCE = 4.0  # px of the reduced reference: how far a matched keypoint may lie from the fit
 # A correction that moves the page by less than this is final: tracking is exact within it.
 SETTLED_PX = 3.0
 
@@ -154,7 +155,7 @@ def register_page(
         homography = _refine(page, features, similarity, levels=2)
         perspective = None
         if homography is None:
-            perspective = _perspective(src, dst, 4.0 / features.scale, page.shape)
+            perspective = _perspective(src, dst, MATCH_TOLERANCE / features.scale, page.shape)
             homography = None if perspective is None else _refine(page, features, perspective, levels=3)
         if homography is None:
             if n != FEATURES[-1]:
@@ -190,7 +191,7 @@ def _match(
         raise RegistrationError(f"page does not match the template (only {len(good)} feature matches)")
     src = pts[[m.queryIdx for m in good]] / scale
     dst = ref_points[[m.trainIdx for m in good]] / ref_scale
-    tolerance = 4.0 / ref_scale
+    tolerance = MATCH_TOLERANCE / ref_scale
     sim, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=5000)
     if sim is None or inliers is None or inliers.sum() < 10:
         raise RegistrationError("page does not match the template (no consistent alignment)")
