@@ -10,7 +10,8 @@ does. Each page is registered on one thread. Prints, per style, ms/page and how 
 centres land from where they truly are (median, 99th percentile, worst, in template pixels).
 
 With `--batch N`: also the first N pages of `bench_scale.py` (the samples' form scanned at 200
-DPI, its seed), each brought to the template's DPI as the pipeline does and registered against
+DPI, its seed), each written into a PDF and read back at the template's DPI as the pipeline
+reads it (the JPEG decoded at 6/8 of its size) and registered against
 the homography it was scanned with: how far its cells land, and the pages whose worst cell is 1
 px or more off with the quality score they were accepted at (a misregistered page that passes
 is read wrong, not flagged).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from formreader.pipeline import scale_to_template  # noqa: E402
+from formreader.reading.ingest import read_pages, render_pdf_page  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference, register_page  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.datasets import load_mnist  # noqa: E402
@@ -83,16 +87,23 @@ def summary(errors: list[np.ndarray | None]) -> str:
 
 
 def batch_pages(pages: int, images: np.ndarray, labels: np.ndarray) -> None:
-    """bench_scale.py's pages (its seed, 2027) against the homographies they were scanned with."""
+    """bench_scale.py's pages (its seed, 2027), each written into a PDF as it does and read back as
+    the pipeline reads it, against the homography it was scanned with."""
     template = load_template(ROOT / "templates" / "demo_form.yaml")
     _, _, filled = make_pages(pages, 2027, images, labels)
     rng = np.random.default_rng(2027)
     scans = []
-    for p in filled:
-        image, m = scan(p.image, rng, dpi_scale=200 / 150, with_homography=True)
-        scaled = scale_to_template(image, 200.0, template)
-        factor = scaled.shape[1] / image.shape[1]
-        scans.append((scaled, np.diag([factor, factor, 1.0]) @ m))
+    with tempfile.TemporaryDirectory() as folder:
+        pdf = Path(folder) / "page.pdf"
+        for p in filled:
+            image, m = scan(p.image, rng, dpi_scale=200 / 150, with_homography=True)
+            Image.fromarray(image).save(pdf, resolution=200.0)
+            page = render_pdf_page(next(read_pages(pdf, round(template.dpi), render=False)))
+            scaled = scale_to_template(page.image, page.dpi, template)
+            # libjpeg decodes by whole eighths of the size, its rows and columns rounded up; pixel
+            # centres map as x' = (x + 0.5) * s - 0.5.
+            s = round(8 * scaled.shape[1] / image.shape[1]) / 8
+            scans.append((scaled, np.array([[s, 0, (s - 1) / 2], [0, s, (s - 1) / 2], [0, 0, 1]]) @ m))
     errors, qualities, ms = cell_errors(scans, template.reference, template.fields)
     print(f"bench_scale.py's first {pages} pages (200 DPI): {ms:.1f} ms/page; {summary(errors)}")
     for k, (e, q) in enumerate(zip(errors, qualities)):

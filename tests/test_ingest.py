@@ -108,16 +108,26 @@ def test_a_bitonal_pdf_and_a_turned_page_are_read_as_poppler_shows_them(tmp_path
     assert np.abs(poppler(tmp_path / "turned.pdf", 200).astype(int) - page.image).mean() < 6
 
 
-def test_a_high_resolution_jpeg_scan_is_decoded_at_the_resolution_asked(tmp_path):
+@pytest.mark.parametrize(("name", "scan_dpi", "eighths"), [("scan_e.jpg", 300, 4), ("scan_c.png", 200, 6)])
+def test_a_finer_jpeg_scan_is_decoded_at_the_resolution_asked(tmp_path, name, scan_dpi, eighths):
     import cv2
 
-    (scan,) = (p.image for p in pages(SCANS / "scan_e.jpg"))  # 300 DPI
-    pdf_of_scan(tmp_path / "s.pdf", scan, 300)
+    from formreader.pipeline import scale_to_template
+    from formreader.reading.template import load_template
+
+    (scan,) = (p.image for p in pages(SCANS / name))
+    pdf_of_scan(tmp_path / "s.pdf", scan, scan_dpi)
     (page,) = pages(tmp_path / "s.pdf", dpi=150)
-    assert page.image.shape == ((scan.shape[0] + 1) // 2, (scan.shape[1] + 1) // 2)
+    # libjpeg decodes it at a whole number of eighths of its size, rounded up: 4/8 of a 300-DPI
+    # scan, 6/8 of a 200-DPI one.
+    h, w = scan.shape
+    assert page.image.shape == (-(-h * eighths // 8), -(-w * eighths // 8))
     assert page.dpi == pytest.approx(150, rel=0.01)
-    halved = cv2.resize(scan, (page.image.shape[1], page.image.shape[0]), interpolation=cv2.INTER_AREA)
-    assert np.abs(halved.astype(int) - page.image).mean() < 3
+    assert scale_to_template(page.image, page.dpi, load_template(TEMPLATE)) is page.image  # nothing left to resample
+    # The same pixels as the scan resampled by area to that scale, but for noise.
+    reduced = cv2.resize(scan, None, fx=eighths / 8, fy=eighths / 8, interpolation=cv2.INTER_AREA)
+    rows, cols = min(reduced.shape[0], page.image.shape[0]), min(reduced.shape[1], page.image.shape[1])
+    assert np.abs(reduced[:rows, :cols].astype(int) - page.image[:rows, :cols]).mean() < 3
 
 
 def test_a_page_that_is_more_than_a_scan_is_rendered_as_printed(tmp_path):

@@ -2,13 +2,13 @@
 
 Coarse to fine. Coarse: ORB keypoints (rotation invariant, so pages fed upside down register
 too) of a reduced page are matched to the reference's, and a similarity is fitted robustly
-(RANSAC); a few hundred keypoints suffice for most pages, and a page they fail on is tried
-again with several thousand. Fine: the page is warped by that estimate, and the reference's
-corners (points with structure in two directions, chosen once per template) are tracked into it
-at full resolution by pyramidal Lucas-Kanade, checked forward and backward; a homography fitted
-to them corrects the estimate to a fraction of a pixel. A quality score then says how much of
-the reference's printed structure is found on the page: a blank page or a page of another form
-scores low and is reported instead of read.
+(RANSAC); a few hundred keypoints of the page reduced to 800 px suffice for most pages, and a
+page they fail on is tried again at 1,100 px, then with several thousand. Fine: the page is
+warped by that estimate, and the reference's corners (points with structure in two directions,
+chosen once per template) are tracked into it at full resolution by pyramidal Lucas-Kanade,
+checked forward and backward; a homography fitted to them corrects the estimate to a fraction
+of a pixel. A quality score then says how much of the reference's printed structure is found on
+the page: a blank page or a page of another form scores low and is reported instead of read.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-WORK_SIDE = 1100  # pixels of the longer side at which features are matched
-FEATURES = (800, 4000)  # keypoints tried in turn: enough for most pages, then for hard ones
+# (pixels of the page's longer side, ORB keypoints) tried in turn. 800 px are enough for grey
+# scans and cost 5 ms a page less than 1,100; the ragged lines of a bitonal scan need 1,100 px
+# on about one page in eight (5 of bench_register.py's 40 thick worn bitonal pages, whose time
+# is then what it was); several thousand keypoints for the pages those fail on.
+ATTEMPTS = ((800, 800), (1100, 800), (1100, 4000))
 CORNERS = 200  # reference corners tracked to refine the estimate
 MATCH_TOLERANCE = 4.0  # px of the reduced reference: how far a matched keypoint may lie from the fit
 # A correction that moves the page by less than this is final: tracking is exact within it.
@@ -40,9 +43,9 @@ class ReferenceFeatures:
     """What registration needs of the reference, computed once per template (picklable)."""
 
     shape: tuple[int, int]
-    scale: float  # work-resolution pixels per reference pixel
-    # per FEATURES: (N, 2) float32 keypoint positions (work resolution), (N, 32) uint8 ORB descriptors
-    keypoints: list[tuple[np.ndarray, np.ndarray]]
+    # per ATTEMPTS: work-resolution pixels per reference pixel, (N, 2) float32 keypoint positions
+    # (work resolution), (N, 32) uint8 ORB descriptors
+    keypoints: list[tuple[float, np.ndarray, np.ndarray]]
     corners: np.ndarray  # (M, 1, 2) float32, reference pixels: well-textured points to track
     smooth: np.ndarray  # (H, W) uint8, the reference slightly blurred, as corners are tracked on it
     levels: tuple[float, float]  # the reference's paper and print grey levels (grey_levels)
@@ -80,8 +83,9 @@ def _smooth(grey: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(grey, (0, 0), 1.0)
 
 
-def _reduced(grey: np.ndarray) -> tuple[np.ndarray, float]:
-    scale = min(1.0, WORK_SIDE / max(grey.shape))
+def _reduced(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """The image with its longer side at most `side` px, and the scale it was reduced by."""
+    scale = min(1.0, side / max(grey.shape))
     # Area averaging costs a page ~4 ms at a ratio like 0.85 and buys nothing there (keypoints
     # are found on the image blurred); only a larger reduction needs it against aliasing.
     interpolation = cv2.INTER_LINEAR if scale >= 0.5 else cv2.INTER_AREA
@@ -90,9 +94,11 @@ def _reduced(grey: np.ndarray) -> tuple[np.ndarray, float]:
 
 def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     """Compute the reference's features once. reference: (H, W) uint8 blank form."""
-    small, scale = _reduced(reference)
-    keypoints = [_orb(small, n) for n in FEATURES]
-    if any(desc is None or len(pts) < 20 for pts, desc in keypoints):
+    keypoints = []
+    for side, n in ATTEMPTS:
+        small, scale = _reduced(reference, side)
+        keypoints.append((scale, *_orb(small, n)))
+    if any(desc is None or len(pts) < 20 for _, pts, desc in keypoints):
         raise RegistrationError("the template's reference image has too little printed structure to register against")
     corners = cv2.goodFeaturesToTrack(reference, CORNERS, 0.01, max(reference.shape) / 40, blockSize=7)
     corners = np.zeros((0, 1, 2), np.float32) if corners is None else corners.astype(np.float32)
@@ -101,7 +107,7 @@ def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     structure = _ink(reference) & (reference < 160)
     printed = cv2.dilate((reference < 200).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     return ReferenceFeatures(
-        reference.shape, scale, keypoints, corners, _smooth(reference), grey_levels(reference), structure, printed
+        reference.shape, keypoints, corners, _smooth(reference), grey_levels(reference), structure, printed
     )
 
 
@@ -134,13 +140,15 @@ def register_page(
     or matches too poorly (quality below `min_quality`).
     """
     features = features or prepare_reference(reference)
-    small, scale = _reduced(page)
-    if _ink(small).mean() < 0.002 or float(cv2.meanStdDev(page)[1][0, 0]) < 4:
+    reduced = {ATTEMPTS[0][0]: _reduced(page, ATTEMPTS[0][0])}  # the page at each work side, as tried
+    if _ink(reduced[ATTEMPTS[0][0]][0]).mean() < 0.002 or float(cv2.meanStdDev(page)[1][0, 0]) < 4:
         raise RegistrationError("blank page: no printed form found")
     failure = RegistrationError("page does not match the template")
-    for n, (ref_points, ref_desc) in zip(FEATURES, features.keypoints):
+    for attempt, ((side, n), (ref_scale, ref_points, ref_desc)) in enumerate(zip(ATTEMPTS, features.keypoints)):
+        if side not in reduced:
+            reduced[side] = _reduced(page, side)
         try:
-            similarity, src, dst = _match(small, scale, n, ref_points, ref_desc, features.scale)
+            similarity, src, dst = _match(*reduced[side], n, ref_points, ref_desc, ref_scale)
         except RegistrationError as e:
             failure = e
             continue
@@ -155,11 +163,11 @@ def register_page(
         homography = _refine(page, features, similarity, levels=2)
         perspective = None
         if homography is None:
-            perspective = _perspective(src, dst, MATCH_TOLERANCE / features.scale, page.shape)
+            perspective = _perspective(src, dst, MATCH_TOLERANCE / ref_scale, page.shape)
             homography = None if perspective is None else _refine(page, features, perspective, levels=3)
         if homography is None:
-            if n != FEATURES[-1]:
-                continue  # unconfirmed: try again with more keypoints
+            if attempt < len(ATTEMPTS) - 1:
+                continue  # unconfirmed: try again finer, or with more keypoints
             homography = similarity if perspective is None else perspective  # the best there is; the quality score decides
         aligned = cv2.warpPerspective(
             page, homography, (reference.shape[1], reference.shape[0]), flags=cv2.INTER_LINEAR, borderValue=255
@@ -227,8 +235,11 @@ def _refine(
     (pyramidal Lucas-Kanade) and back again, and kept only if it returns to within 0.3 px, so
     handwriting over a corner or a torn line drops that corner rather than pulling the fit. A
     homography fitted to the kept ones (RANSAC) is the correction, applied again while it still
-    moves the page by SETTLED_PX or more (up to `rounds` times). None when the estimate cannot be
-    confirmed: too few corners follow, or the correction stays large (tracking gone astray).
+    moves the page by SETTLED_PX or more (up to `rounds` times). Later rounds follow the kept
+    corners forward only: they start within a few pixels, and the corners handwriting covers are
+    out already (about 2 ms a page less; on bench_register.py's pages every cell as well placed).
+    None when the estimate cannot be confirmed: too few corners follow, or the correction stays
+    large (tracking gone astray).
 
     levels: pyramid levels above full size for the first round, as far out as the estimate may
     be (each doubles the reach of the 21-px window: 2 reach about 40 px, 3 about 80). No more
@@ -242,19 +253,22 @@ def _refine(
     frame = np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)
     as_reference = _as_reference(page, features.levels)
+    corners = features.corners
     for step in range(rounds):
         track = dict(winSize=(21, 21), maxLevel=levels if step == 0 else 1, criteria=criteria)
         warped = cv2.warpPerspective(page, homography, (w, h), flags=cv2.INTER_LINEAR, borderValue=255)
         warped = _smooth(cv2.LUT(warped, as_reference))
-        found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, warped, features.corners, None, **track)
-        back, ok_back, _ = cv2.calcOpticalFlowPyrLK(warped, features.smooth, found, None, **track)
-        returned = np.abs(back - features.corners).reshape(-1, 2).max(axis=1) < 0.3
-        keep = (ok.ravel() == 1) & (ok_back.ravel() == 1) & returned
+        found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, warped, corners, None, **track)
+        keep = ok.ravel() == 1
+        if step == 0:
+            back, ok_back, _ = cv2.calcOpticalFlowPyrLK(warped, features.smooth, found, None, **track)
+            keep &= (ok_back.ravel() == 1) & (np.abs(back - corners).reshape(-1, 2).max(axis=1) < 0.3)
         if keep.sum() < 12:
             return None
-        correction, inliers = cv2.findHomography(found[keep], features.corners[keep], cv2.RANSAC, 1.0)
+        correction, inliers = cv2.findHomography(found[keep], corners[keep], cv2.RANSAC, 1.0)
         if correction is None or inliers.sum() < 12:
             return None
+        corners = corners[keep]
         homography = correction @ homography
         homography /= homography[2, 2]
         if np.abs(cv2.perspectiveTransform(frame, correction) - frame).max() < SETTLED_PX:
