@@ -2,9 +2,9 @@
 
 `read_page` is a pure function of a page, a template and a classifier, so the same code runs
 in a loop, a process pool or on a cluster. `process_paths` runs a batch: it reads files in a
-stable order, segments pages (in worker processes if asked), classifies the digits of several
-pages in one batch, and records every page as soon as it is decided, so an interrupted run
-keeps what it finished (see `Journal`).
+stable order, has each page read whole (rendered, registered, segmented, classified, decided)
+by a worker process or a cluster's worker if asked, and records every page as soon as it is
+read, in order, so an interrupted run keeps what it finished (see `Journal`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from formreader.reading.classify import (
     NUM_CLASSES,
     DigitClassifier,
     DigitReading,
+    LiteRTModel,
     label_of,
     reading_from_probabilities,
 )
@@ -77,7 +78,6 @@ class SegmentedPage:
     offsets: list[tuple[int, int]]  # per field: where its crop starts on the page (free fields)
     # per field: a free field's inputs to the string model, one per view (V, 32, 256), and its crop's (H, W); else None
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
-    view: bytes | None = None  # the registered page as JPEG, for the review station (see process_paths)
     template: str = ""  # the name of the form it was read as
     bitonal: bool = False  # a bitonal scan (ingest.is_bitonal): its field confidence is calibrated apart
 
@@ -350,12 +350,12 @@ def read_page(
 _worker_state: dict = {}
 
 
-def _init_worker(state: str, size: int, views: bool, parent: int) -> None:
+def _init_worker(state: str, size: int, parent: int) -> None:
     """Set up a pool's worker. `state`: the name of a shared memory block whose first `size`
-    bytes are the pickled (template, features). Passed as the pool's own arguments, those few
-    megabytes would be written down each new worker's pipe while the parent waits for the worker
-    to start (0.45 s a worker, one after another). `parent`: the pid of the process that runs
-    the pool."""
+    bytes are the pickled reading state (_reading_state: the template, its features, the
+    classifier...). Passed as the pool's own arguments, those few megabytes would be written down
+    each new worker's pipe while the parent waits for the worker to start (0.45 s a worker, one
+    after another). `parent`: the pid of the process that runs the pool."""
 
     # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself,
     # also when that happened while it was starting.
@@ -368,9 +368,8 @@ def _init_worker(state: str, size: int, views: bool, parent: int) -> None:
     cv2.setNumThreads(1)
     _keep_freed_memory()
     block = shared_memory.SharedMemory(name=state)
-    template, features = pickle.loads(bytes(block.buf[:size]))
+    _worker_state.update(pickle.loads(bytes(block.buf[:size])))
     block.close()
-    _worker_state.update(template=template, features=features, views=views)
 
 
 def _keep_freed_memory() -> None:
@@ -387,33 +386,54 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def _segment_or_error(
-    page: Page | PdfPage,
-    template: Template | list[Template] | None = None,
-    features: ReferenceFeatures | list | None = None,
-    views: bool | None = None,
-):
-    """Render (a PDF page) and segment one page: a SegmentedPage (with `views`, the registered
-    page as JPEG), a PageRead with the reason it could not be registered, or the PageError of a
-    page that could not be rendered."""
-    template = template or _worker_state["template"]
-    features = features or _worker_state["features"]
-    views = _worker_state.get("views", False) if views is None else views
+def _reading_state(
+    template: Template | list[Template],
+    features: ReferenceFeatures | list,
+    classifier: DigitClassifier,
+    threshold: float | None,
+    views: bool,
+    workers: bool,
+) -> dict:
+    """What reading a page needs besides the page (_read_or_error). With `workers` the models
+    run one thread each: a worker is one of as many as there are cores."""
+    return dict(
+        template=template,
+        features=features,
+        classifier=_single_threaded(classifier) if workers else classifier,
+        threshold=threshold,
+        views=views,
+    )
+
+
+def _single_threaded(model: LiteRTModel | None) -> LiteRTModel | None:
+    """A copy of a model, and of the models it holds, whose interpreters use one thread each."""
+    if model is None:
+        return None
+    held = {k: _single_threaded(getattr(model, k)) for k in ("strings", "companion", "string_model") if hasattr(model, k)}
+    return replace(model, threads=1, **held)
+
+
+def _read_or_error(page: Page | PdfPage, state: dict | None = None):
+    """Render (a PDF page) and read one page whole, by `state` (_reading_state; a pool's worker
+    has its own): (PageRead, the registered page as JPEG where `views` asks for it, else None),
+    with the reason where the page could not be registered; or the PageError of a page that
+    could not be rendered."""
+    state = state or _worker_state
     if isinstance(page, PdfPage):
         page = render_pdf_page(page)
         if isinstance(page, PageError):
             return page
     try:
-        seg = segment_page(page, template, features)
+        seg = segment_page(page, state["template"], state["features"])
+        read = decide_pages([seg], state["template"], state["classifier"], state["threshold"])[0]
     except RegistrationError as e:
-        return PageRead(page.source, page.page, error=str(e))
+        return PageRead(page.source, page.page, error=str(e)), None
     except Exception as e:  # one broken page must not stop the batch
-        return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}")
+        return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}"), None
     view = None
-    if views:
+    if state["views"]:
         view = cv2.imencode(".jpg", seg.registration.aligned, [cv2.IMWRITE_JPEG_QUALITY, VIEW_QUALITY])[1].tobytes()
-    # The registered page image stays here: deciding the fields needs only what was cut from it.
-    return replace(seg, registration=replace(seg.registration, aligned=np.zeros((0, 0), np.uint8)), view=view)
+    return read, view
 
 
 class JournalError(RuntimeError):
@@ -551,17 +571,16 @@ def process_paths(
     workers: int = 1,
     journal: Journal | None = None,
     on_file: Callable[[str, int], None] | None = None,
-    chunk_pages: int = 8,
     on_page: Callable[[dict], None] | None = None,
     scheduler: str | None = None,
     views: Path | None = None,
 ) -> list[dict]:
     """Read every page of every input; returns one record per page or unreadable file.
 
-    Pages are segmented `workers` at a time; the digits of up to `chunk_pages` pages are
-    classified in one batch. `on_file(source, pages)` is called as each file finishes,
-    `on_page(record)` as each page (or unreadable file) is recorded. With `scheduler` (the
-    address of a Dask distributed scheduler, tcp://HOST:PORT) the image stages run on that
+    Pages are read `workers` at a time, each whole by one worker process (_read_or_error: the
+    main process only records what comes back). `on_file(source, pages)` is called as each file
+    finishes, `on_page(record)` as each page (or unreadable file) is recorded. With `scheduler`
+    (the address of a Dask distributed scheduler, tcp://HOST:PORT) the pages are read on that
     cluster's workers instead of local processes: the same page function, the same results.
     With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
     formreader.export.view_name), written before its record: the review station shows fields
@@ -580,29 +599,27 @@ def process_paths(
     # OpenCV) can deadlock the child.
     spawn = multiprocessing.get_context("spawn")
     client = _dask_client(scheduler) if scheduler else None
-    pool, state = None, None
+    state = _reading_state(template, features, classifier, threshold, views is not None, workers > 1 or client is not None)
+    pool, block = None, None
     if workers > 1 and client is None:
         # The workers' state, shared rather than sent (see _init_worker); should this process be
         # killed, multiprocessing's resource tracker removes the block.
-        blob = pickle.dumps((template, features), protocol=pickle.HIGHEST_PROTOCOL)
-        state = shared_memory.SharedMemory(create=True, size=len(blob))
-        state.buf[: len(blob)] = blob
+        blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        block = shared_memory.SharedMemory(create=True, size=len(blob))
+        block.buf[: len(blob)] = blob
         pool = ProcessPoolExecutor(
-            workers, mp_context=spawn, initializer=_init_worker,
-            initargs=(state.name, len(blob), views is not None, os.getpid()),
+            workers, mp_context=spawn, initializer=_init_worker, initargs=(block.name, len(blob), os.getpid())
         )
-    if client is not None:  # the template and its features travel to each worker once
-        shared = client.scatter([template, features], broadcast=True)
+    if client is not None:  # the state (template, features, models) travels to each worker once
+        (shared,) = client.scatter([state], broadcast=True)
 
     def submit(page: Page):
-        """Start segmenting a page; what comes back has .result()."""
+        """Start reading a page; what comes back has .result()."""
         if client is not None:
-            return client.submit(
-                _segment_or_error, page, template=shared[0], features=shared[1], views=views is not None, pure=False
-            )
+            return client.submit(_read_or_error, page, shared, pure=False)
         if pool is not None:
-            return pool.submit(_segment_or_error, page)
-        return _Finished(_segment_or_error(page, template, features, views is not None))
+            return pool.submit(_read_or_error, page)
+        return _Finished(_read_or_error(page, state))
 
     def record(rec: dict) -> None:
         journal.write(rec)
@@ -610,39 +627,29 @@ def process_paths(
         if on_page:
             on_page(rec)
 
-    segmented: list = []  # finished pages, in order, whose digits are not yet classified
+    def record_read(done) -> None:
+        """Record what reading a page gave (_read_or_error)."""
+        if isinstance(done, PageError):
+            record(error_record(done))
+            return
+        read, view = done
+        if views is not None and view is not None:
+            write_atomically(views / view_name(read.source, read.page), view)
+        record(page_record(read))
 
-    def classify_segmented() -> None:
-        segs = [d for d in segmented if isinstance(d, SegmentedPage)]
-        per_page = iter(decide_pages(segs, template, classifier, threshold))
-        for d in segmented:
-            if isinstance(d, PageError):
-                record(error_record(d))
-            elif isinstance(d, SegmentedPage):
-                if views is not None and d.view is not None:
-                    write_atomically(views / view_name(d.source, d.page), d.view)
-                record(page_record(next(per_page)))
-            else:
-                record(page_record(d))
-        segmented.clear()
-
-    # Pages are rendered here and segmented by the workers while the next ones render: a window
-    # of pages in flight keeps every core busy, and bounds memory whatever the batch. Its items,
-    # in input order: a page being segmented, an unreadable page's record, or a file's end.
+    # Pages are rendered and read by the workers while the next ones are listed: a window of
+    # pages in flight keeps every core busy, and bounds memory whatever the batch. Its items, in
+    # input order: a page being read, an unreadable page's record, or a file's end.
     in_flight: deque = deque()
-    window = 2 * workers + chunk_pages if (pool or client) else 0
+    window = 4 * workers if (pool or client) else 0
 
     def settle(keep: int) -> None:
         """Take finished items off the window's front until at most `keep` remain."""
         while len(in_flight) > keep:
             kind, item = in_flight.popleft()
             if kind == "page":
-                segmented.append(item.result())
-                if len(segmented) >= chunk_pages:
-                    classify_segmented()
-                continue
-            classify_segmented()  # what came before is recorded first
-            if kind == "error":
+                record_read(item.result())
+            elif kind == "error":
                 record(item)
             else:
                 source, count = item
@@ -671,8 +678,8 @@ def process_paths(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-            state.close()
-            state.unlink()
+            block.close()
+            block.unlink()
         if client is not None:
             client.close()
     return records

@@ -236,11 +236,16 @@ class _TracedPool(ProcessPoolExecutor):
 
 
 def test_workers_give_the_same_results_page_by_page(template, classifier, sample_records, monkeypatch):
-    """With workers, each page of a PDF is a task of its own, rendered and segmented by a worker
-    process (so one long PDF uses every core); the results are those of one process."""
+    """With workers, each page of a PDF is a task of its own, read whole (rendered, segmented,
+    classified, decided) by a worker process, so one long PDF uses every core and the main
+    process, which only records, never holds the many cores back; the results are those of one
+    process."""
     monkeypatch.setattr(pipeline, "ProcessPoolExecutor", _TracedPool)
+    decided_here, decide = [], pipeline.decide_pages
+    monkeypatch.setattr(pipeline, "decide_pages", lambda *a, **k: decided_here.append(a) or decide(*a, **k))
     parallel = process_paths([SCANS], template, classifier, workers=2)
     assert parallel == sample_records
+    assert not decided_here  # the main process classified nothing
     pdf_tasks = [t for t in _TracedPool.tasks if str(t.source).endswith("batch_a.pdf")]
     assert [(type(t), t.page) for t in pdf_tasks] == [(PdfPage, n) for n in (1, 2, 3, 4)]
     assert len(_TracedPool.pids) == len(sample_records) and os.getpid() not in _TracedPool.pids
