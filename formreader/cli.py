@@ -114,11 +114,11 @@ def main() -> None:
     "-j",
     default=0,
     type=click.IntRange(0, 64),
-    help=f"Processes for the image stages; default (0): one per core, at most one per {PAGES_PER_WORKER} pages.",
+    help=f"Processes that read pages; default (0): one per core, at most one per {PAGES_PER_WORKER} pages.",
 )
 @click.option(
     "--scheduler",
-    help="Run the image stages on a Dask distributed cluster: its scheduler's address, tcp://HOST:PORT.",
+    help="Read the pages on a Dask distributed cluster: its scheduler's address, tcp://HOST:PORT.",
 )
 @click.option(
     "--resume",
