@@ -60,7 +60,8 @@ def main() -> None:
     segs = [segment_page(p, template, features) for p in all_pages]
     stage["register+locate+segment"] = time.perf_counter() - t
     t = time.perf_counter()
-    page_probabilities(segs, classifier)
+    for seg in segs:  # page by page, as a worker classifies them
+        page_probabilities(seg, classifier)
     stage["classify"] = time.perf_counter() - t
     for name, seconds in stage.items():
         print(f"  {name:26s} {1000 * seconds / len(all_pages):7.1f} ms/page")

@@ -124,7 +124,7 @@ def orand_test(classifier: DigitClassifier) -> None:
 def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
     """Free fields on forms: a number written in a thick-bordered box, worn print, bitonal 300-DPI
     scans, digits of writers no model was trained on."""
-    from formreader.pipeline import decide_pages, segment_page
+    from formreader.pipeline import read_segmented, segment_page
     from formreader.reading.register import RegistrationError
     from formreader.training.evaluate import held_out_writers
     from formreader.training.synth import scanned_free_forms
@@ -138,7 +138,7 @@ def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
         for page, truth in items:
             try:
                 seg = segment_page(page, template, features)
-                read = decide_pages([seg], template, classifier)[0]
+                read = read_segmented(seg, template, classifier)
             except RegistrationError:
                 continue
             for f in read.fields:

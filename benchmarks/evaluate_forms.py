@@ -47,7 +47,7 @@ def segment_all(items, template, classifier):
         except RegistrationError as e:
             print(f"  {page.source} page {page.page}: {e}")
             continue
-        out.append((seg, page_probabilities([seg], classifier)[0], truth))
+        out.append((seg, page_probabilities(seg, classifier), truth))
     return out
 
 

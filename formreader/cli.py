@@ -338,7 +338,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     """Draw the registered page with its cells, digits and confidences (review in orange)."""
     import cv2
 
-    from formreader.pipeline import decide_pages, segment_page
+    from formreader.pipeline import read_segmented, segment_page
     from formreader.reading.ingest import PageError, read_pages
     from formreader.reading.register import RegistrationError
     from formreader.review.overlay import draw_overlay
@@ -358,7 +358,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
         seg = segment_page(page, tpl)
     except RegistrationError as e:
         _fail(f"{page_file} page {page_number}: {e}", 1)
-    read = decide_pages([seg], tpl, clf, review_threshold)[0]
+    read = read_segmented(seg, tpl, clf, review_threshold)
     if not cv2.imwrite(str(out), draw_overlay(seg.registration.aligned, read)):
         _fail(f"cannot write {out}", 1)
     for f in read.fields:

@@ -265,40 +265,26 @@ def digit_images(seg: SegmentedPage) -> tuple[np.ndarray, np.ndarray]:
     return (np.stack(images) if images else np.zeros((0, 28, 28), np.float32)), np.array(pieces, bool)
 
 
-def _stacked_digit_images(segs: list[SegmentedPage]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The digit_images of several pages as one batch: images (N, 28, 28), which are free-field
-    pieces (N,) bool, and the indices where each page's part begins after the first's."""
-    found = [digit_images(s) for s in segs]
-    images = np.concatenate([f[0] for f in found])
-    pieces = np.concatenate([f[1] for f in found])
-    return images, pieces, np.cumsum([len(f[0]) for f in found])[:-1]
-
-
-def page_probabilities(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[np.ndarray]:
-    """(N, 11) probabilities of each page's digit_images, in one batch per model: boxed cells by
-    the digit model and its companion (DigitClassifier.cell_probabilities), the pieces of free
-    fields by the model that also refuses wrong cuts."""
-    if not segs:
-        return []
-    images, piece, starts = _stacked_digit_images(segs)
+def page_probabilities(seg: SegmentedPage, classifier: DigitClassifier) -> np.ndarray:
+    """(N, 11) probabilities of the page's digit_images: boxed cells by the digit model and its
+    companion (DigitClassifier.cell_probabilities), the pieces of free fields by the model that
+    also refuses wrong cuts."""
+    images, piece = digit_images(seg)
     probs = np.zeros((len(images), NUM_CLASSES), np.float32)
     if (~piece).any():
         probs[~piece] = classifier.cell_probabilities(images[~piece])
     if piece.any():
         probs[piece] = classifier.for_strings.probabilities(images[piece])
-    return np.split(probs, starts)
+    return probs
 
 
-def page_sequences(segs: list[SegmentedPage], classifier: DigitClassifier) -> list[list[np.ndarray]] | None:
-    """The string model's step probabilities for each page's free fields, in one batch; None
+def page_sequences(seg: SegmentedPage, classifier: DigitClassifier) -> list[np.ndarray] | None:
+    """The string model's step probabilities for the page's free fields, read in one batch; None
     when the classifier has no string model beside it."""
     if classifier.string_model is None:
         return None
-    inputs = [w[0] for s in segs for w in (s.wholes or []) if w is not None]
-    if not inputs:
-        return [[] for _ in segs]
-    probs = iter(classifier.string_model.view_probabilities(np.stack(inputs)))
-    return [[next(probs) for w in (s.wholes or []) if w is not None] for s in segs]
+    inputs = [w[0] for w in seg.wholes or [] if w is not None]
+    return list(classifier.string_model.view_probabilities(np.stack(inputs))) if inputs else []
 
 
 def review_thresholds(classifier: DigitClassifier, threshold: float | None = None) -> tuple[float, float]:
@@ -308,23 +294,27 @@ def review_thresholds(classifier: DigitClassifier, threshold: float | None = Non
     return (threshold, threshold) if threshold is not None else (classifier.review_threshold, DEFAULT_REVIEW_THRESHOLD)
 
 
-def decide_pages(
-    segs: list[SegmentedPage],
+def read_segmented(
+    seg: SegmentedPage,
     template: Template | Sequence[Template],
     classifier: DigitClassifier,
     threshold: float | None = None,
-) -> list[PageRead]:
-    """Classify the digits (and read the free fields) of several segmented pages in one batch
-    each; each page decided by the rules of the template it was read as. threshold: the review
-    threshold of every field, or None: see review_thresholds."""
+) -> PageRead:
+    """Classify a segmented page's digits (and read its free fields) and decide its fields by the
+    rules of the template it was read as. threshold: the review threshold of every field, or
+    None: see review_thresholds."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
-    sequences = page_sequences(segs, classifier) or [None] * len(segs)
-    first, reader = next(iter(forms.values())), classifier.string_model
     boxed, free = review_thresholds(classifier, threshold)
-    return [
-        decide_page(s, p, forms.get(s.template) or first, free, classifier.field_power(s.bitonal), q, reader, boxed)
-        for s, p, q in zip(segs, page_probabilities(segs, classifier), sequences)
-    ]
+    return decide_page(
+        seg,
+        page_probabilities(seg, classifier),
+        forms.get(seg.template) or next(iter(forms.values())),
+        free,
+        classifier.field_power(seg.bitonal),
+        page_sequences(seg, classifier),
+        classifier.string_model,
+        boxed,
+    )
 
 
 def read_page(
@@ -334,13 +324,13 @@ def read_page(
     features: ReferenceFeatures | None = None,
     threshold: float | None = None,
 ) -> PageRead:
-    """Read one page completely (threshold: see decide_pages). A page that cannot be registered
+    """Read one page completely (threshold: see read_segmented). A page that cannot be registered
     comes back with `error` set."""
     try:
         seg = segment_page(page, template, features)
     except RegistrationError as e:
         return PageRead(page.source, page.page, error=str(e))
-    return decide_pages([seg], template, classifier, threshold)[0]
+    return read_segmented(seg, template, classifier, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +415,7 @@ def _read_or_error(page: Page | PdfPage, state: dict | None = None):
             return page
     try:
         seg = segment_page(page, state["template"], state["features"])
-        read = decide_pages([seg], state["template"], state["classifier"], state["threshold"])[0]
+        read = read_segmented(seg, state["template"], state["classifier"], state["threshold"])
     except RegistrationError as e:
         return PageRead(page.source, page.page, error=str(e)), None
     except Exception as e:  # one broken page must not stop the batch
@@ -584,7 +574,7 @@ def process_paths(
     cluster's workers instead of local processes: the same page function, the same results.
     With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
     formreader.export.view_name), written before its record: the review station shows fields
-    from it, cut where the record's `box` says. threshold: see decide_pages.
+    from it, cut where the record's `box` says. threshold: see read_segmented.
     """
     journal = journal or Journal(None)
     # One form, or several: then each page is read as the form it matches (match_form).

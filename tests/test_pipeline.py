@@ -241,8 +241,8 @@ def test_workers_give_the_same_results_page_by_page(template, classifier, sample
     process, which only records, never holds the many cores back; the results are those of one
     process."""
     monkeypatch.setattr(pipeline, "ProcessPoolExecutor", _TracedPool)
-    decided_here, decide = [], pipeline.decide_pages
-    monkeypatch.setattr(pipeline, "decide_pages", lambda *a, **k: decided_here.append(a) or decide(*a, **k))
+    decided_here, decide = [], pipeline.read_segmented
+    monkeypatch.setattr(pipeline, "read_segmented", lambda *a, **k: decided_here.append(a) or decide(*a, **k))
     parallel = process_paths([SCANS], template, classifier, workers=2)
     assert parallel == sample_records
     assert not decided_here  # the main process classified nothing

@@ -169,7 +169,7 @@ def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifie
     right = total = 0
     for page, truth in items:
         seg = segment_page(page, template)
-        probs = page_probabilities([seg], classifier)[0]
+        probs = page_probabilities(seg, classifier)
         digits = iter(probs.argmax(1))
         for spec, cells in zip(template.fields, seg.segments):
             read = "".join(str(next(digits)) for c in cells if c.image is not None)
@@ -208,7 +208,7 @@ def test_a_pages_boxed_cells_are_read_by_both_networks(template, classifier):
 
     seg = segment_page(next(read_pages(SCANS / "scan_c.png")), template)
     images, piece = digit_images(seg)
-    probs = page_probabilities([seg], classifier)[0]
+    probs = page_probabilities(seg, classifier)
     assert probs.shape == (len(images), 11) and not piece.any()
     assert np.allclose(probs, classifier.cell_probabilities(images), atol=1e-6)
     assert not np.allclose(probs, classifier.probabilities(images), atol=1e-3)

@@ -140,8 +140,9 @@ def register_page(
     or matches too poorly (quality below `min_quality`).
     """
     features = features or prepare_reference(reference)
-    reduced = {ATTEMPTS[0][0]: _reduced(page, ATTEMPTS[0][0])}  # the page at each work side, as tried
-    if _ink(reduced[ATTEMPTS[0][0]][0]).mean() < 0.002 or float(cv2.meanStdDev(page)[1][0, 0]) < 4:
+    first = ATTEMPTS[0][0]
+    reduced = {first: _reduced(page, first)}  # the page at each work side, made as it is first tried
+    if _ink(reduced[first][0]).mean() < 0.002 or float(cv2.meanStdDev(page)[1][0, 0]) < 4:
         raise RegistrationError("blank page: no printed form found")
     failure = RegistrationError("page does not match the template")
     for attempt, ((side, n), (ref_scale, ref_points, ref_desc)) in enumerate(zip(ATTEMPTS, features.keypoints)):
