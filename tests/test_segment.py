@@ -154,7 +154,10 @@ def test_cells_segmented_together_get_what_each_gets_alone(mnist_test):
         digit = None if k % 7 == 3 else images[k]
         crops.append(boxed(digit, seed=k, ink=40 + k, size=size))
         h, w = crops[-1].shape
-        interiors.append(((3, 3, w - 6, h - 6), (2, 4, w - 3, h - 7))[k % 4 // 2] if k % 2 else None)
+        # Some boxes located a pixel or two out (over their border): digits only, since a blank
+        # box so located keeps a piece of its border, as it would alone.
+        off = k % 4 == 3 and digit is not None
+        interiors.append(((3, 3, w - 6, h - 6), (2, 4, w - 3, h - 7))[off] if k % 2 else None)
         printed.append(np.zeros((h, w), bool))
         printed[-1][h // 2, : w // 4] = k % 5 == 0  # a printed tick on some of them
     for k in range(12):
@@ -171,7 +174,7 @@ def test_cells_segmented_together_get_what_each_gets_alone(mnist_test):
     printed.append(np.zeros((30, 30), bool))
     together = segment_cells(crops, interiors=interiors, printed=printed, batch=16)
     alone = [segment_digit(c, interior=i, printed=p) for c, i, p in zip(crops, interiors, printed)]
-    assert sum(s.image is None for s in alone) >= 5  # blanks among them, to be kept blank
+    assert sum(s.image is None for s in alone) >= 6  # blanks among them, to be kept blank
     for t, a in zip(together, alone):
         assert (t.image is None) == (a.image is None) and t.stray_ink == a.stray_ink
         if a.image is not None:
