@@ -35,11 +35,11 @@ def main() -> None:
     template = load_template(ROOT / "templates" / "demo_form.yaml")
     classifier = DigitClassifier.load()
     scans = ROOT / "samples" / "scans"
-    process_paths([scans], template, classifier, workers=args.workers)  # warm-up
+    list(process_paths([scans], template, classifier, workers=args.workers))  # warm-up
     times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
-        records = process_paths([scans], template, classifier, workers=args.workers)
+        records = list(process_paths([scans], template, classifier, workers=args.workers))
         times.append(time.perf_counter() - start)
     pages = sum(1 for r in records if not r["error"])
     digits = sum(1 for r in records for f in r["fields"] for d in f["digits"] if d[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import click
@@ -142,6 +144,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         OutputBusyError,
         OutputLock,
         journal_path_for,
+        journal_records,
         manifest_path,
         output_paths,
         reviews_path_for,
@@ -195,21 +198,19 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
             # against 1.09-1.18) and two won from about 30 (40 pages: 2.0-2.2 s against 2.2-2.6).
             workers = workers or max(1, min(os.cpu_count() or 1, total // PAGES_PER_WORKER))
             bar = tqdm(total=total, unit="page", disable=quiet or None, file=sys.stderr)
-
-            def on_page(rec: dict) -> None:
-                bar.update(1)
-                bar.set_postfix_str(Path(rec["source"]).name, refresh=False)
-
-            try:
-                records = process_paths(
-                    files, forms if len(forms) > 1 else forms[0], clf, review_threshold, workers, journal,
-                    on_page=on_page, scheduler=scheduler,
-                    views=views_path_for(out),
-                )
-            finally:
-                bar.close()
+            bar.update(sum(journal.done.get(str(f), 0) for f in files))  # pages an earlier run finished
+            reading = process_paths(
+                files, forms if len(forms) > 1 else forms[0], clf, review_threshold, workers, journal,
+                scheduler=scheduler, views=views_path_for(out),
+            )
+            with closing(reading), bar:
+                for rec in reading:  # recorded in the journal: the results are written from it
+                    bar.update(1)
+                    bar.set_postfix_str(Path(rec["source"]).name, refresh=False)
             # A person's decisions at the review station stay in the results of a later run.
-            rewrite_results(out, apply_decisions(records, load_decisions(reviews_path_for(out))))
+            tally = _Tally()
+            decisions = load_decisions(reviews_path_for(out))
+            rewrite_results(out, apply_decisions(tally.count(journal_records(journal_path)), decisions))
             paths = output_paths(out)
             journal.close()
     except (OutputBusyError, JournalError, RuntimeError) as e:
@@ -223,16 +224,13 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
             err=True,
         )
         sys.exit(130)
-    pages = [r for r in records if not r.get("error")]
-    errors = [r for r in records if r.get("error")]
-    fields = [f for r in pages for f in r["fields"]]
-    flagged = sum(f["status"] != "ok" for f in fields)
+    errors = tally.errors
     if not quiet:
         click.echo(
-            f"{len(pages)} pages read from {len(files)} files; {len(fields)} fields, "
-            f"{flagged} for review; {len(errors)} errors.\nResults: {paths['fields']}\n"
+            f"{tally.pages} pages read from {len(files)} files; {tally.fields} fields, "
+            f"{tally.flagged} for review; {len(errors)} errors.\nResults: {paths['fields']}\n"
             f"Also: {paths['wide']}, {paths['digits']}, {paths['errors']}"
-            + (f"\nCheck the flagged fields: formreader review {out}" if flagged else "")
+            + (f"\nCheck the flagged fields: formreader review {out}" if tally.flagged else "")
         )
         for e in errors:
             where = f"{e['source']}" + (f" page {e['page']}" if e["page"] else "")
@@ -240,6 +238,25 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         if skipped:
             click.echo(_skipped_note(skipped).strip(), err=True)
     sys.exit(1 if errors else 0)
+
+
+class _Tally:
+    """What a run's records hold, counted as they stream past: pages read, fields, fields the
+    machine flagged, and the records of what could not be read."""
+
+    def __init__(self):
+        self.pages = self.fields = self.flagged = 0
+        self.errors: list[dict] = []
+
+    def count(self, records: Iterable[dict]) -> Iterator[dict]:
+        for rec in records:
+            if rec.get("error"):
+                self.errors.append(rec)
+            else:
+                self.pages += 1
+                self.fields += len(rec["fields"])
+                self.flagged += sum(f["status"] != "ok" for f in rec["fields"])
+            yield rec
 
 
 def _skipped_note(skipped: list[Path], named: int = 5) -> str:

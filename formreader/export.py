@@ -1,4 +1,4 @@
-"""Export: page records -> pandas tables -> CSV files written atomically.
+"""Export: page records -> table rows -> CSV files written atomically (and pandas frames for the API).
 
 For `--out results.csv` four files are written side by side:
 - results.csv         one row per field per page: file, page, field, value, confidence, status, reasons,
@@ -16,14 +16,17 @@ File names that are not UTF-8 are written with their odd bytes as \\xNN escapes.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from formreader.reading.classify import file_sha256
 
@@ -67,70 +70,79 @@ def final_value(field) -> str:
     return field.get("text") or field["value"]
 
 
-def results_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
-    """Tables 'fields', 'digits', 'wide' and 'errors' from page records (pipeline.page_record,
-    and, when the pages are of several forms, 'wide.NAME' for each form's pages alone),
-    with a person's decisions where formreader.review.decisions put them). The wide table holds each
-    field's final value; its 'review' column names the fields still waiting for a person."""
+def record_rows(rec: dict) -> tuple[list[dict], list[dict], dict | None, dict | None]:
+    """A page record's rows of each table (pipeline.page_record, with a person's decisions where
+    formreader.review.decisions put them): (fields, digits, its wide row, its error row); an
+    unreadable page has an error row only, a read page no error row."""
+    source = as_text(display_path(rec["source"]))
+    if rec.get("error"):
+        return [], [], None, {"file": source, "page": rec["page"], "error": as_text(rec["error"])}
+    fields, digits = [], []
+    wide = {"file": source, "page": rec["page"], "template": rec.get("template", "")}
+    flagged = []
+    for f in rec["fields"]:
+        fields.append(
+            {
+                "file": source,
+                "page": rec["page"],
+                "field": f["field"],
+                "value": f["value"],
+                "text": as_text(f.get("text", f["value"])),
+                "confidence": round(f["confidence"], 4),
+                "status": f["status"],
+                "reasons": as_text("; ".join(f["reasons"])),
+                "raw": as_text(f.get("raw", "")),
+                "registration_quality": rec.get("quality"),
+                "reviewed_value": f.get("reviewed_value", ""),
+                "reviewed_by": as_text(f.get("reviewed_by", "")),
+                "reviewed_at": f.get("reviewed_at", ""),
+                "template": rec.get("template", ""),
+            }
+        )
+        for i, (digit, conf, *_) in enumerate(f["digits"], start=1):
+            digit_row = {"file": source, "page": rec["page"], "field": f["field"], "cell": i, "digit": digit}
+            digits.append({**digit_row, "confidence": round(conf, 4)})
+        wide[f["field"]] = as_text(final_value(f))
+        if f["status"] == "review":
+            flagged.append(f["field"])
+    wide["review"] = " ".join(flagged)
+    return fields, digits, wide, None
+
+
+def results_frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
+    """Tables 'fields', 'digits', 'wide' and 'errors' from page records (record_rows) and, when
+    the pages are of several forms, 'wide.NAME' for each form's pages alone: the tables
+    write_results writes, in memory. The wide table holds each field's final value; its
+    'review' column names the fields still waiting for a person."""
     import pandas as pd
 
     fields, digits, errors, wide = [], [], [], []
     for rec in records:
-        rec = {**rec, "source": as_text(display_path(rec["source"]))}
-        if rec.get("error"):
-            errors.append({"file": rec["source"], "page": rec["page"], "error": as_text(rec["error"])})
-            continue
-        row = {"file": rec["source"], "page": rec["page"], "template": rec.get("template", "")}
-        flagged = []
-        for f in rec["fields"]:
-            fields.append(
-                {
-                    "file": rec["source"],
-                    "page": rec["page"],
-                    "field": f["field"],
-                    "value": f["value"],
-                    "text": as_text(f.get("text", f["value"])),
-                    "confidence": round(f["confidence"], 4),
-                    "status": f["status"],
-                    "reasons": as_text("; ".join(f["reasons"])),
-                    "raw": as_text(f.get("raw", "")),
-                    "registration_quality": rec.get("quality"),
-                    "reviewed_value": f.get("reviewed_value", ""),
-                    "reviewed_by": as_text(f.get("reviewed_by", "")),
-                    "reviewed_at": f.get("reviewed_at", ""),
-                    "template": rec.get("template", ""),
-                }
-            )
-            for i, (digit, conf, *_) in enumerate(f["digits"], start=1):
-                digits.append(
-                    {
-                        "file": rec["source"],
-                        "page": rec["page"],
-                        "field": f["field"],
-                        "cell": i,
-                        "digit": digit,
-                        "confidence": round(conf, 4),
-                    }
-                )
-            row[f["field"]] = as_text(final_value(f))
-            if f["status"] == "review":
-                flagged.append(f["field"])
-        row["review"] = " ".join(flagged)
-        wide.append(row)
+        rows = record_rows(rec)
+        fields += rows[0]
+        digits += rows[1]
+        wide += [rows[2]] if rows[2] else []
+        errors += [rows[3]] if rows[3] else []
     forms = list(dict.fromkeys(row["template"] for row in wide))
-    for row in wide if len(forms) < 2 else []:
-        del row["template"]  # one form: the column says nothing
     frames = {
         "fields": pd.DataFrame(fields, columns=FIELD_COLUMNS).astype(
             {"value": str, "text": str, "reasons": str, "raw": str, "reviewed_value": str, "reviewed_by": str, "reviewed_at": str}
         ),
         "digits": pd.DataFrame(digits, columns=DIGIT_COLUMNS).astype({"digit": str}),
-        "wide": pd.DataFrame(wide),
+        "wide": pd.DataFrame(wide, columns=_wide_columns((k for row in wide for k in row), len(forms))),
         "errors": pd.DataFrame(errors, columns=ERROR_COLUMNS),
     }
     for form in forms if len(forms) > 1 else []:  # a sheet of each form's own columns
-        frames[f"wide.{form}"] = pd.DataFrame([r for r in wide if r["template"] == form]).dropna(axis=1, how="all")
+        own = [row for row in wide if row["template"] == form]
+        frames[f"wide.{form}"] = pd.DataFrame(own, columns=_wide_columns((k for row in own for k in row), len(forms)))
     return frames
+
+
+def _wide_columns(keys: Iterable[str], forms: int) -> list[str]:
+    """The wide table's columns: its rows' keys in the order they first appear, 'review' last;
+    'template' only when the batch holds several forms (one form: the column says nothing)."""
+    keys = dict.fromkeys(["file", "page", *keys])
+    return [k for k in keys if k != "review" and (k != "template" or forms > 1)] + ["review"]
 
 
 def _beside(out: Path, ending: str) -> Path:
@@ -150,6 +162,24 @@ def output_paths(out: Path) -> dict[str, Path]:
 def journal_path_for(out: Path) -> Path:
     """Where a run writing `out` records its pages as they finish (formreader.pipeline.Journal)."""
     return _beside(out, ".journal.jsonl")
+
+
+def journal_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    """A journal's whole lines, each with what it says; a line cut short by a crash is left out."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if line.endswith("\n") and isinstance(rec, dict):
+                yield line, rec
+
+
+def journal_records(path: Path) -> Iterator[dict]:
+    """The page records (and unreadable files' records) in a run's journal, in the order
+    they were recorded, read from disk as they are taken."""
+    return (rec for _, rec in journal_lines(path) if rec.get("kind") == "page")
 
 
 def manifest_path(out: Path) -> Path:
@@ -194,22 +224,30 @@ def _umask() -> int:
     return mask
 
 
-def _write_temp(path: Path, write, binary: bool = False) -> Path:
-    """Write a file beside `path` (hidden, .tmp), flushed to disk, with the permissions the
-    user's umask gives new files; returns its path. `write(fh)` writes text (UTF-8), or bytes."""
+@contextmanager
+def _temp_file(path: Path, binary: bool = False) -> Iterator[tuple[IO, Path]]:
+    """A file to write beside `path` (hidden, .tmp): (file, its path). Flushed to disk when the
+    block ends, with the permissions the user's umask gives new files; removed if the block
+    fails. Text is UTF-8."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
     text = {} if binary else {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"}
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w", **text) as fh:
-            write(fh)
+            yield fh, Path(tmp)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return Path(tmp)
+
+
+def _write_temp(path: Path, write, binary: bool = False) -> Path:
+    """Write a file beside `path` (_temp_file) with `write(fh)`; returns its path."""
+    with _temp_file(Path(path), binary) as (fh, tmp):
+        write(fh)
+    return tmp
 
 
 def remove_stale_temps(out: Path) -> None:
@@ -247,27 +285,67 @@ class OutputBusyError(RuntimeError):
     """Another run holds the lock on these results."""
 
 
-def write_results(records: list[dict], out: Path) -> dict[str, Path]:
+def write_results(records: Iterable[dict], out: Path) -> dict[str, Path]:
     """Write the four CSVs for `out` (and results.wide.FORM.csv for each form of a mixed batch)
-    and the manifest naming them; returns their paths by table name."""
-    frames = results_frames(records)
-    forms = [name for name in frames if name.startswith("wide.")]
-    paths = {**output_paths(out), **{name: _beside(out, "." + re.sub(r"[^\w.-]", "_", name) + ".csv") for name in forms}}
+    and the manifest naming them; returns their paths by table name.
+
+    The records stream through once (a generator will do): each page's rows are written as it
+    comes, and the wide tables' rows wait in a scratch file until their columns are known, so
+    memory does not grow with the batch."""
+    paths = output_paths(out)
     remove_stale_temps(out)
-    temps = {}
+    temps: dict[str, Path] = {}
+    keys: dict[str, None] = {}  # the wide rows' keys, in order of first appearance
+    forms: dict[str, dict[str, None]] = {}  # each form's own
+    count = 0
     try:
-        for name, frame in frames.items():
-            temps[name] = _write_temp(paths[name], lambda fh, f=frame: f.to_csv(fh, index=False))
+        with ExitStack() as stack:
+            tables = {}
+            for name, columns in (("fields", FIELD_COLUMNS), ("digits", DIGIT_COLUMNS), ("errors", ERROR_COLUMNS)):
+                fh, temps[name] = stack.enter_context(_temp_file(paths[name]))
+                tables[name] = _csv_table(fh, columns)
+            spool = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8", dir=Path(out).parent))
+            for rec in records:
+                count += 1
+                fields, digits, wide, error = record_rows(rec)
+                tables["fields"].writerows(fields)
+                tables["digits"].writerows(digits)
+                tables["errors"].writerows([error] if error else [])
+                if wide:
+                    keys.update(dict.fromkeys(wide))
+                    forms.setdefault(wide["template"], {}).update(dict.fromkeys(wide))
+                    spool.write(json.dumps(wide) + "\n")
+            # The wide tables: all pages, and each form's own when the batch holds several.
+            wide_tables = {"wide": (None, keys)}
+            if len(forms) > 1:
+                wide_tables.update({f"wide.{form}": (form, own) for form, own in forms.items()})
+            for name, (form, own) in wide_tables.items():
+                paths[name] = paths.get(name) or _beside(out, "." + re.sub(r"[^\w.-]", "_", name) + ".csv")
+                with _temp_file(paths[name]) as (fh, temps[name]):
+                    table = _csv_table(fh, _wide_columns(own, len(forms)))
+                    spool.seek(0)
+                    for line in spool:
+                        row = json.loads(line)
+                        if form is None or row["template"] == form:
+                            table.writerow(row)
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
-    manifest = {"files": {paths[name].name: file_sha256(tmp) for name, tmp in temps.items()}, "records": len(records)}
+    manifest = {"files": {paths[name].name: file_sha256(tmp) for name, tmp in temps.items()}, "records": count}
     manifest_path(out).unlink(missing_ok=True)  # no manifest while the set is being swapped in
     for name, tmp in temps.items():
         os.replace(tmp, paths[name])
     os.replace(_write_temp(manifest_path(out), lambda fh: json.dump(manifest, fh, indent=2)), manifest_path(out))
     return paths
+
+
+def _csv_table(fh: IO[str], columns: list[str]) -> csv.DictWriter:
+    """A CSV writer of rows (dicts) with these columns, as pandas writes them: a missing value
+    empty, other keys left out."""
+    table = csv.DictWriter(fh, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+    table.writeheader()
+    return table
 
 
 def results_complete(out: Path) -> bool:
@@ -406,7 +484,7 @@ def write_workbook(results: Path, xlsx: Path) -> int:
     return fields[["file", "page"]].drop_duplicates().shape[0]
 
 
-def rewrite_results(out: Path, records: list[dict]) -> None:
+def rewrite_results(out: Path, records: Iterable[dict]) -> None:
     """Write the results again (a person's decisions in them): the CSVs and manifest, then the
     workbook beside them if the user made one."""
     write_results(records, out)

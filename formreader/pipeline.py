@@ -17,7 +17,7 @@ import pickle
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.export import view_name, write_atomically
+from formreader.export import journal_lines, view_name, write_atomically
 from formreader.reading.classify import (
     NUM_CLASSES,
     DigitClassifier,
@@ -443,7 +443,7 @@ class Journal:
 
     def __init__(self, path: Path | None, resume: bool = False, settings: dict | None = None):
         self.path = path
-        self.done: dict[str, list[dict]] = {}
+        self.done: dict[str, int] = {}  # the finished files taken over: source -> pages recorded
         settings = settings or {}
         if path is None:
             return
@@ -451,37 +451,30 @@ class Journal:
             raise JournalError(f"an interrupted run left {path}: pass --resume to keep the pages it finished, "
                                "or delete that file to start afresh")
         if resume and path.exists():
-            pending: dict[str, list[dict]] = {}
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by the crash
-                if rec.get("kind") == "run":
-                    before = rec.get("settings", {})
-                    differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-                    if differ:
-                        raise JournalError(f"--resume refused: the earlier run had other settings ({', '.join(differ)}); "
-                                           f"run with the same ones, or delete {path} to start afresh")
-                elif rec.get("kind") == "run_done":
-                    continue
-                elif rec.get("kind") == "file_done":
-                    self.done[rec["source"]] = pending.pop(rec["source"], [])
-                else:
-                    pending.setdefault(rec["source"], []).append(rec)
+            run = next((rec for _, rec in journal_lines(path) if rec.get("kind") == "run"), {})
+            before = run.get("settings", {})
+            differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            if differ:
+                raise JournalError(f"--resume refused: the earlier run had other settings ({', '.join(differ)}); "
+                                   f"run with the same ones, or delete {path} to start afresh")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Rewritten beside and moved in: a crash now leaves the old journal or the new, never an empty one.
+        # Only finished files are kept (half-done ones are read again), line by line as they were.
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as fh:  # keep only finished files: half-done ones are read again
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({"kind": "run", "settings": settings}) + "\n")
-            for source, recs in self.done.items():
-                for rec in recs:
-                    fh.write(json.dumps(rec) + "\n")
-                fh.write(json.dumps({"kind": "file_done", "source": source}) + "\n")
+            pending: dict[str, list[str]] = {}  # the lines of files not yet finished
+            for line, rec in journal_lines(path) if resume and path.exists() else []:
+                if rec.get("kind") == "file_done":
+                    lines = pending.pop(rec["source"], [])
+                    fh.writelines([*lines, line])
+                    self.done[rec["source"]] = len(lines)
+                elif rec.get("kind") == "page":
+                    pending.setdefault(rec["source"], []).append(line)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        self._fh = open(path, "a")
+        self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
         if self.path is not None:
@@ -560,16 +553,16 @@ def process_paths(
     threshold: float | None = None,
     workers: int = 1,
     journal: Journal | None = None,
-    on_file: Callable[[str, int], None] | None = None,
-    on_page: Callable[[dict], None] | None = None,
     scheduler: str | None = None,
     views: Path | None = None,
-) -> list[dict]:
-    """Read every page of every input; returns one record per page or unreadable file.
+) -> Iterator[dict]:
+    """Read every page of every input: yields one record per page or unreadable file, in input
+    order, as each is recorded in the `journal`. Files the journal took over as finished
+    (Journal.done) are not read again: their records are the journal's.
 
     Pages are read `workers` at a time, each whole by one worker process (_read_or_error: the
-    main process only records what comes back). `on_file(source, pages)` is called as each file
-    finishes, `on_page(record)` as each page (or unreadable file) is recorded. With `scheduler`
+    main process only records what comes back and keeps none of it: memory does not grow with
+    the batch). With `scheduler`
     (the address of a Dask distributed scheduler, tcp://HOST:PORT) the pages are read on that
     cluster's workers instead of local processes: the same page function, the same results.
     With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
@@ -584,7 +577,6 @@ def process_paths(
         template, features = templates[0], features[0]
     render_dpi = int(round(max(t.dpi for t in templates)))
     files = find_inputs(list(paths))
-    records: list[dict] = []
     # Workers are spawned, not forked: forking a process that runs interpreter threads (LiteRT,
     # OpenCV) can deadlock the child.
     spawn = multiprocessing.get_context("spawn")
@@ -611,21 +603,14 @@ def process_paths(
             return pool.submit(_read_or_error, page)
         return _Finished(_read_or_error(page, state))
 
-    def record(rec: dict) -> None:
-        journal.write(rec)
-        records.append(rec)
-        if on_page:
-            on_page(rec)
-
-    def record_read(done) -> None:
-        """Record what reading a page gave (_read_or_error)."""
+    def record_read(done) -> dict:
+        """The record of what reading a page gave (_read_or_error), its picture kept."""
         if isinstance(done, PageError):
-            record(error_record(done))
-            return
+            return error_record(done)
         read, view = done
         if views is not None and view is not None:
             write_atomically(views / view_name(read.source, read.page), view)
-        record(page_record(read))
+        return page_record(read)
 
     # Pages are rendered and read by the workers while the next ones are listed: a window of
     # pages in flight keeps every core busy, and bounds memory whatever the batch. Its items, in
@@ -633,38 +618,26 @@ def process_paths(
     in_flight: deque = deque()
     window = 4 * workers if (pool or client) else 0
 
-    def settle(keep: int) -> None:
-        """Take finished items off the window's front until at most `keep` remain."""
+    def settle(keep: int) -> Iterator[dict]:
+        """Record the finished items off the window's front until at most `keep` remain."""
         while len(in_flight) > keep:
             kind, item = in_flight.popleft()
-            if kind == "page":
-                record_read(item.result())
-            elif kind == "error":
-                record(item)
-            else:
-                source, count = item
-                journal.write({"kind": "file_done", "source": source})
-                if on_file:
-                    on_file(source, count)
+            if kind == "file_done":
+                journal.write({"kind": "file_done", "source": item})
+                continue
+            rec = record_read(item.result()) if kind == "page" else item
+            journal.write(rec)
+            yield rec
 
     try:
         for path in files:
-            source = str(path)
-            if source in journal.done:
-                settle(0)
-                records.extend(journal.done[source])
-                for rec in journal.done[source] if on_page else []:
-                    on_page(rec)
-                if on_file:
-                    on_file(source, len(journal.done[source]))
+            if str(path) in journal.done:
                 continue
-            count = 0
             for item in _pages_of(path, render_dpi):
-                count += 1
                 in_flight.append(("error", error_record(item)) if isinstance(item, PageError) else ("page", submit(item)))
-                settle(window)
-            in_flight.append(("file_done", (source, count)))
-        settle(0)
+                yield from settle(window)
+            in_flight.append(("file_done", str(path)))
+        yield from settle(0)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -672,7 +645,6 @@ def process_paths(
             block.unlink()
         if client is not None:
             client.close()
-    return records
 
 
 class _Finished:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from formreader import pipeline
+from formreader.export import journal_records
 from formreader.pipeline import Journal, process_paths, read_page
 from formreader.reading.ingest import Page, PdfPage
 from formreader.training.synth import scan
@@ -25,7 +27,7 @@ from .test_register import other_form
 
 @pytest.fixture(scope="module")
 def sample_records(template, classifier):
-    return process_paths([SCANS], template, classifier)
+    return list(process_paths([SCANS], template, classifier))
 
 
 def test_samples_reproduce_ground_truth(sample_records, truth):
@@ -193,20 +195,15 @@ def test_cli_outputs_keep_leading_zeros_and_have_all_tables(tmp_path, truth):
 
 def test_resume_keeps_finished_files(tmp_path, template, classifier):
     journal_path = tmp_path / "r.partial.jsonl"
-    first = process_paths([SCANS / "fax_b.tif"], template, classifier, journal=Journal(journal_path))
+    first = list(process_paths([SCANS / "fax_b.tif"], template, classifier, journal=Journal(journal_path)))
     # A crash here leaves the journal; a half-written line at its end is ignored.
     with open(journal_path, "a") as fh:
         fh.write('{"kind": "page", "source": "cut sh')
-    seen = []
-    resumed = process_paths(
-        [SCANS / "fax_b.tif", SCANS / "phone_d.jpg"],
-        template,
-        classifier,
-        journal=Journal(journal_path, resume=True),
-        on_file=lambda s, n: seen.append(s),
-    )
-    assert resumed[:3] == first
-    assert len(resumed) == 4
+    journal = Journal(journal_path, resume=True)
+    assert list(journal.done.values()) == [3]
+    read_now = list(process_paths([SCANS / "fax_b.tif", SCANS / "phone_d.jpg"], template, classifier, journal=journal))
+    assert [Path(r["source"]).name for r in read_now] == ["phone_d.jpg"]  # the finished file is not read again
+    assert list(journal_records(journal_path)) == first + read_now
     lines = [json.loads(line) for line in journal_path.read_text().splitlines()]
     assert sum(rec["kind"] == "file_done" for rec in lines) == 2
 
@@ -243,7 +240,7 @@ def test_workers_give_the_same_results_page_by_page(template, classifier, sample
     monkeypatch.setattr(pipeline, "ProcessPoolExecutor", _TracedPool)
     decided_here, decide = [], pipeline.read_segmented
     monkeypatch.setattr(pipeline, "read_segmented", lambda *a, **k: decided_here.append(a) or decide(*a, **k))
-    parallel = process_paths([SCANS], template, classifier, workers=2)
+    parallel = list(process_paths([SCANS], template, classifier, workers=2))
     assert parallel == sample_records
     assert not decided_here  # the main process classified nothing
     pdf_tasks = [t for t in _TracedPool.tasks if str(t.source).endswith("batch_a.pdf")]
@@ -270,13 +267,17 @@ def test_cli_bad_template_is_a_usage_error(tmp_path):
     assert run.returncode == 2 and str(bad) in run.stderr
 
 
-def test_progress_counts_pages(template, classifier):
+def test_records_stream_page_by_page(template, classifier, monkeypatch):
+    """Each page's record comes back as soon as the page is read, so the progress bar counts
+    pages and the main process need not hold a batch's records."""
     from formreader.reading.ingest import count_pages
 
     assert [count_pages(SCANS / n) for n in ("batch_a.pdf", "fax_b.tif", "scan_c.png")] == [4, 3, 1]
-    seen = []
-    records = process_paths([SCANS / "fax_b.tif", SCANS / "scan_c.png"], template, classifier, on_page=seen.append)
-    assert seen == records and len(seen) == 4
+    read, read_or_error = [], pipeline._read_or_error
+    monkeypatch.setattr(pipeline, "_read_or_error", lambda *a: read.append(a[0].page) or read_or_error(*a))
+    reading = process_paths([SCANS / "fax_b.tif", SCANS / "scan_c.png"], template, classifier)
+    assert next(reading)["page"] == 1 and read == [1]
+    assert [r["page"] for r in reading] == [2, 3, 1] and read == [1, 2, 3, 1]
 
 
 def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records, tmp_path):
@@ -286,7 +287,7 @@ def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_rec
     from formreader.export import write_results
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        records = process_paths([SCANS], template, classifier, scheduler=cluster.scheduler_address)
+        records = list(process_paths([SCANS], template, classifier, scheduler=cluster.scheduler_address))
     assert records == sample_records
     # and so the CSVs written from them, byte for byte
     cluster_csvs = write_results(records, tmp_path / "cluster" / "r.csv")
@@ -386,7 +387,7 @@ def test_boxed_fields_go_to_review_under_the_models_threshold_unless_one_is_give
     sure = [f for r in sample_records for f in r["fields"] if not any(x.startswith("low confidence") for x in f["reasons"])]
     assert low and all(f["confidence"] < classifier.review_threshold for f in low)
     assert all(f["confidence"] >= classifier.review_threshold for f in sure)
-    given = process_paths([SCANS], template, classifier, threshold=0.0)
+    given = list(process_paths([SCANS], template, classifier, threshold=0.0))
     assert not any(x.startswith("low confidence") for r in given for f in r["fields"] for x in f["reasons"])
 
 

@@ -213,7 +213,7 @@ def test_sample_checks_are_read(template_check, classifier):
 
     truth = pd.read_csv(ROOT / "samples" / "checks_truth.csv", dtype=str, keep_default_na=False)
     expected = {(r.file, int(r.page), r.field): r.value for r in truth.itertuples()}
-    records = process_paths([ROOT / "samples" / "checks"], template_check, classifier)
+    records = list(process_paths([ROOT / "samples" / "checks"], template_check, classifier))
     fields = [(r["source"].split("/")[-1], r["page"], f) for r in records for f in r["fields"]]
     assert len(fields) == len(truth) == 16
     right = sum(f["value"] == expected[(name, page, f["field"])] for name, page, f in fields)

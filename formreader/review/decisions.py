@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,20 +40,6 @@ def field_key(source: str, page: int, field: str) -> str:
     return json.dumps([source, int(page), field], ensure_ascii=True)
 
 
-def load_records(journal: Path) -> list[dict]:
-    """The page records a run wrote to its journal (formreader.pipeline.Journal), in order."""
-    records = []
-    with open(journal, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if rec.get("kind") == "page":
-                records.append(rec)
-    return records
-
-
 def load_decisions(path: Path) -> dict[str, dict]:
     """The decisions in a review journal, the last one per field: {field_key: decision}."""
     decisions: dict[str, dict] = {}
@@ -68,11 +55,10 @@ def load_decisions(path: Path) -> dict[str, dict]:
     return decisions
 
 
-def apply_decisions(records: list[dict], decisions: dict[str, dict]) -> list[dict]:
-    """Page records with each decided field's final status, reviewed value, reviewer and time
-    (new dicts; the records given are not changed). A decision made on another reading than
-    the record's is left out."""
-    out = []
+def apply_decisions(records: Iterable[dict], decisions: dict[str, dict]) -> Iterator[dict]:
+    """Page records with each decided field's final status, reviewed value, reviewer and time,
+    as they are taken (new dicts; the records given are not changed). A decision made on
+    another reading than the record's is left out."""
     for rec in records:
         fields = []
         for f in rec.get("fields", []):
@@ -81,8 +67,7 @@ def apply_decisions(records: list[dict], decisions: dict[str, dict]) -> list[dic
                 decided = {"reviewed_value": d["value"], "reviewed_by": d["by"], "reviewed_at": d["at"]}
                 f = {**f, "status": ACTIONS[d["action"]], "machine_status": f["status"], **decided}
             fields.append(f)
-        out.append({**rec, "fields": fields})
-    return out
+        yield {**rec, "fields": fields}
 
 
 def find_field(records: list[dict], source: str, page: int, field: str) -> dict:

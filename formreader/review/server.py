@@ -133,6 +133,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         corrections_path_for,
         display_path,
         journal_path_for,
+        journal_records,
         reviews_path_for,
         rewrite_results,
         view_name,
@@ -149,7 +150,6 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         find_field,
         labelled_cells,
         load_decisions,
-        load_records,
         record_decision,
         review_items,
     )
@@ -157,7 +157,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     journal = journal_path_for(results)
     if not journal.exists():
         raise FileNotFoundError(f"{journal} not found: review needs the results of `formreader process --out {results}`")
-    records = load_records(journal)
+    records = list(journal_records(journal))
     reviews, views, corrections = reviews_path_for(results), views_path_for(results), corrections_path_for(results)
     pictures = {view_name(r["source"], r["page"]) for r in records if not r.get("error")}
     writing = threading.Lock()
