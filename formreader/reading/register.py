@@ -287,9 +287,11 @@ def registration_quality(aligned: np.ndarray, structure: np.ndarray) -> float:
     up to 0.52 uncorrected, 0.34 corrected; pages of the right form 0.97-1.0 either way).
     """
     ink = cv2.dilate(_ink(aligned).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    total = int(structure.sum())
+    total = np.count_nonzero(structure)
     if not total or total == structure.size:
         return 0.0
-    found = float((ink & structure).sum() / total)
-    chance = float(ink[~structure].mean())
+    on_print = np.count_nonzero(ink & structure)
+    found = on_print / total
+    # Counted, not indexed: ink[~structure] copied most of the page (1.3 ms of a page's 50).
+    chance = (np.count_nonzero(ink) - on_print) / (structure.size - total)
     return max(0.0, (found - chance) / (1.0 - chance)) if chance < 1 else 0.0
