@@ -35,6 +35,7 @@ from formreader.reading.register import prepare_reference  # noqa: E402
 from formreader.reading.strings import segment_string  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.datasets import load_mnist, load_orand  # noqa: E402
+from formreader.training.evaluate import rate_interval  # noqa: E402
 from formreader.training.synth import DigitSource, make_checks, scan, write_number  # noqa: E402
 
 
@@ -48,7 +49,9 @@ def score(results: list[tuple], thresholds: bool = False) -> None:
     flagged = status != "ok"
     wrong, unflagged = int((~right).sum()), int((~right & ~flagged).sum())
     print(f"  {len(results)} fields: string accuracy {right.mean():.1%}, digit accuracy {digits:.1%}, with separators {raw:.1%}")
-    print(f"  {flagged.mean():.1%} flagged for review; {unflagged} wrong strings NOT flagged (of {wrong} wrong)")
+    low, high = rate_interval(unflagged, len(flagged))
+    print(f"  {flagged.mean():.1%} flagged for review; {unflagged} wrong strings NOT flagged (of {wrong} wrong; "
+          f"{unflagged / max(len(flagged), 1):.2%} of fields, 95% interval {low:.2%}-{high:.2%})")
     if not thresholds:
         return
     print("  review threshold: flagged / wrong NOT flagged:")

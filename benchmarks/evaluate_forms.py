@@ -31,7 +31,7 @@ from formreader.reading.classify import DigitClassifier  # noqa: E402
 from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
-from formreader.training.evaluate import held_out_writers  # noqa: E402
+from formreader.training.evaluate import held_out_writers, rate_interval  # noqa: E402
 from formreader.training.synth import FORM_STYLES, scanned_forms  # noqa: E402
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
@@ -108,7 +108,9 @@ def print_table(title: str, rows: list) -> None:
     right = sum(r["accuracy"] * r["fields"] for *_, r in rows) / total
     flagged = sum(r["flagged"] * r["fields"] for *_, r in rows) / total
     slipped = sum(r["wrong_unflagged"] for *_, r in rows)
-    print(f"  {'all':69} {total:6d} {right:7.2%} {flagged:8.1%} {slipped / total:8.2%} ({slipped})")
+    low, high = rate_interval(slipped, total)
+    print(f"  {'all':69} {total:6d} {right:7.2%} {flagged:8.1%} {slipped / total:8.2%} ({slipped}; "
+          f"95% interval {low:.2%}-{high:.2%})")
 
 
 def main() -> None:

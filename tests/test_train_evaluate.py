@@ -10,6 +10,7 @@ from formreader.training.evaluate import (
     confusion_matrix,
     evaluate_probabilities,
     expected_calibration_error,
+    rate_interval,
     risk_at_coverage,
     risk_coverage,
 )
@@ -85,6 +86,15 @@ def test_ece_on_a_known_case():
     p = np.array([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 2)
     labels = np.array([0, 0, 0, 1, 0, 1])
     assert expected_calibration_error(p, labels, bins=10) == pytest.approx(0.1 + 0.1 / 3)
+
+
+def test_the_interval_of_a_rate_of_a_few_per_thousand():
+    # Wilson's interval: 11 wrong fields of 2,160 (0.51%) could be 0.28-0.91% on the whole
+    # population; none of 1,000 is not "none": up to z^2 / (n + z^2), 0.38%.
+    low, high = rate_interval(11, 2160)
+    assert (round(low, 4), round(high, 4)) == (0.0028, 0.0091)
+    assert rate_interval(0, 1000) == (0.0, pytest.approx(1.96**2 / (1000 + 1.96**2)))
+    assert rate_interval(110, 21600)[1] - rate_interval(110, 21600)[0] < (high - low) / 3  # ten times the fields
 
 
 def test_confusion_and_risk_coverage_on_a_known_case():

@@ -59,6 +59,17 @@ def risk_at_coverage(confidence: np.ndarray, correct: np.ndarray, coverage: floa
     return float(risk[k - 1])
 
 
+def rate_interval(count: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% (Wilson score) interval of a rate seen as `count` of `total`: a handful of wrong
+    fields let through is a noisy figure, and the aims are rates of a few per thousand."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = count / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 @dataclass
 class Evaluation:
     accuracy: float
