@@ -79,7 +79,7 @@ def ink_intensity(grey: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> t
     g = grey.astype(np.float32)
     n, h, w = g.shape
     if min(h, w) >= 12:  # scanner noise, not stroke detail; each crop's edge mirrored as alone
-        padded = np.pad(g, ((0, 0), (1, 1), (0, 0)), mode="reflect").reshape(-1, w)
+        padded = np.concatenate([g[:, 1:2], g, g[:, -2:-1]], axis=1).reshape(-1, w)  # np.pad's "reflect", faster
         g = cv2.GaussianBlur(padded, (3, 3), 0.6).reshape(n, h + 2, w)[:, 1:-1]
     # The statistics below are order statistics of grey levels: read off each crop's histogram
     # of whole levels rather than sorting its pixels again for each.
@@ -508,7 +508,7 @@ def remove_frames(masks: np.ndarray, interiors: list[Box], reach: float = 0.04, 
         crops = _unmosaic(labels, n, h)
         reaching = np.zeros(count, bool)
         for i, (rows, cols) in enumerate(insides):
-            reaching[np.unique(crops[i, rows, cols])] = True
+            reaching[crops[i, rows, cols].ravel()] = True
         reaching[0] = False
         out[group] = reaching[crops]
     return out
