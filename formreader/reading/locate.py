@@ -159,14 +159,13 @@ def refine_cells(aligned: np.ndarray, cells: list[Box], dpi: float, min_overlap:
     if not found:
         return [(c, False) for c in cells]
     found = [(x + x0, y + y0, w, h) for x, y, w, h in found]
-    found_arr = np.array(found, dtype=np.float64)
+    ious = _iou(np.array(cells, dtype=np.float64), np.array(found, dtype=np.float64))  # (cells, found)
     out = []
-    for cell in cells:
-        ious = _iou(np.array(cell, dtype=np.float64), found_arr)
-        best = int(np.argmax(ious))
+    for cell, row in zip(cells, ious):
+        best = int(np.argmax(row))
         _, _, fw, fh = found[best]
         same_size = abs(fw - cell[2]) <= 0.1 * cell[2] and abs(fh - cell[3]) <= 0.1 * cell[3]
-        out.append((found[best], True) if ious[best] >= min_overlap and same_size else (cell, False))
+        out.append((found[best], True) if row[best] >= min_overlap and same_size else (cell, False))
     return out
 
 
@@ -183,13 +182,15 @@ def overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x0 = np.maximum(box[0], boxes[:, 0])
-    y0 = np.maximum(box[1], boxes[:, 1])
-    x1 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
-    y1 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of each box of `a` (N, 4) with each of `b` (M, 4), (x, y, w, h): (N, M)."""
+    a, b = a[:, None, :], b[None, :, :]
+    x0 = np.maximum(a[..., 0], b[..., 0])
+    y0 = np.maximum(a[..., 1], b[..., 1])
+    x1 = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2])
+    y1 = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
+    return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
 
 
 def cell_crop(page: np.ndarray, box: Box, margin: float = 0.15) -> np.ndarray:
