@@ -727,10 +727,12 @@ def review(results, port, reviewer) -> None:
     Serves a page on 127.0.0.1 with a random token in its URL: the flagged fields least sure
     first, each cut from its page; Enter accepts the reading or saves what you typed, x marks it
     unreadable, the arrow keys go back and forth. Each decision is kept at once (RESULTS'
-    .reviews.jsonl) and written into the CSVs (and the .xlsx beside them, if there is one)."""
+    .reviews.jsonl) and written into the CSVs (and the .xlsx beside them, if there is one) in the
+    background, so that a click never waits for a large batch's files."""
     _need("flask", "web")
     import getpass
     import secrets
+    import signal
 
     from werkzeug.serving import make_server
 
@@ -738,6 +740,8 @@ def review(results, port, reviewer) -> None:
     from formreader.review.server import create_review_app
 
     token = secrets.token_urlsafe(24)
+    # SIGTERM (`kill`) stops the station as Ctrl-C does: the last decisions written into the results.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app = create_review_app(results, reviewer or getpass.getuser(), token)
     except (FileNotFoundError, OSError) as e:
@@ -753,6 +757,7 @@ def review(results, port, reviewer) -> None:
             try:
                 server.serve_forever()
             except KeyboardInterrupt:
+                app.extensions["formreader.results_writer"].wait(timeout=60)  # the last decisions into the CSVs
                 click.echo("\nformreader: review stopped; every decision made is kept", err=True)
     except OutputBusyError as e:
         _fail(str(e))

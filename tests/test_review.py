@@ -10,14 +10,18 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from formreader.export import as_number
-from formreader.review.decisions import apply_decisions, decide
+from formreader import export
+from formreader.export import as_number, results_complete
+from formreader.review.decisions import ACTIONS, apply_decisions, decide
 
 from .conftest import SCANS, TEMPLATE, run_cli
 
@@ -56,11 +60,34 @@ def fields_csv(results: Path) -> pd.DataFrame:
     return pd.read_csv(results, dtype=str, keep_default_na=False)
 
 
-def row(results: Path, decision: dict) -> pd.Series:
-    table = fields_csv(results)
-    hit = table[(table.file == decision["file"]) & (table.page == str(decision["page"])) & (table.field == decision["field"])]
-    assert len(hit) == 1
-    return hit.iloc[0]
+def row(results: Path, decision: dict, timeout: float = 30.0) -> pd.Series:
+    """The decision's row of the fields CSV once the station has written the decision into the
+    results (it does so in the background), the whole set of CSVs swapped in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = fields_csv(results)
+        hit = table[(table.file == decision["file"]) & (table.page == str(decision["page"])) & (table.field == decision["field"])]
+        assert len(hit) == 1
+        written = hit.iloc[0].status == ACTIONS.get(decision["action"]) and results_complete(results)
+        if written or time.monotonic() > deadline:
+            return hit.iloc[0]
+        time.sleep(0.05)
+
+
+def workbook_values(path: Path, wanted, timeout: float = 30.0) -> list:
+    """Every cell value of the workbook's 'fields' sheet, once `wanted` is among them (the
+    station writes the workbook after the CSVs)."""
+    from openpyxl import load_workbook
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            values = [c.value for r in load_workbook(path)["fields"].iter_rows() for c in r]
+        except (OSError, KeyError, zipfile.BadZipFile):
+            values = []
+        if wanted in values or time.monotonic() > deadline:
+            return values
+        time.sleep(0.05)
 
 
 def decisions(results: Path) -> list[dict]:
@@ -114,7 +141,7 @@ def test_a_batch_reviewed_with_the_keyboard_only(batch, browser):
         # a number where the template calls the field numeric.
         numeric = dict(book["settings"].iter_rows(min_row=2, values_only=True))["numeric_fields"].split()
         written = as_number("0123")[0] if second["field"] in numeric else "0123"
-        assert written in [c.value for r in book["fields"].iter_rows() for c in r]
+        assert written in workbook_values(batch.with_suffix(".xlsx"), written)
 
         page.keyboard.press("x")  # 3: unreadable
         page.wait_for_function("document.getElementById('progress').textContent.startsWith('4 of')")
@@ -177,6 +204,43 @@ def test_only_the_token_and_the_results_own_pictures_get_through(processed):
         res = client.post("/api/decide?token=s3cret", json=bad)
         assert res.status_code == 400 and res.get_json()["error"]
     assert not processed.with_name("results.reviews.jsonl").exists()  # nothing refused was recorded
+
+
+def test_a_click_never_waits_for_the_results_to_be_written(batch, monkeypatch):
+    """A decision is answered once it is journaled; the CSVs are written again in the background,
+    the decisions made meanwhile together; a station stopped before writing them (killed) writes
+    them when it starts again."""
+    from formreader.review.server import create_review_app
+
+    release, rewrite, writings = threading.Event(), export.rewrite_results, []
+    monkeypatch.setattr(export, "rewrite_results", lambda *a: writings.append(1) or release.wait(30) and rewrite(*a))
+    app = create_review_app(batch, "clerk", token="t")
+    client = app.test_client()
+    items = client.get("/api/items?token=t").get_json()["items"][:3]
+    bodies = [{"file": f["file"], "page": f["page"], "field": f["field"], "action": "correct", "value": "0123"} for f in items]
+    assert client.post("/api/decide?token=t", json=bodies[0]).status_code == 200
+    while not writings:  # the first click's writing has begun, and is held up
+        time.sleep(0.01)
+    for body in bodies[1:]:  # two more clicks meanwhile: each answered at once
+        assert client.post("/api/decide?token=t", json=body).status_code == 200
+    assert len(decisions(batch)) == 3 and fields_csv(batch).status.isin(["corrected"]).sum() == 0
+    writer = app.extensions["formreader.results_writer"]
+    assert not writer.wait(timeout=0.2)
+    release.set()
+    assert writer.wait(timeout=30)
+    assert [row(batch, b, timeout=0).status for b in bodies] == ["corrected"] * 3
+    assert len(writings) == 2  # the first click's writing, then the two clicks made meanwhile together
+
+    # A station killed before it wrote a decision: the next one writes it when it starts.
+    release.clear()
+    more = {**bodies[0], "value": "0456"}
+    assert client.post("/api/decide?token=t", json=more).status_code == 200  # its writing held up
+    monkeypatch.setattr(export, "rewrite_results", rewrite)
+    again = create_review_app(batch, "clerk", token="t")
+    assert again.extensions["formreader.results_writer"].wait(timeout=30)
+    assert row(batch, more, timeout=0).reviewed_value == "0456"
+    release.set()
+    assert writer.wait(timeout=30)  # the first station's held-up writing ends too
 
 
 def test_a_decision_holds_only_for_the_reading_it_was_made_on():
