@@ -176,6 +176,11 @@ def journal_lines(path: Path) -> Iterator[tuple[str, dict]]:
                 yield line, rec
 
 
+def journal_settings(path: Path) -> dict:
+    """The settings a run's journal records (its first 'run' line): what decided its results."""
+    return next((rec for _, rec in journal_lines(path) if rec.get("kind") == "run"), {}).get("settings", {})
+
+
 def journal_records(path: Path) -> Iterator[dict]:
     """The page records (and unreadable files' records) in a run's journal, in the order
     they were recorded, read from disk as they are taken."""
@@ -475,11 +480,8 @@ def write_workbook(results: Path, xlsx: Path) -> int:
     missing = {"file", "page", "field", "value", "status", "reasons", "confidence"} - set(fields.columns)
     if missing:
         raise NotResultsError(f"{results}: not the results of formreader process (no column {', '.join(sorted(missing))})")
-    settings = {}
     journal = journal_path_for(results)
-    if journal.exists():
-        with open(journal) as fh:
-            settings = json.loads(fh.readline() or "{}").get("settings", {})
+    settings = journal_settings(journal) if journal.exists() else {}
     write_xlsx(fields, errors, {"results": str(results), **settings}, xlsx)
     return fields[["file", "page"]].drop_duplicates().shape[0]
 

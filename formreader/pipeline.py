@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.export import journal_lines, view_name, write_atomically
+from formreader.export import journal_lines, journal_settings, view_name, write_atomically
 from formreader.reading.classify import (
     NUM_CLASSES,
     DigitClassifier,
@@ -326,11 +326,22 @@ def read_page(
 ) -> PageRead:
     """Read one page completely (threshold: see read_segmented). A page that cannot be registered
     comes back with `error` set."""
+    return _read(page, template, classifier, features, threshold)[0]
+
+
+def _read(
+    page: Page,
+    template: Template | Sequence[Template],
+    classifier: DigitClassifier,
+    features: ReferenceFeatures | Sequence | None = None,
+    threshold: float | None = None,
+) -> tuple[PageRead, SegmentedPage | None]:
+    """read_page, and the segmented page it was read from (None where it could not be registered)."""
     try:
         seg = segment_page(page, template, features)
     except RegistrationError as e:
-        return PageRead(page.source, page.page, error=str(e))
-    return read_segmented(seg, template, classifier, threshold)
+        return PageRead(page.source, page.page, error=str(e)), None
+    return read_segmented(seg, template, classifier, threshold), seg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,14 +425,11 @@ def _read_or_error(page: Page | PdfPage, state: dict | None = None):
         if isinstance(page, PageError):
             return page
     try:
-        seg = segment_page(page, state["template"], state["features"])
-        read = read_segmented(seg, state["template"], state["classifier"], state["threshold"])
-    except RegistrationError as e:
-        return PageRead(page.source, page.page, error=str(e)), None
+        read, seg = _read(page, state["template"], state["classifier"], state["features"], state["threshold"])
     except Exception as e:  # one broken page must not stop the batch
         return PageRead(page.source, page.page, error=f"internal error while reading page: {type(e).__name__}: {e}"), None
     view = None
-    if state["views"]:
+    if state["views"] and seg is not None:
         view = cv2.imencode(".jpg", seg.registration.aligned, [cv2.IMWRITE_JPEG_QUALITY, VIEW_QUALITY])[1].tobytes()
     return read, view
 
@@ -451,8 +459,7 @@ class Journal:
             raise JournalError(f"an interrupted run left {path}: pass --resume to keep the pages it finished, "
                                "or delete that file to start afresh")
         if resume and path.exists():
-            run = next((rec for _, rec in journal_lines(path) if rec.get("kind") == "run"), {})
-            before = run.get("settings", {})
+            before = journal_settings(path)
             differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             if differ:
                 raise JournalError(f"--resume refused: the earlier run had other settings ({', '.join(differ)}); "
