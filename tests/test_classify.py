@@ -87,3 +87,28 @@ def test_model_card_without_temperature(tmp_path):
     path.with_suffix(".json").write_text(json.dumps({"classes": []}))
     with pytest.raises(ModelError, match="temperature"):
         DigitClassifier.load(path)
+
+
+def test_the_companion_reads_only_the_cells_the_digit_network_is_unsure_of(classifier, monkeypatch):
+    """Boxed cells: the digit network's probabilities where it is at least the card's
+    companion_gate sure, the two networks' mean elsewhere, and the companion run on those alone.
+    On writers neither network saw (the CVL validation and NSYSU fixtures) the readings are the
+    full pair's, cell for cell."""
+    from formreader.reading.segment import segment_crops
+    from formreader.training.datasets import load_cvl, load_nsysu
+
+    crops = np.concatenate([load_cvl("valid")[0][:150], load_nsysu()[0][:150]])
+    images, _ = segment_crops(list(crops))
+    gate = classifier.meta["companion_gate"]
+    alone = classifier.probabilities(images)
+    pair = (alone + classifier.companion.probabilities(images)) / 2
+    sure = alone.max(1) >= gate
+    assert 0.2 < sure.mean() < 0.95  # both kinds of cell are here
+    asked = []
+    companion_probabilities = classifier.companion.probabilities
+    monkeypatch.setattr(classifier.companion, "probabilities", lambda x: asked.append(len(x)) or companion_probabilities(x))
+    cells = classifier.cell_probabilities(images)
+    assert asked == [int((~sure).sum())]
+    assert np.array_equal(cells[sure], alone[sure])
+    assert np.allclose(cells[~sure], pair[~sure], atol=1e-6)
+    assert np.array_equal(cells.argmax(1), pair.argmax(1))
