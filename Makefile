@@ -60,3 +60,4 @@ evaluate: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_review.py

@@ -251,3 +251,32 @@ def test_a_decision_holds_only_for_the_reading_it_was_made_on():
     reread = [{**records[0], "fields": [{**records[0]["fields"][0], "value": "11"}]}]
     assert next(apply_decisions(reread, {key: d}))["fields"][0]["status"] == "review"
     assert records[0]["fields"][0]["status"] == "review"  # the records given are not changed
+
+
+def test_the_station_reads_each_page_from_the_journal_as_it_is_now(batch):
+    """The station keeps where each page's record lies in the journal, not the records: after the
+    journal changed on disk (every line elsewhere, a page read otherwise), a decision finds the
+    field as the journal now has it, and the list shows the new reading."""
+    from formreader.review.server import create_review_app
+
+    app = create_review_app(batch, "clerk", token="t")
+    client = app.test_client()
+    item = client.get("/api/items?token=t").get_json()["items"][0]
+    journal = export.journal_path_for(batch)
+    lines = journal.read_text().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    target = next(r for r in records if (r.get("source"), r.get("page")) == (item["file"], item["page"]))
+    field = next(f for f in target["fields"] if f["field"] == item["field"])
+    field["value"] = field["text"] = field["value"] + "9"  # the rerun read it otherwise
+    # A run line ahead of the rest shifts every page's line; records rewritten in reverse.
+    rest = [json.dumps(r) + "\n" if r is target else line for r, line in zip(records[1:], lines[1:])]
+    rewritten = [lines[0], lines[0], *rest[::-1]]
+    journal.write_text("".join(rewritten))
+    stale = {"file": item["file"], "page": item["page"], "field": item["field"], "action": "confirm"}
+    answer = client.post("/api/decide?token=t", json=stale)
+    assert answer.status_code == 200 and answer.get_json()["value"] == field["value"]
+    assert decisions(batch)[-1]["read"] == field["value"]  # the decision is on the reading the journal has now
+    listed = client.get("/api/items?token=t").get_json()["items"]
+    assert any(i["file"] == item["file"] and i["page"] == item["page"] and i["value"] == field["value"] for i in listed)
+    assert app.extensions["formreader.results_writer"].wait(timeout=30)
+    assert row(batch, stale).reviewed_value == field["value"]

@@ -59,10 +59,12 @@ def apply_decisions(records: Iterable[dict], decisions: dict[str, dict]) -> Iter
     """Page records with each decided field's final status, reviewed value, reviewer and time,
     as they are taken (new dicts; the records given are not changed). A decision made on
     another reading than the record's is left out."""
+    # By plain tuples: field_key's JSON for every field of a large batch cost more than the rest.
+    by_field = {(d["file"], int(d["page"]), d["field"]): d for d in decisions.values()}
     for rec in records:
         fields = []
         for f in rec.get("fields", []):
-            d = decisions.get(field_key(rec["source"], rec["page"], f["field"]))
+            d = by_field.get((rec["source"], rec["page"], f["field"]))
             if d is not None and d.get("read") == f["value"]:
                 decided = {"reviewed_value": d["value"], "reviewed_by": d["by"], "reviewed_at": d["at"]}
                 f = {**f, "status": ACTIONS[d["action"]], "machine_status": f["status"], **decided}

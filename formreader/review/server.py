@@ -171,6 +171,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     request must carry `token`; the Host must be a loopback name."""
 
     from formreader.export import (
+        JournalIndex,
         corrections_path_for,
         display_path,
         journal_path_for,
@@ -198,11 +199,13 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     journal = journal_path_for(results)
     if not journal.exists():
         raise FileNotFoundError(f"{journal} not found: review needs the results of `formreader process --out {results}`")
-    records = list(journal_records(journal))
+    # The station holds where each page's record lies, not the records: a batch of 10,000 pages
+    # would hold 200 MB of them. Lists of fields are read from the journal when asked for.
+    index = JournalIndex(journal)
     reviews, views, corrections = reviews_path_for(results), views_path_for(results), corrections_path_for(results)
-    pictures = {view_name(r["source"], r["page"]) for r in records if not r.get("error")}
+    pictures = {view_name(source, page) for source, page in index.read}
     writing = threading.Lock()  # one decision journaled at a time
-    writer = ResultsWriter(lambda: rewrite_results(results, apply_decisions(records, load_decisions(reviews))))
+    writer = ResultsWriter(lambda: rewrite_results(results, apply_decisions(journal_records(journal), load_decisions(reviews))))
     if reviews.exists():
         writer.ask()
     app = Flask(__name__, static_folder=None)
@@ -236,9 +239,10 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     @app.get("/api/items")
     def items():
         field = request.args.get("field") or None
-        current = apply_decisions(records, load_decisions(reviews))
-        names = list(dict.fromkeys(f["field"] for r in records for f in r.get("fields", [])))
-        return jsonify(items=[item_json(f) for f in review_items(current, field)], fields=names, reviewer=reviewer)
+        current = apply_decisions(journal_records(journal), load_decisions(reviews))
+        listed = [item_json(f) for f in review_items(current, field)]
+        index.refresh()
+        return jsonify(items=listed, fields=index.fields, reviewer=reviewer)
 
     @app.post("/api/decide")
     def decide_field():
@@ -246,8 +250,9 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         if not isinstance(body, dict):
             abort(400, "a JSON object is expected: {file, page, field, action, value}")
         try:
+            source, number = str(body.get("file")), int(body.get("page", 0))
             decision = decide(
-                records, str(body.get("file")), int(body.get("page", 0)), str(body.get("field")),
+                page_records(source, number), source, number, str(body.get("field")),
                 str(body.get("action")), str(body.get("value", "")), reviewer,
             )
         except (ReviewError, ValueError, TypeError) as e:
@@ -257,6 +262,11 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
             keep_labelled_digits(decision)
         writer.ask()
         return jsonify(status=ACTIONS[decision["action"]], value=decision["value"])
+
+    def page_records(source: str, page: int) -> list[dict]:
+        """The one page's record, read from the journal, as the decisions' functions take records."""
+        found = index.record(source, page)
+        return [found] if found else []
 
     def keep_labelled_digits(decision: dict) -> None:
         """Save the digits of a confirmed or corrected boxed field as labelled crops (the
@@ -269,7 +279,8 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         picture_path = views / view_name(decision["file"], decision["page"])
         if decision["action"] == "unreadable" or not picture_path.exists():
             return
-        field = find_field(records, decision["file"], decision["page"], decision["field"])
+        source, number = decision["file"], decision["page"]
+        field = find_field(page_records(source, number), source, number, decision["field"])
         picture = cv2.imread(str(picture_path), cv2.IMREAD_GRAYSCALE)
         for cell, image, label in labelled_cells(field, picture, decision["value"]):
             png = cv2.imencode(".png", np.round(image * 255).astype(np.uint8))[1].tobytes()
