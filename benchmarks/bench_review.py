@@ -6,8 +6,10 @@ Reads the shipped samples once (`formreader process`, 10 pages), then writes, fo
 a batch's journal of that many pages by repeating their records under other file names, and
 starts the review station on it in this process (Flask's test client; the browser adds nothing
 the server does). Prints, per size: the Python memory the station holds once started and at most
-while starting (tracemalloc), the start, listing the fields to review (`GET /api/items`) and one
-decision (`POST /api/decide`: the answer, then the results written again in the background).
+while starting (tracemalloc), the start, the first window of the list of fields to review as the
+page asks for it (`GET /api/items`, 100 fields), a window in the middle of the list, the bytes of
+a window, one decision (`POST /api/decide`: the answer, then the results written again in the
+background) and one field on every page (`?field=`, its first window).
 """
 
 from __future__ import annotations
@@ -64,17 +66,24 @@ def measure(results: Path) -> str:
     started = time.perf_counter() - start
     client = app.test_client()
     start = time.perf_counter()
-    items = client.get("/api/items?token=t").get_json()["items"]
+    answer = client.get("/api/items?token=t")
     listed = time.perf_counter() - start
-    item = items[len(items) // 2]
+    first = answer.get_json()
+    middle = first["total"] // 2
+    start = time.perf_counter()
+    item = client.get(f"/api/items?token=t&start={middle}&count=1").get_json()["items"][0]
+    windowed = time.perf_counter() - start
     body = {"file": item["file"], "page": item["page"], "field": item["field"], "action": "confirm"}
     start = time.perf_counter()
     assert client.post("/api/decide?token=t", json=body).status_code == 200
     answered = time.perf_counter() - start
     app.extensions["formreader.results_writer"].wait()
     written = time.perf_counter() - start
-    return (f"{held / 2**20:8.1f} {peak / 2**20:8.1f} {started:7.2f} {len(items):7d} {listed:7.2f} "
-            f"{answered * 1000:8.1f} {written:8.2f}")
+    start = time.perf_counter()
+    client.get(f"/api/items?token=t&field={item['field']}")
+    one_field = time.perf_counter() - start
+    return (f"{held / 2**20:8.1f} {peak / 2**20:8.1f} {started:7.2f} {first['total']:7d} {listed:7.2f} {windowed:8.2f} "
+            f"{len(answer.data) / 1024:6.0f} {answered * 1000:8.1f} {written:8.2f} {one_field:7.2f}")
 
 
 def main() -> None:
@@ -84,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sample = sample_run(tmp)
-        print("pages  held MiB peak MiB start s   items items s click ms  write s")
+        print("pages  held MiB peak MiB start s   items first s middle s    KiB click ms  write s field s")
         for pages in args.pages:
             print(f"{pages:5d}", measure(large_batch(sample, tmp, pages)), flush=True)
 

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -199,33 +200,44 @@ def journal_records(path: Path) -> Iterator[dict]:
 class JournalIndex:
     """Where each page's record lies in a run's journal, so that one page is read back from disk
     when it is asked for and the batch is never held in memory (a page's record is about 20 KiB
-    as Python objects, its place here about 0.2). Also the batch's field names, in the order they
-    first appear, and the pages that were read (not unreadable). A journal changed since it was
-    indexed (a `process --resume` rewrites it) is indexed again before it is read."""
+    as Python objects, its place here about 0.2). Also what the review station lists without
+    reading records: the batch's field names in the order they first appear, each page's field
+    names, the fields the run flagged (least confident first, with their readings) and the
+    pictures of the pages that were read (not unreadable). A journal changed since it was indexed
+    (a `process --resume` rewrites it) is indexed again before it is read."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._stamp: tuple[int, int] | None = None
+        self.stamp: tuple[int, int] | None = None
         self.refresh()
 
     def refresh(self) -> None:
         """Index the journal again if it changed since it was last indexed."""
         info = os.stat(self.path)
-        if (info.st_size, info.st_mtime_ns) == self._stamp:
+        if (info.st_size, info.st_mtime_ns) == self.stamp:
             return
         offsets: dict[tuple[str, int], int] = {}
+        page_fields: dict[tuple[str, int], tuple[str, ...]] = {}
+        forms: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple of names shared by a form's pages
+        flagged: dict[tuple[str, int], list[tuple[float, str, str]]] = {}
         read: set[tuple[str, int]] = set()
-        fields: dict[str, None] = {}
         for at, _, rec in _journal_entries(self.path):
             if rec.get("kind") != "page":
                 continue
             key = (rec["source"], rec["page"])
-            offsets[key] = at
-            if not rec.get("error"):
-                read.add(key)
-            fields.update(dict.fromkeys(f["field"] for f in rec.get("fields", [])))
+            offsets[key] = at  # a page recorded twice counts as its last record
+            fields = rec.get("fields", [])
+            names = forms.setdefault(tuple(f["field"] for f in fields), tuple(sys.intern(f["field"]) for f in fields))
+            page_fields[key] = names
+            flagged[key] = [(f["confidence"], name, f["value"]) for name, f in zip(names, fields) if f["status"] != "ok"]
+            (read.discard if rec.get("error") else read.add)(key)
+        order = sorted(((c, key, name, value) for key, found in flagged.items() for c, name, value in found), key=lambda x: x[0])
         # Assigned whole, each at once: a request in another thread sees the old index or the new.
-        self.offsets, self.read, self.fields, self._stamp = offsets, read, list(fields), (info.st_size, info.st_mtime_ns)
+        self.offsets, self.page_fields = offsets, page_fields
+        self.fields = list(dict.fromkeys(name for names in forms for name in names))
+        self.flagged = [(*key, name, value) for _, key, name, value in order]
+        self.pictures = {view_name(*key) for key in read}
+        self.stamp = (info.st_size, info.st_mtime_ns)
 
     def record(self, source: str, page: int) -> dict | None:
         """The record of one page, read from the journal; None when the journal has no such page."""

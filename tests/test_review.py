@@ -280,3 +280,111 @@ def test_the_station_reads_each_page_from_the_journal_as_it_is_now(batch):
     assert any(i["file"] == item["file"] and i["page"] == item["page"] and i["value"] == field["value"] for i in listed)
     assert app.extensions["formreader.results_writer"].wait(timeout=30)
     assert row(batch, stale).reviewed_value == field["value"]
+
+
+def repeated_batch(batch: Path, times: int) -> Path:
+    """The batch's pages recorded `times` over under other file names (each with its picture), as
+    a large batch would be: its journal is written again, its CSVs are not needed."""
+    journal = export.journal_path_for(batch)
+    lines = journal.read_text().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines if json.loads(line).get("kind") == "page"]
+    views = export.views_path_for(batch)
+    out = [lines[0]]
+    for k in range(times):
+        for rec in records:
+            copy = {**rec, "source": f"{k:03d}-{rec['source']}"}
+            picture = views / export.view_name(rec["source"], rec["page"])
+            shutil.copy(picture, views / export.view_name(copy["source"], copy["page"]))
+            out.append(json.dumps(copy) + "\n")
+    journal.write_text("".join(out))
+    return batch
+
+
+def test_the_list_comes_in_windows_that_make_the_whole(batch):
+    """A large batch's fields to review are sent a window at a time: the windows together are
+    every flagged field, least confident first; without `start` the window holding the first
+    field not decided comes, with how many are decided; one field across the batch likewise."""
+    from formreader.review.server import create_review_app
+
+    repeated_batch(batch, 12)
+    records = list(export.journal_records(export.journal_path_for(batch)))
+    flagged = sorted(
+        ((f["confidence"], r["source"], r["page"], f["field"]) for r in records for f in r["fields"] if f["status"] != "ok"),
+        key=lambda x: x[0],
+    )
+    assert len(flagged) > 150
+    client = create_review_app(batch, "clerk", token="t").test_client()
+    windows = [client.get(f"/api/items?token=t&start={s}&count=64").get_json() for s in range(0, len(flagged) + 64, 64)]
+    listed = [(i["confidence"], i["file"], i["page"], i["field"]) for w in windows for i in w["items"]]
+    assert listed == flagged and windows[-1]["items"] == []
+    assert {(w["total"], w["decided"], w["first"]) for w in windows} == {(len(flagged), 0, 0)}
+
+    for _, source, page, field in flagged[:70]:  # the first 70 decided: the list resumes at the 71st
+        body = {"file": source, "page": page, "field": field, "action": "unreadable"}
+        assert client.post("/api/decide?token=t", json=body).status_code == 200
+    resumed = client.get("/api/items?token=t&count=64").get_json()
+    assert (resumed["start"], resumed["first"], resumed["decided"]) == (64, 70, 70)
+    assert [i["status"] for i in resumed["items"][:7]] == ["unreadable"] * 6 + ["review"]
+
+    name = flagged[0][3]
+    on_every_page = client.get(f"/api/items?token=t&field={name}&start=0&count=1000").get_json()
+    pages = [(r["source"], r["page"]) for r in records if any(f["field"] == name for f in r["fields"])]
+    assert [(i["file"], i["page"]) for i in on_every_page["items"]] == pages
+    decided_here = sum(1 for _, s, p, f in flagged[:70] if f == name)
+    assert on_every_page["decided"] == decided_here > 0
+    for bad in ("count=0", "count=1001", "start=-1", "start=x"):
+        assert client.get(f"/api/items?token=t&{bad}").status_code == 400, bad
+
+
+def test_a_clerk_moves_across_windows_in_the_browser(batch, browser):
+    """With more fields than a window, the page resumes in a later window and goes back into the
+    one before, each fetched when needed."""
+    from formreader.review.server import WINDOW, create_review_app
+
+    repeated_batch(batch, 8)
+    client = create_review_app(batch, "clerk", token="t").test_client()
+    first = client.get(f"/api/items?token=t&start=0&count={WINDOW}").get_json()
+    assert first["total"] > WINDOW + 1
+    for item in first["items"]:  # the whole first window decided
+        body = {"file": item["file"], "page": item["page"], "field": item["field"], "action": "confirm"}
+        assert client.post("/api/decide?token=t", json=body).status_code == 200
+    proc, url = start_station(batch)
+    try:
+        page = browser.new_page()
+        asked = []
+        page.on("request", lambda r: asked.append(r.url) if "/api/items" in r.url else None)
+        page.goto(url)
+        page.wait_for_function("document.getElementById('progress').textContent.includes(' of ')")
+        assert progress(page) == f"{WINDOW + 1} of {first['total']}"
+        assert page.text_content("#decided") == f"{WINDOW} decided"
+        page.keyboard.press("ArrowUp")  # into the first window, fetched now
+        page.wait_for_function("document.getElementById('decision').textContent.startsWith('confirmed')")
+        assert progress(page) == f"{WINDOW} of {first['total']}"
+        last = first["items"][-1]
+        assert f"page {last['page']} " in page.text_content("#where") and page.input_value("#value") == last["text"]
+        assert any("start=0" in u for u in asked)
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("Enter")  # the 101st confirmed
+        page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('{WINDOW + 2} of')")
+        assert page.text_content("#decided") == f"{WINDOW + 1} decided"
+        assert len(decisions(batch)) == WINDOW + 1
+        page.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_pictures_of_pages_added_since_the_station_started_are_served(batch):
+    from formreader.review.server import create_review_app
+
+    client = create_review_app(batch, "clerk", token="t").test_client()
+    journal = export.journal_path_for(batch)
+    rec = next(r for r in export.journal_records(journal) if r.get("fields"))
+    added = {**rec, "source": "later.pdf"}
+    views = export.views_path_for(batch)
+    name = export.view_name(added["source"], added["page"])
+    shutil.copy(views / export.view_name(rec["source"], rec["page"]), views / name)
+    assert client.get(f"/view/{name}?token=t").status_code == 404  # not of these results yet
+    with open(journal, "a", encoding="utf-8") as fh:  # a `process --resume` read one more file
+        fh.write(json.dumps(added) + "\n")
+    assert client.get(f"/view/{name}?token=t").status_code == 200

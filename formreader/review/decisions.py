@@ -17,11 +17,13 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from formreader.export import JournalIndex
 from formreader.reading.locate import cell_crop, cell_interior
 from formreader.reading.segment import segment_digit
 
@@ -135,18 +137,51 @@ def labelled_cells(field: dict, picture: np.ndarray, text: str) -> list[tuple[in
     return out
 
 
-def review_items(records: list[dict], field: str | None = None) -> list[dict]:
-    """What the station shows, in order: every field formreader flagged (decided or not), least
-    confident first; or, with `field`, that field on every page in reading order (to
-    check one field across a batch)."""
-    items = []
-    for rec in records:
-        for f in rec.get("fields", []):
-            if field is None and f.get("machine_status", f["status"]) == "ok":
-                continue
-            if field is not None and f["field"] != field:
-                continue
-            items.append({**f, "source": rec["source"], "page": rec["page"]})
+@dataclass
+class ReviewList:
+    """The fields the station shows, in order, as (source, page, field); how many of them a
+    decision holds for, and the position of the first that has none (len(keys) when all have)."""
+
+    keys: list[tuple[str, int, str]]
+    decided: int
+    first: int
+
+
+def review_list(index: JournalIndex, decisions: dict[str, dict], field: str | None = None) -> ReviewList:
+    """Every field the run flagged (decided or not), least confident first; or, with `field`, that
+    field on every page that has it, in reading order (to check one field across a batch). From
+    the journal's index: only the pages a decision was made on are read, and only when the list
+    is of one field (the index holds the flagged fields' readings, not every field's)."""
+    read_as = {(d["file"], int(d["page"]), d["field"]): d.get("read") for d in decisions.values()}
     if field is None:
-        items.sort(key=lambda f: f["confidence"])
-    return items
+        keys = [(source, page, name) for source, page, name, _ in index.flagged]
+        holds = [read_as.get(k, _NONE) == value for k, (*_, value) in zip(keys, index.flagged)]
+    else:
+        keys = [(source, page, field) for (source, page), names in index.page_fields.items() if field in names]
+        holds = [k in read_as and read_as[k] == _reading(index, k) for k in keys]
+    first = next((i for i, h in enumerate(holds) if not h), len(keys))
+    return ReviewList(keys, sum(holds), first)
+
+
+_NONE = object()  # no decision: equal to no reading
+
+
+def _reading(index: JournalIndex, key: tuple[str, int, str]) -> str | None:
+    record = index.record(key[0], key[1])
+    return next((f["value"] for f in (record or {}).get("fields", []) if f["field"] == key[2]), None)
+
+
+def review_window(
+    index: JournalIndex, decisions: dict[str, dict], keys: list[tuple[str, int, str]], start: int, count: int
+) -> list[dict]:
+    """The fields at positions [start, start + count) of a review list, each as its page's record
+    has it with the decisions applied (apply_decisions), with its `source` and `page`. Each page
+    is read from the journal once; a field the journal no longer has is left out."""
+    wanted = keys[start : start + count]
+    pages = {(source, page): index.record(source, page) for source, page, _ in wanted}
+    records = {(r["source"], r["page"]): r for r in apply_decisions((r for r in pages.values() if r), decisions)}
+    out = []
+    for source, page, name in wanted:
+        found = [f for f in records.get((source, page), {}).get("fields", []) if f["field"] == name]
+        out += [{**found[0], "source": source, "page": page}] if found else []
+    return out

@@ -25,6 +25,10 @@ from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD = 4 * 1024 * 1024
 MAX_DRAWING_PIXELS = 4_000_000  # a drawing pad's canvas is a fraction of this
+# The review station sends its list of fields in windows: a batch of 100,000 pages flags about
+# 160,000 fields, tens of megabytes of JSON and a minute of the server's time to send whole.
+WINDOW = 100
+MAX_WINDOW = 1000
 
 
 def is_loopback(host: str) -> bool:
@@ -163,12 +167,14 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     """The review station for the results of `process --out results` (formreader.review.decisions).
 
     GET / is the page; GET /api/items lists the flagged fields (least sure first) or, with
-    ?field=NAME, one field on every page; POST /api/decide takes {file, page, field, action,
-    value}, writes it to the review journal and answers; the CSVs (and results.xlsx beside them,
-    if there is one) are then written again atomically by a ResultsWriter (the app's
-    extensions["formreader.results_writer"]; also at the start, for decisions a killed station
-    had not written yet); GET /view/NAME is a page picture, only those of these results. Every
-    request must carry `token`; the Host must be a loopback name."""
+    ?field=NAME, one field on every page, a window of ?count= of them from ?start= (without it,
+    the window holding the first field not decided), with the list's length, how many are
+    decided, where the first undecided one is and the journal's `version`; POST /api/decide
+    takes {file, page, field, action, value}, writes it to the review journal and answers; the
+    CSVs (and results.xlsx beside them, if there is one) are then written again atomically by a
+    ResultsWriter (the app's extensions["formreader.results_writer"]; also at the start, for
+    decisions a killed station had not written yet); GET /view/NAME is a page picture, only
+    those of these results. Every request must carry `token`; the Host must be a loopback name."""
 
     from formreader.export import (
         JournalIndex,
@@ -193,17 +199,18 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         labelled_cells,
         load_decisions,
         record_decision,
-        review_items,
+        review_list,
+        review_window,
     )
 
     journal = journal_path_for(results)
     if not journal.exists():
         raise FileNotFoundError(f"{journal} not found: review needs the results of `formreader process --out {results}`")
-    # The station holds where each page's record lies, not the records: a batch of 10,000 pages
-    # would hold 200 MB of them. Lists of fields are read from the journal when asked for.
+    # The station holds where each page's record lies and which fields were flagged, not the
+    # records: a batch of 10,000 pages would hold 200 MB of them. The browser asks for the list in
+    # windows, whose pages are read from the journal when asked for.
     index = JournalIndex(journal)
     reviews, views, corrections = reviews_path_for(results), views_path_for(results), corrections_path_for(results)
-    pictures = {view_name(source, page) for source, page in index.read}
     writing = threading.Lock()  # one decision journaled at a time
     writer = ResultsWriter(lambda: rewrite_results(results, apply_decisions(journal_records(journal), load_decisions(reviews))))
     if reviews.exists():
@@ -239,10 +246,23 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     @app.get("/api/items")
     def items():
         field = request.args.get("field") or None
-        current = apply_decisions(journal_records(journal), load_decisions(reviews))
-        listed = [item_json(f) for f in review_items(current, field)]
+        try:
+            count = int(request.args.get("count", WINDOW))
+            start = request.args.get("start")
+            start = None if start is None else int(start)
+        except ValueError:
+            abort(400, "start and count are whole numbers")
+        if not 0 < count <= MAX_WINDOW or (start is not None and start < 0):
+            abort(400, f"count is 1 to {MAX_WINDOW}, start 0 or more")
         index.refresh()
-        return jsonify(items=listed, fields=index.fields, reviewer=reviewer)
+        decisions = load_decisions(reviews)
+        listed = review_list(index, decisions, field)
+        start = (listed.first // count) * count if start is None else start
+        window = review_window(index, decisions, listed.keys, start, count)
+        return jsonify(
+            items=[item_json(f) for f in window], start=start, total=len(listed.keys), decided=listed.decided,
+            first=listed.first, version="-".join(map(str, index.stamp)), fields=index.fields, reviewer=reviewer,
+        )
 
     @app.post("/api/decide")
     def decide_field():
@@ -288,7 +308,8 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
 
     @app.get("/view/<name>")
     def view(name: str):
-        if name not in pictures or not (views / name).exists():
+        index.refresh()
+        if name not in index.pictures or not (views / name).exists():
             abort(404, "no such page picture in these results")
         return send_from_directory(views, name, mimetype="image/jpeg")
 
