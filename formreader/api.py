@@ -34,7 +34,8 @@ def get_classifier(model: Path | str | None = None) -> DigitClassifier:
 def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> list[DigitReading]:
     """Read single digits from grey crops as scanned: any size, dark ink on light paper.
 
-    Each crop is segmented and normalised as a form's cell is. A crop with no digit in it
+    Each crop is segmented, normalised and classified as a form's boxed cell is (by the digit
+    network and its companion: DigitClassifier.cell_probabilities). A crop with no digit in it
     comes back as DigitReading(digit='', confidence=...) rather than a guess; '?' marks ink
     that is not a digit, or more ink than specks where no digit was found (confidence 0.1, as a
     form's cell). Crops may also be RGB, bool, 16-bit or float, and light ink on dark
@@ -62,7 +63,7 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
             images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
             if pending:
                 settle(pending)
-            pending = pool.submit(classifier.probabilities, images), index
+            pending = pool.submit(classifier.cell_probabilities, images), index
         if pending:
             settle(pending)
     return readings

@@ -608,8 +608,8 @@ def evaluate(model, data, nsysu, plots, before) -> None:
     sources = held_out_digits(data, nsysu)
     click.echo(format_sources(evaluate_sources(clf, sources)))
     if clf.companion is not None:
-        click.echo(f"\nRead as a form's boxed cells are, by this model and {Path(clf.companion.path).name} together:")
-        click.echo(format_sources(evaluate_sources(clf, sources, pair=True)))
+        click.echo(f"\nThe digit network alone, without {Path(clf.companion.path).name}:")
+        click.echo(format_sources(evaluate_sources(clf, sources, alone=True)))
     if before:
         click.echo(f"\nBefore ({before}), the same sources:")
         click.echo(format_sources(evaluate_sources(_load_classifier(before), sources)))
@@ -629,24 +629,29 @@ def evaluate(model, data, nsysu, plots, before) -> None:
     help="The share of those forms' fields the review threshold may let out wrong.",
 )
 def calibrate(model, data, pages, risk) -> None:
-    """Calibrate a model's field confidence on forms of its validation writers, and choose its
-    review threshold for boxed fields; writes its card."""
+    """Calibrate a model's digits read by its two networks on its validation split, then its field
+    confidence on forms of its validation writers, and choose its review threshold for boxed
+    fields; writes its card."""
     import json
 
-    from formreader.training.evaluate import calibrate_fields
+    from formreader.training.evaluate import calibrate_fields, fit_pair_temperature
 
     clf = _load_classifier(model)
-    result = calibrate_fields(clf, pages, data_dir=data, risk=risk)
     card = Path(clf.path).with_suffix(".json")
     meta = json.loads(card.read_text())
+    if clf.companion is not None:
+        # First the pair's digits, then the fields made of them.
+        clf.meta["pair_temperature"] = meta["pair_temperature"] = round(fit_pair_temperature(clf, data), 4)
+    result = calibrate_fields(clf, pages, data_dir=data, risk=risk)
     meta["field_power"] = round(result["field_power"], 4)
     meta["field_power_bitonal"] = round(result["field_power_bitonal"], 4)
     meta["review_threshold"] = result["review_threshold"]
     meta["review_risk"] = risk
     meta["field_calibration"] = {k: v for k, v in result.items() if k not in meta} | {"pages": pages}
     card.write_text(json.dumps(meta, indent=2) + "\n")
+    pair = f"pair_temperature {meta['pair_temperature']}; " if clf.companion is not None else ""
     click.echo(
-        f"{card}: field_power {meta['field_power']} (grey scans), {meta['field_power_bitonal']} (bitonal; "
+        f"{card}: {pair}field_power {meta['field_power']} (grey scans), {meta['field_power_bitonal']} (bitonal; "
         f"{result['fields']} fields, {result['bitonal_fields']} bitonal, {result['right']:.1%} right); "
         f"review_threshold {meta['review_threshold']} ({result['flagged']:.1%} flagged, "
         f"{result['wrong_not_flagged']} wrong not flagged)"

@@ -21,6 +21,20 @@ def test_read_digits_on_real_exam_box_crops():
     assert all(0 <= r.confidence <= 1 for r in readings)
 
 
+def test_read_digits_reads_each_crop_as_a_forms_boxed_cell_is(classifier):
+    """read_digits gives each digit the probabilities a form's boxed cell gets: the digit network's
+    and its companion's, calibrated as a pair (DigitClassifier.cell_probabilities), not the digit
+    network's alone."""
+    from formreader.reading.segment import segment_crops
+
+    crops = list(load_nsysu()[0][:300])
+    images, index = segment_crops(crops)
+    readings = formreader.read_digits(crops)
+    pair, alone = classifier.cell_probabilities(images), classifier.probabilities(images)
+    assert np.allclose([readings[i].probabilities for i in index], pair, atol=1e-6)
+    assert not np.allclose(pair, alone, atol=1e-3)
+
+
 def test_read_digits_any_size_and_blank():
     crops, labels, _ = load_nsysu()
     import cv2

@@ -93,7 +93,9 @@ def test_the_companion_reads_only_the_cells_the_digit_network_is_unsure_of(class
     """Boxed cells: the digit network's probabilities where it is at least the card's
     companion_gate sure, the two networks' mean elsewhere, and the companion run on those alone.
     On writers neither network saw (the CVL validation and NSYSU fixtures) the readings are the
-    full pair's, cell for cell."""
+    full pair's, cell for cell; the mean is then calibrated by the card's pair_temperature, which
+    changes how sure a reading is, never what it reads."""
+    from formreader.reading.classify import softmax
     from formreader.reading.segment import segment_crops
     from formreader.training.datasets import load_cvl, load_nsysu
 
@@ -107,8 +109,12 @@ def test_the_companion_reads_only_the_cells_the_digit_network_is_unsure_of(class
     asked = []
     companion_probabilities = classifier.companion.probabilities
     monkeypatch.setattr(classifier.companion, "probabilities", lambda x: asked.append(len(x)) or companion_probabilities(x))
-    cells = classifier.cell_probabilities(images)
+    mean = classifier.pair_mean(images)
     assert asked == [int((~sure).sum())]
-    assert np.array_equal(cells[sure], alone[sure])
-    assert np.allclose(cells[~sure], pair[~sure], atol=1e-6)
-    assert np.array_equal(cells.argmax(1), pair.argmax(1))
+    assert np.array_equal(mean[sure], alone[sure])
+    assert np.allclose(mean[~sure], pair[~sure], atol=1e-6)
+    assert np.array_equal(mean.argmax(1), pair.argmax(1))
+    cells = classifier.cell_probabilities(images)
+    temperature = classifier.meta["pair_temperature"]
+    assert np.allclose(cells, softmax(np.log(np.maximum(mean, 1e-12)), temperature), atol=1e-6)
+    assert np.array_equal(cells.argmax(1), mean.argmax(1)) and not np.allclose(cells, mean, atol=1e-3)

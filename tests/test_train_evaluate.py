@@ -219,6 +219,25 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
     assert result["wrong_not_flagged"] <= loose["wrong_not_flagged"] <= int(0.1 * loose["boxed_fields"])
 
 
+def test_the_pair_is_calibrated_on_the_models_validation_split(classifier, monkeypatch):
+    """`formreader calibrate` fits the temperature of the two networks' mean on the model's own
+    validation split (its MNIST digits, the CVL writers and ORAND checks its card holds out, and
+    not-a-digit ink), never on test writers, and that temperature fits the split better than the
+    mean as it comes."""
+    import formreader.training.train as train
+    from formreader.training.evaluate import fit_pair_temperature
+
+    built, build = [], train.build_training_data
+    monkeypatch.setattr(train, "build_training_data", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    temperature = fit_pair_temperature(classifier)
+    val = built[0]
+    assert {train.SOURCES[s] for s in np.unique(val.source_val)} == {"mnist", "cvl", "orand", "not_a_digit"}
+    assert val.held_out["cvl_validation_writers"] == classifier.meta["held_out"]["cvl_validation_writers"]
+    logp = np.log(np.maximum(classifier.pair_mean(val.x_val), 1e-12))
+    assert 0.5 < temperature < 2 and abs(temperature - 1) > 0.01
+    assert nll(logp, val.y_val, temperature) < nll(logp, val.y_val, 1.0)
+
+
 def test_scanned_copies_look_like_a_scanned_forms_cells(classifier, mnist_test):
     images, labels = mnist_test
     x = images[:300].astype(np.float32) / 255.0

@@ -215,7 +215,10 @@ class LiteRTModel:
         calibration (temperature, field powers and review threshold, field calibration, the cut
         reader's weight). A journal written with other weights or another calibration is not
         resumed with this model."""
-        keys = ("field_power", "field_power_bitonal", "field_calibration", "cut_weight", "review_threshold", "companion_gate")
+        keys = (
+            "field_power", "field_power_bitonal", "field_calibration", "cut_weight", "review_threshold", "companion_gate",
+            "pair_temperature",
+        )
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
 
@@ -284,15 +287,15 @@ class DigitClassifier(LiteRTModel):
         lets no more than REVIEW_RISK of their fields out wrong (0.85 for a model not calibrated so)."""
         return float(self.meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
 
-    def cell_probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (N, 11) of boxed cells' images (N, 28, 28): this network's
-        averaged with its companion's, when there is one, for the cells this network puts under the
-        card's `companion_gate` (all without one). Two networks trained apart err on different
-        digits, and their mean is less sure where they disagree, most of all on writers neither saw."""
+    def pair_mean(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N, 11) of digit images (N, 28, 28): this network's averaged with its
+        companion's, when there is one, for the images this network puts under the card's
+        `companion_gate` (all without one); this network's alone for the others. Before the
+        pair's own temperature (cell_probabilities)."""
         p = self.probabilities(images)
         if self.companion is None:
             return p
-        # A cell this network is sure of is not read again (card: companion_gate): on the held-out
+        # An image this network is sure of is not read again (card: companion_gate): on the held-out
         # writers the pair read alike at 0.98 and above (model card), and the companion costs
         # 1.7x this network's arithmetic, which is most of a page on a CPU without int8 dot products.
         gate = self.meta.get("companion_gate")
@@ -300,6 +303,17 @@ class DigitClassifier(LiteRTModel):
         if asked.any():
             p[asked] = (p[asked] + self.companion.probabilities(images[asked])) / 2
         return p
+
+    def cell_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, 11) of digit images (N, 28, 28) as boxed cells and
+        read_digits read them: by this network and its companion (pair_mean). Two networks
+        trained apart err on different digits, and their mean is less sure where they disagree,
+        most of all on writers neither saw; but it is less sure where they agree too, so the mean
+        is calibrated again by the card's `pair_temperature` (fitted on the model's validation
+        digits by `formreader calibrate`: fit_pair_temperature)."""
+        p = self.pair_mean(images)
+        temperature = self.meta.get("pair_temperature") if self.companion is not None else None
+        return p if temperature is None else softmax(np.log(np.maximum(p, 1e-12)), float(temperature))
 
     def _check(self) -> None:
         try:

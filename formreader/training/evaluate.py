@@ -262,16 +262,19 @@ def held_out_writers(log=print) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return sources
 
 
-def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float = 0.85, pair: bool = False) -> list[SourceFigures]:
-    """Per-source figures for crops read through segmentation and the classifier (as `read_digits`
-    reads them); with `pair`, by the classifier and its companion, as a form's boxed cells are."""
+def evaluate_sources(
+    classifier: DigitClassifier, sets: dict, threshold: float = 0.85, alone: bool = False
+) -> list[SourceFigures]:
+    """Per-source figures for crops read through segmentation and the classifier, as `read_digits`
+    and a form's boxed cells read them (DigitClassifier.cell_probabilities: the network and its
+    companion); with `alone`, by the network alone (DigitClassifier.probabilities)."""
     rows = []
     for name, (crops, labels) in sets.items():
         images, index = segment_crops(crops)
         probs = np.zeros((len(crops), 11))
         probs[:, NOT_A_DIGIT] = 1.0  # a crop judged blank: no digit read
         if len(index):
-            probs[index] = classifier.cell_probabilities(images) if pair else classifier.probabilities(images)
+            probs[index] = classifier.probabilities(images) if alone else classifier.cell_probabilities(images)
         predicted, confidence = probs.argmax(1), probs.max(1)
         correct = predicted == labels
         sure = confidence >= threshold
@@ -288,6 +291,22 @@ def evaluate_sources(classifier: DigitClassifier, sets: dict, threshold: float =
             )
         )
     return rows
+
+
+def fit_pair_temperature(classifier: DigitClassifier, data_dir: Path | None = None) -> float:
+    """The temperature of a network and its companion's mean (DigitClassifier.pair_mean; the
+    card's `pair_temperature`), fitted as a network's own is (fit_balanced_temperature: each
+    source weighted alike) on the model's validation split (its MNIST digits, CVL writers and
+    ORAND checks, and not-a-digit ink), the digits as read_digits reads them. Both networks are
+    calibrated alone, and their mean is less sure than either where they agree (model card)."""
+    from dataclasses import replace
+
+    from formreader.training.train import TrainConfig, build_training_data, fit_balanced_temperature
+
+    config = replace(TrainConfig.from_card(classifier.meta.get("config", {})), extra=None)
+    data = build_training_data(config, data_dir, log=lambda *_: None)
+    p = classifier.pair_mean(data.x_val)
+    return fit_balanced_temperature(np.log(np.maximum(p, 1e-12)), data.y_val, data.source_val)
 
 
 def format_sources(rows: list[SourceFigures]) -> str:
