@@ -174,10 +174,10 @@ def test_evaluate_shows_a_model_before_and_after(tmp_path):
     run = run_cli("evaluate", "--before", MODELS / "digits.keras", "--plots", tmp_path)
     assert run.returncode == 0, run.stderr
     after, before = run.stdout.split("Writers never trained on")[1].split("Before (")
-    alone, pair = after.split("Read as a form's boxed cells are, by this model and digits.companion.keras together")
+    pair, alone = after.split("The digit network alone, without digits.companion.keras")
     table = lambda text: [line for line in text.splitlines() if line.startswith(("MNIST test", "CVL validation"))]  # noqa: E731
-    assert table(alone) and table(alone) == table(before)
-    assert len(table(pair)) == len(table(alone)) and table(pair) != table(alone)  # the pair reads otherwise
+    assert table(pair) and table(pair) == table(before)  # read_digits reads with the pair
+    assert len(table(pair)) == len(table(alone)) and table(pair) != table(alone)  # the network alone reads otherwise
 
 
 def test_narrow_augmentation_squeezes_digits_sideways(mnist_test):
