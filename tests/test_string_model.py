@@ -44,15 +44,19 @@ def collapse(path: tuple[int, ...]) -> str:
     return "".join(ALPHABET[k - 1] for k in chars)
 
 
-def every_alignment(seed: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Random step probabilities (6, 15) over the blank, '0' and '7', and the exact probability
-    of every text they can read: the sum over all its CTC paths, by brute force."""
+def every_alignment(seed: int, steps: int = 6, blank_only: tuple[int, ...] = ()) -> tuple[np.ndarray, dict[str, float]]:
+    """Random step probabilities (steps, 15) over the blank, '0' and '7' (at the `blank_only`
+    steps the blank alone, at 0.8-1), and the exact probability of every text they can read: the
+    sum over all its CTC paths, by brute force."""
     rng = np.random.default_rng(seed)
     used = [BLANK, ALPHABET.index("0") + 1, ALPHABET.index("7") + 1]
-    probs = np.zeros((6, NUM_STRING_CLASSES))
-    probs[:, used] = rng.dirichlet(np.ones(3), 6)
+    probs = np.zeros((steps, NUM_STRING_CLASSES))
+    probs[:, used] = rng.dirichlet(np.ones(3), steps)
+    for t in blank_only:
+        probs[t] = 0.0
+        probs[t, BLANK] = rng.uniform(0.8, 1.0)
     exact: dict[str, float] = {}
-    for path in itertools.product(used, repeat=6):
+    for path in itertools.product(used, repeat=steps):
         text = collapse(path)
         exact[text] = exact.get(text, 0.0) + math.prod(probs[t, k] for t, k in enumerate(path))
     return probs, exact
@@ -67,6 +71,17 @@ def test_beam_search_sums_every_alignment():
     assert readings[0][0] == best
     for text, p in readings[:10]:
         assert p == pytest.approx(exact[text], rel=1e-6)
+
+
+def test_beam_search_passes_steps_of_blank_alone_at_once():
+    """Most of a field's steps hold the blank alone; a run of them is passed as one step, and
+    every text's probability is still the sum over all its paths."""
+    probs, exact = every_alignment(2, steps=10, blank_only=(0, 3, 4, 5, 8, 9))
+    readings = beam_search(probs, beam=64)
+    assert readings[0][0] == max(exact, key=exact.get)
+    assert {t for t, _ in readings} == {t for t, p in exact.items() if p > 0}
+    for text, p in readings:
+        assert p == pytest.approx(exact[text], rel=1e-9), text
 
 
 def test_ctc_probability_sums_every_alignment():

@@ -151,12 +151,22 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
         return compiled is None or compiled.fullmatch(prefix, partial=True) is not None
 
     logp = np.log(np.maximum(probs, 1e-30))
+    tried = probs >= prune
+    tried[:, BLANK] = False
+    # Most steps try no character: a run of them ends every prefix in a blank, in the same order,
+    # and is one step whose blank is the run's (most of a field's 64 steps).
     # prefix -> (log P ending in blank, log P ending in its last character)
     beams: dict[str, tuple[float, float]] = {"": (0.0, -math.inf)}
-    for t in range(len(probs)):
-        candidates = [k for k in np.flatnonzero(probs[t] >= prune) if k != BLANK]
-        if not candidates:  # a step of blank alone: every prefix ends in a blank, in the same order
-            beams = {prefix: (_logsumexp(pb, pc) + logp[t, BLANK], -math.inf) for prefix, (pb, pc) in beams.items()}
+    t = 0
+    while t < len(probs):
+        candidates = np.flatnonzero(tried[t]).tolist()
+        if not candidates:
+            end = t + 1
+            while end < len(probs) and not tried[end].any():
+                end += 1
+            run = float(logp[t:end, BLANK].sum(dtype=np.float64))
+            beams = {prefix: (_logsumexp(pb, pc) + run, -math.inf) for prefix, (pb, pc) in beams.items()}
+            t = end
             continue
         nxt: dict[str, tuple[float, float]] = {}
 
@@ -178,6 +188,7 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
                 if extended > -math.inf and viable(prefix + ch):
                     add(prefix + ch, -math.inf, extended)
         beams = dict(sorted(nxt.items(), key=lambda kv: -_logsumexp(*kv[1]))[:beam])
+        t += 1
     readings = [(p, math.exp(_logsumexp(*v))) for p, v in beams.items()]
     if compiled is not None:
         readings = [r for r in readings if compiled.fullmatch(r[0])]
