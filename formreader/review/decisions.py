@@ -17,7 +17,6 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -137,38 +136,30 @@ def labelled_cells(field: dict, picture: np.ndarray, text: str) -> list[tuple[in
     return out
 
 
-@dataclass
-class ReviewList:
-    """The fields the station shows, in order, as (source, page, field); how many of them a
-    decision holds for, and the position of the first that has none (len(keys) when all have)."""
-
-    keys: list[tuple[str, int, str]]
-    decided: int
-    first: int
-
-
-def review_list(index: JournalIndex, decisions: dict[str, dict], field: str | None = None) -> ReviewList:
-    """Every field the run flagged (decided or not), least confident first; or, with `field`, that
-    field on every page that has it, in reading order (to check one field across a batch). From
-    the journal's index: only the pages a decision was made on are read, and only when the list
-    is of one field (the index holds the flagged fields' readings, not every field's)."""
-    read_as = {(d["file"], int(d["page"]), d["field"]): d.get("read") for d in decisions.values()}
+def review_list(index: JournalIndex, field: str | None = None) -> list[tuple[str, int, str]]:
+    """What the station shows, in order, as (source, page, field): every field the run flagged
+    (decided or not), least confident first; or, with `field`, that field on every page that has
+    it, in reading order (to check one field across a batch). From the journal's index alone."""
     if field is None:
-        keys = [(source, page, name) for source, page, name, _ in index.flagged]
-        holds = [read_as.get(k, _NONE) == value for k, (*_, value) in zip(keys, index.flagged)]
-    else:
-        keys = [(source, page, field) for (source, page), names in index.page_fields.items() if field in names]
-        holds = [k in read_as and read_as[k] == _reading(index, k) for k in keys]
-    first = next((i for i, h in enumerate(holds) if not h), len(keys))
-    return ReviewList(keys, sum(holds), first)
+        return [(source, page, name) for source, page, name, _ in index.flagged]
+    return [(source, page, field) for (source, page), names in index.page_fields.items() if field in names]
 
 
-_NONE = object()  # no decision: equal to no reading
+def review_progress(index: JournalIndex, decisions: dict[str, dict], keys: list[tuple[str, int, str]]) -> tuple[int, int]:
+    """How many of a review list's fields (`keys`, review_list) a decision holds for, and the
+    position of the first that has none (len(keys) when all have). The flagged fields' readings
+    are in the index; of other fields only the pages a decision was made on are read."""
+    read_as = {(d["file"], int(d["page"]), d["field"]): d.get("read") for d in decisions.values()}
+    flagged = {(source, page, name): value for source, page, name, value in index.flagged}
 
+    def reading(key: tuple[str, int, str]) -> str | None:
+        if key in flagged:
+            return flagged[key]
+        record = index.record(key[0], key[1])
+        return next((f["value"] for f in (record or {}).get("fields", []) if f["field"] == key[2]), None)
 
-def _reading(index: JournalIndex, key: tuple[str, int, str]) -> str | None:
-    record = index.record(key[0], key[1])
-    return next((f["value"] for f in (record or {}).get("fields", []) if f["field"] == key[2]), None)
+    holds = [k in read_as and read_as[k] == reading(k) for k in keys]
+    return sum(holds), next((i for i, h in enumerate(holds) if not h), len(keys))
 
 
 def review_window(

@@ -167,9 +167,9 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
     """The review station for the results of `process --out results` (formreader.review.decisions).
 
     GET / is the page; GET /api/items lists the flagged fields (least sure first) or, with
-    ?field=NAME, one field on every page, a window of ?count= of them from ?start= (without it,
-    the window holding the first field not decided), with the list's length, how many are
-    decided, where the first undecided one is and the journal's `version`; POST /api/decide
+    ?field=NAME, one field on every page, a window of ?count= of them from ?start=, with the
+    list's length and the journal's `version` (without ?start=, the window holding the first
+    field not decided, and `first` and `decided`: its position and how many are); POST /api/decide
     takes {file, page, field, action, value}, writes it to the review journal and answers; the
     CSVs (and results.xlsx beside them, if there is one) are then written again atomically by a
     ResultsWriter (the app's extensions["formreader.results_writer"]; also at the start, for
@@ -200,6 +200,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         load_decisions,
         record_decision,
         review_list,
+        review_progress,
         review_window,
     )
 
@@ -256,12 +257,15 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
             abort(400, f"count is 1 to {MAX_WINDOW}, start 0 or more")
         index.refresh()
         decisions = load_decisions(reviews)
-        listed = review_list(index, decisions, field)
-        start = (listed.first // count) * count if start is None else start
-        window = review_window(index, decisions, listed.keys, start, count)
+        keys = review_list(index, field)
+        progress = {}
+        if start is None:  # the page opens: where to resume, and how far the review has come
+            decided, first = review_progress(index, decisions, keys)
+            progress, start = {"decided": decided, "first": first}, (first // count) * count
+        window = review_window(index, decisions, keys, start, count)
         return jsonify(
-            items=[item_json(f) for f in window], start=start, total=len(listed.keys), decided=listed.decided,
-            first=listed.first, version="-".join(map(str, index.stamp)), fields=index.fields, reviewer=reviewer,
+            items=[item_json(f) for f in window], start=start, total=len(keys), **progress,
+            version="-".join(map(str, index.stamp)), fields=index.fields, reviewer=reviewer,
         )
 
     @app.post("/api/decide")
