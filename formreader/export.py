@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -227,8 +226,8 @@ class JournalIndex:
             key = (rec["source"], rec["page"])
             offsets[key] = at  # a page recorded twice counts as its last record
             fields = rec.get("fields", [])
-            names = forms.setdefault(tuple(f["field"] for f in fields), tuple(sys.intern(f["field"]) for f in fields))
-            page_fields[key] = names
+            names = tuple(f["field"] for f in fields)
+            page_fields[key] = names = forms.setdefault(names, names)
             flagged[key] = [(f["confidence"], name, f["value"]) for name, f in zip(names, fields) if f["status"] != "ok"]
             (read.discard if rec.get("error") else read.add)(key)
         order = sorted(((c, key, name, value) for key, found in flagged.items() for c, name, value in found), key=lambda x: x[0])

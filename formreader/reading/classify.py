@@ -311,9 +311,12 @@ class DigitClassifier(LiteRTModel):
         most of all on writers neither saw; but it is less sure where they agree too, so the mean
         is calibrated again by the card's `pair_temperature` (fitted on the model's validation
         digits by `formreader calibrate`: fit_pair_temperature)."""
-        p = self.pair_mean(images)
         temperature = self.meta.get("pair_temperature") if self.companion is not None else None
-        return p if temperature is None else softmax(np.log(np.maximum(p, 1e-12)), float(temperature))
+        return self.pair_mean(images) if temperature is None else softmax(self.pair_logits(images), float(temperature))
+
+    def pair_logits(self, images: np.ndarray) -> np.ndarray:
+        """(N, 11) log of pair_mean: what the pair's temperature divides (cell_probabilities)."""
+        return np.log(np.maximum(self.pair_mean(images), 1e-12))
 
     def _check(self) -> None:
         try:

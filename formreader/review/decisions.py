@@ -60,8 +60,7 @@ def apply_decisions(records: Iterable[dict], decisions: dict[str, dict]) -> Iter
     """Page records with each decided field's final status, reviewed value, reviewer and time,
     as they are taken (new dicts; the records given are not changed). A decision made on
     another reading than the record's is left out."""
-    # By plain tuples: field_key's JSON for every field of a large batch cost more than the rest.
-    by_field = {(d["file"], int(d["page"]), d["field"]): d for d in decisions.values()}
+    by_field = _by_field(decisions)
     for rec in records:
         fields = []
         for f in rec.get("fields", []):
@@ -73,13 +72,23 @@ def apply_decisions(records: Iterable[dict], decisions: dict[str, dict]) -> Iter
         yield {**rec, "fields": fields}
 
 
+def _by_field(decisions: dict[str, dict]) -> dict[tuple[str, int, str], dict]:
+    """The decisions by (source, page, field): field_key's JSON for every field of a large batch
+    cost more than the rest."""
+    return {(d["file"], int(d["page"]), d["field"]): d for d in decisions.values()}
+
+
+def field_of(record: dict | None, name: str) -> dict | None:
+    """A page record's field by its name; None where there is no such record or field."""
+    return next((f for f in (record or {}).get("fields", []) if f["field"] == name), None)
+
+
 def find_field(records: list[dict], source: str, page: int, field: str) -> dict:
     """A field's record in the page records; ReviewError when the results have no such field."""
     for r in records:
-        if r["source"] == source and r["page"] == page:
-            for f in r.get("fields", []):
-                if f["field"] == field:
-                    return f
+        found = field_of(r, field) if (r["source"], r["page"]) == (source, page) else None
+        if found is not None:
+            return found
     raise ReviewError(f"no field {field!r} on page {page} of {source!r} in these results")
 
 
@@ -149,16 +158,16 @@ def review_progress(index: JournalIndex, decisions: dict[str, dict], keys: list[
     """How many of a review list's fields (`keys`, review_list) a decision holds for, and the
     position of the first that has none (len(keys) when all have). The flagged fields' readings
     are in the index; of other fields only the pages a decision was made on are read."""
-    read_as = {(d["file"], int(d["page"]), d["field"]): d.get("read") for d in decisions.values()}
+    by_field = _by_field(decisions)
     flagged = {(source, page, name): value for source, page, name, value in index.flagged}
 
     def reading(key: tuple[str, int, str]) -> str | None:
         if key in flagged:
             return flagged[key]
-        record = index.record(key[0], key[1])
-        return next((f["value"] for f in (record or {}).get("fields", []) if f["field"] == key[2]), None)
+        found = field_of(index.record(key[0], key[1]), key[2])
+        return None if found is None else found["value"]
 
-    holds = [k in read_as and read_as[k] == reading(k) for k in keys]
+    holds = [k in by_field and by_field[k].get("read") == reading(k) for k in keys]
     return sum(holds), next((i for i, h in enumerate(holds) if not h), len(keys))
 
 
@@ -171,8 +180,5 @@ def review_window(
     wanted = keys[start : start + count]
     pages = {(source, page): index.record(source, page) for source, page, _ in wanted}
     records = {(r["source"], r["page"]): r for r in apply_decisions((r for r in pages.values() if r), decisions)}
-    out = []
-    for source, page, name in wanted:
-        found = [f for f in records.get((source, page), {}).get("fields", []) if f["field"] == name]
-        out += [{**found[0], "source": source, "page": page}] if found else []
-    return out
+    found = ((field_of(records.get((source, page)), name), source, page) for source, page, name in wanted)
+    return [{**f, "source": source, "page": page} for f, source, page in found if f is not None]

@@ -275,15 +275,15 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
             abort(400, "a JSON object is expected: {file, page, field, action, value}")
         try:
             source, number = str(body.get("file")), int(body.get("page", 0))
+            records = page_records(source, number)
             decision = decide(
-                page_records(source, number), source, number, str(body.get("field")),
-                str(body.get("action")), str(body.get("value", "")), reviewer,
+                records, source, number, str(body.get("field")), str(body.get("action")), str(body.get("value", "")), reviewer,
             )
         except (ReviewError, ValueError, TypeError) as e:
             abort(400, str(e))
         with writing:
             record_decision(reviews, decision)
-            keep_labelled_digits(decision)
+            keep_labelled_digits(decision, records)
         writer.ask()
         return jsonify(status=ACTIONS[decision["action"]], value=decision["value"])
 
@@ -292,7 +292,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         found = index.record(source, page)
         return [found] if found else []
 
-    def keep_labelled_digits(decision: dict) -> None:
+    def keep_labelled_digits(decision: dict, records: list[dict]) -> None:
         """Save the digits of a confirmed or corrected boxed field as labelled crops (the
         corrections folder, LABEL/NAME.png), replacing what an earlier decision on it saved."""
         import cv2
@@ -303,8 +303,7 @@ def create_review_app(results: Path, reviewer: str, token: str) -> Flask:
         picture_path = views / view_name(decision["file"], decision["page"])
         if decision["action"] == "unreadable" or not picture_path.exists():
             return
-        source, number = decision["file"], decision["page"]
-        field = find_field(page_records(source, number), source, number, decision["field"])
+        field = find_field(records, decision["file"], decision["page"], decision["field"])
         picture = cv2.imread(str(picture_path), cv2.IMREAD_GRAYSCALE)
         for cell, image, label in labelled_cells(field, picture, decision["value"]):
             png = cv2.imencode(".png", np.round(image * 255).astype(np.uint8))[1].tobytes()

@@ -305,8 +305,7 @@ def fit_pair_temperature(classifier: DigitClassifier, data_dir: Path | None = No
 
     config = replace(TrainConfig.from_card(classifier.meta.get("config", {})), extra=None)
     data = build_training_data(config, data_dir, log=lambda *_: None)
-    p = classifier.pair_mean(data.x_val)
-    return fit_balanced_temperature(np.log(np.maximum(p, 1e-12)), data.y_val, data.source_val)
+    return fit_balanced_temperature(classifier.pair_logits(data.x_val), data.y_val, data.source_val)
 
 
 def format_sources(rows: list[SourceFigures]) -> str:
