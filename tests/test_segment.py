@@ -8,7 +8,7 @@ import pytest
 
 import formreader
 from formreader.reading.locate import cell_crop
-from formreader.reading.segment import _label_boxes, normalize_digit, segment_cells, segment_digit, thin
+from formreader.reading.segment import _label_boxes, normalize_digit, segment_cells, segment_digit, thin, thin_stack
 from formreader.training.synth import write_digit
 from tests.test_writers import thick_box
 
@@ -59,6 +59,10 @@ def test_thinning_is_scikit_images(mnist_test):
     for density in (0.2, 0.5, 0.8):
         noise = rng.random((60, 90)) < density
         assert (thin(noise) == skeletonize(noise)).all()
+    # A stack, as stroke widths are measured: digits thin and thick side by side, each thinned
+    # alone whatever its neighbours (thin ones finish rounds before thick ones).
+    stack = np.stack([cv2.dilate(image, np.ones((k, k), np.uint8)) > 100 for k, image in zip([1, 4, 1, 7, 2] * 8, images)])
+    assert all((got == skeletonize(mask)).all() for got, mask in zip(thin_stack(stack), stack))
 
 
 def test_pieces_boxes_are_scipys(mnist_test):

@@ -341,11 +341,11 @@ def stroke_width(ink: np.ndarray) -> float:
 
 def stroke_widths(inks: list[np.ndarray]) -> list[float]:
     """`stroke_width` of each of several ink maps (any sizes), skeletonised together."""
-    height, width = max(i.shape[0] for i in inks) + 1, max(i.shape[1] for i in inks)
-    slots = np.zeros((len(inks), height, width), bool)  # a zero row apart: thinning is local
+    height, width = max(i.shape[0] for i in inks), max(i.shape[1] for i in inks)
+    slots = np.zeros((len(inks), height, width), bool)
     for slot, ink in zip(slots, inks):
         slot[: ink.shape[0], : ink.shape[1]] = ink > 0.5
-    lengths = thin(slots.reshape(-1, width)).reshape(slots.shape).sum(axis=(1, 2))
+    lengths = thin_stack(slots).sum(axis=(1, 2))
     return [float(ink.sum()) / max(int(n), 1) for ink, n in zip(inks, lengths)]
 
 
@@ -368,20 +368,33 @@ _NEIGHBOUR_BITS = np.float32([[128, 1, 2], [64, 0, 4], [32, 16, 8]])
 
 def thin(mask: np.ndarray) -> np.ndarray:
     """The one-pixel-wide skeleton of a binary image: mask (H, W) bool -> (H, W) bool, as
-    skimage.morphology.skeletonize. Each sub-iteration removes, all at once, the pixels whose
-    neighbours make them removable in it, until one round removes none."""
-    image = mask.astype(np.uint8)
-    while True:
-        removed = False
+    skimage.morphology.skeletonize."""
+    return thin_stack(mask[None])[0]
+
+
+def thin_stack(masks: np.ndarray) -> np.ndarray:
+    """`thin` of each image of a stack: masks (N, H, W) bool -> (N, H, W) bool. Each
+    sub-iteration removes, all at once, the pixels whose neighbours make them removable in it,
+    until one round removes none. The images are thinned as one mosaic, a zero row apart (the
+    neighbourhood reaches one row), and an image a round left unchanged leaves the mosaic: it
+    would stay so, and thick strokes elsewhere take several times the rounds of most digits."""
+    n, h, w = masks.shape
+    image = np.zeros((n, h + 1, w), np.uint8)
+    image[:, :h] = masks
+    active = np.arange(n)
+    while len(active):
+        part = image[active]
+        flat = part.reshape(-1, w)
+        changed = np.zeros(len(active), bool)
         for removable in _REMOVABLE:
             # Each pixel's neighbour pattern as a byte (its neighbours' bits summed; 0-255, exact).
-            codes = cv2.filter2D(image, -1, _NEIGHBOUR_BITS, borderType=cv2.BORDER_CONSTANT)
-            drop = cv2.LUT(codes, removable) & image
-            if drop.any():
-                image -= drop
-                removed = True
-        if not removed:
-            return image.astype(bool)
+            codes = cv2.filter2D(flat, -1, _NEIGHBOUR_BITS, borderType=cv2.BORDER_CONSTANT)
+            drop = cv2.LUT(codes, removable) & flat
+            flat -= drop
+            changed |= drop.reshape(part.shape).any(axis=(1, 2))
+        image[active] = part
+        active = active[changed]
+    return image[:, :h].astype(bool)
 
 
 def normalize_digit(ink: np.ndarray, thicken: bool = True, sharpen: bool = True) -> np.ndarray:
