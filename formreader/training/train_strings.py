@@ -439,25 +439,3 @@ def save_string_model(model, out: Path, validation: tuple, record: dict, log=pri
     log(f"saved {out}; temperature {temperature:.3f}; {meta['validation_fields_right']}")
     return meta
 
-
-def average_models(
-    paths: list[Path],
-    out: Path,
-    val_digits: np.ndarray,
-    val_labels: np.ndarray,
-    seed: int = 20261124,
-    data_dir: Path | None = None,
-    log=print,
-) -> dict:
-    """Average string models' weights (runs of one architecture, one started from the other)
-    into `out`, with its temperature and card, on the validation fields training uses."""
-    import keras
-
-    folder = Path(data_dir) / "orand_car_a" if data_dir else None
-    validation = validation_fields(val_digits, val_labels, load_orand("val", folder), 1000, seed + 1)
-    soup = average_weights([keras.saving.load_model(p, compile=False, safe_mode=True) for p in paths])
-    cards = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
-    record = {
-        "averaged_from": [{"path": str(p), "config": c.get("config"), "epochs": c.get("epochs")} for p, c in zip(paths, cards)]
-    }
-    return save_string_model(soup, Path(out), validation, record, log)
