@@ -37,7 +37,7 @@ STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
 LABELS = "0123456789"
 # The review threshold of free fields, and of boxed fields when the model was calibrated without
 # one (DigitClassifier.review_threshold). Free fields: ORAND's validation checks and generated
-# ones, README "Measured".
+# ones, docs/measurements.md.
 DEFAULT_REVIEW_THRESHOLD = 0.85
 # The share of fields a boxed field's review threshold may let out wrong on the forms it is chosen
 # on (`formreader calibrate`): the aim for writers never seen.

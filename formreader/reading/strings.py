@@ -327,7 +327,7 @@ def field_image(
     out) spans less than `fill` of the crop's height, the image is the writing with `margin` of
     a digit's height around it. At 0.3 no field of the benchmarks is cut (their writing fills
     30-100% of the box); at 0.45 a share of the generated checks' and forms' fields is cut too
-    (README: tried, not kept). And writing that touches the crop's edge (a crop cut tight
+    (docs/measurements.md: tried, not kept). And writing that touches the crop's edge (a crop cut tight
     around it, as ORAND's are) gets `edge` of a digit's height of paper around it: the readers
     were taught fields with some paper about them (such numbers of MNIST digits: 88% read right
     cut tight, 95% with 4-6 px of paper).
