@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from formreader.pipeline import Journal, process_paths
-from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities
+from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities, single_threaded
 from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD, read_free_field, unread_cell
 from formreader.reading.ingest import grey_crop, grey_crops
 from formreader.reading.segment import MNIST_SIZE, segment_cells
@@ -43,7 +45,7 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     raises ValueError naming it, before any is read.
     """
     crops = grey_crops(crops)
-    classifier = get_classifier(model)
+    classifier = _one_thread_each(model)
     readings: list[DigitReading | None] = [None] * len(crops)
 
     def settle(done: tuple[Future, list[int]]) -> None:
@@ -51,9 +53,13 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
         for i, p in zip(index, probabilities.result()):
             readings[i] = reading_from_probabilities(p)
 
-    # Each chunk is classified while the next is segmented: LiteRT runs without the GIL.
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
+    # Chunks are classified by a pool of one-thread interpreters, one per core, while the next are
+    # segmented (LiteRT runs without the GIL): an interpreter of two threads stalls whenever the
+    # segmenting thread takes one of its cores, and one-thread interpreters never wait on each
+    # other. At most one chunk per core waits, so memory stays bounded.
+    workers = os.cpu_count() or 1
+    pending: deque[tuple[Future, list[int]]] = deque()
+    with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(crops), READ_CHUNK):
             segments = segment_cells(crops[start : start + READ_CHUNK])
             index = [start + k for k, s in enumerate(segments) if s.image is not None]
@@ -61,12 +67,20 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
                 if s.image is None:
                     readings[start + k] = unread_cell(s.stray_ink)
             images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
-            if pending:
-                settle(pending)
-            pending = pool.submit(classifier.cell_probabilities, images), index
-        if pending:
-            settle(pending)
+            while len(pending) > workers:
+                settle(pending.popleft())
+            pending.append((pool.submit(classifier.cell_probabilities, images), index))
+        while pending:
+            settle(pending.popleft())
     return readings
+
+
+def _one_thread_each(model: Path | str | None) -> DigitClassifier:
+    """get_classifier's model with one-thread interpreters (single_threaded), made once per process."""
+    key = f"{model or ''}\0one thread"
+    if key not in _classifiers:
+        _classifiers[key] = single_threaded(get_classifier(model))
+    return _classifiers[key]
 
 
 READ_CHUNK = 1024  # crops segmented at a time by read_digits

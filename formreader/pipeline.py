@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -31,9 +31,9 @@ from formreader.reading.classify import (
     NUM_CLASSES,
     DigitClassifier,
     DigitReading,
-    LiteRTModel,
     label_of,
     reading_from_probabilities,
+    single_threaded,
 )
 from formreader.reading.fields import (
     DEFAULT_REVIEW_THRESHOLD,
@@ -400,18 +400,10 @@ def _reading_state(
     return dict(
         template=template,
         features=features,
-        classifier=_single_threaded(classifier) if workers else classifier,
+        classifier=single_threaded(classifier) if workers else classifier,
         threshold=threshold,
         views=views,
     )
-
-
-def _single_threaded(model: LiteRTModel | None) -> LiteRTModel | None:
-    """A copy of a model, and of the models it holds, whose interpreters use one thread each."""
-    if model is None:
-        return None
-    held = {k: _single_threaded(getattr(model, k)) for k in ("strings", "companion", "string_model") if hasattr(model, k)}
-    return replace(model, threads=1, **held)
 
 
 def _read_or_error(page: Page | PdfPage, state: dict | None = None):

@@ -21,12 +21,14 @@ def test_read_digits_on_real_exam_box_crops():
     assert all(0 <= r.confidence <= 1 for r in readings)
 
 
-def test_read_digits_reads_each_crop_as_a_forms_boxed_cell_is(classifier):
+def test_read_digits_reads_each_crop_as_a_forms_boxed_cell_is(classifier, monkeypatch):
     """read_digits gives each digit the probabilities a form's boxed cell gets: the digit network's
     and its companion's, calibrated as a pair (DigitClassifier.cell_probabilities), not the digit
-    network's alone."""
+    network's alone; in chunks classified by several one-thread interpreters at once, each
+    reading where its crop is."""
     from formreader.reading.segment import segment_crops
 
+    monkeypatch.setattr(formreader.api, "READ_CHUNK", 48)  # seven chunks: more than the cores wait at once
     crops = list(load_nsysu()[0][:300])
     images, index = segment_crops(crops)
     readings = formreader.read_digits(crops)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -340,6 +340,16 @@ class DigitClassifier(LiteRTModel):
         parts = [self.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         logits = np.concatenate(parts) if parts else np.zeros((0, 11), np.float32)
         return softmax(logits, self.temperature)
+
+
+def single_threaded(model: LiteRTModel | None) -> LiteRTModel | None:
+    """A copy of a model, and of the models it holds, whose interpreters use one thread each: for
+    threads (or processes) that run as many at once as there are cores, where an interpreter of
+    several threads stalls whenever another of them takes one of its cores."""
+    if model is None:
+        return None
+    held = {k: single_threaded(getattr(model, k)) for k in ("strings", "companion", "string_model") if hasattr(model, k)}
+    return replace(model, threads=1, **held)
 
 
 @dataclass
