@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from formreader.pipeline import Journal, process_paths
+from formreader.pipeline import Journal, process_paths, review_thresholds
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities, single_threaded
-from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD, read_free_field, unread_cell
+from formreader.reading.fields import read_free_field, unread_cell
 from formreader.reading.ingest import grey_crop, grey_crops
 from formreader.reading.segment import MNIST_SIZE, segment_cells
 from formreader.reading.string_model import field_views
@@ -114,7 +114,7 @@ def read_number(
     model: Path | str | None = None,
     separators: str = ".,-/",
     pattern: str = "",
-    review_threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    review_threshold: float | None = None,
 ) -> StringReading:
     """Read a number written freely (no boxes) in a grey crop, dark ink on light paper.
 
@@ -125,6 +125,8 @@ def read_number(
     between digits; `pattern`, a regular expression for the whole raw reading, settles what
     looks like both a slash and a 1, and a reading that breaks it goes to review. The image may
     also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
+    review_threshold: as `formreader process --review-threshold` (None: the string model's, as a
+    form's free field gets; pipeline.review_thresholds).
     """
     image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
@@ -137,7 +139,7 @@ def read_number(
         reading = reader.decide(layout, pieces, steps, spec, image.shape)
     else:
         reading = decide_string(layout, pieces, separators, pattern)
-    decision = read_free_field(spec, reading, threshold=review_threshold)
+    decision = read_free_field(spec, reading, threshold=review_thresholds(classifier, review_threshold)[1])
     reading.status, reading.reasons = decision.status, decision.reasons
     reading.boxes = [(bx + x, by + y, bw, bh) for bx, by, bw, bh in reading.boxes]  # the given crop's pixels
     reading.cuts = [c + x for c in reading.cuts]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from formreader.reading.classify import DEFAULT_REVIEW_THRESHOLD, REVIEW_RISK
+from formreader.reading.classify import REVIEW_RISK
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -107,8 +107,8 @@ def main() -> None:
 @click.option(
     "--review-threshold",
     type=click.FloatRange(0, 1),
-    help=f"Fields less sure than this go to review; default: the model's for boxed fields (chosen by `formreader "
-    f"calibrate`), {DEFAULT_REVIEW_THRESHOLD} for free ones.",
+    help="Fields less sure than this go to review; default: the digit model's for boxed fields (chosen by `formreader "
+    "calibrate`), the string model's for free ones (chosen by `formreader calibrate-strings`).",
 )
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="Model file (.keras); default: the shipped one.")
 @click.option(
@@ -664,10 +664,18 @@ def calibrate(model, data, pages, risk) -> None:
 )
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
 @click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
-def calibrate_strings(model, data, checks) -> None:
-    """Fit how the two readers choose a free field's reading and the confidence in it, on
-    validation fields: ORAND's validation checks, generated checks of the digit model's validation
-    digits and free-field forms of its validation writers; writes the string model's card."""
+@click.option(
+    "--risk",
+    default=REVIEW_RISK,
+    show_default=True,
+    type=click.FloatRange(0, 0.5),
+    help="The share of those fields the review threshold may let out wrong.",
+)
+def calibrate_strings(model, data, checks, risk) -> None:
+    """Fit how the two readers choose a free field's reading and the confidence in it, and choose
+    free fields' review threshold, on validation fields: ORAND's validation checks, generated
+    checks of the digit model's validation digits and free-field forms of its validation writers;
+    writes the string model's card."""
     import json
 
     import numpy as np
@@ -675,6 +683,7 @@ def calibrate_strings(model, data, checks) -> None:
     from formreader.training.evaluate import (
         CUT_WEIGHTS,
         fit_cut_weight,
+        fit_free_threshold,
         fit_two_readers,
         read_free_fields,
         two_reader_calibration_fields,
@@ -694,11 +703,22 @@ def calibrate_strings(model, data, checks) -> None:
     right = np.mean([r.value == t for r, t in zip(readings, truths)])
     meta["cut_weight"] = cut_weight
     meta["field_calibration"] = [round(w, 4) for w in weights]
-    meta["field_calibration_fit"] = {"fields": len(readings), "read_right": round(float(right), 4), "checks": checks}
+    # Then the threshold, on the confidence the card gives (its rounded weights), as a free field is decided.
+    decision = fit_free_threshold(readings, crops, specs, truths, meta["field_calibration"], risk)
+    meta["review_threshold"] = decision["review_threshold"]
+    meta["review_risk"] = risk
+    meta["field_calibration_fit"] = {
+        "fields": len(readings),
+        "read_right": round(float(right), 4),
+        "checks": checks,
+        "flagged": round(decision["flagged"], 4),
+        "wrong_not_flagged": decision["wrong_not_flagged"],
+    }
     card.write_text(json.dumps(meta, indent=2) + "\n")
     click.echo(
         f"{card}: cut_weight {cut_weight}, field_calibration {meta['field_calibration']} on {len(readings)} fields "
-        f"({right:.1%} read right whole)"
+        f"({right:.1%} read right whole); review_threshold {meta['review_threshold']} ({decision['flagged']:.1%} "
+        f"flagged, {decision['wrong_not_flagged']} wrong not flagged)"
     )
 
 

@@ -289,9 +289,12 @@ def page_sequences(seg: SegmentedPage, classifier: DigitClassifier) -> list[np.n
 
 def review_thresholds(classifier: DigitClassifier, threshold: float | None = None) -> tuple[float, float]:
     """The review thresholds in force, (boxed fields', free fields'): `threshold` for both when
-    given, else the model's for boxed fields (DigitClassifier.review_threshold) and
-    DEFAULT_REVIEW_THRESHOLD for free ones."""
-    return (threshold, threshold) if threshold is not None else (classifier.review_threshold, DEFAULT_REVIEW_THRESHOLD)
+    given, else the digit model's for boxed fields and the string model's for free ones (each
+    its card's `review_threshold`: LiteRTModel.review_threshold)."""
+    if threshold is not None:
+        return threshold, threshold
+    free = classifier.string_model.review_threshold if classifier.string_model is not None else DEFAULT_REVIEW_THRESHOLD
+    return classifier.review_threshold, free
 
 
 def read_segmented(

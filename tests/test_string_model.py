@@ -396,14 +396,15 @@ def test_real_checks_go_to_review_for_a_rule_or_a_low_confidence_alone():
     input of the calibrated confidence, never a flag of its own, so a check goes to review only
     under the threshold (or for a rule); a low-confidence check whose digits the cut reader
     reads otherwise names that reading for the person who checks it, and some checks here are
-    read otherwise by the two readers and still ok."""
+    read otherwise by the two readers and still ok (at the threshold given: the string model's own
+    flags more, test_free_fields_go_to_review_under_the_string_models_own_threshold)."""
     import formreader
     from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
     from formreader.reading.string_model import digits_of
     from formreader.training.datasets import load_orand
 
     amounts = load_orand("val") + load_orand("test")
-    readings = [formreader.read_number(a.image, separators=".,") for a in amounts]
+    readings = [formreader.read_number(a.image, separators=".,", review_threshold=DEFAULT_REVIEW_THRESHOLD) for a in amounts]
     for r in readings:
         low = r.confidence < DEFAULT_REVIEW_THRESHOLD
         assert (r.status == "review") == (low or any(not x.startswith("low confidence") for x in r.reasons)), r.reasons
@@ -488,8 +489,39 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     assert fitted.returncode == 0, fitted.stderr
     meta = json.loads(card.read_text())
     assert len(meta["field_calibration"]) == len(FEATURES) + 1 and 0.0 <= meta["cut_weight"] <= 1.0
+    # Free fields' review threshold chosen on the same fields, for at most review_risk of them wrong but `ok`.
+    fit = meta["field_calibration_fit"]
+    assert 0.0 < meta["review_threshold"] <= 1.0 and meta["review_risk"] == 0.003
+    assert fit["wrong_not_flagged"] <= int(0.003 * fit["fields"]) and 0.0 < fit["flagged"] < 1.0
     read = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--model", models / "digits.keras")
     assert read.returncode == 0, read.stderr
+
+
+def test_free_fields_go_to_review_under_the_string_models_own_threshold(classifier):
+    """A free field's review threshold is the string model's (its card's `review_threshold`,
+    chosen by calibrate-strings for the same risk as boxed fields'), not 0.85: on the sample checks
+    a field is flagged for its confidence exactly when it is under that threshold, some lie
+    between 0.85 and it, and a threshold given (`--review-threshold`) decides instead."""
+    import formreader
+    from formreader.pipeline import review_thresholds
+
+    threshold = classifier.string_model.review_threshold
+    assert review_thresholds(classifier) == (classifier.review_threshold, threshold) and threshold > 0.85
+    template = ROOT / "templates" / "bank_check.yaml"
+    fields = formreader.process_folder(ROOT / "samples" / "checks", template)
+    low = fields.reasons.str.contains("low confidence")
+    assert (low == (fields.confidence < threshold)).all()
+    between = (fields.confidence >= 0.85) & (fields.confidence < threshold)
+    assert between.any() and (fields.status[between] == "review").all()
+    only_low = fields.reasons.str.fullmatch(r"low confidence [0-9.]+( \(cut into digits: '[^']*'\))?")
+    given = formreader.process_folder(ROOT / "samples" / "checks", template, review_threshold=0.85)
+    assert (between & only_low).any() and (given.status[between & only_low] == "ok").all()
+    # read_number decides as a form's free field does: real check amounts.
+    from formreader.training.datasets import load_orand
+
+    numbers = [formreader.read_number(a.image, separators=".,") for a in load_orand("test")[:12]]
+    assert all(any(r.startswith("low confidence") for r in n.reasons) == (n.confidence < threshold) for n in numbers)
+    assert all((n.status == "review") == bool(n.reasons) for n in numbers)
 
 
 def test_more_checks_than_the_digits_fill_are_written(mnist_test):

@@ -222,6 +222,15 @@ class LiteRTModel:
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
 
+    @property
+    def review_threshold(self) -> float:
+        """The confidence under which a field this model decides goes to review unless a threshold
+        is given: chosen on fields of writers the model never trained on, as the lowest that lets
+        no more than the card's `review_risk` (REVIEW_RISK) of them out wrong; the digit model's
+        for boxed fields (`formreader calibrate`), the string model's for free ones (`formreader
+        calibrate-strings`). DEFAULT_REVIEW_THRESHOLD for a model not calibrated so."""
+        return float(self.meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """The raw outputs for one batch, on this thread's interpreter."""
         return run_interpreter(self._runners, self.tflite, self.threads, x)
@@ -279,13 +288,6 @@ class DigitClassifier(LiteRTModel):
     def for_strings(self) -> DigitClassifier:
         """The classifier for free-written numbers' pieces: the string model beside this one, if any."""
         return self.strings or self
-
-    @property
-    def review_threshold(self) -> float:
-        """The confidence under which a boxed field goes to review unless a threshold is given: chosen
-        by `formreader calibrate` on forms of writers the model never trained on, as the lowest that
-        lets no more than REVIEW_RISK of their fields out wrong (0.85 for a model not calibrated so)."""
-        return float(self.meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
 
     def pair_mean(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, 11) of digit images (N, 28, 28): this network's averaged with its

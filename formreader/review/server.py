@@ -20,8 +20,6 @@ from urllib.parse import urlsplit
 import numpy as np
 from flask import Flask, abort, jsonify, request, send_from_directory
 
-from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD
-
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD = 4 * 1024 * 1024
 MAX_DRAWING_PIXELS = 4_000_000  # a drawing pad's canvas is a fraction of this
@@ -67,7 +65,7 @@ def _guard(app: Flask, token: str | None, loopback_only: str) -> None:
         return jsonify(error=e.description), e.code
 
 
-def create_app(model: Path | None = None, threshold: float = DEFAULT_REVIEW_THRESHOLD, token: str | None = None) -> Flask:
+def create_app(model: Path | None = None, token: str | None = None) -> Flask:
     """The Flask app: GET / is the pad, POST /read takes a PNG of the drawing (dark on light).
 
     What keeps it the user's own: a request whose Host is not this machine by a loopback name

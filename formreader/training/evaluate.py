@@ -548,6 +548,32 @@ def fit_two_readers(readings: list, truths: list[str], groups: np.ndarray | None
     return [float(v) for v in minimize(loss, w0, method="L-BFGS-B").x]
 
 
+def fit_free_threshold(
+    readings: list, crops: list[np.ndarray], specs: list, truths: list[str], calibration: list[float], risk: float
+) -> dict:
+    """Free fields' review threshold, chosen as boxed fields' is (`risk_threshold`): the lowest that
+    lets at most `risk` of the validation fields out wrong, each decided as a form's free field is
+    (its readings `readings`, TwoReadings chosen; their confidence by the field `calibration`; the
+    field's rules). Returns {'review_threshold', 'flagged', 'wrong_not_flagged'}."""
+    from formreader.reading.fields import read_free_field
+    from formreader.reading.string_model import combine_readings
+
+    decided = [
+        read_free_field(spec, combine_readings(r, np.shape(crop), calibration), threshold=0.0)
+        for r, crop, spec in zip(readings, crops, specs)
+    ]
+    right = np.array([f.value == t for f, t in zip(decided, truths)])
+    confidence = np.array([f.confidence for f in decided])
+    ruled = np.array([bool(f.reasons) for f in decided])  # threshold 0: only rules give reasons
+    threshold = risk_threshold(confidence, right, ruled, risk)
+    passed = ~ruled & (confidence >= threshold)
+    return {
+        "review_threshold": threshold,
+        "flagged": float(1 - passed.mean()),
+        "wrong_not_flagged": int((passed & ~right).sum()),
+    }
+
+
 def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
     """Validation free fields: ORAND's validation checks (their amounts), scanned generated checks
     written with the digit model's MNIST validation digits, and free-field forms (thick worn
