@@ -53,10 +53,10 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
         for i, p in zip(index, probabilities.result()):
             readings[i] = reading_from_probabilities(p)
 
-    # Chunks are classified by a pool of one-thread interpreters, one per core, while the next are
-    # segmented (LiteRT runs without the GIL): an interpreter of two threads stalls whenever the
-    # segmenting thread takes one of its cores, and one-thread interpreters never wait on each
-    # other. At most one chunk per core waits, so memory stays bounded.
+    # Each chunk is classified in as many parts as there are cores, by one-thread interpreters,
+    # while the next chunk is segmented (LiteRT runs without the GIL): an interpreter of two
+    # threads stalls whenever the segmenting thread takes one of its cores, and one-thread
+    # interpreters never wait on each other. At most two chunks wait, so memory stays bounded.
     workers = os.cpu_count() or 1
     pending: deque[tuple[Future, list[int]]] = deque()
     with ThreadPoolExecutor(workers) as pool:
@@ -69,7 +69,9 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
             images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
             while len(pending) > workers:
                 settle(pending.popleft())
-            pending.append((pool.submit(classifier.cell_probabilities, images), index))
+            for part in np.array_split(np.arange(len(index)), workers):
+                if len(part):
+                    pending.append((pool.submit(classifier.cell_probabilities, images[part]), [index[i] for i in part]))
         while pending:
             settle(pending.popleft())
     return readings
