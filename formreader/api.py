@@ -53,10 +53,11 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
         for i, p in zip(index, probabilities.result()):
             readings[i] = reading_from_probabilities(p)
 
-    # Each chunk is classified in as many parts as there are cores, by one-thread interpreters,
-    # while the next chunk is segmented (LiteRT runs without the GIL): an interpreter of two
-    # threads stalls whenever the segmenting thread takes one of its cores, and one-thread
-    # interpreters never wait on each other. At most two chunks wait, so memory stays bounded.
+    # Chunks are classified by one-thread interpreters, one per core, while the next chunk is
+    # segmented (LiteRT runs without the GIL): an interpreter of two threads stalls whenever the
+    # segmenting thread takes one of its cores, and one-thread interpreters never wait on each
+    # other. Each chunk is cut in one part per core, so that a call of one chunk, and the last
+    # chunk of any, uses every core. At most three chunks wait, so memory stays bounded.
     workers = os.cpu_count() or 1
     pending: deque[tuple[Future, list[int]]] = deque()
     with ThreadPoolExecutor(workers) as pool:
@@ -67,7 +68,7 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
                 if s.image is None:
                     readings[start + k] = unread_cell(s.stray_ink)
             images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
-            while len(pending) > workers:
+            while len(pending) > 2 * workers:
                 settle(pending.popleft())
             for part in np.array_split(np.arange(len(index)), workers):
                 if len(part):
