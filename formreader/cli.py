@@ -617,17 +617,20 @@ def evaluate(model, data, nsysu, plots, before) -> None:
         click.echo(f"plot: {p}")
 
 
-@main.command()
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Default: the shipped model.")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and cvl_digits/.")
-@click.option("--pages", default=40, show_default=True, type=click.IntRange(1), help="Forms per source and form style.")
-@click.option(
+# `calibrate` and `calibrate-strings` choose a review threshold the same way, for a share of risk.
+RISK_OPTION = click.option(
     "--risk",
     default=REVIEW_RISK,
     show_default=True,
     type=click.FloatRange(0, 0.5),
-    help="The share of those forms' fields the review threshold may let out wrong.",
+    help="The share of the validation fields the review threshold may let out wrong.",
 )
+
+@main.command()
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Default: the shipped model.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and cvl_digits/.")
+@click.option("--pages", default=40, show_default=True, type=click.IntRange(1), help="Forms per source and form style.")
+@RISK_OPTION
 def calibrate(model, data, pages, risk) -> None:
     """Calibrate a model's digits read by its two networks on its validation split, then its field
     confidence on forms of its validation writers, and choose its review threshold for boxed
@@ -664,13 +667,7 @@ def calibrate(model, data, pages, risk) -> None:
 )
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
 @click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
-@click.option(
-    "--risk",
-    default=REVIEW_RISK,
-    show_default=True,
-    type=click.FloatRange(0, 0.5),
-    help="The share of those fields the review threshold may let out wrong.",
-)
+@RISK_OPTION
 def calibrate_strings(model, data, checks, risk) -> None:
     """Fit how the two readers choose a free field's reading and the confidence in it, and choose
     free fields' review threshold, on validation fields: ORAND's validation checks, generated
