@@ -57,8 +57,10 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     # segmented (LiteRT runs without the GIL): an interpreter of two threads stalls whenever the
     # segmenting thread takes one of its cores, and one-thread interpreters never wait on each
     # other. Each chunk is cut in one part per core, so that a call of one chunk, and the last
-    # chunk of any, uses every core. At most three chunks wait, so memory stays bounded.
-    workers = os.cpu_count() or 1
+    # chunk of any, uses every core; a part holds a batch at least, and there are READ_THREADS
+    # at most (each thread makes its own interpreters, once per call). At most three chunks
+    # wait, so memory stays bounded.
+    workers = min(os.cpu_count() or 1, READ_THREADS)
     pending: deque[tuple[Future, list[int]]] = deque()
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(crops), READ_CHUNK):
@@ -70,7 +72,7 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
             images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
             while len(pending) > 2 * workers:
                 settle(pending.popleft())
-            for part in np.array_split(np.arange(len(index)), workers):
+            for part in np.array_split(np.arange(len(index)), max(1, min(workers, -(-len(index) // READ_BATCH)))):
                 if len(part):
                     pending.append((pool.submit(classifier.cell_probabilities, images[part]), [index[i] for i in part]))
         while pending:
@@ -87,6 +89,8 @@ def _one_thread_each(model: Path | str | None) -> DigitClassifier:
 
 
 READ_CHUNK = 1024  # crops segmented at a time by read_digits
+READ_THREADS = 8  # classifying threads of read_digits, at most
+READ_BATCH = 64  # digits a classifying thread is given, at least (DigitClassifier.probabilities' batch)
 
 
 def process_folder(

@@ -28,7 +28,9 @@ def test_read_digits_reads_each_crop_as_a_forms_boxed_cell_is(classifier, monkey
     reading where its crop is."""
     from formreader.reading.segment import segment_crops
 
-    monkeypatch.setattr(formreader.api, "READ_CHUNK", 48)  # seven chunks: more than the cores wait at once
+    # Seven chunks, each cut in parts for the cores: more parts than the cores wait at once.
+    monkeypatch.setattr(formreader.api, "READ_CHUNK", 48)
+    monkeypatch.setattr(formreader.api, "READ_BATCH", 16)
     crops = list(load_nsysu()[0][:300])
     images, index = segment_crops(crops)
     readings = formreader.read_digits(crops)
