@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _classifiers: dict[str, DigitClassifier] = {}
+_one_thread: dict[str, DigitClassifier] = {}  # the same models with one-thread interpreters (read_digits)
 
 
 def get_classifier(model: Path | str | None = None) -> DigitClassifier:
@@ -72,7 +74,8 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
             images = np.array([segments[i - start].image for i in index], np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE)
             while len(pending) > 2 * workers:
                 settle(pending.popleft())
-            for part in np.array_split(np.arange(len(index)), max(1, min(workers, -(-len(index) // READ_BATCH)))):
+            parts = max(1, min(workers, math.ceil(len(index) / READ_BATCH)))
+            for part in np.array_split(np.arange(len(index)), parts):
                 if len(part):
                     pending.append((pool.submit(classifier.cell_probabilities, images[part]), [index[i] for i in part]))
         while pending:
@@ -82,10 +85,10 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
 
 def _one_thread_each(model: Path | str | None) -> DigitClassifier:
     """get_classifier's model with one-thread interpreters (single_threaded), made once per process."""
-    key = f"{model or ''}\0one thread"
-    if key not in _classifiers:
-        _classifiers[key] = single_threaded(get_classifier(model))
-    return _classifiers[key]
+    key = str(model or "")
+    if key not in _one_thread:
+        _one_thread[key] = single_threaded(get_classifier(model))
+    return _one_thread[key]
 
 
 READ_CHUNK = 1024  # crops segmented at a time by read_digits

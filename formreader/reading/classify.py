@@ -35,12 +35,11 @@ STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.ke
 COMPANION_SUFFIX = ".companion.keras"  # models/digits.companion.keras: a second network, averaged for boxed cells
 STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
 LABELS = "0123456789"
-# The review threshold of free fields, and of boxed fields when the model was calibrated without
-# one (DigitClassifier.review_threshold). Free fields: ORAND's validation checks and generated
-# ones, docs/measurements.md.
+# The review threshold of a model whose card holds none (LiteRTModel.review_threshold: one not
+# calibrated by `formreader calibrate` or `calibrate-strings`); every free field's until stop 37.
 DEFAULT_REVIEW_THRESHOLD = 0.85
-# The share of fields a boxed field's review threshold may let out wrong on the forms it is chosen
-# on (`formreader calibrate`): the aim for writers never seen.
+# The share of fields a review threshold may let out wrong on the validation fields it is chosen
+# on (`formreader calibrate`, `calibrate-strings`): the aim for writers never seen.
 REVIEW_RISK = 0.003
 
 
