@@ -504,6 +504,7 @@ def test_free_fields_go_to_review_under_the_string_models_own_threshold(classifi
     between 0.85 and it, and a threshold given (`--review-threshold`) decides instead."""
     import formreader
     from formreader.pipeline import review_thresholds
+    from formreader.training.datasets import load_orand
 
     threshold = classifier.string_model.review_threshold
     assert review_thresholds(classifier) == (classifier.review_threshold, threshold) and threshold > 0.85
@@ -517,8 +518,6 @@ def test_free_fields_go_to_review_under_the_string_models_own_threshold(classifi
     given = formreader.process_folder(ROOT / "samples" / "checks", template, review_threshold=0.85)
     assert (between & only_low).any() and (given.status[between & only_low] == "ok").all()
     # read_number decides as a form's free field does: real check amounts.
-    from formreader.training.datasets import load_orand
-
     numbers = [formreader.read_number(a.image, separators=".,") for a in load_orand("test")[:12]]
     assert all(any(r.startswith("low confidence") for r in n.reasons) == (n.confidence < threshold) for n in numbers)
     assert all((n.status == "review") == bool(n.reasons) for n in numbers)
