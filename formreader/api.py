@@ -93,7 +93,7 @@ def _one_thread_each(model: Path | str | None) -> DigitClassifier:
 
 READ_CHUNK = 1024  # crops segmented at a time by read_digits
 READ_THREADS = 8  # classifying threads of read_digits, at most
-READ_BATCH = 64  # digits a classifying thread is given, at least (DigitClassifier.probabilities' batch)
+READ_BATCH = 64  # digits a classifying thread is given, at least (two of DigitClassifier.probabilities' batches)
 
 
 def process_folder(
