@@ -443,16 +443,26 @@ def fit_field_decision(
     grey = fitted.get(False, fitted.get(True, 1.0))
     bit = fitted.get(True, grey)
     calibrated = confidence ** np.where(bitonal, bit, grey)
-    threshold = risk_threshold(calibrated, right, ruled, REVIEW_RISK if risk is None else risk)
-    passed = ~ruled & (calibrated >= threshold)
     return {
         "field_power": grey,
         "field_power_bitonal": bit,
-        "review_threshold": threshold,
         "fields": int(fit.sum()),
         "bitonal_fields": int((fit & bitonal).sum()),
         "right": float(right[fit].mean()),
         "boxed_fields": len(right),
+        **risk_decision(calibrated, right, ruled, REVIEW_RISK if risk is None else risk),
+    }
+
+
+def risk_decision(confidence: np.ndarray, right: np.ndarray, ruled: np.ndarray, risk: float) -> dict:
+    """The review threshold for at most `risk` of the fields out wrong (`risk_threshold`) and what
+    it does to them: {'review_threshold', 'flagged' (share of all), 'wrong_not_flagged' (count)}.
+    confidence (N,) calibrated, right (N,) bool, ruled (N,) bool (flagged by a rule whatever
+    their confidence)."""
+    threshold = risk_threshold(confidence, right, ruled, risk)
+    passed = ~ruled & (confidence >= threshold)
+    return {
+        "review_threshold": threshold,
         "flagged": float(1 - passed.mean()),
         "wrong_not_flagged": int((passed & ~right).sum()),
     }
@@ -554,7 +564,7 @@ def fit_free_threshold(
     """Free fields' review threshold, chosen as boxed fields' is (`risk_threshold`): the lowest that
     lets at most `risk` of the validation fields out wrong, each decided as a form's free field is
     (its readings `readings`, TwoReadings chosen; their confidence by the field `calibration`; the
-    field's rules). Returns {'review_threshold', 'flagged', 'wrong_not_flagged'}."""
+    field's rules). Returns risk_decision's {'review_threshold', 'flagged', 'wrong_not_flagged'}."""
     from formreader.reading.fields import read_free_field
     from formreader.reading.string_model import combine_readings
 
@@ -565,13 +575,7 @@ def fit_free_threshold(
     right = np.array([f.value == t for f, t in zip(decided, truths)])
     confidence = np.array([f.confidence for f in decided])
     ruled = np.array([bool(f.reasons) for f in decided])  # threshold 0: only rules give reasons
-    threshold = risk_threshold(confidence, right, ruled, risk)
-    passed = ~ruled & (confidence >= threshold)
-    return {
-        "review_threshold": threshold,
-        "flagged": float(1 - passed.mean()),
-        "wrong_not_flagged": int((passed & ~right).sum()),
-    }
+    return risk_decision(confidence, right, ruled, risk)
 
 
 def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
