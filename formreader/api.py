@@ -59,7 +59,7 @@ def read_digits(crops: list[np.ndarray], model: Path | str | None = None) -> lis
     # segmented (LiteRT runs without the GIL): an interpreter of two threads stalls whenever the
     # segmenting thread takes one of its cores, and one-thread interpreters never wait on each
     # other. Each chunk is cut in one part per core, so that a call of one chunk, and the last
-    # chunk of any, uses every core; a part holds a batch at least, and there are READ_THREADS
+    # chunk of any, uses every core; a part holds READ_BATCH digits at least, and there are READ_THREADS
     # at most (each thread makes its own interpreters, once per call). At most three chunks
     # wait, so memory stays bounded.
     workers = min(os.cpu_count() or 1, READ_THREADS)
