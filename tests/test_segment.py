@@ -208,9 +208,9 @@ def test_a_cell_never_reaches_into_its_neighbour_in_the_stack():
 def test_digits_cut_tight_keep_the_strokes_on_their_edges(mnist_test):
     """Digits as postal-code sets give them (16x16, the digit filling the square): the bar of a
     7, the foot of a 2 and the side of a 0 lie on the crop's edges, where a box's lines would be,
-    but they run nowhere past the digit, so they stay strokes. Before, they were taken for box
-    lines: 90% of such MNIST digits read right, 7s 65% (mostly as 1); a boxed digit's lines go as
-    before (the tests above)."""
+    so they stay strokes. Taken for box lines, they made a 7 a 1 and a 0 blank: of MNIST test's
+    0s and 7s cut so, 95.8% and 96.6% read right, against 98.7% and 98.8% kept; a boxed digit's
+    lines go as before (the tests above)."""
     from formreader.training.evaluate import cut_tight
 
     images, labels = mnist_test
@@ -218,9 +218,23 @@ def test_digits_cut_tight_keep_the_strokes_on_their_edges(mnist_test):
     readings = formreader.read_digits([cut_tight(255 - images[k]) for k in idx])
     read = np.array([r.digit for r in readings])
     truth = labels[idx].astype(str)
-    assert (read == truth).mean() >= 0.97
-    sevens = truth == "7"
-    assert (read[sevens] == "7").mean() >= 0.9
+    assert (read == truth).mean() >= 0.985
+    for digit in "07":
+        every = np.flatnonzero(labels == int(digit))
+        read = [r.digit for r in formreader.read_digits([cut_tight(255 - images[k]) for k in every])]
+        assert np.mean([d == digit for d in read]) >= 0.98, digit
+
+
+@pytest.mark.parametrize("sides", ["tblr", "tbl", "lr", "tb"])
+@pytest.mark.parametrize("width", [1, 2])
+def test_a_small_boxs_own_lines_still_go(sides, width):
+    """In a crop as small as a postal code's digit, lines that close a box (three sides, or two
+    opposite ones) are a box's, not a digit's: an empty one stays blank."""
+    crop = np.full((16, 16), 240, np.uint8)
+    for side, cut in zip("tblr", (np.s_[:width], np.s_[-width:], np.s_[:, :width], np.s_[:, -width:])):
+        if side in sides:
+            crop[cut] = 30
+    assert segment_digit(crop).image is None
 
 
 def test_a_digits_size_is_judged_against_its_box_when_the_box_is_known(mnist_test):
