@@ -156,7 +156,7 @@ def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
     return seeded[labels]
 
 
-def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, boxed: np.ndarray | None = None) -> np.ndarray:
+def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, tight: bool = False) -> np.ndarray:
     """Remove long straight horizontal and vertical runs (box lines) from binary masks.
 
     mask: (N, H, W) bool. Returns a new (N, H, W) bool mask. A run must span `line_length` of the
@@ -164,9 +164,8 @@ def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, b
     line: a digit's own straight strokes (the stem of a 1) are shorter or further inside. And it
     must behave as a box's line does (`_box_lines`): in a crop cut tight around the digit (a
     postal code's 16x16 digits, a check's digit cut by its box) the bar of a 7 or the foot of a
-    2 runs along the edge too. boxed: (N,) bool, the crops whose box is known (the template's);
-    of the others, one as small as a postal code's digit keeps the runs that close no box
-    (`_is_the_digit`).
+    2 runs along the edge too. tight: the crops are digits cut tight at a postal code's size
+    (`digit_inks`), whose runs along the edges are strokes unless they close a box (`_closes_a_box`).
     """
     _, h, w = mask.shape
     across, down = max(3, int(params.line_length * w)), max(3, int(params.line_length * h))
@@ -184,23 +183,17 @@ def remove_box_lines(mask: np.ndarray, params: SegmentParams = DEFAULT_PARAMS, b
         horiz[band_h : h - band_h, :] = 0
         vert[:, band_w : w - band_w] = 0
         if horiz.any() or vert.any():
-            if not (boxed is not None and boxed[k]) and _is_the_digit(mask[k], horiz, vert):
+            if tight and not _closes_a_box(horiz, vert):
                 continue
             out[k] &= ~_widened(*_box_lines(mask[k], horiz, vert, (band_h, band_w)))
     return out
 
 
-def _is_the_digit(mask: np.ndarray, horiz: np.ndarray, vert: np.ndarray, full: float = 0.9) -> bool:
-    """Are the box lines found in a crop (horiz, vert: (H, W) uint8, of its ink mask (H, W) bool)
-    the digit's own strokes? So they are in a crop no larger than MNIST's digit box, a digit at a
-    postal code's resolution (USPS: 16x16, cut tight), unless they close a box: run along three
-    sides of their joint extent, or along two opposite ones, each over `full` of it. Cut tight,
-    a digit puts the side of a 0 or the bar and stem of a 7 on the crop's edges, and taking them
-    for lines left nothing (a 0 judged blank) or a 1. In a larger crop a box's lines cannot be
-    told from strokes so: a lone line or a corner of a box would pass for a digit (the ink beside
-    them no guide either: a 1 has less ink than its box's top line)."""
-    if min(mask.shape) > MNIST_BOX:
-        return False
+def _closes_a_box(horiz: np.ndarray, vert: np.ndarray, full: float = 0.9) -> bool:
+    """Do the runs found along a crop's edges (horiz, vert: (H, W) uint8) close a box: run along
+    three sides of their joint extent, or along two opposite ones, each over `full` of it? A
+    digit cut tight puts the side of a 0 or the bar and stem of a 7 on the crop's edges, and
+    taken for lines they left nothing (a 0 judged blank) or a 1; an empty box's lines close it."""
     ys, xs = np.nonzero(horiz | vert)
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     mid_y, mid_x = (y0 + y1) / 2, (x0 + x1) / 2
@@ -212,7 +205,7 @@ def _is_the_digit(mask: np.ndarray, horiz: np.ndarray, vert: np.ndarray, full: f
             if stats[i, cv2.CC_STAT_WIDTH if d == 0 else cv2.CC_STAT_HEIGHT] >= full * extent:
                 at = centroids[i][1] < mid_y if d == 0 else centroids[i][0] < mid_x
                 sides[2 * d + (0 if at else 1)] = True
-    return sides.sum() < 3 and not (sides[0] and sides[1]) and not (sides[2] and sides[3])
+    return sides.sum() >= 3 or (sides[0] and sides[1]) or (sides[2] and sides[3])
 
 
 def _widened(horiz: np.ndarray, vert: np.ndarray) -> np.ndarray:
@@ -577,23 +570,33 @@ def digit_inks(
     interiors: list[Box | None] | None = None,
     printed: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray | None], np.ndarray]:
-    """The ink of the digit in each grey crop of a box, at the crops' own resolution.
+    """The ink of the digit in each grey crop of a box, at the crops' own resolution (twice it
+    for digits cut tight, below).
 
     crops: (N, H, W) uint8, dark ink on light paper. Returns (inks, stray): inks, N arrays
     (H, W) float32 in [0, 1], high on the digit's strokes and zero elsewhere, or None where the
     box is blank (no ink, or only specks and pieces of box line); stray (N,): the ink left after
     line removal, as a fraction of the crop, digit or not. interiors (N boxes or None) and
     printed ((N, H, W) bool): as for `segment_digit`.
+
+    Crops no larger than MNIST's digit box and with no box known are digits cut tight at a
+    postal code's size (USPS: 16x16): they are read at twice their size (cubic), where a stroke
+    a pixel or two wide keeps its shape through the ink threshold, and the straight runs along
+    their edges are the digit's strokes unless they close a box (`remove_box_lines`).
     """
+    crops = np.asarray(crops)
+    tight = min(crops.shape[1:]) <= MNIST_BOX and printed is None and not any(i is not None for i in interiors or ())
+    if tight:
+        crops = np.stack([cv2.resize(c, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for c in crops])
     ink, mask = ink_intensity(crops, params)
     if printed is not None:
         mask &= ~printed
     framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
     if framed:
         mask[framed] = remove_frames(mask[framed], [interiors[k] for k in framed])
-    boxed = np.array([i is not None for i in interiors], bool) if interiors is not None else None
-    mask = remove_box_lines(mask, params, boxed)
+    mask = remove_box_lines(mask, params, tight)
     stray = mask.mean(axis=(1, 2))
+    boxed = np.array([i is not None for i in interiors], bool) if interiors is not None else None
     keep, found = select_digit_ink(mask, params, boxed)
     # Keep the anti-aliased fringe of the kept strokes, not of anything else.
     n, h, _ = keep.shape
