@@ -7,6 +7,8 @@ census-style scans make them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -176,6 +178,34 @@ def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifie
             right += sum(a == b for a, b in zip(read, truth[spec.name])) if len(read) == len(truth[spec.name]) else 0
             total += len(truth[spec.name])
     assert right >= 0.9 * total
+
+
+def test_the_forms_benchmark_writes_the_same_digits_whatever_the_reader_is_tuned_to(cvl_valid):
+    """The forms' real digits are cut from their crops by formreader's segmentation, with the
+    generator's own thresholds (synth.GLYPH_PARAMS): a reader's segmentation tuned otherwise must
+    not rewrite what it is measured on (at stop 39 a lower seed limit seemed to read CVL's forms
+    better because it had written their digits fuller)."""
+    from formreader.reading import segment
+    from formreader.training.synth import ink_on_black
+
+    x, y, _ = cvl_valid
+    pick = np.concatenate([np.flatnonzero(y == d)[:10] for d in range(10)])
+    before, _ = ink_on_black(x[pick], y[pick])
+    tuned = dataclasses.replace(segment.DEFAULT_PARAMS, seed_limit=20.0, grow_depth=0.1)
+    def ink(crop, params):
+        found, _ = segment.digit_ink(crop, params)
+        return np.zeros(0) if found is None else found
+
+    differs = [not np.array_equal(ink(c, segment.DEFAULT_PARAMS), ink(c, tuned)) for c in x[pick]]
+    assert any(differs)  # the tuning changes what the reader finds in these crops...
+    for field in dataclasses.fields(tuned):  # ...and the generator, under the reader's tuned defaults,
+        object.__setattr__(segment.DEFAULT_PARAMS, field.name, getattr(tuned, field.name))
+    try:
+        after, _ = ink_on_black(x[pick], y[pick])
+    finally:
+        for field in dataclasses.fields(tuned):
+            object.__setattr__(segment.DEFAULT_PARAMS, field.name, getattr(segment.SegmentParams(), field.name))
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))  # writes the same
 
 
 def test_the_companion_network_tempers_confident_misreads_of_writers_never_seen(classifier):
