@@ -180,7 +180,7 @@ def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifie
     assert right >= 0.9 * total
 
 
-def test_the_forms_benchmark_writes_the_same_digits_whatever_the_reader_is_tuned_to(cvl_valid):
+def test_the_forms_benchmark_writes_the_same_digits_whatever_the_reader_is_tuned_to(cvl_valid, mnist_test):
     """The forms' real digits are cut from their crops by formreader's segmentation, with the
     generator's own thresholds (synth.GLYPH_PARAMS): a reader's segmentation tuned otherwise must
     not rewrite what it is measured on (at stop 39 a lower seed limit seemed to read CVL's forms
@@ -206,6 +206,13 @@ def test_the_forms_benchmark_writes_the_same_digits_whatever_the_reader_is_tuned
         for field in dataclasses.fields(tuned):
             object.__setattr__(segment.DEFAULT_PARAMS, field.name, getattr(segment.SegmentParams(), field.name))
     assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))  # writes the same
+    # A crop as small as a postal code's digit, which the reader reads at twice its size, is
+    # written at its own.
+    from formreader.training.evaluate import cut_tight
+
+    images, labels = mnist_test
+    (glyph,), _ = ink_on_black([cut_tight(255 - images[0])], labels[:1])
+    assert max(glyph.shape) <= 16
 
 
 def test_the_companion_network_tempers_confident_misreads_of_writers_never_seen(classifier):

@@ -49,6 +49,7 @@ class SegmentParams:
     grow_depth: float = 0.25  # ...and extends through pixels this dark
     seed_limit: float = 60.0  # grey levels below the paper that always count as a stroke
     sharpen: bool = True  # keep strokes crisp when a small digit is enlarged
+    tight_side: int = MNIST_BOX  # a crop no larger (px), its box not known, is a digit cut tight (digit_inks)
 
 
 DEFAULT_PARAMS = SegmentParams()
@@ -579,13 +580,13 @@ def digit_inks(
     line removal, as a fraction of the crop, digit or not. interiors (N boxes or None) and
     printed ((N, H, W) bool): as for `segment_digit`.
 
-    Crops no larger than MNIST's digit box and with no box known are digits cut tight at a
-    postal code's size (USPS: 16x16): they are read at twice their size (cubic), where a stroke
+    Crops no larger than `params.tight_side` (MNIST's 20-px digit box) and with no box known are
+    digits cut tight at a postal code's size (USPS: 16x16): they are read at twice their size (cubic), where a stroke
     a pixel or two wide keeps its shape through the ink threshold, and the straight runs along
     their edges are the digit's strokes unless they close a box (`remove_box_lines`).
     """
     crops = np.asarray(crops)
-    tight = min(crops.shape[1:]) <= MNIST_BOX and printed is None and not any(i is not None for i in interiors or ())
+    tight = min(crops.shape[1:]) <= params.tight_side and printed is None and not any(i is not None for i in interiors or ())
     if tight:
         crops = np.stack([cv2.resize(c, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for c in crops])
     ink, mask = ink_intensity(crops, params)

@@ -326,7 +326,9 @@ def scanned_forms(style: str, images: np.ndarray, labels: np.ndarray, n: int, se
 # were when the form and check benchmarks began, so that tuning how formreader reads cannot change
 # what it is measured on. (At stop 39 a lower `seed_limit` seemed to read CVL's writers' forms
 # 3 points better; it had written their digits into the forms with fuller strokes.)
-GLYPH_PARAMS = SegmentParams(min_contrast=15.0, noise_contrast=6.0, seed_depth=0.5, grow_depth=0.25, seed_limit=60.0)
+GLYPH_PARAMS = SegmentParams(
+    min_contrast=15.0, noise_contrast=6.0, seed_depth=0.5, grow_depth=0.25, seed_limit=60.0, tight_side=0
+)  # tight_side 0: each glyph at its crop's own resolution, as before stop 39 read small crops larger
 
 
 def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
