@@ -76,6 +76,22 @@ def test_read_digits_takes_arrays_as_programs_hold_them(mnist_test):
         assert (got == truth).mean() >= 0.97, name
 
 
+def test_usps_style_digits_light_on_dark_and_cut_tight_read_as_dark_on_light(mnist_test):
+    """USPS's digits come 16x16, cut tight, light ink on dark in -1 to 1: a bold 0 or 8 then covers
+    most of its crop, and alone it cannot say which level is the paper. Handed in together, the
+    crops of one shape are taken as one source's, and read as the same digits dark on light
+    (before, 98.9% of 2,000 such MNIST digits read right against 99.6%)."""
+    from formreader.training.evaluate import cut_tight
+
+    images, labels = mnist_test
+    idx = np.random.default_rng(0).choice(len(images), 2000, replace=False)
+    tight = [cut_tight(255 - images[k]) for k in idx]
+    dark_on_light = np.array([r.digit for r in formreader.read_digits(tight)])
+    usps = np.array([r.digit for r in formreader.read_digits([(255 - t.astype(np.float32)) / 127.5 - 1 for t in tight])])
+    assert (dark_on_light == labels[idx].astype(str)).mean() >= 0.99
+    assert (usps == dark_on_light).mean() >= 0.998
+
+
 def test_read_digits_names_the_crop_that_is_no_image(mnist_test):
     images, _ = mnist_test
     for bad, says in (

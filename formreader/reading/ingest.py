@@ -474,7 +474,9 @@ def grey_crop(crop: np.ndarray) -> np.ndarray:
     (0-1; -1 to 1, as USPS's digits come, when any pixel is below 0; 0-255 when any is above
     1). Light ink on dark paper, as MNIST's own arrays are, is turned over: when most of the
     crop's outermost pixels, and most of all its pixels, are darker than halfway between its
-    darkest and lightest, the dark is the paper (a digit is thinner than the paper around it).
+    darkest and lightest, the dark is the paper (a digit is thinner than the paper around it);
+    of crops of one shape handed in together (`grey_crops`), also one whose digit covers most of
+    it, where most of the others are so.
     Raises ValueError saying what is wrong with any other array.
     """
     return grey_crops([crop])[0]
@@ -497,10 +499,14 @@ def grey_crops(crops: list[np.ndarray]) -> list[np.ndarray]:
         lo, hi = stack.min(axis=(1, 2)).astype(np.int16), stack.max(axis=(1, 2)).astype(np.int16)
         middle = (lo + hi) / 2
         ring = np.concatenate([stack[:, 0], stack[:, -1], stack[:, :, 0], stack[:, :, -1]], axis=1)
-        dark = (hi - lo >= 16) & ((ring < middle[:, None]).mean(axis=1) > 0.5)
-        for k in np.flatnonzero(dark):
-            if (stack[k] < middle[k]).mean() > 0.5:
-                out[members[k]] = 255 - out[members[k]]
+        edge_dark = (hi - lo >= 16) & ((ring < middle[:, None]).mean(axis=1) > 0.5)
+        mostly_dark = (stack < middle[:, None, None]).mean(axis=(1, 2)) > 0.5
+        # Crops of one shape handed in together come from one source: where most of those with a
+        # dark edge are dark all over, a bold digit that covers most of its crop (a 0 or an 8 cut
+        # tight, as USPS's are) lies on the same dark paper.
+        source_dark = edge_dark.any() and mostly_dark[edge_dark].mean() > 0.5
+        for k in np.flatnonzero(edge_dark & (mostly_dark | source_dark)):
+            out[members[k]] = 255 - out[members[k]]
     return out
 
 
