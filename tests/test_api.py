@@ -52,9 +52,10 @@ def test_read_digits_any_size_and_blank():
 
 def test_read_digits_takes_arrays_as_programs_hold_them(mnist_test):
     """MNIST's own arrays (light ink on dark), floats in 0-1 or -1 to 1 (as USPS's digits come),
-    RGB, 16-bit and bool crops read as the same digits as dark-on-light uint8. Before, MNIST's
-    arrays read 6% right, 60% judged blank, and float crops all came back blank with confidence
-    1.0: no digit, said with certainty."""
+    RGB, 16-bit and bool crops, and masks of 0 and 1 stored as uint8, read as the same digits as
+    dark-on-light uint8. Before, MNIST's arrays read 6% right, 60% judged blank, and float crops
+    all came back blank with confidence 1.0: no digit, said with certainty (uint8 masks until
+    stop 39: their one grey level of contrast read as blank paper)."""
     import cv2
 
     images, labels = mnist_test
@@ -67,6 +68,7 @@ def test_read_digits_takes_arrays_as_programs_hold_them(mnist_test):
         "RGB": [cv2.cvtColor(c, cv2.COLOR_GRAY2RGB) for c in paper],
         "uint16": [c.astype(np.uint16) * 257 for c in paper],
         "bool ink": [c > 128 for c in x],
+        "uint8 mask of 0 and 1 (1: ink)": [(c > 128).astype(np.uint8) for c in x],
     }
     expected = np.array([r.digit for r in formreader.read_digits(paper)])
     assert (expected == truth).mean() >= 0.98

@@ -470,13 +470,14 @@ def grey_crop(crop: np.ndarray) -> np.ndarray:
     ink on light paper.
 
     crop: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA (laid on white paper); bool (True: ink),
-    uint8, uint16 (0-65535), other integers (0-255, or their own range beyond it), or floats
-    (0-1; -1 to 1, as USPS's digits come, when any pixel is below 0; 0-255 when any is above
-    1). Light ink on dark paper, as MNIST's own arrays are, is turned over: when most of the
-    crop's outermost pixels, and most of all its pixels, are darker than halfway between its
-    darkest and lightest, the dark is the paper (a digit is thinner than the paper around it);
-    of crops of one shape handed in together (`grey_crops`), also one whose digit covers most of
-    it, where most of the others are so.
+    and integers of 0 and 1 only likewise (a mask stored as uint8, 1: ink); uint8, uint16
+    (0-65535), other integers (0-255, or their own range beyond it), or floats (0-1; -1 to 1,
+    as USPS's digits come, when any pixel is below 0; 0-255 when any is above 1). Light ink on
+    dark paper, as MNIST's own arrays are, is turned over: when most of the crop's outermost
+    pixels, and most of all its pixels, are darker than halfway between its darkest and
+    lightest, the dark is the paper (a digit is thinner than the paper around it); of crops of
+    one shape handed in together (`grey_crops`), also one whose digit covers most of it, where
+    most of the others are so.
     Raises ValueError saying what is wrong with any other array.
     """
     return grey_crops([crop])[0]
@@ -522,6 +523,10 @@ def _grey_pixels(crop: np.ndarray) -> np.ndarray:
         raise ValueError(f"an empty image (shape {a.shape})")
     if a.dtype == bool:
         return np.where(a, 0, 255).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 1:
+        # Integers of 0 and 1 only are a mask (thresholded, then stored as uint8): no scan or
+        # rendering has one grey level of range.
+        return np.where(a > 0, 0, 255).astype(np.uint8)
     if a.dtype != np.uint8:
         return np.round(255 * _unit_range(a)).astype(np.uint8)
     return a
