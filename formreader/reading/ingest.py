@@ -498,15 +498,20 @@ def grey_crops(crops: list[np.ndarray]) -> list[np.ndarray]:
     for members in by_shape.values():
         stack = np.stack([out[k] for k in members])
         lo, hi = stack.min(axis=(1, 2)).astype(np.int16), stack.max(axis=(1, 2)).astype(np.int16)
+        # uint8 crops of 0 and 1 only are masks (_grey_pixels turns other integers so itself).
+        for k in np.flatnonzero(hi <= 1):
+            out[members[k]] = stack[k] = np.where(stack[k] > 0, 0, 255).astype(np.uint8)
+            lo[k], hi[k] = stack[k].min(), stack[k].max()
         middle = (lo + hi) / 2
         ring = np.concatenate([stack[:, 0], stack[:, -1], stack[:, :, 0], stack[:, :, -1]], axis=1)
-        edge_dark = (hi - lo >= 16) & ((ring < middle[:, None]).mean(axis=1) > 0.5)
-        mostly_dark = (stack < middle[:, None, None]).mean(axis=(1, 2)) > 0.5
+        edge_dark = np.flatnonzero((hi - lo >= 16) & ((ring < middle[:, None]).mean(axis=1) > 0.5))
+        if not len(edge_dark):
+            continue
+        mostly_dark = (stack[edge_dark] < middle[edge_dark, None, None]).mean(axis=(1, 2)) > 0.5
         # Crops of one shape handed in together come from one source: where most of those with a
         # dark edge are dark all over, a bold digit that covers most of its crop (a 0 or an 8 cut
         # tight, as USPS's are) lies on the same dark paper.
-        source_dark = edge_dark.any() and mostly_dark[edge_dark].mean() > 0.5
-        for k in np.flatnonzero(edge_dark & (mostly_dark | source_dark)):
+        for k in edge_dark if mostly_dark.mean() > 0.5 else edge_dark[mostly_dark]:
             out[members[k]] = 255 - out[members[k]]
     return out
 
@@ -523,9 +528,9 @@ def _grey_pixels(crop: np.ndarray) -> np.ndarray:
         raise ValueError(f"an empty image (shape {a.shape})")
     if a.dtype == bool:
         return np.where(a, 0, 255).astype(np.uint8)
-    if np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 1:
-        # Integers of 0 and 1 only are a mask (thresholded, then stored as uint8): no scan or
-        # rendering has one grey level of range.
+    if a.dtype != np.uint8 and np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 1:
+        # Integers of 0 and 1 only are a mask (thresholded, then stored so): no scan or rendering
+        # has one grey level of range. (uint8 ones: grey_crops, all of a batch at once.)
         return np.where(a > 0, 0, 255).astype(np.uint8)
     if a.dtype != np.uint8:
         return np.round(255 * _unit_range(a)).astype(np.uint8)
