@@ -581,9 +581,10 @@ def digit_inks(
     printed ((N, H, W) bool): as for `segment_digit`.
 
     Crops no larger than `params.tight_side` (MNIST's 20-px digit box) and with no box known are
-    digits cut tight at a postal code's size (USPS: 16x16): they are read at twice their size (cubic), where a stroke
-    a pixel or two wide keeps its shape through the ink threshold, and the straight runs along
-    their edges are the digit's strokes unless they close a box (`remove_box_lines`).
+    digits cut tight at a postal code's size (USPS: 16x16): they are read at twice their size
+    (cubic), where a stroke a pixel or two wide keeps its shape through the ink threshold, and
+    the straight runs along their edges are the digit's strokes unless they close a box
+    (`remove_box_lines`).
     """
     crops = np.asarray(crops)
     tight = min(crops.shape[1:]) <= params.tight_side and printed is None and not any(i is not None for i in interiors or ())
