@@ -35,6 +35,35 @@ def test_training_runs_end_to_end_on_a_subset(tmp_path):
     assert p.shape == (3, 11)
 
 
+def test_a_model_trained_on_another_backend_gets_its_fast_path_at_first_load(tmp_path, classifier, monkeypatch):
+    """TensorFlow's converter fails on a model built on Keras' JAX backend (as trained on a lent
+    accelerator): training then leaves the .tflite to the model's first load, which makes it on
+    TensorFlow's backend and reads as the model does. Before, the converter's error ended the run
+    after the model was saved."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import keras
+
+    from formreader.reading.classify import convert_when_trained
+
+    shipped = Path(classifier.path)
+    out = tmp_path / "digits.keras"
+    shutil.copy(shipped, out)
+    meta = {k: v for k, v in json.loads(shipped.with_suffix(".json").read_text()).items() if not k.startswith("tflite")}
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    said = []
+    with monkeypatch.context() as m:
+        m.setattr(keras.backend, "backend", lambda: "jax")
+        convert_when_trained(out, meta, said.append)
+    assert not out.with_suffix(".tflite").exists() and "first load" in said[0]
+    loaded = DigitClassifier.load(out)
+    assert out.with_suffix(".tflite").exists()
+    x = np.random.default_rng(0).random((8, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(loaded.probabilities(x), classifier.probabilities(x), atol=1e-5)
+
+
 def test_fine_tuning_on_string_pieces_runs(tmp_path, classifier):
     out = tmp_path / "tuned.keras"
     config = TrainConfig(epochs=1, limit=400, batch_size=64, strings=20, initial=str(classifier.path))

@@ -121,6 +121,19 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def convert_when_trained(path: Path, meta: dict, log=print) -> None:
+    """Make a just-trained model's fast path (cached_tflite) where this process can: TensorFlow's
+    converter takes a model built on its own Keras backend, and fails on one trained on JAX (as
+    on a lent accelerator, which has no TensorFlow). Such a model is converted at its first load,
+    by a process on TensorFlow's backend."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        log(f"trained on Keras' {keras.backend.backend()} backend: the .tflite fast path is made at the model's first load")
+        return
+    cached_tflite(path, meta)
+
+
 def cached_tflite(path: Path, meta: dict) -> bytes:
     """The converted model beside `path` (.tflite), made again if it is not from this .keras file
     by this TFLITE_RECIPE.

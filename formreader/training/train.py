@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.reading.classify import NOT_A_DIGIT, cached_tflite
+from formreader.reading.classify import NOT_A_DIGIT, convert_when_trained
 from formreader.reading.segment import MNIST_SIZE, normalize_digit, segment_crops
 from formreader.training.datasets import load_mnist
 from formreader.training.synth import bitonal, pen_or_pencil
@@ -687,10 +687,7 @@ def train_model(
         "config": dict(vars(config)),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    try:
-        cached_tflite(out, meta)  # the fast path's converted model, beside the .keras file
-    except ImportError:
-        log("TensorFlow is not installed here: the .tflite fast path is made at the model's first load")
+    convert_when_trained(out, meta, log)  # the fast path's converted model, beside the .keras file
     log(f"saved {out}; temperature {temperature:.3f}; validation accuracy {meta['validation_accuracy']:.4%} {per_source}")
     return meta
 

@@ -414,7 +414,7 @@ def save_string_model(model, out: Path, validation: tuple, record: dict, log=pri
     with `record` and the validation figures, and its .tflite. Returns the card."""
     import keras
 
-    from formreader.reading.classify import cached_tflite
+    from formreader.reading.classify import convert_when_trained
 
     vx, vtexts, vreal = validation
     vy = encode_labels(vtexts)
@@ -435,7 +435,7 @@ def save_string_model(model, out: Path, validation: tuple, record: dict, log=pri
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Keras {keras.__version__} on {keras.backend.backend()}",
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    cached_tflite(out, meta)
+    convert_when_trained(out, meta, log)
     log(f"saved {out}; temperature {temperature:.3f}; {meta['validation_fields_right']}")
     return meta
 
