@@ -587,13 +587,13 @@ def digit_inks(
     (`remove_box_lines`).
     """
     crops = np.asarray(crops)
-    tight = min(crops.shape[1:]) <= params.tight_side and printed is None and not any(i is not None for i in interiors or ())
+    framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
+    tight = min(crops.shape[1:]) <= params.tight_side and printed is None and not framed
     if tight:
         crops = np.stack([cv2.resize(c, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for c in crops])
     ink, mask = ink_intensity(crops, params)
     if printed is not None:
         mask &= ~printed
-    framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
     if framed:
         mask[framed] = remove_frames(mask[framed], [interiors[k] for k in framed])
     mask = remove_box_lines(mask, params, tight)
