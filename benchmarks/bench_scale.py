@@ -1,13 +1,15 @@
 """A batch as an office runs one: many pages of scanned-form PDFs, default options, every core.
 
-    python benchmarks/bench_scale.py [--pages 200] [--per-pdf 10]
+    python benchmarks/bench_scale.py [--pages 200] [--per-pdf 10] [--jpeg]
 
 Writes `--pages` pages of the samples' form (MNIST test digits, scanned at 200 DPI by
 formreader.training.synth) into PDFs of `--per-pdf` pages, then times, in the same run:
 - `pdftoppm -gray -r 200` rendering every PDF, two processes at a time (the floor: decoding);
 - `formreader process` on the folder with default options (a process of its own, as a user
   runs it), and its peak memory.
-Prints both times, their ratio, pages/s and the CPU time each took (all processes).
+Prints both times, their ratio, pages/s and the CPU time each took (all processes). With
+`--jpeg`, the same scans are also saved as one JPEG file a page (200 DPI, as a scanner saves a
+folder of them) and `formreader process` is timed on that folder too.
 """
 
 from __future__ import annotations
@@ -33,16 +35,26 @@ from formreader.training.datasets import load_mnist  # noqa: E402
 from formreader.training.synth import make_pages, scan  # noqa: E402
 
 
-def write_pdfs(folder: Path, pages: int, per_pdf: int, seed: int = 2027) -> dict[tuple[str, int], dict[str, str]]:
-    """Write the PDFs; returns each page's truth: (file name, page) -> field -> digits."""
+def write_pdfs(
+    folder: Path, pages: int, per_pdf: int, seed: int = 2027, jpeg_folder: Path | None = None
+) -> dict[tuple[str, int], dict[str, str]]:
+    """Write the PDFs (and each scan as a JPEG file into `jpeg_folder`, if given); returns each
+    page's truth: (file name, page) -> field -> digits."""
     images, labels = load_mnist("test")
     _, _, filled = make_pages(pages, seed, images, labels)
     rng = np.random.default_rng(seed)
     scans = [Image.fromarray(scan(p.image, rng, dpi_scale=200 / 150)) for p in filled]
+    truth = {}
     for k in range(0, pages, per_pdf):
         group = scans[k : k + per_pdf]
         group[0].save(folder / f"batch_{k // per_pdf:03d}.pdf", save_all=True, append_images=group[1:], resolution=200.0)
-    return {(f"batch_{k // per_pdf:03d}.pdf", k % per_pdf + 1): p.values for k, p in enumerate(filled)}
+    for k, (page, filled_page) in enumerate(zip(scans, filled)):
+        truth[(f"batch_{k // per_pdf:03d}.pdf", k % per_pdf + 1)] = filled_page.values
+        if jpeg_folder is not None:
+            name = f"batch_{k // per_pdf:03d}_{k % per_pdf + 1:02d}.jpg"
+            page.save(jpeg_folder / name, dpi=(200, 200), quality=85)
+            truth[(name, 1)] = filled_page.values
+    return truth
 
 
 def fields_read(results: Path, truth: dict[tuple[str, int], dict[str, str]]) -> str:
@@ -70,51 +82,56 @@ def render_all(folder: Path, out: Path) -> tuple[float, float]:
     return time.perf_counter() - start, children_cpu() - cpu
 
 
+def run_formreader(folder: Path, out: Path) -> tuple[float, float, int]:
+    """`formreader process` on a folder with default options, in a process of its own as a user
+    runs it: (seconds, CPU seconds of all its processes, peak memory of the largest in KiB)."""
+    cmd = [sys.executable, "-m", "formreader.cli", "process", str(folder), "-t", str(ROOT / "templates" / "demo_form.yaml"),
+           "-o", str(out), "-q"]
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    start, cpu = time.perf_counter(), children_cpu()
+    peak_kib = int(subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True).stdout.split()[-1])
+    return time.perf_counter() - start, children_cpu() - cpu, peak_kib
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--per-pdf", type=int, default=10)
+    parser.add_argument("--jpeg", action="store_true", help="also the same scans as a folder of JPEG files")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "pdfs").mkdir()
-        (tmp / "ppm").mkdir()
-        truth = write_pdfs(tmp / "pdfs", args.pages, args.per_pdf)
+        for sub in ("pdfs", "ppm", "jpegs"):
+            (tmp / sub).mkdir()
+        truth = write_pdfs(tmp / "pdfs", args.pages, args.per_pdf, jpeg_folder=tmp / "jpegs" if args.jpeg else None)
         poppler, poppler_cpu = render_all(tmp / "pdfs", tmp / "ppm")
-        cmd = [
-            sys.executable,
-            "-m",
-            "formreader.cli",
-            "process",
-            str(tmp / "pdfs"),
-            "-t",
-            str(ROOT / "templates" / "demo_form.yaml"),
-            "-o",
-            str(tmp / "out" / "r.csv"),
-            "-q",
-        ]
-        probe = (
-            "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-        )
-        start, cpu = time.perf_counter(), children_cpu()
-        peak_kib = int(subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True).stdout.split()[-1])
-        formreader, formreader_cpu = time.perf_counter() - start, children_cpu() - cpu
+        formreader, formreader_cpu, peak_kib = run_formreader(tmp / "pdfs", tmp / "out" / "r.csv")
         accuracy = fields_read(tmp / "out" / "r.csv", truth)
+        if args.jpeg:
+            jpegs, jpegs_cpu, _ = run_formreader(tmp / "jpegs", tmp / "out_jpeg" / "r.csv")
+            jpeg_accuracy = fields_read(tmp / "out_jpeg" / "r.csv", truth)
     print(f"{args.pages} pages of 200-DPI scanned forms in {args.pages // args.per_pdf} PDFs, {os.cpu_count()} cores")
     # CPU time as well: the run is compute-bound, and on a shared machine its wall time varies
     # from run to run more than its CPU time does.
     print(f"  {'':34} {'seconds':>8} {'pages/s':>8} {'CPU s':>7} {'CPU ms a page':>14}")
-    for name, wall, used in (
+    rows = [
         ("pdftoppm -gray -r 200, 2 at a time", poppler, poppler_cpu),
         ("formreader process (defaults)", formreader, formreader_cpu),
-    ):
+    ]
+    if args.jpeg:
+        rows.append(("formreader process, JPEG files", jpegs, jpegs_cpu))
+    for name, wall, used in rows:
         print(f"  {name:34} {wall:8.1f} {args.pages / wall:8.1f} {used:7.1f} {1000 * used / args.pages:14.1f}")
     print(
         f"  ratio {formreader / poppler:.1f}x the rendering alone (CPU {formreader_cpu / poppler_cpu:.1f}x); "
         f"peak memory of the largest process {peak_kib / 1024:.0f} MiB"
     )
     print(f"  {accuracy}")
+    if args.jpeg:
+        print(f"  JPEG files: {jpeg_accuracy}")
 
 
 if __name__ == "__main__":

@@ -673,6 +673,6 @@ def _dask_client(address: str):
 
 def _pages_of(path: Path, dpi: int) -> Iterator[Page | PdfPage | PageError]:
     try:
-        yield from read_pages(path, pdf_dpi=dpi, render=False)
+        yield from read_pages(path, pdf_dpi=dpi, render=False, reduce_jpeg=True)
     except Exception as e:  # a reader failing in an unforeseen way costs one file, not the batch
         yield PageError(str(path), 0, f"cannot read file: {type(e).__name__}: {e}")

@@ -130,6 +130,33 @@ def test_a_finer_jpeg_scan_is_decoded_at_the_resolution_asked(tmp_path, name, sc
     assert np.abs(reduced[:rows, :cols].astype(int) - page.image[:rows, :cols]).mean() < 3
 
 
+def test_a_finer_jpeg_file_is_decoded_reduced_as_a_pdf_scan_is(tmp_path):
+    import cv2
+
+    (whole,) = pages(SCANS / "scan_e.jpg")  # 300 DPI, read as it is by default
+    (page,) = read_pages(SCANS / "scan_e.jpg", pdf_dpi=150, reduce_jpeg=True)
+    h, w = whole.image.shape
+    assert page.dpi == 150 and page.image.shape == (-(-h // 2), -(-w // 2))
+    reduced = cv2.resize(whole.image, (page.image.shape[1], page.image.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.astype(int) - page.image).mean() < 3
+    # At 200 DPI asked: the fewest eighths that keep it, 6/8 (225 DPI).
+    (finer,) = read_pages(SCANS / "scan_e.jpg", pdf_dpi=200, reduce_jpeg=True)
+    assert finer.dpi == 225 and finer.image.shape[1] == -(-w * 6 // 8)
+    # Read whole: a photo the camera turned (EXIF orientation, which PIL applies), a JPEG of
+    # unknown resolution, one no finer than asked.
+    with Image.open(SCANS / "scan_e.jpg") as img:
+        exif = img.getexif()
+        exif[0x0112] = 6  # turned 90 degrees clockwise for display
+        img.save(tmp_path / "turned.jpg", dpi=(300, 300), exif=exif)
+        img.save(tmp_path / "unknown.jpg")
+    (turned,) = read_pages(tmp_path / "turned.jpg", pdf_dpi=150, reduce_jpeg=True)
+    assert turned.image.shape == (w, h)
+    (unknown,) = read_pages(tmp_path / "unknown.jpg", pdf_dpi=150, reduce_jpeg=True)
+    assert unknown.dpi is None and unknown.image.shape == (h, w)
+    (phone,) = read_pages(SCANS / "phone_d.jpg", pdf_dpi=150, reduce_jpeg=True)
+    assert phone.dpi == 150 and phone.image.shape == next(iter(pages(SCANS / "phone_d.jpg"))).image.shape
+
+
 def test_a_page_that_is_more_than_a_scan_is_rendered_as_printed(tmp_path):
     (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))
     h, w = scan.shape

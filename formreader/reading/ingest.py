@@ -28,6 +28,7 @@ MAX_PIXELS = 200_000_000
 # No page is worked on larger than this (an A3 page at 600 DPI is 70 MP; a form at the
 # template's resolution is a few MP): a DPI tag that says 31 cannot blow a page up to gigabytes.
 MAX_PAGE_PIXELS = 60_000_000
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a photo is turned
 MIN_DPI = 50  # a resolution tag under this is not a scan's: taken as unknown
 MAX_PDF_PAGES = 1_000_000  # more than any PDF holds: pdfinfo is asked about every page
 
@@ -179,13 +180,18 @@ def _pdf_page_count(path: Path) -> int:
         return int(pdfinfo_from_path(str(path))["Pages"])
 
 
-def read_pages(path: Path, pdf_dpi: int = 200, render: bool = True) -> Iterator[Page | PdfPage | PageError]:
+def read_pages(
+    path: Path, pdf_dpi: int = 200, render: bool = True, reduce_jpeg: bool = False
+) -> Iterator[Page | PdfPage | PageError]:
     """Yield every page of one file, or a PageError for what cannot be read.
 
     PDFs are read one page at a time, so a long PDF never sits in memory whole: a scanned page
     is its image, at the scan's resolution; any other page is rendered by poppler at `pdf_dpi`
     (`render_pdf_page`). With `render` False their pages come as PdfPage, to be read where they
-    are to be segmented (a worker). TIFFs yield every frame.
+    are to be segmented (a worker). TIFFs yield every frame. With `reduce_jpeg`, a JPEG file
+    whose resolution is known and finer than `pdf_dpi` is decoded as a PDF's JPEG scan is, at
+    the fewest eighths of its size that keep `pdf_dpi` (a 300-DPI photo at half size for a
+    150-DPI form: a third of the decoding, and no resampling after it).
     """
     path = Path(path)
     source = str(path)
@@ -211,7 +217,7 @@ def read_pages(path: Path, pdf_dpi: int = 200, render: bool = True) -> Iterator[
     if head.startswith(b"%PDF") or path.suffix.lower() == ".pdf":
         yield from _read_pdf(path, pdf_dpi, render)
     else:
-        yield from _read_image(path)
+        yield from _read_image(path, pdf_dpi if reduce_jpeg else 0)
 
 
 def _read_pdf(path: Path, dpi: int, render: bool) -> Iterator[Page | PdfPage | PageError]:
@@ -361,7 +367,6 @@ def _decode_scan(image, width_pt: float, dpi: float) -> np.ndarray | None:
     A JPEG is decoded at the fewest eighths of its size (JPEG_SCALES) that keep it at `dpi` or
     more (within 1%), on a page `width_pt` wide."""
     import pikepdf
-    import simplejpeg
 
     filters = image.get("/Filter")
     filters = [str(f) for f in (filters if isinstance(filters, pikepdf.Array) else [filters] if filters else [])]
@@ -379,14 +384,28 @@ def _decode_scan(image, width_pt: float, dpi: float) -> np.ndarray | None:
     if filters[0] != "/DCTDecode":
         grey = _to_grey(pikepdf.PdfImage(image).as_pil_image())
         return grey if grey.shape == (h, w) else None
-    scan_dpi = w * 72 / abs(width_pt)
-    eighths = next((m for m in JPEG_SCALES if dpi and scan_dpi * m / 8 >= 0.99 * dpi), 8)
-    size = (-(-h * eighths // 8), -(-w * eighths // 8))
-    grey = simplejpeg.decode_jpeg(image.read_raw_bytes(), colorspace="GRAY", min_height=size[0], min_width=size[1])
+    return _decode_jpeg(image.read_raw_bytes(), (h, w), _jpeg_eighths(w * 72 / abs(width_pt), dpi))
+
+
+def _jpeg_eighths(scan_dpi: float, dpi: float) -> int:
+    """The fewest eighths of a JPEG's size (JPEG_SCALES) that keep a scan of `scan_dpi` at `dpi`
+    or more (within 1%); 8 (full size) when `dpi` is 0."""
+    return next((m for m in JPEG_SCALES if dpi and scan_dpi * m / 8 >= 0.99 * dpi), 8)
+
+
+def _decode_jpeg(data: bytes, shape: tuple[int, int], eighths: int) -> np.ndarray | None:
+    """A JPEG of `shape` (H, W) decoded to grey (h, w) uint8 at `eighths` of its size (libjpeg
+    scales in the DCT: the reduction costs less than decoding whole), or None where the decoder
+    gives another size."""
+    import simplejpeg
+
+    size = (-(-shape[0] * eighths // 8), -(-shape[1] * eighths // 8))
+    grey = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=size[0], min_width=size[1])
     return grey[..., 0] if grey.shape[:2] == size else None
 
 
-def _read_image(path: Path) -> Iterator[Page | PageError]:
+def _read_image(path: Path, dpi: float = 0) -> Iterator[Page | PageError]:
+    """The frames of an image file; a JPEG finer than `dpi` (when not 0) decoded reduced (read_pages)."""
     source = str(path)
     try:
         img = Image.open(path)
@@ -406,6 +425,10 @@ def _read_image(path: Path) -> Iterator[Page | PageError]:
             yield PageError(source, 0, f"image too large: {w}x{h} px (limit {MAX_SIDE_PX} px a side, "
                             f"{MAX_PAGE_PIXELS / 1e6:.0f} megapixels)")
             return
+        reduced = _reduced_jpeg(path, img, dpi) if dpi else None
+        if reduced is not None:
+            yield reduced
+            return
         frames = getattr(img, "n_frames", 1)
         for number in range(1, frames + 1):
             try:
@@ -413,6 +436,25 @@ def _read_image(path: Path) -> Iterator[Page | PageError]:
                 yield Page(_to_grey(img), _image_dpi(img), source, number)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 yield PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
+
+
+def _reduced_jpeg(path: Path, img: Image.Image, dpi: float) -> Page | None:
+    """A JPEG file's page decoded at the fewest eighths of its size that keep `dpi`, where that is
+    less than its size; None where it is not, or where the file is no plain grey or colour JPEG
+    of known, square resolution upright as stored (PIL then reads it whole, as any image)."""
+    scan_dpi = _image_dpi(img)
+    square = scan_dpi is not None and abs(float(img.info["dpi"][1]) - scan_dpi) <= 0.01 * scan_dpi
+    upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    if img.format != "JPEG" or img.mode not in ("L", "RGB") or not square or not upright:
+        return None
+    eighths = _jpeg_eighths(scan_dpi, dpi)
+    if eighths == 8:
+        return None
+    try:
+        grey = _decode_jpeg(path.read_bytes(), (img.height, img.width), eighths)
+    except (OSError, ValueError):  # simplejpeg's errors are ValueErrors; PIL then reports the damage
+        return None
+    return None if grey is None else Page(grey, round(scan_dpi * eighths / 8, 2), str(path), 1)
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PAGE_PIXELS) -> np.ndarray:
