@@ -1,6 +1,6 @@
 """A batch as an office runs one: many pages of scanned-form PDFs, default options, every core.
 
-    python benchmarks/bench_scale.py [--pages 200] [--per-pdf 10] [--jpeg]
+    python benchmarks/bench_scale.py [--pages 200] [--per-pdf 10] [--files jpg|png]
 
 Writes `--pages` pages of the samples' form (MNIST test digits, scanned at 200 DPI by
 formreader.training.synth) into PDFs of `--per-pdf` pages, then times, in the same run:
@@ -8,8 +8,8 @@ formreader.training.synth) into PDFs of `--per-pdf` pages, then times, in the sa
 - `formreader process` on the folder with default options (a process of its own, as a user
   runs it), and its peak memory.
 Prints both times, their ratio, pages/s and the CPU time each took (all processes). With
-`--jpeg`, the same scans are also saved as one JPEG file a page (200 DPI, as a scanner saves a
-folder of them) and `formreader process` is timed on that folder too.
+`--files jpg` (or `png`), the same scans are also saved as one image file a page (200 DPI, as a
+scanner saves a folder of them) and `formreader process` is timed on that folder too.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from formreader.training.synth import make_pages, scan  # noqa: E402
 
 
 def write_pdfs(
-    folder: Path, pages: int, per_pdf: int, seed: int = 2027, jpeg_folder: Path | None = None
+    folder: Path, pages: int, per_pdf: int, seed: int = 2027, files: Path | None = None, kind: str = "jpg"
 ) -> dict[tuple[str, int], dict[str, str]]:
-    """Write the PDFs (and each scan as a JPEG file into `jpeg_folder`, if given); returns each
-    page's truth: (file name, page) -> field -> digits."""
+    """Write the PDFs (and each scan as an image file of `kind` into `files`, if given); returns
+    each page's truth: (file name, page) -> field -> digits."""
     images, labels = load_mnist("test")
     _, _, filled = make_pages(pages, seed, images, labels)
     rng = np.random.default_rng(seed)
@@ -50,9 +50,9 @@ def write_pdfs(
         group[0].save(folder / f"batch_{k // per_pdf:03d}.pdf", save_all=True, append_images=group[1:], resolution=200.0)
     for k, (page, filled_page) in enumerate(zip(scans, filled)):
         truth[(f"batch_{k // per_pdf:03d}.pdf", k % per_pdf + 1)] = filled_page.values
-        if jpeg_folder is not None:
-            name = f"batch_{k // per_pdf:03d}_{k % per_pdf + 1:02d}.jpg"
-            page.save(jpeg_folder / name, dpi=(200, 200), quality=85)
+        if files is not None:
+            name = f"batch_{k // per_pdf:03d}_{k % per_pdf + 1:02d}.{kind}"
+            page.save(files / name, dpi=(200, 200), **({"quality": 85} if kind == "jpg" else {}))
             truth[(name, 1)] = filled_page.values
     return truth
 
@@ -100,19 +100,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--per-pdf", type=int, default=10)
-    parser.add_argument("--jpeg", action="store_true", help="also the same scans as a folder of JPEG files")
+    parser.add_argument("--files", choices=("jpg", "png"), help="also the same scans as a folder of image files")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for sub in ("pdfs", "ppm", "jpegs"):
+        for sub in ("pdfs", "ppm", "files"):
             (tmp / sub).mkdir()
-        truth = write_pdfs(tmp / "pdfs", args.pages, args.per_pdf, jpeg_folder=tmp / "jpegs" if args.jpeg else None)
+        truth = write_pdfs(tmp / "pdfs", args.pages, args.per_pdf, files=tmp / "files" if args.files else None, kind=args.files)
         poppler, poppler_cpu = render_all(tmp / "pdfs", tmp / "ppm")
         formreader, formreader_cpu, peak_kib = run_formreader(tmp / "pdfs", tmp / "out" / "r.csv")
         accuracy = fields_read(tmp / "out" / "r.csv", truth)
-        if args.jpeg:
-            jpegs, jpegs_cpu, _ = run_formreader(tmp / "jpegs", tmp / "out_jpeg" / "r.csv")
-            jpeg_accuracy = fields_read(tmp / "out_jpeg" / "r.csv", truth)
+        if args.files:
+            files, files_cpu, _ = run_formreader(tmp / "files", tmp / "out_files" / "r.csv")
+            files_accuracy = fields_read(tmp / "out_files" / "r.csv", truth)
     print(f"{args.pages} pages of 200-DPI scanned forms in {args.pages // args.per_pdf} PDFs, {os.cpu_count()} cores")
     # CPU time as well: the run is compute-bound, and on a shared machine its wall time varies
     # from run to run more than its CPU time does.
@@ -121,8 +121,8 @@ def main() -> None:
         ("pdftoppm -gray -r 200, 2 at a time", poppler, poppler_cpu),
         ("formreader process (defaults)", formreader, formreader_cpu),
     ]
-    if args.jpeg:
-        rows.append(("formreader process, JPEG files", jpegs, jpegs_cpu))
+    if args.files:
+        rows.append((f"formreader process, {args.files.upper()} files", files, files_cpu))
     for name, wall, used in rows:
         print(f"  {name:34} {wall:8.1f} {args.pages / wall:8.1f} {used:7.1f} {1000 * used / args.pages:14.1f}")
     print(
@@ -130,8 +130,8 @@ def main() -> None:
         f"peak memory of the largest process {peak_kib / 1024:.0f} MiB"
     )
     print(f"  {accuracy}")
-    if args.jpeg:
-        print(f"  JPEG files: {jpeg_accuracy}")
+    if args.files:
+        print(f"  {args.files.upper()} files: {files_accuracy}")
 
 
 if __name__ == "__main__":

@@ -442,10 +442,11 @@ def _reduced_jpeg(path: Path, img: Image.Image, dpi: float) -> Page | None:
     """A JPEG file's page decoded at the fewest eighths of its size that keep `dpi`, where that is
     less than its size; None where it is not, or where the file is no plain grey or colour JPEG
     of known, square resolution upright as stored (PIL then reads it whole, as any image)."""
+    if img.format != "JPEG" or img.mode not in ("L", "RGB"):
+        return None  # asked first: another format's EXIF may lie after its pixels, and asking for it decodes them
     scan_dpi = _image_dpi(img)
     square = scan_dpi is not None and abs(float(img.info["dpi"][1]) - scan_dpi) <= 0.01 * scan_dpi
-    upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
-    if img.format != "JPEG" or img.mode not in ("L", "RGB") or not square or not upright:
+    if not square or img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         return None
     eighths = _jpeg_eighths(scan_dpi, dpi)
     if eighths == 8:
