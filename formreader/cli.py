@@ -363,7 +363,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     tpl = _load_template(template)
     clf = _load_classifier(model)
     page = None
-    for item in read_pages(page_file, pdf_dpi=int(tpl.dpi)):
+    for item in read_pages(page_file, pdf_dpi=int(tpl.dpi), reduce_jpeg=True):  # as `process` reads it
         if item.page == page_number or (isinstance(item, PageError) and item.page == 0):
             page = item
             break
