@@ -47,6 +47,7 @@ from formreader.reading.ingest import (
     Page,
     PageError,
     PdfPage,
+    carried,
     find_inputs,
     is_bitonal,
     read_pages,
@@ -599,8 +600,8 @@ def process_paths(
 
     def submit(page: Page):
         """Start reading a page; what comes back has .result()."""
-        if client is not None:
-            return client.submit(_read_or_error, page, shared, pure=False)
+        if client is not None:  # the cluster's machines may not see the file: its page travels with the task
+            return client.submit(_read_or_error, carried(page) if isinstance(page, PdfPage) else page, shared, pure=False)
         if pool is not None:
             return pool.submit(_read_or_error, page)
         return _Finished(_read_or_error(page, state))

@@ -157,6 +157,38 @@ def test_a_finer_jpeg_file_is_decoded_reduced_as_a_pdf_scan_is(tmp_path):
     assert phone.dpi == 150 and phone.image.shape == next(iter(pages(SCANS / "phone_d.jpg"))).image.shape
 
 
+def test_a_carried_pdf_page_reads_as_the_file_does_where_the_file_is_not(tmp_path):
+    """A cluster's worker may not see the file: the page travels as a one-page PDF (`carried`)."""
+    import pikepdf
+
+    from formreader.reading.ingest import PdfPage, carried, render_pdf_page
+
+    (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))
+    # A JPEG scan and a Flate one (decoded), a stamped scan (rendered by poppler), in one PDF
+    # whose pages are turned by a /Rotate they inherit from the page tree.
+    jpeg = pdf_of_scan(tmp_path / "scan.pdf", scan, 200)
+    pdf_of_scan(tmp_path / "flate.pdf", scan, 200, "flate")
+    pdf_of_scan(tmp_path / "stamped.pdf", scan, 200, content=b"0 g 36 36 72 72 re f\n")
+    with pikepdf.new() as pdf:
+        for name in ("scan", "flate", "stamped"):
+            with pikepdf.open(tmp_path / f"{name}.pdf") as one:
+                pdf.pages.append(one.pages[0])
+        pdf.Root.Pages.Rotate = 90
+        pdf.save(tmp_path / "all.pdf")
+    tasks = [PdfPage(str(tmp_path / "all.pdf"), k, 150) for k in (1, 2, 3)]
+    direct = [render_pdf_page(t) for t in tasks]
+    assert all(page.image.shape[0] > page.image.shape[1] for page in direct)  # a landscape scan turned, as poppler shows it
+    travelling = [carried(t) for t in tasks]
+    (tmp_path / "all.pdf").rename(tmp_path / "elsewhere.pdf")
+    assert all(t.data for t in travelling)
+    assert len(travelling[0].data) < len(jpeg) + 2000  # a scanned page travels as its JPEG, not its pixels
+    for task, want in zip(travelling, direct):
+        got = render_pdf_page(task)
+        assert (got.source, got.page, got.dpi) == (want.source, want.page, want.dpi)
+        assert np.array_equal(got.image, want.image)
+    assert render_pdf_page(tasks[0]).reason.startswith("page could not be rendered")  # the file itself is gone
+
+
 def test_a_page_that_is_more_than_a_scan_is_rendered_as_printed(tmp_path):
     (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))
     h, w = scan.shape

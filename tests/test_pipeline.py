@@ -280,15 +280,20 @@ def test_records_stream_page_by_page(template, classifier, monkeypatch):
     assert [r["page"] for r in reading] == [2, 3, 1] and read == [1, 2, 3, 1]
 
 
-def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records, tmp_path):
-    """The same batch on a real Dask LocalCluster (worker processes) reads what a local run reads."""
+def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records, tmp_path, monkeypatch):
+    """The same batch on a real Dask LocalCluster (worker processes) reads what a local run reads;
+    a PDF's pages travel to the workers, which may not see the file (test_ingest.py reads such a
+    page with its file gone)."""
     from distributed import LocalCluster
 
     from formreader.export import write_results
 
+    sent, carried = [], pipeline.carried
+    monkeypatch.setattr(pipeline, "carried", lambda task: sent.append(task.page) or carried(task))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         records = list(process_paths([SCANS], template, classifier, scheduler=cluster.scheduler_address))
     assert records == sample_records
+    assert sent == [1, 2, 3, 4]  # batch_a.pdf's four pages, each with its data
     # and so the CSVs written from them, byte for byte
     cluster_csvs = write_results(records, tmp_path / "cluster" / "r.csv")
     local_csvs = write_results(sample_records, tmp_path / "local" / "r.csv")

@@ -68,6 +68,9 @@ class PdfPage:
     source: str
     page: int  # 1-based
     dpi: int
+    # The page alone as a one-page PDF, for a worker that may not see `source` (a cluster's,
+    # with no shared file system: `carried`); None: the worker reads `source` itself.
+    data: bytes | None = None
 
 
 def find_inputs(paths: list[Path]) -> list[Path]:
@@ -255,13 +258,15 @@ def render_pdf_page(task: PdfPage) -> Page | PageError:
     decoded straight from the file at the scan's own resolution (`scanned_image`); any other page
     is rendered at `task.dpi` by poppler's pdftoppm (its PGM read from the pipe: no temporary
     files, and no second poppler call per page for the page count)."""
-    scanned = scanned_image(task.source, task.page, task.dpi)
+    scanned = scanned_image(task.source, task.page, task.dpi, task.data)
     if scanned is not None:
         return scanned
+    # Carried (task.data): poppler reads the one-page PDF from its standard input.
+    number, source = (1, "-") if task.data is not None else (task.page, task.source)
     try:
         done = subprocess.run(
-            ["pdftoppm", "-gray", "-r", str(task.dpi), "-f", str(task.page), "-l", str(task.page), task.source],
-            capture_output=True, timeout=120, check=False,
+            ["pdftoppm", "-gray", "-r", str(task.dpi), "-f", str(number), "-l", str(number), source],
+            input=task.data, capture_output=True, timeout=120, check=False,
         )
     except subprocess.TimeoutExpired:
         return PageError(task.source, task.page, "page could not be rendered: poppler took longer than 120 s")
@@ -288,7 +293,25 @@ MAX_SCAN_CONTENT_BYTES = 1024
 ALIGNMENT_PT = 0.05  # how far (in points) the image may be from covering the page exactly
 
 
-def scanned_image(source: str, number: int, dpi: float = 0) -> Page | None:
+def carried(task: PdfPage) -> PdfPage:
+    """The task with its page copied out of the file as a one-page PDF (`PdfPage.data`), for a
+    worker that may not see the file: a cluster's machines share no file system with the one
+    that lists the batch. A scanned page's copy is its compressed image and a few hundred bytes,
+    a tenth of the pixels it decodes to. Where the page cannot be copied, the task as it is (the
+    worker then reads the file, or says why it cannot)."""
+    import pikepdf
+
+    try:
+        with pikepdf.open(task.source) as pdf, pikepdf.new() as one:
+            one.pages.append(pdf.pages[task.page - 1])
+            buffer = io.BytesIO()
+            one.save(buffer)
+    except Exception:  # noqa: BLE001 - the file's own errors are the worker's to report, as for any page
+        return task
+    return PdfPage(task.source, task.page, task.dpi, buffer.getvalue())
+
+
+def scanned_image(source: str, number: int, dpi: float = 0, data: bytes | None = None) -> Page | None:
     """Page `number` (1-based) of a PDF as the scan it holds, decoded straight from the file: about
     2 ms for a JPEG page where poppler takes 25 ms to render it, and no resampling of the scan.
     A JPEG scanned finer than `dpi` is decoded at the fewest eighths of its size that keep it at
@@ -299,12 +322,13 @@ def scanned_image(source: str, number: int, dpi: float = 0) -> Page | None:
     is 8-bit grey or RGB (JPEG or Flate) or 1-bit grey (CCITT or Flate), with no mask and no
     decode array; the page's /Rotate is applied. The resolution is the scan's, from its pixels and
     the page's size. Anything else (text, drawings, several images, a crop box, a scan placed in
-    a margin...) gives None, and poppler renders the page as printed."""
+    a margin...) gives None, and poppler renders the page as printed. With `data` (the page
+    alone as a one-page PDF, `carried`), that is read instead of the file."""
     import pikepdf
 
     try:
-        with pikepdf.open(source) as pdf:
-            page = pdf.pages[number - 1]
+        with pikepdf.open(io.BytesIO(data) if data is not None else source) as pdf:
+            page = pdf.pages[0 if data is not None else number - 1]
             x0, y0, x1, y1 = (float(v) for v in page.mediabox)
             rotate = int(page.obj.get("/Rotate", 0)) % 360
             image = _lone_full_page_image(page)
