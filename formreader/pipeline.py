@@ -44,14 +44,15 @@ from formreader.reading.fields import (
 )
 from formreader.reading.ingest import (
     MAX_PAGE_PIXELS,
+    ImageFrame,
     Page,
     PageError,
     PdfPage,
     carried,
     find_inputs,
     is_bitonal,
+    load_page,
     read_pages,
-    render_pdf_page,
 )
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
@@ -410,14 +411,14 @@ def _reading_state(
     )
 
 
-def _read_or_error(page: Page | PdfPage, state: dict | None = None):
+def _read_or_error(page: Page | PdfPage | ImageFrame, state: dict | None = None):
     """Render (a PDF page) and read one page whole, by `state` (_reading_state; a pool's worker
     has its own): (PageRead, the registered page as JPEG where `views` asks for it, else None),
     with the reason where the page could not be registered; or the PageError of a page that
     could not be rendered."""
     state = state or _worker_state
-    if isinstance(page, PdfPage):
-        page = render_pdf_page(page)
+    if isinstance(page, (PdfPage, ImageFrame)):
+        page = load_page(page)
         if isinstance(page, PageError):
             return page
     try:
@@ -598,10 +599,13 @@ def process_paths(
     if client is not None:  # the state (template, features, models) travels to each worker once
         (shared,) = client.scatter([state], broadcast=True)
 
-    def submit(page: Page):
+    def submit(page: Page | PdfPage | ImageFrame):
         """Start reading a page; what comes back has .result()."""
         if client is not None:  # the cluster's machines may not see the file: its page travels with the task
-            return client.submit(_read_or_error, carried(page) if isinstance(page, PdfPage) else page, shared, pure=False)
+            task = carried(page) if isinstance(page, (PdfPage, ImageFrame)) else page
+            if isinstance(task, PageError):  # the file went between listing and carrying
+                return _Finished(task)
+            return client.submit(_read_or_error, task, shared, pure=False)
         if pool is not None:
             return pool.submit(_read_or_error, page)
         return _Finished(_read_or_error(page, state))
@@ -672,7 +676,7 @@ def _dask_client(address: str):
         raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}") from e
 
 
-def _pages_of(path: Path, dpi: int) -> Iterator[Page | PdfPage | PageError]:
+def _pages_of(path: Path, dpi: int) -> Iterator[Page | PdfPage | ImageFrame | PageError]:
     try:
         yield from read_pages(path, pdf_dpi=dpi, render=False, reduce_jpeg=True)
     except Exception as e:  # a reader failing in an unforeseen way costs one file, not the batch

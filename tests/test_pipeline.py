@@ -18,7 +18,7 @@ from PIL import Image
 from formreader import pipeline
 from formreader.export import journal_records
 from formreader.pipeline import Journal, process_paths, read_page
-from formreader.reading.ingest import Page, PdfPage
+from formreader.reading.ingest import ImageFrame, Page, PdfPage
 from formreader.training.synth import scan
 
 from .conftest import BAD_INPUTS, SCANS, TEMPLATE, field_accuracy, run_cli, write_bad_inputs
@@ -245,6 +245,9 @@ def test_workers_give_the_same_results_page_by_page(template, classifier, sample
     assert not decided_here  # the main process classified nothing
     pdf_tasks = [t for t in _TracedPool.tasks if str(t.source).endswith("batch_a.pdf")]
     assert [(type(t), t.page) for t in pdf_tasks] == [(PdfPage, n) for n in (1, 2, 3, 4)]
+    # and an image's frames are decoded there too: the main process reads only the file's header
+    tiff_tasks = [t for t in _TracedPool.tasks if str(t.source).endswith("fax_b.tif")]
+    assert [(type(t), t.page, t.frames) for t in tiff_tasks] == [(ImageFrame, n, 3) for n in (1, 2, 3)]
     assert len(_TracedPool.pids) == len(sample_records) and os.getpid() not in _TracedPool.pids
 
 
@@ -282,18 +285,18 @@ def test_records_stream_page_by_page(template, classifier, monkeypatch):
 
 def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_records, tmp_path, monkeypatch):
     """The same batch on a real Dask LocalCluster (worker processes) reads what a local run reads;
-    a PDF's pages travel to the workers, which may not see the file (test_ingest.py reads such a
-    page with its file gone)."""
+    every page travels to the workers, which may not see the files (test_ingest.py reads such
+    pages with their files gone)."""
     from distributed import LocalCluster
 
     from formreader.export import write_results
 
     sent, carried = [], pipeline.carried
-    monkeypatch.setattr(pipeline, "carried", lambda task: sent.append(task.page) or carried(task))
+    monkeypatch.setattr(pipeline, "carried", lambda task: sent.append((Path(task.source).name, task.page)) or carried(task))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         records = list(process_paths([SCANS], template, classifier, scheduler=cluster.scheduler_address))
     assert records == sample_records
-    assert sent == [1, 2, 3, 4]  # batch_a.pdf's four pages, each with its data
+    assert sent == [(r["source"].split("/")[-1], r["page"]) for r in records]  # each page, with its data
     # and so the CSVs written from them, byte for byte
     cluster_csvs = write_results(records, tmp_path / "cluster" / "r.csv")
     local_csvs = write_results(sample_records, tmp_path / "local" / "r.csv")

@@ -73,6 +73,18 @@ class PdfPage:
     data: bytes | None = None
 
 
+@dataclass(frozen=True)
+class ImageFrame:
+    """A frame of an image file (TIFF, PNG, JPEG...) to be decoded where it is segmented, as a
+    PdfPage is rendered there: the process that lists a batch reads only each file's header."""
+
+    source: str
+    page: int  # 1-based frame
+    frames: int  # the file's frames
+    dpi: float  # a JPEG scanned finer than this is decoded reduced (read_pages' reduce_jpeg); 0: whole
+    data: bytes | None = None  # the file itself, for a worker that may not see `source` (`carried`)
+
+
 def find_inputs(paths: list[Path]) -> list[Path]:
     """Files to read under `paths` (files or folders, recursively), in a stable sorted order:
     the first list of `scan_inputs`."""
@@ -190,8 +202,9 @@ def read_pages(
 
     PDFs are read one page at a time, so a long PDF never sits in memory whole: a scanned page
     is its image, at the scan's resolution; any other page is rendered by poppler at `pdf_dpi`
-    (`render_pdf_page`). With `render` False their pages come as PdfPage, to be read where they
-    are to be segmented (a worker). TIFFs yield every frame. With `reduce_jpeg`, a JPEG file
+    (`render_pdf_page`). TIFFs yield every frame. With `render` False a PDF's pages come as
+    PdfPage and an image's frames as ImageFrame, to be read where they are to be segmented (a
+    worker: `load_page`); only the file's header is read here. With `reduce_jpeg`, a JPEG file
     whose resolution is known and finer than `pdf_dpi` is decoded as a PDF's JPEG scan is, at
     the fewest eighths of its size that keep `pdf_dpi` (a 300-DPI photo at half size for a
     150-DPI form: a third of the decoding, and no resampling after it).
@@ -220,7 +233,7 @@ def read_pages(
     if head.startswith(b"%PDF") or path.suffix.lower() == ".pdf":
         yield from _read_pdf(path, pdf_dpi, render)
     else:
-        yield from _read_image(path, pdf_dpi if reduce_jpeg else 0)
+        yield from _read_image(path, pdf_dpi if reduce_jpeg else 0, render)
 
 
 def _read_pdf(path: Path, dpi: int, render: bool) -> Iterator[Page | PdfPage | PageError]:
@@ -293,12 +306,27 @@ MAX_SCAN_CONTENT_BYTES = 1024
 ALIGNMENT_PT = 0.05  # how far (in points) the image may be from covering the page exactly
 
 
-def carried(task: PdfPage) -> PdfPage:
-    """The task with its page copied out of the file as a one-page PDF (`PdfPage.data`), for a
-    worker that may not see the file: a cluster's machines share no file system with the one
-    that lists the batch. A scanned page's copy is its compressed image and a few hundred bytes,
-    a tenth of the pixels it decodes to. Where the page cannot be copied, the task as it is (the
-    worker then reads the file, or says why it cannot)."""
+def load_page(task: PdfPage | ImageFrame) -> Page | PageError:
+    """A page listed by `read_pages(render=False)`, read: a PDF's rendered or decoded
+    (`render_pdf_page`), an image file's frame decoded (`decode_frame`)."""
+    return render_pdf_page(task) if isinstance(task, PdfPage) else decode_frame(task)
+
+
+def carried(task: PdfPage | ImageFrame) -> PdfPage | ImageFrame | Page | PageError:
+    """The task with its page in it, for a worker that may not see the file: a cluster's machines
+    share no file system with the one that lists the batch. A PDF's page is copied out as a
+    one-page PDF (`PdfPage.data`: a scanned page is its compressed image and a few hundred
+    bytes), a one-frame image file goes whole (`ImageFrame.data`, still compressed), and a frame
+    of a multi-frame TIFF is decoded here (its pixels travel; the file would go once a frame).
+    A PDF page that cannot be copied is left as it is: the worker reads the file, or says why it
+    cannot."""
+    if isinstance(task, ImageFrame):
+        if task.frames > 1:
+            return decode_frame(task)
+        try:
+            return ImageFrame(task.source, task.page, task.frames, task.dpi, Path(task.source).read_bytes())
+        except OSError as e:
+            return PageError(task.source, task.page, f"cannot open image: {e.strerror or e}")
     import pikepdf
 
     try:
@@ -428,8 +456,9 @@ def _decode_jpeg(data: bytes, shape: tuple[int, int], eighths: int) -> np.ndarra
     return grey[..., 0] if grey.shape[:2] == size else None
 
 
-def _read_image(path: Path, dpi: float = 0) -> Iterator[Page | PageError]:
-    """The frames of an image file; a JPEG finer than `dpi` (when not 0) decoded reduced (read_pages)."""
+def _read_image(path: Path, dpi: float = 0, render: bool = True) -> Iterator[Page | ImageFrame | PageError]:
+    """The frames of an image file (ImageFrame tasks where not `render`); a JPEG finer than `dpi`
+    (when not 0) decoded reduced (read_pages)."""
     source = str(path)
     try:
         img = Image.open(path)
@@ -449,23 +478,41 @@ def _read_image(path: Path, dpi: float = 0) -> Iterator[Page | PageError]:
             yield PageError(source, 0, f"image too large: {w}x{h} px (limit {MAX_SIDE_PX} px a side, "
                             f"{MAX_PAGE_PIXELS / 1e6:.0f} megapixels)")
             return
-        reduced = _reduced_jpeg(path, img, dpi) if dpi else None
-        if reduced is not None:
-            yield reduced
-            return
         frames = getattr(img, "n_frames", 1)
         for number in range(1, frames + 1):
-            try:
-                img.seek(number - 1)
-                yield Page(_to_grey(img), _image_dpi(img), source, number)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                yield PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
+            yield _frame(img, number, source, dpi, path.read_bytes) if render else ImageFrame(source, number, frames, dpi)
 
 
-def _reduced_jpeg(path: Path, img: Image.Image, dpi: float) -> Page | None:
-    """A JPEG file's page decoded at the fewest eighths of its size that keep `dpi`, where that is
-    less than its size; None where it is not, or where the file is no plain grey or colour JPEG
-    of known, square resolution upright as stored (PIL then reads it whole, as any image)."""
+def decode_frame(task: ImageFrame) -> Page | PageError:
+    """An image file's frame in grey, as `read_pages` decodes it, from the file or the bytes the
+    task carries."""
+    data = task.data
+    try:
+        img = Image.open(io.BytesIO(data) if data is not None else task.source)
+    except (OSError, Image.DecompressionBombError) as e:
+        return PageError(task.source, task.page, f"cannot open image: {_first_line(str(e))}")
+    with img:
+        return _frame(img, task.page, task.source, task.dpi, (lambda: data) if data is not None else Path(task.source).read_bytes)
+
+
+def _frame(img: Image.Image, number: int, source: str, dpi: float, load) -> Page | PageError:
+    """Frame `number` of an open image in grey; a single JPEG finer than `dpi` decoded reduced
+    from its bytes (`load()`)."""
+    reduced = _reduced_jpeg(img, dpi, load, source) if dpi and number == 1 else None
+    if reduced is not None:
+        return reduced
+    try:
+        img.seek(number - 1)
+        return Page(_to_grey(img), _image_dpi(img), source, number)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
+
+
+def _reduced_jpeg(img: Image.Image, dpi: float, load, source: str) -> Page | None:
+    """A JPEG file's page decoded from its bytes (`load()`) at the fewest eighths of its size that
+    keep `dpi`, where that is less than its size; None where it is not, or where the file is no
+    plain grey or colour JPEG of known, square resolution upright as stored (PIL then reads it
+    whole, as any image)."""
     if img.format != "JPEG" or img.mode not in ("L", "RGB"):
         return None  # asked first: another format's EXIF may lie after its pixels, and asking for it decodes them
     scan_dpi = _image_dpi(img)
@@ -476,10 +523,10 @@ def _reduced_jpeg(path: Path, img: Image.Image, dpi: float) -> Page | None:
     if eighths == 8:
         return None
     try:
-        grey = _decode_jpeg(path.read_bytes(), (img.height, img.width), eighths)
+        grey = _decode_jpeg(load(), (img.height, img.width), eighths)
     except (OSError, ValueError):  # simplejpeg's errors are ValueErrors; PIL then reports the damage
         return None
-    return None if grey is None else Page(grey, round(scan_dpi * eighths / 8, 2), str(path), 1)
+    return None if grey is None else Page(grey, round(scan_dpi * eighths / 8, 2), source, 1)
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PAGE_PIXELS) -> np.ndarray:
