@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +197,7 @@ def _pdf_page_count(path: Path) -> int:
 
 def read_pages(
     path: Path, pdf_dpi: int = 200, render: bool = True, reduce_jpeg: bool = False
-) -> Iterator[Page | PdfPage | PageError]:
+) -> Iterator[Page | PdfPage | ImageFrame | PageError]:
     """Yield every page of one file, or a PageError for what cannot be read.
 
     PDFs are read one page at a time, so a long PDF never sits in memory whole: a scanned page
@@ -495,7 +495,7 @@ def decode_frame(task: ImageFrame) -> Page | PageError:
         return _frame(img, task.page, task.source, task.dpi, (lambda: data) if data is not None else Path(task.source).read_bytes)
 
 
-def _frame(img: Image.Image, number: int, source: str, dpi: float, load) -> Page | PageError:
+def _frame(img: Image.Image, number: int, source: str, dpi: float, load: Callable[[], bytes]) -> Page | PageError:
     """Frame `number` of an open image in grey; a single JPEG finer than `dpi` decoded reduced
     from its bytes (`load()`)."""
     reduced = _reduced_jpeg(img, dpi, load, source) if dpi and number == 1 else None
@@ -508,7 +508,7 @@ def _frame(img: Image.Image, number: int, source: str, dpi: float, load) -> Page
         return PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
 
 
-def _reduced_jpeg(img: Image.Image, dpi: float, load, source: str) -> Page | None:
+def _reduced_jpeg(img: Image.Image, dpi: float, load: Callable[[], bytes], source: str) -> Page | None:
     """A JPEG file's page decoded from its bytes (`load()`) at the fewest eighths of its size that
     keep `dpi`, where that is less than its size; None where it is not, or where the file is no
     plain grey or colour JPEG of known, square resolution upright as stored (PIL then reads it
