@@ -208,6 +208,23 @@ def test_resume_keeps_finished_files(tmp_path, template, classifier):
     assert sum(rec["kind"] == "file_done" for rec in lines) == 2
 
 
+def test_a_file_is_recorded_done_only_once_its_pages_are_on_disk(tmp_path, template, classifier, monkeypatch):
+    """The journal waits for the disk once a file, before the line that says the file is done
+    (a machine's crash can then lose only files that resume reads again), not once a line."""
+    journal_path = tmp_path / "r.partial.jsonl"
+    synced, fsync = [], os.fsync
+    lines = lambda: journal_path.read_text().count("\n") if journal_path.exists() else 0  # noqa: E731
+    monkeypatch.setattr(pipeline.os, "fsync", lambda fd: synced.append(lines()) or fsync(fd))
+    journal = Journal(journal_path)
+    list(process_paths([SCANS / "batch_a.pdf", SCANS / "fax_b.tif"], template, classifier, journal=journal))
+    journal.close()
+    kinds = [json.loads(line)["kind"] for line in journal_path.read_text().splitlines()]
+    assert kinds == ["run", *["page"] * 4, "file_done", *["page"] * 3, "file_done", "run_done"]
+    # Synced: the new journal (before it takes the old one's place), the pages of each file
+    # before its end is written, the run's end.
+    assert synced == [0, 5, 9, 11]
+
+
 def _in_worker(fn, item):
     """Run a pool task and say which process ran it."""
     return os.getpid(), fn(item)
