@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from formreader.reading.ingest import Page, PageError, find_inputs, is_bitonal, read_pages, scan_inputs
+from formreader.reading.ingest import Page, PageError, PdfPage, find_inputs, is_bitonal, read_pages, scan_inputs
 
 from .conftest import BAD_INPUTS, SCANS, TEMPLATE, run_cli, write_bad_inputs
 
@@ -161,7 +161,7 @@ def test_a_carried_pdf_page_reads_as_the_file_does_where_the_file_is_not(tmp_pat
     """A cluster's worker may not see the file: the page travels as a one-page PDF (`carried`)."""
     import pikepdf
 
-    from formreader.reading.ingest import PdfPage, carried, render_pdf_page
+    from formreader.reading.ingest import carried, render_pdf_page
 
     (scan,) = (p.image for p in pages(SCANS / "scan_c.png"))
     # A JPEG scan and a Flate one (decoded), a stamped scan (rendered by poppler), in one PDF
@@ -217,6 +217,21 @@ def test_image_frames_are_listed_here_and_decoded_where_they_are_read(tmp_path):
     assert want["scan_e.jpg"][0].dpi == 150  # the 300-DPI JPEG decoded at half its size, wherever
     (gone,) = [load_page(t) for t in tasks["scan_c.png"]]
     assert isinstance(gone, PageError) and "cannot open image" in gone.reason
+
+
+def test_a_sound_pdf_is_listed_without_starting_poppler(monkeypatch):
+    """Its pages (and their sizes, for the size limit) come from its page tree; poppler, a process
+    a file, is asked only about what qpdf will not open as it is (test_bad_files_give_specific_errors)."""
+    import pdf2image
+
+    def no_poppler(*args, **kwargs):
+        raise AssertionError("pdfinfo started")
+
+    monkeypatch.setattr(pdf2image, "pdfinfo_from_path", no_poppler)
+    tasks = list(read_pages(SCANS / "batch_a.pdf", pdf_dpi=150, render=False))
+    assert [t.page for t in tasks] == [1, 2, 3, 4] and all(isinstance(t, PdfPage) for t in tasks)
+    big = list(read_pages(SCANS / "batch_a.pdf", pdf_dpi=4000, render=False))  # 8.6 x 6.1 in: 34,000 px wide at 4,000 DPI
+    assert all(isinstance(e, PageError) and "PDF page too large" in e.reason for e in big)
 
 
 def test_a_page_that_is_more_than_a_scan_is_rendered_as_printed(tmp_path):

@@ -237,26 +237,16 @@ def read_pages(
 
 
 def _read_pdf(path: Path, dpi: int, render: bool) -> Iterator[Page | PdfPage | PageError]:
-    from pdf2image import pdfinfo_from_path
-    from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
-
     source = str(path)
-    try:
-        # One pdfinfo call for the page count and every page's size (poppler stops at the last page).
-        info = pdfinfo_from_path(str(path), first_page=1, last_page=MAX_PDF_PAGES)
-        pages = int(info["Pages"])
-    except (PDFPageCountError, PDFSyntaxError, KeyError, ValueError) as e:
-        message = str(e)
-        if "password" in message.lower() or "encrypt" in message.lower():
-            yield PageError(source, 0, "encrypted PDF: a password is needed to read it")
-        elif "page count 0" in message:  # poppler's word for a well-formed PDF of no pages
-            yield PageError(source, 0, "the PDF has no pages")
-        else:
-            yield PageError(source, 0, f"not a readable PDF (damaged or truncated): {_first_line(message)}")
-        return
-    for number in range(1, pages + 1):
+    sizes = _page_sizes(path)
+    if sizes is None:
+        try:
+            sizes = _page_sizes_by_poppler(path)
+        except _UnreadablePdfError as e:
+            yield PageError(source, 0, str(e))
+            return
+    for number, (width_pt, height_pt) in enumerate(sizes, 1):
         # Every page's own size, before it is rendered: one huge page among small ones.
-        width_pt, height_pt = _page_size_points(info.get(f"Page {number:4d} size", ""))
         w_px, h_px = width_pt * dpi / 72, height_pt * dpi / 72
         if max(w_px, h_px) > MAX_SIDE_PX or w_px * h_px > MAX_PAGE_PIXELS:
             yield PageError(source, number, f"PDF page too large: {width_pt:.0f}x{height_pt:.0f} pt at {dpi} DPI is "
@@ -264,6 +254,48 @@ def _read_pdf(path: Path, dpi: int, render: bool) -> Iterator[Page | PdfPage | P
             continue
         task = PdfPage(source, number, dpi)
         yield render_pdf_page(task) if render else task
+
+
+def _page_sizes(path: Path) -> list[tuple[float, float]] | None:
+    """Every page's size in points (its crop box, which poppler renders), read by pikepdf from the
+    page tree: a fraction of a millisecond, where poppler's pdfinfo is a process of its own (5 ms
+    a file, which a folder of one-page PDFs paid once a page). None where pikepdf cannot open the
+    file as it is (no repairs: a truncated file's surviving pages are not a batch's pages) or
+    finds no page: poppler is asked, and says what is wrong."""
+    import pikepdf
+
+    try:
+        with pikepdf.open(path, attempt_recovery=False) as pdf:
+            sizes = []
+            for page in pdf.pages:
+                x0, y0, x1, y1 = (float(v) for v in page.cropbox)
+                sizes.append((abs(x1 - x0), abs(y1 - y0)))
+    except Exception:  # noqa: BLE001 - whatever qpdf refuses, poppler is asked about
+        return None
+    return sizes or None
+
+
+class _UnreadablePdfError(Exception):
+    """A PDF poppler cannot list: the message says why, in the user's words."""
+
+
+def _page_sizes_by_poppler(path: Path) -> list[tuple[float, float]]:
+    """Every page's size in points by poppler's pdfinfo (one call: the page count and every
+    page's size); _UnreadablePdfError, saying why, for an encrypted, empty or damaged PDF."""
+    from pdf2image import pdfinfo_from_path
+    from pdf2image.exceptions import PDFPageCountError, PDFSyntaxError
+
+    try:
+        info = pdfinfo_from_path(str(path), first_page=1, last_page=MAX_PDF_PAGES)
+        pages = int(info["Pages"])
+    except (PDFPageCountError, PDFSyntaxError, KeyError, ValueError) as e:
+        message = str(e)
+        if "password" in message.lower() or "encrypt" in message.lower():
+            raise _UnreadablePdfError("encrypted PDF: a password is needed to read it") from e
+        if "page count 0" in message:  # poppler's word for a well-formed PDF of no pages
+            raise _UnreadablePdfError("the PDF has no pages") from e
+        raise _UnreadablePdfError(f"not a readable PDF (damaged or truncated): {_first_line(message)}") from e
+    return [_page_size_points(info.get(f"Page {number:4d} size", "")) for number in range(1, pages + 1)]
 
 
 def render_pdf_page(task: PdfPage) -> Page | PageError:
