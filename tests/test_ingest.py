@@ -189,29 +189,28 @@ def test_a_carried_pdf_page_reads_as_the_file_does_where_the_file_is_not(tmp_pat
     assert render_pdf_page(tasks[0]).reason.startswith("page could not be rendered")  # the file itself is gone
 
 
-def test_image_frames_are_listed_here_and_decoded_where_they_are_read(tmp_path):
-    """`read_pages(render=False)` lists an image's frames (ImageFrame) from its header; a worker
-    decodes them (`load_page`) as `read_pages` does, from the file or, carried, without it."""
-    from formreader.reading.ingest import ImageFrame, Page, carried, load_page
+def test_image_files_are_listed_here_and_decoded_where_they_are_read(tmp_path):
+    """`read_pages(render=False)` lists a one-page image file (ImageFrame) from its header; a
+    worker decodes it (`load_page`) as `read_pages` does, from the file or, carried, without it.
+    A multi-frame TIFF's frames come decoded, in turn."""
+    from formreader.reading.ingest import ImageFrame, carried, load_page
 
-    names = ("scan_e.jpg", "scan_c.png", "fax_b.tif")
-    for name in names:
+    names = ("scan_e.jpg", "scan_c.png")
+    for name in (*names, "fax_b.tif"):
         shutil.copy(SCANS / name, tmp_path / name)
     want = {name: list(read_pages(tmp_path / name, pdf_dpi=150, reduce_jpeg=True)) for name in names}
-    tasks = {name: list(read_pages(tmp_path / name, pdf_dpi=150, render=False, reduce_jpeg=True)) for name in want}
-    assert [(t.page, t.frames) for t in tasks["fax_b.tif"]] == [(1, 3), (2, 3), (3, 3)]
-    assert all(isinstance(t, ImageFrame) and t.data is None for ts in tasks.values() for t in ts)
+    tasks = {name: list(read_pages(tmp_path / name, pdf_dpi=150, render=False, reduce_jpeg=True)) for name in names}
+    assert all(len(ts) == 1 and isinstance(ts[0], ImageFrame) and ts[0].data is None for ts in tasks.values())
+    tiff = list(read_pages(tmp_path / "fax_b.tif", pdf_dpi=150, render=False))
+    assert [(type(p), p.page) for p in tiff] == [(Page, 1), (Page, 2), (Page, 3)]
     travelling = {name: [carried(t) for t in ts] for name, ts in tasks.items()}
-    # One-frame files travel whole (still compressed); a multi-frame TIFF's frames as their pixels.
-    assert [len(t.data) for t in travelling["scan_e.jpg"] + travelling["scan_c.png"]] == [
-        (tmp_path / n).stat().st_size for n in ("scan_e.jpg", "scan_c.png")]
-    assert all(isinstance(t, Page) for t in travelling["fax_b.tif"])
+    sizes = [(tmp_path / n).stat().st_size for n in names]
+    assert [len(t.data) for n in names for t in travelling[n]] == sizes  # the file whole, compressed
     read_here = {name: [load_page(t) for t in ts] for name, ts in tasks.items()}
-    for name in want:
+    for name in names:
         (tmp_path / name).rename(tmp_path / f"gone_{name}")
     for name, pages_wanted in want.items():
-        read_there = [t if isinstance(t, Page) else load_page(t) for t in travelling[name]]
-        for got in (read_here[name], read_there):
+        for got in (read_here[name], [load_page(t) for t in travelling[name]]):
             assert [(p.source, p.page, p.dpi) for p in got] == [(p.source, p.page, p.dpi) for p in pages_wanted]
             assert all(np.array_equal(a.image, b.image) for a, b in zip(got, pages_wanted))
     assert want["scan_e.jpg"][0].dpi == 150  # the 300-DPI JPEG decoded at half its size, wherever

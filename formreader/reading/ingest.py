@@ -75,12 +75,13 @@ class PdfPage:
 
 @dataclass(frozen=True)
 class ImageFrame:
-    """A frame of an image file (TIFF, PNG, JPEG...) to be decoded where it is segmented, as a
-    PdfPage is rendered there: the process that lists a batch reads only each file's header."""
+    """A one-page image file (PNG, JPEG, a one-frame TIFF...) to be decoded where it is segmented,
+    as a PdfPage is rendered there: the process that lists a batch reads only its header. (A
+    multi-frame TIFF's frames are decoded as they are listed, in turn: a frame read on its own
+    walks every frame before it, which for a 300-page TIFF cost 2.7 times the decoding.)"""
 
     source: str
-    page: int  # 1-based frame
-    frames: int  # the file's frames
+    page: int  # 1
     dpi: float  # a JPEG scanned finer than this is decoded reduced (read_pages' reduce_jpeg); 0: whole
     data: bytes | None = None  # the file itself, for a worker that may not see `source` (`carried`)
 
@@ -203,8 +204,8 @@ def read_pages(
     PDFs are read one page at a time, so a long PDF never sits in memory whole: a scanned page
     is its image, at the scan's resolution; any other page is rendered by poppler at `pdf_dpi`
     (`render_pdf_page`). TIFFs yield every frame. With `render` False a PDF's pages come as
-    PdfPage and an image's frames as ImageFrame, to be read where they are to be segmented (a
-    worker: `load_page`); only the file's header is read here. With `reduce_jpeg`, a JPEG file
+    PdfPage and a one-page image file as ImageFrame, to be read where they are to be segmented
+    (a worker: `load_page`); only the file's header is read here. With `reduce_jpeg`, a JPEG file
     whose resolution is known and finer than `pdf_dpi` is decoded as a PDF's JPEG scan is, at
     the fewest eighths of its size that keep `pdf_dpi` (a 300-DPI photo at half size for a
     150-DPI form: a third of the decoding, and no resampling after it).
@@ -344,19 +345,17 @@ def load_page(task: PdfPage | ImageFrame) -> Page | PageError:
     return render_pdf_page(task) if isinstance(task, PdfPage) else decode_frame(task)
 
 
-def carried(task: PdfPage | ImageFrame) -> PdfPage | ImageFrame | Page | PageError:
+def carried(task: PdfPage | ImageFrame) -> PdfPage | ImageFrame | PageError:
     """The task with its page in it, for a worker that may not see the file: a cluster's machines
     share no file system with the one that lists the batch. A PDF's page is copied out as a
     one-page PDF (`PdfPage.data`: a scanned page is its compressed image and a few hundred
-    bytes), a one-frame image file goes whole (`ImageFrame.data`, still compressed), and a frame
-    of a multi-frame TIFF is decoded here (its pixels travel; the file would go once a frame).
-    A PDF page that cannot be copied is left as it is: the worker reads the file, or says why it
+    bytes), a one-page image file goes whole (`ImageFrame.data`, still compressed); a
+    multi-frame TIFF's frames are listed decoded (`read_pages`), and their pixels travel. A PDF
+    page that cannot be copied is left as it is: the worker reads the file, or says why it
     cannot."""
     if isinstance(task, ImageFrame):
-        if task.frames > 1:
-            return decode_frame(task)
         try:
-            return ImageFrame(task.source, task.page, task.frames, task.dpi, Path(task.source).read_bytes())
+            return ImageFrame(task.source, task.page, task.dpi, Path(task.source).read_bytes())
         except OSError as e:
             return PageError(task.source, task.page, f"cannot open image: {e.strerror or e}")
     import pikepdf
@@ -489,8 +488,8 @@ def _decode_jpeg(data: bytes, shape: tuple[int, int], eighths: int) -> np.ndarra
 
 
 def _read_image(path: Path, dpi: float = 0, render: bool = True) -> Iterator[Page | ImageFrame | PageError]:
-    """The frames of an image file (ImageFrame tasks where not `render`); a JPEG finer than `dpi`
-    (when not 0) decoded reduced (read_pages)."""
+    """The frames of an image file (a one-frame file as an ImageFrame task where not `render`); a
+    JPEG finer than `dpi` (when not 0) decoded reduced (read_pages)."""
     source = str(path)
     try:
         img = Image.open(path)
@@ -511,12 +510,15 @@ def _read_image(path: Path, dpi: float = 0, render: bool = True) -> Iterator[Pag
                             f"{MAX_PAGE_PIXELS / 1e6:.0f} megapixels)")
             return
         frames = getattr(img, "n_frames", 1)
+        if frames == 1 and not render:
+            yield ImageFrame(source, 1, dpi)
+            return
         for number in range(1, frames + 1):
-            yield _frame(img, number, source, dpi, path.read_bytes) if render else ImageFrame(source, number, frames, dpi)
+            yield _frame(img, number, source, dpi, path.read_bytes)
 
 
 def decode_frame(task: ImageFrame) -> Page | PageError:
-    """An image file's frame in grey, as `read_pages` decodes it, from the file or the bytes the
+    """A one-page image file in grey, as `read_pages` decodes it, from the file or the bytes the
     task carries."""
     data = task.data
     try:
