@@ -54,7 +54,7 @@ def main() -> None:
     all_pages: list[Page] = []
     t = time.perf_counter()
     for f in find_inputs([scans]):
-        all_pages += [p for p in read_pages(f, pdf_dpi=150) if isinstance(p, Page)]
+        all_pages += [p for p in read_pages(f, pdf_dpi=150, reduce_jpeg=True) if isinstance(p, Page)]
     stage["ingest"] = time.perf_counter() - t
     t = time.perf_counter()
     segs = [segment_page(p, template, features) for p in all_pages]

@@ -165,7 +165,7 @@ def main() -> None:
     expected = {(r.file, int(r.page), r.field): (r.value, r.raw) for r in truth.itertuples()}
     results = []
     for path in find_inputs([ROOT / "samples" / "checks"]):
-        for page in read_pages(path, pdf_dpi=150):
+        for page in read_pages(path, pdf_dpi=150, reduce_jpeg=True):
             read = read_page(page, template, classifier, features)
             for f in read.fields:
                 results.append((*expected[(path.name, page.page, f.name)], f.value, f.raw, f.status, f.confidence, broke_rule(f)))

@@ -128,7 +128,7 @@ def main() -> None:
     by_page = {(f, int(p)): dict(zip(g.field, g.value)) for (f, p), g in truth.groupby(["file", "page"])}
     items = []
     for path in find_inputs([ROOT / "samples" / "scans"]):
-        for page in read_pages(path, pdf_dpi=150):
+        for page in read_pages(path, pdf_dpi=150, reduce_jpeg=True):
             items.append((page, by_page[(path.name, page.page)]))
     report("Samples (samples/scans)", segment_all(items, template, classifier), template, classifier)
 
