@@ -412,10 +412,10 @@ def _reading_state(
 
 
 def _read_or_error(page: Page | PdfPage | ImageFrame, state: dict | None = None):
-    """Render (a PDF page) and read one page whole, by `state` (_reading_state; a pool's worker
-    has its own): (PageRead, the registered page as JPEG where `views` asks for it, else None),
-    with the reason where the page could not be registered; or the PageError of a page that
-    could not be rendered."""
+    """Render or decode (a listed PDF page or image file: load_page) and read one page whole, by
+    `state` (_reading_state; a pool's worker has its own): (PageRead, the registered page as JPEG
+    where `views` asks for it, else None), with the reason where the page could not be
+    registered; or the PageError of a page that could not be rendered or decoded."""
     state = state or _worker_state
     if isinstance(page, (PdfPage, ImageFrame)):
         page = load_page(page)

@@ -174,26 +174,12 @@ def count_pages(path: Path) -> int:
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-        if head.startswith(b"%PDF") or path.suffix.lower() == ".pdf":
-            return max(1, _pdf_page_count(path))
+        if head.startswith(b"%PDF") or path.suffix.lower() == ".pdf":  # listed as read_pages lists them
+            return max(1, len(_page_sizes(path) or _page_sizes_by_poppler(path)))
         with Image.open(path) as img:
             return max(1, int(getattr(img, "n_frames", 1)))
     except Exception:  # noqa: BLE001 - counting must never fail a run; reading reports the problem
         return 1
-
-
-def _pdf_page_count(path: Path) -> int:
-    """A PDF's page count: read by pikepdf from its page tree (a fraction of a millisecond), or
-    by poppler's pdfinfo (a process of its own, 7 ms) when pikepdf cannot open the file."""
-    import pikepdf
-
-    try:
-        with pikepdf.open(path) as pdf:
-            return len(pdf.pages)
-    except Exception:  # noqa: BLE001 - poppler may still read what qpdf refuses
-        from pdf2image import pdfinfo_from_path
-
-        return int(pdfinfo_from_path(str(path))["Pages"])
 
 
 def read_pages(
