@@ -146,6 +146,40 @@ def test_a_date_read_as_no_date_is_read_as_the_likeliest_date(template, classifi
     assert pipeline.runner_up(field.digits[0])[0] == "7"  # the reviewer is offered what was read
 
 
+def test_a_date_is_as_sure_as_its_share_of_the_dates_the_boxes_may_hold(template, classifier, mnist_test):
+    """A real MNIST 1 that the model half takes for a 7, in the month's first box of the demo
+    form's date: no month starts with 7, so the date is surer than the box alone says; its
+    confidence is its share of every date the pattern allows (all enumerated here). The same 1
+    in the year's last box, where a 7 fits as well, leaves the date as unsure as the box."""
+    from formreader.reading.classify import reading_from_probabilities
+    from formreader.reading.fields import read_field
+
+    images, labels = mnist_test
+    p = classifier.cell_probabilities(images[:3000].astype(np.float32) / 255.0)
+    ones = np.flatnonzero((labels[:3000] == 1) & (p.argmax(1) == 1))
+    doubtful = ones[np.argmax(p[ones, 7])]
+    assert p[doubtful, 7] > 0.1  # the 7 is a real alternative
+    sure = [np.flatnonzero((labels[:3000] == d) & (p.max(1) > 0.999))[0] for d in range(10)]
+    spec = template.fields[1]
+
+    def cells(written: str, doubtful_at: int):
+        return [reading_from_probabilities(p[doubtful if i == doubtful_at else sure[int(d)]]) for i, d in enumerate(written)]
+
+    plain = lambda field: float(np.prod([c.confidence for c in field.digits]))  # noqa: E731
+    dates = [f"{d:02d}{m:02d}{y}" for d in range(1, 32) for m in range(1, 13) for y in range(1900, 2100)]
+    digits = np.array([[int(ch) for ch in s] for s in dates])
+
+    field = read_field(spec, cells("15121991", 2), threshold=0.85)
+    log_p = np.log(np.stack([c.probabilities[:10] for c in field.digits]))
+    share = np.exp(log_p[np.arange(8), digits].sum(1))
+    assert field.value == "15121991"
+    assert field.confidence == pytest.approx(share[dates.index("15121991")] / share.sum(), rel=1e-3)
+    assert plain(field) < 0.85 <= field.confidence and field.status == "ok"
+
+    field = read_field(spec, cells("15121991", 7), threshold=0.85)
+    assert field.confidence == pytest.approx(plain(field), rel=1e-3) and field.status == "review"
+
+
 @pytest.fixture()
 def messy_batch(tmp_path):
     """The samples plus every kind of bad input, in one folder."""
