@@ -103,7 +103,9 @@ def read_field(
     return FieldReading(spec.name, value, confidence, status, reasons, cells, text=written(spec, marks))
 
 
-def pattern_matches(cells: list[DigitReading], pattern: str, beam: int = 64, floor: float = 1e-4) -> list[tuple[float, list[int]]]:
+def pattern_matches(
+    cells: list[DigitReading], pattern: str, beam: int = 64, floor: float = 1e-4
+) -> list[tuple[float, list[int]]]:
     """The readings of the cells whose value matches `pattern` (a regular expression for the
     digits, blank cells left out), likeliest first, as (log of the product of their cells'
     probabilities, [digit per written cell]); [] when none does. A beam of `beam` prefixes, each
