@@ -89,6 +89,11 @@ def test_propose_template_finds_every_box_exactly():
     assert [f.kind for f in candidates] == ["free", "free"]  # the signature line and the office-use rule, to decide
     # The printed separators between groups of boxes become the fields' formats.
     assert [f.format for f in proposed] == [f.format for f in fields] == ["", "##/##/####", "", "", "#####.##", "###-###-####"]
+    # The date's boxes get a date's pattern, day and month in either order; no other field a pattern.
+    date = proposed[1].pattern
+    assert [bool(f.pattern) for f in proposed] == [False, True, False, False, False, False]
+    assert all(re.fullmatch(date, d) for d in ("01102019", "31122019", "12312019", "29021996"))
+    assert not any(re.fullmatch(date, d) for d in ("76051999", "13131999", "00102019", "01011899", "0110201"))
     # Separate squares, combs split by / . - separators, and two fields far apart on one line.
     assert [f.cells for f in proposed] == [f.cells for f in fields]
 

@@ -22,6 +22,7 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -160,9 +161,10 @@ def group_fields(boxes: list[Box], max_gap: float = 2.0) -> list[list[Box]]:
 def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimits()) -> tuple[list[Field], list[Field]]:
     """Propose fields from a blank form: (fields, candidates), named field_1, field_2, ... in
     reading order. Fields: its digit boxes, grouped, each with the format its printed separators
-    give (`printed_format`); and free fields (`free_field_areas`): empty boxes wider than a
-    digit's and short guide lines with room to write on. Candidates: longer guide lines, where
-    a number may be written or a name (a person decides)."""
+    give (`printed_format`) and, where that is a date's, a date's pattern (`date_pattern`); and
+    free fields (`free_field_areas`): empty boxes wider than a digit's and short guide lines with
+    room to write on. Candidates: longer guide lines, where a number may be written or a name (a
+    person decides)."""
     digit_boxes = find_boxes(blank, dpi, limits, blank=True)
     ticked = [c for c in find_tick_cells(blank, dpi, limits) if not any(overlaps(c, b) for b in digit_boxes)]
     digit_boxes = sort_reading_order(digit_boxes + ticked)
@@ -170,12 +172,15 @@ def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimit
     groups: list = group_fields(digit_boxes) + [[a] for a in areas]
     order = {box: i for i, box in enumerate(sort_reading_order([g[0] for g in groups]))}
     groups.sort(key=lambda g: order[g[0]])  # reading order of their first boxes
-    fields = [
-        Field("", tuple(g), format=printed_format(blank, g)) if g[0] not in areas else Field("", kind="free", box=g[0])
-        for g in groups
-    ]
+    fields = [_boxed_field(blank, g) if g[0] not in areas else Field("", kind="free", box=g[0]) for g in groups]
     named = [replace(f, name=f"field_{i}") for i, f in enumerate(fields, start=1)]
     return named, [Field(f"field_{len(named) + i}", kind="free", box=b) for i, b in enumerate(lines, start=1)]
+
+
+def _boxed_field(blank: np.ndarray, cells: list[Box]) -> Field:
+    """A proposed field of boxes: its printed format, and a date's pattern where that is a date's."""
+    format = printed_format(blank, cells)
+    return Field("", tuple(cells), format=format, pattern=date_pattern(format))
 
 
 def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> tuple[list[Box], list[Box]]:
@@ -201,6 +206,23 @@ def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> t
         (short if w <= 2 * dpi else long).append(box)
     return areas + short, long
 
+
+
+# Boxes printed as a date: two, two, then two or four, one separator between the groups.
+DATE_FORMAT = re.compile(r"##([/.-])##\1(##|####)")
+DAY, MONTH = r"(0[1-9]|[12]\d|3[01])", r"(0[1-9]|1[0-2])"
+
+
+def date_pattern(format: str) -> str:
+    """The pattern a proposed template gives boxes printed as a date (DATE_FORMAT): a day and a
+    month that exist, in either order (forms differ by country), and a year of two digits or
+    1900-2099; '' for any other format. It rules out most of what a doubtful box could be (no
+    day or month starts with 7), which makes the reading surer or corrects it (fields.read_field)."""
+    match = DATE_FORMAT.fullmatch(format)
+    if not match:
+        return ""
+    year = r"\d\d" if len(match.group(2)) == 2 else r"(19|20)\d\d"
+    return rf"({DAY}{MONTH}|{MONTH}{DAY}){year}"
 
 
 def printed_format(blank: np.ndarray, cells: list[Box]) -> str:
