@@ -252,3 +252,24 @@ def test_a_pages_boxed_cells_are_read_by_both_networks(template, classifier):
     assert probs.shape == (len(images), 11) and not piece.any()
     assert np.allclose(probs, classifier.cell_probabilities(images), atol=1e-6)
     assert not np.allclose(probs, classifier.probabilities(images), atol=1e-3)
+
+
+def test_large_writing_crosses_the_box_lines_and_ordinary_writing_stays_inside(mnist_test):
+    """The benchmarks' forms are written inside the boxes (synth.WRITING_SIZE): a real MNIST digit
+    reaches at most a pixel past the interior. In their table of writing taller than the boxes
+    (LARGE_WRITING), as people write in small boxes, most digits go on across the box's line."""
+    from formreader.training.synth import LARGE_WRITING, WRITING_SIZE
+
+    images, _ = mnist_test
+    box = (30, 30, 36, 36)  # the demo form's boxes at 150 DPI (their lines 2 px)
+
+    def past_the_interior(size: tuple[float, float], seed: int) -> int:
+        page = np.full((96, 96), 255, np.uint8)
+        write_digit(page, box, images[seed], np.random.default_rng(seed), ink=30, size=size)
+        rows = np.flatnonzero((page < 128).any(axis=1))
+        return max(box[1] - rows.min(), rows.max() - (box[1] + box[3] - 1))
+
+    ordinary = np.array([past_the_interior(WRITING_SIZE, seed) for seed in range(200)])
+    large = np.array([past_the_interior(LARGE_WRITING, seed) for seed in range(200)])
+    assert ordinary.max() <= 1
+    assert (large >= 2).mean() > 0.7 and np.median(large) >= 3

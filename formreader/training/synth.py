@@ -139,12 +139,27 @@ def random_values(rng: np.random.Generator) -> dict[str, str]:
     }
 
 
-def write_digit(canvas: np.ndarray, box: Box, digit: np.ndarray, rng: np.random.Generator, ink: float) -> None:
-    """Write one digit (28x28 MNIST or a glyph of any size, ink 255 on 0) into a box's interior, in place."""
+# How tall a digit is written, as a share of its box's interior height (drawn uniformly): inside
+# the box, as the benchmarks' forms are filled; LARGE_WRITING crosses the box's lines, as many
+# people write in small boxes.
+WRITING_SIZE = (0.6, 0.88)
+LARGE_WRITING = (0.95, 1.2)
+
+
+def write_digit(
+    canvas: np.ndarray,
+    box: Box,
+    digit: np.ndarray,
+    rng: np.random.Generator,
+    ink: float,
+    size: tuple[float, float] = WRITING_SIZE,
+) -> None:
+    """Write one digit (28x28 MNIST or a glyph of any size, ink 255 on 0) into a box's interior, in
+    place, `size` (a range) of its height tall."""
     x, y, w, h = box
     ys, xs = np.nonzero(digit > 30)
     glyph = digit[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32) / 255
-    target_h = h * rng.uniform(0.6, 0.88)
+    target_h = h * rng.uniform(*size)
     scale = target_h / glyph.shape[0]
     glyph = cv2.resize(glyph, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     gh, gw = glyph.shape
@@ -166,15 +181,21 @@ def pen_or_pencil(rng: np.random.Generator) -> float:
 
 
 def fill_form(
-    blank: np.ndarray, fields: list[Field], values: dict[str, str], source: DigitSource, rng: np.random.Generator
+    blank: np.ndarray,
+    fields: list[Field],
+    values: dict[str, str],
+    source: DigitSource,
+    rng: np.random.Generator,
+    size: tuple[float, float] = WRITING_SIZE,
 ) -> np.ndarray:
-    """Write `values` into the form's boxes with MNIST digits; a space leaves a box empty."""
+    """Write `values` into the form's boxes with MNIST digits (`size`: write_digit's); a space
+    leaves a box empty."""
     page = blank.copy()
     ink = pen_or_pencil(rng)
     for spec in fields:
         for box, ch in zip(spec.cells, values.get(spec.name, "")):
             if ch != " ":
-                write_digit(page, box, source.take(int(ch)), rng, ink)
+                write_digit(page, box, source.take(int(ch)), rng, ink, size)
     return page
 
 
@@ -213,14 +234,21 @@ def scan(
 
 
 def make_pages(
-    n: int, seed: int, images: np.ndarray, labels: np.ndarray, line: int = LINE, worn: bool = False, style: str = "frames"
+    n: int,
+    seed: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    line: int = LINE,
+    worn: bool = False,
+    style: str = "frames",
+    size: tuple[float, float] = WRITING_SIZE,
 ) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
     """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth.
 
     images: (N, 28, 28) uint8 digits, ink high on 0 (MNIST's way), or an object array of glyphs of
     any size (`ink_on_black`, for crops of dark ink on paper). `line`: the boxes' thickness; `worn`: each page's printed lines
     broken and ragged in places (`wear_lines`), as on a copy of a copy; `style`: how the boxes
-    are printed (`printed_as`).
+    are printed (`printed_as`); `size`: how tall the digits are written (write_digit).
     """
     rng = np.random.default_rng(seed)
     blank, fields = blank_form(line)
@@ -231,7 +259,7 @@ def make_pages(
         values = random_values(rng)
         printed = wear_lines(blank, rng) if worn else blank
         pages.append(
-            FilledPage(fill_form(printed, fields, values, source, rng), {k: v.replace(" ", "") for k, v in values.items()})
+            FilledPage(fill_form(printed, fields, values, source, rng, size), {k: v.replace(" ", "") for k, v in values.items()})
         )
     return blank, fields, pages
 
@@ -305,12 +333,14 @@ def ticked(blank: np.ndarray, fields: list[Field], line: int = LINE, rise: float
     return out
 
 
-def scanned_forms(style: str, images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[Template, list]:
-    """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0):
-    the form's template and [(Page, {field: digits written})]. Grey scans come at 150, 200 and
-    300 DPI, one in seven upside down; bitonal ones at 300 DPI."""
+def scanned_forms(
+    style: str, images: np.ndarray, labels: np.ndarray, n: int, seed: int, size: tuple[float, float] = WRITING_SIZE
+) -> tuple[Template, list]:
+    """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0), `size`
+    of their boxes tall (write_digit): the form's template and [(Page, {field: digits written})].
+    Grey scans come at 150, 200 and 300 DPI, one in seven upside down; bitonal ones at 300 DPI."""
     line, worn, bitonal_scan, boxes = FORM_STYLES[style]
-    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, style=boxes)
+    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, style=boxes, size=size)
     rng = np.random.default_rng(seed)
     items = []
     for i, p in enumerate(pages):
