@@ -340,6 +340,7 @@ def template_check(path) -> None:
         rules += ["optional"] if f.optional else []
         rules += [f'separators "{f.separators}"'] if f.separators else []
         rules += [f"pattern '{f.pattern}'"] if f.pattern else []
+        rules += [f"{f.check} check digit"] if f.check else []
         what = f"written freely in box {list(f.box)}" if f.kind == "free" else f"{len(f.cells)} boxes"
         click.echo(f"{f.name}: {what}" + (f" ({', '.join(rules)})" if rules else ""))
 

@@ -180,6 +180,51 @@ def test_a_date_is_as_sure_as_its_share_of_the_dates_the_boxes_may_hold(template
     assert field.confidence == pytest.approx(plain(field), rel=1e-3) and field.status == "review"
 
 
+def test_a_check_digit_corrects_a_misread_digit_and_steadies_a_doubtful_one(classifier, mnist_test):
+    """16-digit card numbers (a Luhn check digit last) written in boxes with real MNIST digits.
+    In one, a digit the model misreads, its true digit the runner-up: no single wrong digit
+    passes Luhn, so the field goes to review read as the number that passes, which is the one
+    written. In another, a digit read right but with the least sureness of 3,000: what it doubts
+    would fail the check, so the field is as sure as its other boxes and passes."""
+    from formreader.reading.classify import reading_from_probabilities
+    from formreader.reading.fields import luhn_valid, read_field, read_free_field
+    from formreader.reading.strings import StringReading
+    from formreader.reading.template import Field
+
+    images, labels = mnist_test
+    labels = labels[:3000]
+    p = classifier.cell_probabilities(images[:3000].astype(np.float32) / 255.0)
+    sure = [np.flatnonzero((labels == d) & (p.max(1) > 0.999))[0] for d in range(10)]
+    misread = np.flatnonzero((p.argmax(1) != labels) & (np.argsort(p, axis=1)[:, -2] == labels))[0]
+    right = np.flatnonzero(p.argmax(1) == labels)
+    doubtful = right[np.argmin(p[right].max(1))]
+    spec = Field("card", tuple((40 * i, 0, 36, 36) for i in range(16)), length=16, check="luhn")
+
+    def card(odd: int, at: int) -> tuple[str, list]:
+        """A valid number with the MNIST digit `odd` in box `at` (as written), the rest sure digits."""
+        body = list("453957876362148")
+        body[at] = str(labels[odd])
+        number = next(n for n in ("".join(body) + str(c) for c in range(10)) if luhn_valid(n))
+        return number, [reading_from_probabilities(p[odd if i == at else sure[int(d)]]) for i, d in enumerate(number)]
+
+    number, cells = card(misread, 5)
+    assert not luhn_valid("".join(c.digit for c in cells))  # read as is, the number fails
+    field = read_field(spec, cells, threshold=0.85)
+    assert field.status == "review" and field.reasons[0].endswith("which fails its luhn check digit")
+    assert field.value == number
+
+    number, cells = card(doubtful, 3)
+    field = read_field(spec, cells, threshold=0.85)
+    plain = float(np.prod([c.confidence for c in field.digits]))
+    assert field.value == number and plain < 0.85 <= field.confidence and field.status == "ok"
+
+    # A free field's reading is held to its check digit too.
+    free = Field("card", kind="free", box=(0, 0, 400, 40), check="luhn")
+    wrong = number[:-1] + str((int(number[-1]) + 1) % 10)
+    reading = StringReading(wrong, wrong, 0.99, [], [], [])
+    assert read_free_field(free, reading).reasons == [f"'{wrong}' fails its luhn check digit"]
+
+
 @pytest.fixture()
 def messy_batch(tmp_path):
     """The samples plus every kind of bad input, in one folder."""

@@ -59,6 +59,7 @@ def write(tmp_path, doc):
         (lambda d: d.pop("fields"), "missing 'fields'"),
         (lambda d: d.__setitem__("dpi", "high"), "'dpi' must be a number"),
         (lambda d: d["fields"][1].__setitem__("pattern", "(0[1-9]"), "field 'date': 'pattern' is not a regular expression"),
+        (lambda d: d["fields"][0].__setitem__("check", "crc"), "field 'customer_no': 'check' must be 'luhn'"),
         (
             lambda d: d["fields"][1].__setitem__("pattern", r"\d\d/\d\d/\d{4}"),
             "field 'date': 'pattern' is matched against the digits read, without the marks printed between the boxes",

@@ -1,12 +1,12 @@
 """Fields: combine the readings of a field's cells into a value, a confidence and a status.
 
 A field's confidence is the probability that the whole value is right: the product of its cells'
-calibrated probabilities (each cell is read independently), and for a field with a pattern, that
-product among the readings the pattern allows (a date's day cannot start with 7, so a 2 read
-where a 7 was the alternative is surer than the cell alone says). A field goes to review when that
-confidence is under the threshold, or when it breaks a rule of the template: a digit missing
+calibrated probabilities (each cell is read independently), and for a field with a pattern or a
+check digit, that product among the readings they allow (a date's day cannot start with 7, so a 2
+read where a 7 was the alternative is surer than the cell alone says). A field goes to review when
+that confidence is under the threshold, or when it breaks a rule of the template: a digit missing
 where the length is fixed, a gap between digits, ink that is not a digit, an empty required field,
-a reading its pattern does not allow.
+a reading its pattern or its check digit does not allow.
 """
 
 from __future__ import annotations
@@ -61,26 +61,27 @@ def read_field(
     power: the field confidence is the product of the cells' raised to it, a calibration fitted
     per model on forms of writers it was not trained on (`formreader calibrate`): cells are not
     wrong independently (a writer who makes one ugly digit makes several), so the plain product
-    misstates a field's chance of being right. A field with a pattern: the product is taken among
-    the readings the pattern allows (module docstring) before the power.
+    misstates a field's chance of being right. A field with a pattern or a check digit: the
+    product is taken among the readings they allow (module docstring) before the power.
     """
     reasons: list[str] = []
     first = "".join(c.digit for c in cells)
-    allowed = 1.0  # the probability that the cells hold a reading the field's pattern allows
-    if spec.pattern and first and "?" not in first:
-        matches = pattern_matches(cells, spec.pattern)
-        if re.fullmatch(spec.pattern, first):
-            # The field's value is one the pattern allows: its chance of being right is its share
+    allowed = 1.0  # the probability that the cells hold a reading the field's rules allow
+    if (spec.pattern or spec.check) and first and "?" not in first:
+        matches = allowed_readings(cells, spec.pattern, spec.check)
+        broken = broken_rule(spec, first)
+        if not broken:
+            # The field's value is one its rules allow: its chance of being right is its share
             # of theirs. Only here: where the ink reads as no date, the writer may have written
             # none, and the plain product stays (a person decides anyway).
             allowed = sum(math.exp(score) for score, _ in matches) or 1.0
         elif not matches:
-            reasons.append(f"'{first}' does not fit the field's pattern")
+            reasons.append(f"'{first}' {broken}")
         else:
-            # The likeliest reading breaks the field's rule (a day 76, a month 13): the likeliest
-            # reading that keeps it is read instead, and a person decides.
+            # The likeliest reading breaks the field's rule (a day 76, a month 13, a wrong check
+            # digit): the likeliest reading that keeps it is read instead, and a person decides.
             cells = _read_as(cells, matches[0][1])
-            reasons.append(f"read '{first}', which does not fit the field's pattern")
+            reasons.append(f"read '{first}', which {broken}")
     confidence = 1.0
     for c in cells:
         confidence *= c.confidence
@@ -103,18 +104,44 @@ def read_field(
     return FieldReading(spec.name, value, confidence, status, reasons, cells, text=written(spec, marks))
 
 
-def pattern_matches(
-    cells: list[DigitReading], pattern: str, beam: int = 64, floor: float = 1e-4
+# Check digits a field may carry (template `check`): the digits read -> whether they pass.
+CHECKS = {"luhn": lambda digits: luhn_valid(digits)}
+
+
+def luhn_valid(digits: str) -> bool:
+    """Whether a string of digits ends in its Luhn (mod 10) check digit, as card numbers, IMEIs
+    and many account numbers do: every second digit from the right doubled (less 9 when over 9),
+    the sum a multiple of 10."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return bool(digits) and total % 10 == 0
+
+
+def broken_rule(spec: Field, digits: str) -> str:
+    """What a boxed field's digits read break of its pattern and check digit, as a reason's end
+    ("does not fit the field's pattern"), or '' when they keep both."""
+    if spec.pattern and not re.fullmatch(spec.pattern, digits):
+        return "does not fit the field's pattern"
+    if spec.check and not CHECKS[spec.check](digits):
+        return f"fails its {spec.check} check digit"
+    return ""
+
+
+def allowed_readings(
+    cells: list[DigitReading], pattern: str = "", check: str = "", beam: int = 64, floor: float = 1e-4
 ) -> list[tuple[float, list[int]]]:
     """The readings of the cells whose value matches `pattern` (a regular expression for the
-    digits, blank cells left out), likeliest first, as (log of the product of their cells'
-    probabilities, [digit per written cell]); [] when none does. A beam of `beam` prefixes, each
-    still able to match; digits under `floor` in a cell are not tried there (they leave out less
-    than a thousandth a cell). The total of the matches is what read_field divides by: on the
-    forms of `evaluate_forms.py` a beam of 256 changed it by over 1% for one date of 720."""
+    digits, blank cells left out; '' any) and passes the `check` digit (CHECKS; '' none),
+    likeliest first, as (log of the product of their cells' probabilities, [digit per written
+    cell]); [] when none does. A beam of `beam` prefixes, each still able to match; digits under
+    `floor` in a cell are not tried there (they leave out less than a thousandth a cell). The
+    total of the matches is what read_field divides by: on the forms of `evaluate_forms.py` a
+    beam of 256 changed a date's by over 1% for one date of 720."""
     import regex  # partial matching of a prefix against the pattern
 
-    compiled = regex.compile(pattern)
+    compiled = regex.compile(pattern or r"\d*")
     prefixes: list[tuple[float, list[int]]] = [(0.0, [])]
     for c in (c for c in cells if c.digit):
         if c.probabilities is None:
@@ -127,7 +154,8 @@ def pattern_matches(
             if compiled.fullmatch("".join(map(str, [*digits, k])), partial=True)
         ]
         prefixes = sorted(grown, key=lambda p: -p[0])[:beam]
-    return [(score, d) for score, d in prefixes if compiled.fullmatch("".join(map(str, d)))]
+    passes = CHECKS[check] if check else lambda _: True
+    return [(score, d) for score, d in prefixes if compiled.fullmatch(text := "".join(map(str, d))) and passes(text)]
 
 
 def _read_as(cells: list[DigitReading], digits: list[int]) -> list[DigitReading]:
@@ -190,6 +218,8 @@ def read_free_field(
         reasons.append(f"separator {' '.join(unexpected)} where none is expected")
     if reading.raw and spec.pattern and not re.fullmatch(spec.pattern, reading.raw):
         reasons.append(f"'{reading.raw}' is not written as the field's pattern expects")
+    if reading.value and spec.check and not CHECKS[spec.check](reading.value):
+        reasons.append(f"'{reading.value}' fails its {spec.check} check digit")
     confidence = reading.confidence if reading.raw else BLANK_CONFIDENCE
     if confidence < threshold:
         reasons.append(f"low confidence {confidence:.2f}" + (f" (cut into digits: '{reading.other}')" if reading.other else ""))

@@ -41,6 +41,7 @@ class BoxesField(_Strict):
     format: Annotated[str, Rule(pattern=r"^[# .,\-/:]*$", description="'#' a box, and the marks printed between")] = ""
     numeric: bool = Rule(False, description="a quantity: a number cell in workbooks")
     pattern: str = Rule("", description="a regular expression the digits read (blank boxes left out) must match")
+    check: Literal["", "luhn"] = Rule("", description="a check digit the digits read must pass: 'luhn' (mod 10)")
 
 
 class FreeField(_Strict):
@@ -55,6 +56,7 @@ class FreeField(_Strict):
     optional: bool = False
     separators: bool | Annotated[str, Rule(pattern=r"^[.,\-/]*$")] = Rule("", description="true: any of . , - /")
     pattern: str = Rule("", description="a regular expression the whole reading must match")
+    check: Literal["", "luhn"] = Rule("", description="a check digit the digits read must pass: 'luhn' (mod 10)")
 
 
 def _kind(doc) -> str:
@@ -173,6 +175,8 @@ def _message(doc, node, err: dict) -> str:
     if key == "format":
         marks = FORMAT_MARKS.strip()
         return f"{where}'format' must have one # per cell and between them only some of {marks} or spaces, not {given!r}"
+    if key == "check":
+        return f"{where}'check' must be 'luhn' (a Luhn mod 10 check digit) or left out, not {given!r}"
     if key == "separators":
         return f"{where}'separators' must be true, false or some of . , - / (as \".,\"), not {given!r}"
     return f"{where}'{key}': {err['msg'].lower()}, not {given!r}" if key else f"{where}{err['msg']}"

@@ -11,6 +11,7 @@ Schema (coordinates are pixels of the reference image; a cell is a box's interio
         length: 8              # optional: exactly this many digits
         optional: false        # optional: true if the field may be left empty
         pattern: '4\\d{7}'       # optional: a regular expression the digits read must match
+        check: luhn            # optional: a check digit the digits read must pass (Luhn, mod 10)
       - name: amount           # a number written freely in one box (a check's amount)
         kind: free
         box: [x, y, w, h]
@@ -51,6 +52,7 @@ class Field:
     max_length: int | None = None
     separators: str = ""  # kind 'free': separators that may stand between digits, of . , - /
     pattern: str = ""  # regular expression the whole reading must match (boxes: the digits read)
+    check: str = ""  # a check digit the digits read must pass: 'luhn' (fields.CHECKS), '' none
     format: str = ""  # kind 'boxes': how the number is written, '#' a box, e.g. '#####.##', '##/##/####'
     numeric: bool = False  # a quantity (not an identifier): a number cell in workbooks
 
@@ -126,7 +128,7 @@ def load_template(path: Path) -> Template:
 
 def _field(doc: dict) -> Field:
     """A field of a template that passed the schema."""
-    rules = {k: doc.get(k) for k in ("length", "optional", "format", "numeric", "min_length", "max_length", "pattern")}
+    rules = {k: doc.get(k) for k in ("length", "optional", "format", "numeric", "min_length", "max_length", "pattern", "check")}
     rules = {k: v for k, v in rules.items() if v is not None}
     if doc.get("kind") == "free":
         separators = doc.get("separators", "")
@@ -273,12 +275,14 @@ def _field_doc(f: Field) -> dict:
         doc.update({"optional": True} if f.optional else {})
         doc.update({"separators": f.separators} if f.separators else {})
         doc.update({"pattern": f.pattern} if f.pattern else {})
+        doc.update({"check": f.check} if f.check else {})
     else:
         doc.update({"length": f.length} if f.length is not None else {})
         doc.update({"optional": True} if f.optional else {})
         doc.update({"format": f.format} if f.format else {})
         doc.update({"numeric": True} if f.numeric else {})
         doc.update({"pattern": f.pattern} if f.pattern else {})
+        doc.update({"check": f.check} if f.check else {})
         doc["cells"] = [list(c) for c in f.cells]
     return doc
 
