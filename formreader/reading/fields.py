@@ -72,8 +72,8 @@ def read_field(
         broken = broken_rule(spec, first)
         if not broken:
             # The field's value is one its rules allow: its chance of being right is its share
-            # of theirs. Only here: where the ink reads as no date, the writer may have written
-            # none, and the plain product stays (a person decides anyway).
+            # of theirs. Only here: where the ink reads as nothing they allow (no date), the
+            # writer may have written that, and the plain product stays (a person decides anyway).
             allowed = sum(math.exp(score) for score, _ in matches) or 1.0
         elif not matches:
             reasons.append(f"'{first}' {broken}")
@@ -104,10 +104,6 @@ def read_field(
     return FieldReading(spec.name, value, confidence, status, reasons, cells, text=written(spec, marks))
 
 
-# Check digits a field may carry (template `check`): the digits read -> whether they pass.
-CHECKS = {"luhn": lambda digits: luhn_valid(digits)}
-
-
 def luhn_valid(digits: str) -> bool:
     """Whether a string of digits ends in its Luhn (mod 10) check digit, as card numbers, IMEIs
     and many account numbers do: every second digit from the right doubled (less 9 when over 9),
@@ -117,6 +113,10 @@ def luhn_valid(digits: str) -> bool:
         d = int(ch) * (2 if i % 2 else 1)
         total += d - 9 if d > 9 else d
     return bool(digits) and total % 10 == 0
+
+
+# Check digits a field may carry (template `check`): the digits read -> whether they pass.
+CHECKS = {"luhn": luhn_valid}
 
 
 def broken_rule(spec: Field, digits: str) -> str:

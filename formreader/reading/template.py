@@ -181,8 +181,8 @@ def propose_template(blank: np.ndarray, dpi: float, limits: BoxLimits = BoxLimit
 
 def _boxed_field(blank: np.ndarray, cells: list[Box]) -> Field:
     """A proposed field of boxes: its printed format, and a date's pattern where that is a date's."""
-    format = printed_format(blank, cells)
-    return Field("", tuple(cells), format=format, pattern=date_pattern(format))
+    layout = printed_format(blank, cells)
+    return Field("", tuple(cells), format=layout, pattern=date_pattern(layout))
 
 
 def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> tuple[list[Box], list[Box]]:
@@ -209,18 +209,18 @@ def free_field_areas(blank: np.ndarray, dpi: float, digit_boxes: list[Box]) -> t
     return areas + short, long
 
 
-
 # Boxes printed as a date: two, two, then two or four, one separator between the groups.
 DATE_FORMAT = re.compile(r"##([/.-])##\1(##|####)")
 DAY, MONTH = r"(0[1-9]|[12]\d|3[01])", r"(0[1-9]|1[0-2])"
 
 
-def date_pattern(format: str) -> str:
-    """The pattern a proposed template gives boxes printed as a date (DATE_FORMAT): a day and a
-    month that exist, in either order (forms differ by country), and a year of two digits or
-    1900-2099; '' for any other format. It rules out most of what a doubtful box could be (no
-    day or month starts with 7), which makes the reading surer or corrects it (fields.read_field)."""
-    match = DATE_FORMAT.fullmatch(format)
+def date_pattern(layout: str) -> str:
+    """The pattern a proposed template gives boxes whose printed format (`layout`, as
+    printed_format gives it) is a date's (DATE_FORMAT): a day and a month that exist, in either
+    order (forms differ by country), and a year of two digits or 1900-2099; '' for any other
+    format. It rules out most of what a doubtful box could be (no day or month starts with 7),
+    which makes the reading surer or corrects it (fields.read_field)."""
+    match = DATE_FORMAT.fullmatch(layout)
     if not match:
         return ""
     year = r"\d\d" if len(match.group(2)) == 2 else r"(19|20)\d\d"
