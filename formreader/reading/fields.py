@@ -141,7 +141,11 @@ def allowed_readings(
     beam of 256 changed a date's by over 1% for one date of 720."""
     import regex  # partial matching of a prefix against the pattern
 
-    compiled = regex.compile(pattern or r"\d*")
+    compiled = regex.compile(pattern) if pattern else None
+
+    def fits(text: str, partial: bool) -> bool:
+        return compiled is None or compiled.fullmatch(text, partial=partial) is not None
+
     prefixes: list[tuple[float, list[int]]] = [(0.0, [])]
     for c in (c for c in cells if c.digit):
         if c.probabilities is None:
@@ -151,11 +155,11 @@ def allowed_readings(
             (score + math.log(c.probabilities[k]), [*digits, k])
             for score, digits in prefixes
             for k in options
-            if compiled.fullmatch("".join(map(str, [*digits, k])), partial=True)
+            if fits("".join(map(str, [*digits, k])), True)
         ]
         prefixes = sorted(grown, key=lambda p: -p[0])[:beam]
     passes = CHECKS[check] if check else lambda _: True
-    return [(score, d) for score, d in prefixes if compiled.fullmatch(text := "".join(map(str, d))) and passes(text)]
+    return [(score, d) for score, d in prefixes if fits(text := "".join(map(str, d)), False) and passes(text)]
 
 
 def _read_as(cells: list[DigitReading], digits: list[int]) -> list[DigitReading]:
