@@ -132,6 +132,27 @@ def test_a_reading_that_keeps_to_the_fields_rules_wins_over_the_views():
     assert both.whole.text == "1/5" and list(both.candidates) == ["15"]
 
 
+def test_a_check_digit_settles_a_free_fields_doubtful_digit():
+    """A free field with a Luhn check digit: of the string model's readings '78' (likelier) and
+    '18', only '18' passes, and it is the field's; with no reading that passes, the likeliest
+    stays and the field goes to review for it."""
+    from formreader.reading.fields import read_free_field
+    from formreader.reading.string_model import combine_readings, read_twice
+    from formreader.reading.strings import StringLayout
+    from formreader.reading.template import Field
+
+    spec = Field("card", kind="free", box=(0, 0, 1, 1), check="luhn")
+    nothing_cut = StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0)
+    doubtful = steps({"7": 0.6, "1": 0.35}, {}, {"8": 0.95}, {})
+    both = read_twice(nothing_cut, np.zeros((0, 11)), doubtful[None], spec, 0.5)
+    assert both.value == "18"
+    assert not any("check digit" in r for r in read_free_field(spec, combine_readings(both, (32, 64))).reasons)
+    sure = steps({"7": 0.95}, {}, {"8": 0.95}, {})
+    both = read_twice(nothing_cut, np.zeros((0, 11)), sure[None], spec, 0.5)
+    assert both.value == "78"
+    assert "'78' fails its luhn check digit" in read_free_field(spec, combine_readings(both, (32, 64))).reasons
+
+
 def test_pattern_settles_a_slash_against_a_one():
     """A stroke that is a little more a 1 than a slash: `115` unconstrained, `1/5` for a date-like pattern."""
     probs = steps({"1": 0.95}, {}, {"1": 0.5, "/": 0.45}, {}, {"5": 0.9}, {})
