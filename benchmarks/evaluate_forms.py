@@ -145,7 +145,8 @@ def main() -> None:
                     f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
 
     rows = []
-    for source, (images, labels) in held_out_writers().items():
+    sources = held_out_writers()
+    for source, (images, labels) in sources.items():
         for form in FORM_STYLES:
             t, items = scanned_forms(form, images, labels, args.pages, args.seed)
             segmented = segment_all(items, t, classifier)
@@ -165,7 +166,7 @@ def main() -> None:
     # kept out of the nine rows (which the aims are stated on) and shown beside them.
     low, high = LARGE_WRITING
     rows = []
-    for source, (images, labels) in list(held_out_writers(log=lambda *_: None).items())[:2]:
+    for source, (images, labels) in list(sources.items())[:2]:
         for form in list(FORM_STYLES)[:2]:
             t, items = scanned_forms(form, images, labels, args.pages, args.seed, size=LARGE_WRITING)
             rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))

@@ -119,12 +119,17 @@ def luhn_valid(digits: str) -> bool:
 CHECKS = {"luhn": luhn_valid}
 
 
+def keeps_check(check: str, digits: str) -> bool:
+    """Whether `digits` pass the check digit `check` (a key of CHECKS); any do where it is ''."""
+    return not check or CHECKS[check](digits)
+
+
 def broken_rule(spec: Field, digits: str) -> str:
     """What a boxed field's digits read break of its pattern and check digit, as a reason's end
     ("does not fit the field's pattern"), or '' when they keep both."""
     if spec.pattern and not re.fullmatch(spec.pattern, digits):
         return "does not fit the field's pattern"
-    if spec.check and not CHECKS[spec.check](digits):
+    if not keeps_check(spec.check, digits):
         return f"fails its {spec.check} check digit"
     return ""
 
@@ -158,8 +163,7 @@ def allowed_readings(
             if fits("".join(map(str, [*digits, k])), True)
         ]
         prefixes = sorted(grown, key=lambda p: -p[0])[:beam]
-    passes = CHECKS[check] if check else lambda _: True
-    return [(score, d) for score, d in prefixes if fits(text := "".join(map(str, d)), False) and passes(text)]
+    return [(score, d) for score, d in prefixes if fits(text := "".join(map(str, d)), False) and keeps_check(check, text)]
 
 
 def _read_as(cells: list[DigitReading], digits: list[int]) -> list[DigitReading]:
@@ -222,7 +226,7 @@ def read_free_field(
         reasons.append(f"separator {' '.join(unexpected)} where none is expected")
     if reading.raw and spec.pattern and not re.fullmatch(spec.pattern, reading.raw):
         reasons.append(f"'{reading.raw}' is not written as the field's pattern expects")
-    if reading.value and spec.check and not CHECKS[spec.check](reading.value):
+    if reading.value and not keeps_check(spec.check, reading.value):
         reasons.append(f"'{reading.value}' fails its {spec.check} check digit")
     confidence = reading.confidence if reading.raw else BLANK_CONFIDENCE
     if confidence < threshold:

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from formreader.reading.classify import MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
-from formreader.reading.fields import CHECKS, reading_pattern
+from formreader.reading.fields import keeps_check, reading_pattern
 from formreader.reading.strings import StringLayout, StringReading, cut_support, decide_string
 from formreader.reading.template import Field
 
@@ -506,8 +506,7 @@ def read_twice(layout: StringLayout, pieces: np.ndarray, steps: np.ndarray, spec
         readings[cut.value] = (written, float(np.mean([ctc_probability(p, written) for p in steps])))
     # A view whose beam kept nothing the field's rules allow offers what it read unconstrained;
     # where another reading keeps to the rules (its pattern, its check digit), that one is the field's.
-    passes = CHECKS[spec.check] if spec.check else lambda _: True
-    allowed = {d: r for d, r in readings.items() if re.fullmatch(pattern, r[0]) and passes(d)}
+    allowed = {d: r for d, r in readings.items() if re.fullmatch(pattern, r[0]) and keeps_check(spec.check, d)}
     readings = allowed or readings
     if not readings:
         return TwoReadings(cut, _decoding(steps[0], "", 0.0), 0.0)
