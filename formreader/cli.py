@@ -606,7 +606,7 @@ def evaluate(model, data, nsysu, plots, before) -> None:
     ev = evaluate_classifier(clf, data / "mnist" if data else None)
     click.echo(format_report(ev))
     click.echo("\nWriters never trained on, each crop through read_digits (segmentation included):")
-    sources = held_out_digits(data, nsysu)
+    sources = held_out_digits(data, nsysu, as_labelled=True)
     click.echo(format_sources(evaluate_sources(clf, sources)))
     if clf.companion is not None:
         click.echo(f"\nThe digit network alone, without {Path(clf.companion.path).name}:")

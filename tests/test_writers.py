@@ -273,3 +273,30 @@ def test_large_writing_crosses_the_box_lines_and_ordinary_writing_stays_inside(m
     large = np.array([past_the_interior(LARGE_WRITING, seed) for seed in range(200)])
     assert ordinary.max() <= 1
     assert (large >= 2).mean() > 0.7 and np.median(large) >= 3
+
+
+def test_orand_checks_whose_image_contradicts_their_label_are_read_as_written(tmp_path):
+    """a_car_000365 is labelled 13317 and written 13.817. (its third digit a plain 8): the
+    validation figures and the calibration count it as written, its third box as an 8. A check
+    whose corrected number no longer matches its boxes gives no digit crops."""
+    import shutil
+
+    from formreader.training.datasets import ORAND_RELABELLED, default_data_dir, load_orand, orand_digit_crops
+
+    as_given = {a.name: a for a in load_orand("val", relabelled=False)}
+    corrected = {a.name: a for a in load_orand("val")}
+    assert as_given["a_car_000365.jpg"].value == "13317" and corrected["a_car_000365.jpg"].value == "13817"
+    crops, labels, _ = orand_digit_crops([corrected["a_car_000365.jpg"]])
+    assert labels.tolist() == [1, 3, 8, 1, 7]
+    assert formreader.read_digits(crops[2:3])[0].digit == "8"  # what the image shows, not the 3 of the label
+    # A check labelled with fewer digits than it holds keeps its boxes of the label's digits:
+    # corrected, the boxes no longer match and its digits are not cut.
+    folder = tmp_path / "orand_car_a"
+    (folder / "images").mkdir(parents=True)
+    shutil.copy(default_data_dir("orand_car_a") / "images" / "a_car_000365.jpg", folder / "images" / "a_car_001165.jpg")
+    boxes = "[[4, 8, 23, 40, 1], [32, 12, 19, 33, 5], [57, 13, 20, 34, 3]]"
+    (folder / "labels.csv").write_text(f'file,value,digit_boxes\na_car_001165.jpg,153,"{boxes}"\n')
+    (amount,) = load_orand(None, folder)
+    assert amount.value == ORAND_RELABELLED["a_car_001165.jpg"] == "15371"
+    assert orand_digit_crops([amount])[0] == []
+    assert orand_digit_crops(load_orand(None, folder, relabelled=False))[1].tolist() == [1, 5, 3]

@@ -105,6 +105,21 @@ class CheckAmount:
 
 ORAND_SPLITS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
 
+# Held-out checks whose label their image plainly contradicts: file -> the number as written.
+# Found by looking at every validation and test amount the two readers read otherwise than its
+# label (34 of 321; docs/measurements.md, stop 42), and kept only where the image leaves no doubt
+# (a 13317 written 13.817., a 153 written 15.371,). Their digit boxes were labelled from the same
+# wrong values: where the count of digits still matches, the boxes take the written digits in
+# order; where it does not, orand_digit_crops skips the check. Looking only where the readers
+# disagree cannot find a label wrong the same way as a reading: the figures can still be flattering.
+ORAND_RELABELLED = {
+    "a_car_000365.jpg": "13817",  # validation; labelled 13317
+    "a_car_000768.jpg": "17146",  # validation; labelled 17746
+    "a_car_001209.jpg": "11574",  # validation; labelled 115711 (six boxes over five digits)
+    "a_car_000817.jpg": "1119",  # test; labelled 1111
+    "a_car_001165.jpg": "15371",  # test; labelled 153 (boxes over its first three digits only)
+}
+
 
 def orand_split(name: str) -> str:
     """The split ('train', 'val' or 'test') a check belongs to, fixed by its file name alone.
@@ -120,8 +135,9 @@ def orand_split(name: str) -> str:
     return ORAND_SPLITS[-1][0]
 
 
-def load_orand(split: str | None = None, folder: Path | None = None) -> list[CheckAmount]:
-    """ORAND-CAR-A check amounts, optionally of one split ('train', 'val', 'test'; see orand_split)."""
+def load_orand(split: str | None = None, folder: Path | None = None, relabelled: bool = True) -> list[CheckAmount]:
+    """ORAND-CAR-A check amounts, optionally of one split ('train', 'val', 'test'; see orand_split),
+    with the labels of ORAND_RELABELLED corrected unless `relabelled` is False (as distributed)."""
     import cv2
 
     folder = Path(folder) if folder else default_data_dir("orand_car_a")
@@ -134,7 +150,8 @@ def load_orand(split: str | None = None, folder: Path | None = None) -> list[Che
             if image is None:
                 raise ValueError(f"{folder / 'images' / row['file']}: not a readable image")
             boxes = sorted(json.loads(row["digit_boxes"]), key=lambda b: b[0])
-            amounts.append(CheckAmount(row["file"], image, row["value"], [tuple(b[:4]) for b in boxes]))
+            value = ORAND_RELABELLED.get(row["file"], row["value"]) if relabelled else row["value"]
+            amounts.append(CheckAmount(row["file"], image, value, [tuple(b[:4]) for b in boxes]))
     return amounts
 
 

@@ -185,12 +185,14 @@ class SourceFigures:
 
 
 def held_out_digits(
-    data_dir: Path | None = None, nsysu_path: Path | None = None
+    data_dir: Path | None = None, nsysu_path: Path | None = None, as_labelled: bool = False
 ) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
     """The single-digit sets no model of formreader trains on, as grey crops (dark ink on light
     paper) with their labels: MNIST test, CVL's validation writers, NSYSU exam boxes, and the
     ORAND-CAR-A digits of the 'test' checks cut by their boxes. Sources not found are left out.
-    data_dir: the folder holding the data sets (default: formreader.training.datasets.default_data_dir)."""
+    data_dir: the folder holding the data sets (default: formreader.training.datasets.default_data_dir).
+    as_labelled: also ORAND's test digits by their labels as distributed (some contradict their
+    images: datasets.ORAND_RELABELLED), for the figure before the correction."""
     from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
 
     root = Path(data_dir) if data_dir else None
@@ -207,6 +209,8 @@ def held_out_digits(
         "NSYSU exam boxes": lambda: load_nsysu(nsysu_path or here("nsysu_digits", "nsysu_digits.npz"))[:2],
         "ORAND test checks": lambda: orand_digit_crops(load_orand("test", here("orand_car_a")))[:2],
     }
+    if as_labelled:
+        loaders["ORAND test, as labelled"] = lambda: orand_digit_crops(load_orand("test", here("orand_car_a"), False))[:2]
     for name, load in loaders.items():
         try:
             crops, labels = load()
