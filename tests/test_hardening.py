@@ -156,7 +156,25 @@ def test_a_rerun_with_resume_reads_only_new_files(tmp_path):
     assert after[after.file.str.endswith("first.png")].value.tolist() == before.value.tolist()
 
 
-def test_a_damaged_converted_model_is_made_again(tmp_path):
+def converted_again(folder: Path, mnist_test) -> None:
+    """The .tflite in `folder` was made again by the card's recipe (the card names its digest) and
+    reads real digits as the shipped one does. Not byte for byte: TensorFlow's converter folds
+    the batch normalisation into the weights with the CPU's own float arithmetic, and the shipped
+    file was converted on another CPU (stop 43: 384 of its 473,976 bytes differ on an Intel Xeon,
+    logits by 0.02 at most)."""
+    from formreader.reading.classify import TFLITE_RECIPE, DigitClassifier
+
+    remade = (folder / "digits.tflite").read_bytes()
+    card = json.loads((folder / "digits.json").read_text())
+    assert card["tflite_sha256"] == hashlib.sha256(remade).hexdigest() and card["tflite_recipe"] == TFLITE_RECIPE
+    images, _ = mnist_test
+    x = images[:256].astype(np.float32) / 255
+    again, shipped = DigitClassifier.load(folder / "digits.keras").logits(x), DigitClassifier.load().logits(x)
+    assert np.abs(again - shipped).max() < 0.1
+    assert (again.argmax(1) == shipped.argmax(1)).all()
+
+
+def test_a_damaged_converted_model_is_made_again(tmp_path, mnist_test):
     from formreader.reading.classify import DigitClassifier
 
     for name in ("digits.keras", "digits.json", "digits.tflite"):
@@ -164,16 +182,15 @@ def test_a_damaged_converted_model_is_made_again(tmp_path):
     cache = bytearray((tmp_path / "digits.tflite").read_bytes())
     cache[len(cache) // 2] ^= 0xFF  # one flipped bit-pattern in the weights
     (tmp_path / "digits.tflite").write_bytes(bytes(cache))
-    damaged = DigitClassifier.load(tmp_path / "digits.keras")
-    assert (tmp_path / "digits.tflite").read_bytes() == (ROOT / "models" / "digits.tflite").read_bytes()
-    x = np.random.default_rng(0).random((8, 28, 28), dtype=np.float32)
-    assert np.allclose(damaged.logits(x), DigitClassifier.load().logits(x), atol=1e-4)
+    DigitClassifier.load(tmp_path / "digits.keras")
+    assert (tmp_path / "digits.tflite").read_bytes() != bytes(cache)
+    converted_again(tmp_path, mnist_test)
 
 
-def test_a_model_converted_by_another_recipe_is_converted_again(tmp_path):
+def test_a_model_converted_by_another_recipe_is_converted_again(tmp_path, mnist_test):
     """A .tflite that is intact and from the same .keras file, but converted another way (the
     float32 conversion of earlier releases), is not run: the card's recipe decides."""
-    from formreader.reading.classify import TFLITE_RECIPE, DigitClassifier, convert_to_tflite, load_keras_model
+    from formreader.reading.classify import DigitClassifier, convert_to_tflite, load_keras_model
 
     for name in ("digits.keras", "digits.json"):
         shutil.copyfile(ROOT / "models" / name, tmp_path / name)
@@ -183,8 +200,8 @@ def test_a_model_converted_by_another_recipe_is_converted_again(tmp_path):
     card.update(tflite_sha256=hashlib.sha256(plain).hexdigest(), tflite_recipe="float32")
     (tmp_path / "digits.json").write_text(json.dumps(card))
     DigitClassifier.load(tmp_path / "digits.keras")
-    assert (tmp_path / "digits.tflite").read_bytes() == (ROOT / "models" / "digits.tflite").read_bytes() != plain
-    assert json.loads((tmp_path / "digits.json").read_text())["tflite_recipe"] == TFLITE_RECIPE
+    assert (tmp_path / "digits.tflite").read_bytes() != plain
+    converted_again(tmp_path, mnist_test)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "F"])
