@@ -56,7 +56,7 @@ from formreader.reading.ingest import (
 )
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
-from formreader.reading.segment import DigitSegment, segment_cells
+from formreader.reading.segment import DigitSegment, ink_beyond_boxes, segment_cells
 from formreader.reading.string_model import StringModel, field_views
 from formreader.reading.strings import StringLayout, decide_string, field_image, segment_string, without_frame
 from formreader.reading.template import Template
@@ -186,8 +186,13 @@ def segment_page(
         interiors=[cell_interior(reg.aligned.shape, b) for b in cells],
         printed=[cell_crop(features.printed, b) for b in cells],
     ))
+    beyond = iter(ink_beyond_boxes(
+        reg.aligned, features.printed, cells, keep_out=[spec.box for spec in template.fields if spec.kind == "free"]
+    ))
     for k in boxed:
         segments[k] = [next(done) for _ in boxes[k]]
+        for cell in segments[k]:
+            cell.beyond = float(next(beyond))
     return SegmentedPage(
         page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name, bitonal=is_bitonal(page.image)
     )
@@ -250,7 +255,9 @@ def decide_page(
                 start += 1
             else:
                 readings.append(unread_cell(s.stray_ink))
-        fields.append(read_field(spec, readings, threshold if boxed_threshold is None else boxed_threshold, field_power))
+        fields.append(read_field(
+            spec, readings, threshold if boxed_threshold is None else boxed_threshold, field_power, [s.beyond for s in cells]
+        ))
     reg = seg.registration
     return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes, template.name)
 

@@ -300,3 +300,52 @@ def test_orand_checks_whose_image_contradicts_their_label_are_read_as_written(tm
     assert amount.value == ORAND_RELABELLED["a_car_001165.jpg"] == "15371"
     assert orand_digit_crops([amount])[0] == []
     assert orand_digit_crops(load_orand(None, folder, relabelled=False))[1].tolist() == [1, 5, 3]
+
+
+def test_ink_beyond_a_box_is_what_writing_taller_than_the_box_leaves_outside_it(mnist_test):
+    """segment.ink_beyond_boxes: a real digit written inside its box leaves nothing beyond the
+    cell's crop; written taller than the box it does, past CROSSING_INK for most digits; another
+    box's interior there (a field above) is that box's writing, not this one's."""
+    from formreader.reading.fields import CROSSING_INK
+    from formreader.reading.segment import ink_beyond_boxes
+
+    images, _ = mnist_test
+    box = (32, 44, 36, 36)
+    printed = np.zeros((124, 100), bool)
+    cv2.rectangle(printed.view(np.uint8), (30, 42), (69, 81), 1, 2)  # the box's 2-px line
+    printed = cv2.dilate(printed.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)  # as ReferenceFeatures widens it
+
+    def beyond(size: tuple[float, float], seed: int, keep_out: list = ()) -> float:
+        page = np.full(printed.shape, 235, np.uint8)
+        page[printed] = 40
+        write_digit(page, box, images[seed], np.random.default_rng(seed), ink=30, size=size)
+        return float(ink_beyond_boxes(page, printed, [box], keep_out)[0])
+
+    inside = np.array([beyond((0.6, 0.88), seed) for seed in range(60)])
+    taller = np.array([beyond((1.3, 1.45), seed) for seed in range(60)])
+    assert (inside == 0).all()
+    assert (taller > CROSSING_INK).mean() >= 0.8
+    big = int(np.argmax(taller))
+    assert beyond((1.3, 1.45), big, keep_out=[(32, 0, 36, 44), (32, 80, 36, 44)]) == 0
+
+
+def test_a_field_written_across_its_boxes_lines_goes_to_review(mnist_test, classifier):
+    """Digits taller than their boxes are cut where they cross the line and can read as other
+    digits at a confident `ok` (a 0 as a 3): such fields go to review with the reason, and fields
+    written inside the boxes are never flagged for it."""
+    from formreader.pipeline import decide_page, page_probabilities, segment_page
+    from formreader.training.synth import LARGE_WRITING, WRITING_SIZE, scanned_forms
+
+    images, labels = mnist_test
+
+    def crossing(size: tuple[float, float]) -> float:
+        template, items = scanned_forms("samples' form", images, labels, 3, seed=11, size=size)
+        fields = []
+        for page, _ in items:
+            seg = segment_page(page, template)
+            read = decide_page(seg, page_probabilities(seg, classifier), template, classifier.review_threshold)
+            fields += [any("crosses the box's lines" in r for r in f.reasons) for f in read.fields]
+        return float(np.mean(fields))
+
+    assert crossing(WRITING_SIZE) == 0
+    assert crossing(LARGE_WRITING) >= 0.6

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from formreader.reading.classify import DEFAULT_REVIEW_THRESHOLD, DigitReading
@@ -29,6 +30,13 @@ BLANK_CONFIDENCE = 0.999
 # and `ok`).
 STRAY_INK_FRACTION = 0.004
 STRAY_INK_CONFIDENCE = 0.1
+# A cell whose writing leaves this share of its box's area beyond its crop's margin, above or
+# below the box (segment.ink_beyond_boxes), was cut where it crossed the box's line or the crop's
+# edge, and its digit may be another: the field goes to review. Chosen on the model's validation
+# writers' forms (stop 43, 20 pages of each source and style): written inside the boxes, no field of
+# 1,080 leaves that much (at 0.005, one); written taller than the boxes (synth.LARGE_WRITING), 12 of
+# the 16 fields read wrong with a confident `ok` do (at 0.01, 10).
+CROSSING_INK = 0.007
 
 
 def unread_cell(stray_ink: float) -> DigitReading:
@@ -54,7 +62,11 @@ class FieldReading:
 
 
 def read_field(
-    spec: Field, cells: list[DigitReading], threshold: float = DEFAULT_REVIEW_THRESHOLD, power: float = 1.0
+    spec: Field,
+    cells: list[DigitReading],
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    power: float = 1.0,
+    beyond: Sequence[float] = (),
 ) -> FieldReading:
     """Decide a field from its cells' readings (one per cell, left to right).
 
@@ -63,6 +75,7 @@ def read_field(
     wrong independently (a writer who makes one ugly digit makes several), so the plain product
     misstates a field's chance of being right. A field with a pattern or a check digit: the
     product is taken among the readings they allow (module docstring) before the power.
+    beyond: each cell's handwriting beyond its box's lines (DigitSegment.beyond), when known.
     """
     reasons: list[str] = []
     first = "".join(c.digit for c in cells)
@@ -90,6 +103,9 @@ def read_field(
     value = marks.replace(" ", "").replace("?", "")
     if "?" in marks:
         reasons.append(f"mark that is not a digit in cell {marks.index('?') + 1}")
+    crossing = [k for k, share in enumerate(beyond) if share > CROSSING_INK]
+    if crossing:
+        reasons.append(f"writing crosses the box's lines in cell {crossing[0] + 1}")
     stripped = marks.strip()
     if " " in stripped:
         reasons.append("gap between digits")

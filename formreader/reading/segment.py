@@ -61,6 +61,7 @@ class DigitSegment:
 
     image: np.ndarray | None  # (28, 28) float32 in [0, 1]; None: no digit in the cell
     stray_ink: float  # ink left after line removal, as a fraction of the crop, digit or not
+    beyond: float = 0.0  # handwriting beyond the box's top and bottom lines, share of its area (ink_beyond_boxes)
 
 
 def ink_intensity(grey: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
@@ -674,6 +675,47 @@ def segment_cells(
             for k, seg in zip(part, done):
                 segments[k] = seg
     return segments
+
+
+def ink_beyond_boxes(
+    page: np.ndarray,
+    printed: np.ndarray,
+    boxes: list[Box],
+    keep_out: list[Box] = (),
+    margin: float = 0.15,
+    reach: float = 0.3,
+) -> np.ndarray:
+    """How much handwriting lies beyond each box's top and bottom lines, on a registered page.
+
+    page: (H, W) uint8; printed: (H, W) bool, the blank form's print (ReferenceFeatures.printed);
+    boxes: the interiors (x, y, w, h) of the page's cells. For each box, the ink in the bands above
+    and below it (`reach` of its height, over its columns) that is neither print nor inside any of
+    `boxes` or `keep_out` (a free field's box), as a share of the box's area: (N,) float32.
+    A digit written taller than its box is cut where it crosses the box's line, or at the edge of
+    its crop (`locate.cell_crop`), and read as another digit (a 0 as a 3); what it left beyond the
+    line says so. Writing inside its box leaves nothing there, whatever the line's style.
+    """
+    H, W = page.shape
+    inside = np.zeros((H, W), bool)  # then the print too: what is not handwriting beyond a box
+    for x, y, w, h in [*boxes, *keep_out]:
+        inside[max(0, y) : max(0, y + h), max(0, x) : max(0, x + w)] = True
+    bands: dict[tuple[int, int], list[tuple[int, slice, slice]]] = {}
+    for k, (x, y, w, h) in enumerate(boxes):
+        m, r = round(margin * h), max(2, round((margin + reach) * h))
+        cols = slice(max(0, x), min(W, x + w))
+        for rows in (slice(max(0, y - r), max(0, y - m)), slice(min(H, y + h + m), min(H, y + h + r))):
+            shape = (rows.stop - rows.start, cols.stop - cols.start)
+            if min(shape) > 0:
+                bands.setdefault(shape, []).append((k, rows, cols))
+    inside |= printed
+    areas = np.array([max(1, w * h) for *_, w, h in boxes], np.float32)
+    beyond = np.zeros(len(boxes), np.float32)
+    for group in bands.values():
+        _, mask = ink_intensity(np.stack([page[rows, cols] for _, rows, cols in group]))
+        mask &= ~np.stack([inside[rows, cols] for _, rows, cols in group])
+        k = np.array([k for k, _, _ in group])
+        np.add.at(beyond, k, np.count_nonzero(mask, axis=(1, 2)) / areas[k])
+    return beyond
 
 
 def segment_crops(crops) -> tuple[np.ndarray, np.ndarray]:
