@@ -31,6 +31,7 @@ from formreader.training.evaluate import (  # noqa: E402
     CALIBRATION_SEED,
     boxed_field_records,
     calibration_forms,
+    calibration_records,
     fit_field_decision,
     held_out_writers,
 )
@@ -75,9 +76,7 @@ def main() -> None:
         "the companion alone": model.companion.probabilities,
         "the two averaged": model.cell_probabilities,
     }
-    validation = boxed_field_records(
-        [(t, items) for *_, t, items in calibration_forms(model.meta, CALIBRATION_PAGES, CALIBRATION_SEED)], readers
-    )
+    validation, sources = calibration_records(calibration_forms(model.meta, CALIBRATION_PAGES, CALIBRATION_SEED), readers)
     test_sets = []
     for images, labels in held_out_writers().values():
         test_sets += [scanned_forms(style, images, labels, 40, 777) for style in FORM_STYLES]
@@ -85,7 +84,7 @@ def main() -> None:
     print(f"Boxed fields: {len(validation['the two averaged'][0])} of the model's validation writers (chosen on), "
           f"{len(test['the two averaged'][0])} of writers no model trained on (recorded); right / flagged / wrong but ok")
     for name in readers:
-        fitted = fit_field_decision(*validation[name], args.risk)
+        fitted = fit_field_decision(*validation[name], args.risk, sources)
         val_conf, test_conf = calibrated(validation[name], fitted), calibrated(test[name], fitted)
         threshold = fitted["review_threshold"]
         print(f"\n{name}: field powers {fitted['field_power']:.3f} grey, {fitted['field_power_bitonal']:.3f} bitonal")

@@ -33,7 +33,7 @@ from formreader.reading.classify import DigitClassifier  # noqa: E402
 from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
-from formreader.training.evaluate import held_out_writers, rate_interval  # noqa: E402
+from formreader.training.evaluate import calibration_error, held_out_writers, rate_interval  # noqa: E402
 from formreader.training.synth import FORM_STYLES, LARGE_WRITING, scanned_forms  # noqa: E402
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
@@ -161,6 +161,12 @@ def main() -> None:
         np.concatenate([r["confidence"] for *_, r in rows]), np.concatenate([r["right"] for *_, r in rows]),
         [(0, 0.5), (0.5, 0.7), (0.7, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 0.99), (0.99, 1.01)],
     )
+    errors = []
+    for source in [*sources, None]:
+        mine = [r for s, _, r in rows if source in (None, s)]
+        conf, right = np.concatenate([r["confidence"] for r in mine]), np.concatenate([r["right"] for r in mine])
+        errors.append(f"{source or 'all nine'} {calibration_error(conf, right):.2%}")
+    print(f"  field confidence's ECE (15 bins): {', '.join(errors)}")
 
     # Writing that crosses the boxes' lines, as many people write in small boxes: a known weakness,
     # kept out of the nine rows (which the aims are stated on) and shown beside them.

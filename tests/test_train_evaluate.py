@@ -248,6 +248,31 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
     assert result["wrong_not_flagged"] <= loose["wrong_not_flagged"] <= int(0.1 * loose["boxed_fields"])
 
 
+def test_field_confidence_is_fitted_for_the_least_sure_population_of_writers(classifier):
+    """Each source of validation writers with enough fields of a kind of scan gets its own
+    confidence exponent, and the largest is the model's: with it no source is over-confident
+    (none would be fitted better by raising its confidences to a higher power), where the
+    exponent fitted to all of them pooled leaves the hardest one over-confident."""
+    from formreader.training.evaluate import calibration_forms, calibration_records, fit_field_decision, fit_power
+
+    forms = calibration_forms(classifier.meta, pages=3, seed=5)
+    records, sources = calibration_records(forms, {"": classifier.cell_probabilities})
+    right, confidence, ruled, bitonal = records[""]
+    assert len(sources) == len(right) and set(sources) == {source for source, *_ in forms}
+    fitted = fit_field_decision(right, confidence, ruled, bitonal, sources=sources, min_fields=15)
+    pooled = fit_field_decision(right, confidence, ruled, bitonal)
+    assert pooled["source_powers"] is None
+    for kind, key in ((False, "field_power"), (True, "field_power_bitonal")):
+        chosen = fitted[key]
+        own = [powers[int(kind)] for powers in fitted["source_powers"].values() if powers[int(kind)] is not None]
+        assert len(own) >= 2 and chosen == pytest.approx(max(own), abs=1e-4)
+        assert chosen >= pooled[key]
+        for source in fitted["source_powers"]:
+            one = ~ruled & (bitonal == kind) & (sources == source)
+            if one.sum() >= 15:
+                assert fit_power(confidence[one] ** chosen, right[one]) <= 1.001  # not over-confident
+
+
 def test_the_pair_is_calibrated_on_the_models_validation_split(classifier, monkeypatch):
     """`formreader calibrate` fits the temperature of the two networks' mean on the model's own
     validation split (its MNIST digits, the CVL writers and ORAND checks its card holds out, and
