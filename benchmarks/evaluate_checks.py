@@ -9,7 +9,8 @@ calibrated on; formreader.training.datasets.orand_split), each reader alone and 
 Prints string accuracy (every digit right), digit accuracy (digits of the truth found in order,
 by alignment), separator accuracy (the raw reading equal to what was written), the share of
 fields flagged for review and the number of wrong strings NOT flagged; for the held-out checks
-also what other review thresholds would do, and how often fields are right at each confidence.
+also (and for the free fields of forms) what other review thresholds would do, and how often fields
+are right at each confidence.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
             for f in read.fields:
                 results.append((truth[f.name], truth[f.name], f.value, f.value, f.status, f.confidence, broke_rule(f)))
         print(f" {name}:")
-        score(results)
+        score(results, thresholds=True)
 
 
 def main() -> None:
