@@ -193,7 +193,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
 
 
-def cell_crop(page: np.ndarray, box: Box, margin: float = 0.15) -> np.ndarray:
+# A cell's crop reaches this share of its box's size beyond the interior (ink may cross the line).
+CELL_MARGIN = 0.15
+
+
+def cell_crop(page: np.ndarray, box: Box, margin: float = CELL_MARGIN) -> np.ndarray:
     """The grey crop of a cell with a margin around its interior (ink may cross the box line).
 
     The box's own lines then lie along the crop's edges, where segmentation removes them.
@@ -202,7 +206,7 @@ def cell_crop(page: np.ndarray, box: Box, margin: float = 0.15) -> np.ndarray:
     return page[rows, cols]
 
 
-def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = 0.15) -> Box:
+def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = CELL_MARGIN) -> Box:
     """Where the box's interior lies in the crop `cell_crop(page, box, margin)` gives: (x, y, w, h)."""
     x, y, w, h = box
     rows, cols = _cell_window(page_shape, box, margin)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from formreader.reading.locate import Box
+from formreader.reading.locate import CELL_MARGIN, Box
 
 MNIST_SIZE = 28
 MNIST_BOX = 20
@@ -682,7 +682,7 @@ def ink_beyond_boxes(
     printed: np.ndarray,
     boxes: list[Box],
     keep_out: list[Box] = (),
-    margin: float = 0.15,
+    margin: float = CELL_MARGIN,
     reach: float = 0.3,
 ) -> np.ndarray:
     """How much handwriting lies beyond each box's top and bottom lines, on a registered page.
@@ -696,7 +696,7 @@ def ink_beyond_boxes(
     line says so. Writing inside its box leaves nothing there, whatever the line's style.
     """
     H, W = page.shape
-    inside = np.zeros((H, W), bool)  # then the print too: what is not handwriting beyond a box
+    inside = printed.copy()  # and every box's interior: what is not handwriting beyond a box
     for x, y, w, h in [*boxes, *keep_out]:
         inside[max(0, y) : max(0, y + h), max(0, x) : max(0, x + w)] = True
     bands: dict[tuple[int, int], list[tuple[int, slice, slice]]] = {}
@@ -707,7 +707,6 @@ def ink_beyond_boxes(
             shape = (rows.stop - rows.start, cols.stop - cols.start)
             if min(shape) > 0:
                 bands.setdefault(shape, []).append((k, rows, cols))
-    inside |= printed
     areas = np.array([max(1, w * h) for *_, w, h in boxes], np.float32)
     beyond = np.zeros(len(boxes), np.float32)
     for group in bands.values():
