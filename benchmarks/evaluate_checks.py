@@ -36,7 +36,7 @@ from formreader.reading.register import prepare_reference  # noqa: E402
 from formreader.reading.strings import segment_string  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.datasets import load_mnist, load_orand  # noqa: E402
-from formreader.training.evaluate import rate_interval  # noqa: E402
+from formreader.training.evaluate import calibration_error, rate_interval  # noqa: E402
 from formreader.training.synth import DigitSource, make_checks, scan, write_number  # noqa: E402
 
 
@@ -59,11 +59,12 @@ def score(results: list[tuple], thresholds: bool = False) -> None:
     for t in (0.7, 0.8, DEFAULT_REVIEW_THRESHOLD, 0.9, 0.95):
         flag = rule | (confidence < t)
         print(f"    {t:.2f}: {flag.mean():.1%} / {int((~right & ~flag).sum())}")
-    print("  calibration (fields that break no rule): confidence range -> fields, share right")
+    print("  calibration (fields that break no rule): confidence range -> fields, mean confidence, share right")
     for lo, hi in ((0.0, 0.5), (0.5, 0.7), (0.7, 0.85), (0.85, 0.95), (0.95, 1.01)):
         m = ~rule & (confidence >= lo) & (confidence < hi)
         if m.any():
-            print(f"    [{lo:.2f}, {min(hi, 1):.2f}): {int(m.sum())}, {right[m].mean():.1%}")
+            print(f"    [{lo:.2f}, {min(hi, 1):.2f}): {int(m.sum())}, {confidence[m].mean():.3f}, {right[m].mean():.1%}")
+    print(f"    ECE (15 bins): {calibration_error(confidence[~rule], right[~rule]):.2%}")
 
 
 def broke_rule(field) -> bool:
