@@ -7,7 +7,9 @@ review and the wrong fields NOT flagged, across a range of thresholds, and how w
 confidence is calibrated. Then a table for forms generated (a seed the samples and tests do not
 use) and filled by writers no model trained on (MNIST test, CVL validation writers, NSYSU exam
 boxes), on three forms: the samples', one with thick, worn borders scanned bitonal at 300 DPI
-and one whose boxes are short ticks; then how often their fields are right at each confidence.
+and one whose boxes are short ticks, with the share of their cells read right (of the fields read
+with as many digits as were written) and each source's commonest misreads; then how often their
+fields are right at each confidence.
 Last, MNIST's and CVL's writers on the first two forms writing digits taller than the boxes
 (synth.LARGE_WRITING, crossing their lines): a weakness shown beside the nine rows. With
 --validation, first the same table for the forms of the model's own validation writers
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -55,12 +58,27 @@ def segment_all(items, template, classifier):
 
 def score(segmented, template, threshold: float, classifier) -> dict:
     rows = []
+    misread: Counter = Counter()  # (digit written, digit read) of the cells read as another digit
+    cells = cells_right = miscounted = 0
     for seg, probs, truth in segmented:
         power = classifier.field_power(seg.bitonal)
         for f in decide_page(seg, probs, template, threshold, power).fields:
-            rows.append((f.value == truth[f.name], f.status != "ok", f.confidence))
+            written = truth[f.name]
+            rows.append((f.value == written, f.status != "ok", f.confidence))
+            # The cells, where a digit was read for each one written (their order is the field's):
+            # a digit misread, as against a digit lost, split or added (a field miscounted).
+            if len(f.value) != len(written):
+                miscounted += 1
+                continue
+            cells += len(written)
+            cells_right += sum(a == b for a, b in zip(written, f.value))
+            misread.update((a, b) for a, b in zip(written, f.value) if a != b)
     right, flagged, conf = (np.array(c) for c in zip(*rows))
     return {
+        "cells": cells,
+        "cells_right": cells_right,
+        "miscounted": miscounted,
+        "misread": misread,
         "fields": len(rows),
         "accuracy": right.mean(),
         "flagged": flagged.mean(),
@@ -102,10 +120,12 @@ def print_calibration(conf: np.ndarray, right: np.ndarray, bins: list[tuple[floa
 def print_table(title: str, rows: list) -> None:
     """rows: (source, form style, score)."""
     print(f"\n{title}:")
-    print(f"  {'digits of':30} {'form':38} {'fields':>6} {'right':>7} {'flagged':>8} {'wrong but ok':>13}")
+    print(f"  {'digits of':30} {'form':38} {'fields':>6} {'right':>7} {'flagged':>8} {'wrong but ok':>13}"
+          f"  {'cells right':>11} {'miscounted':>10}")
     for source, form, r in rows:
         print(f"  {source:30} {form:38} {r['fields']:6d} {r['accuracy']:7.2%} {r['flagged']:8.1%} "
-              f"{r['wrong_unflagged'] / r['fields']:8.2%} ({r['wrong_unflagged']})")
+              f"{r['wrong_unflagged'] / r['fields']:8.2%} ({r['wrong_unflagged']})"
+              f"  {r['cells_right'] / max(r['cells'], 1):11.2%} {r['miscounted'] / r['fields']:10.1%}")
     total = sum(r["fields"] for *_, r in rows)
     right = sum(r["accuracy"] * r["fields"] for *_, r in rows) / total
     flagged = sum(r["flagged"] * r["fields"] for *_, r in rows) / total
@@ -113,6 +133,12 @@ def print_table(title: str, rows: list) -> None:
     low, high = rate_interval(slipped, total)
     print(f"  {'all':69} {total:6d} {right:7.2%} {flagged:8.1%} {slipped / total:8.2%} ({slipped}; "
           f"95% interval {low:.2%}-{high:.2%})")
+    # "Cells right": of the fields read with as many digits as were written, the digits read as
+    # written; "miscounted": the fields read with a digit lost, split or added.
+    for source in dict.fromkeys(source for source, *_ in rows):
+        misread = sum((r["misread"] for s, _, r in rows if s == source), Counter())
+        common = ", ".join(f"{a}->{b} {n}" for (a, b), n in misread.most_common(5))
+        print(f"  {source}: digits read as another, commonest: {common or 'none'} (of {sum(misread.values())})")
 
 
 def main() -> None:
