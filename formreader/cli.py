@@ -418,6 +418,13 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     help="Add this share of the training digits again as a scanned form's box gives them (a quarter bitonal).",
 )
 @click.option(
+    "--written",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Add this share of the real crops again as written into a form's box and scanned (half bitonal).",
+)
+@click.option(
     "--strings",
     default=0,
     show_default=True,
@@ -452,6 +459,7 @@ def train(
     patience,
     mnist_only,
     scanned,
+    written,
     strings,
     initial,
     extra,
@@ -476,6 +484,7 @@ def train(
         stretch=stretch,
         narrow=narrow,
         scanned=scanned,
+        written=written,
         patience=patience,
         cvl=not mnist_only,
         orand=not mnist_only,

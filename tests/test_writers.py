@@ -151,6 +151,53 @@ def test_training_loader_keeps_writers_and_checks_apart(monkeypatch):
     assert 5 <= len(np.unique(writers[held])) == 10
 
 
+def test_written_copies_are_real_crops_written_into_a_box_and_scanned(cvl_valid, classifier):
+    """Training's written copies: a real writer's crop written into a box at its own stroke width
+    and scanned, grey or bitonal, then segmented as a cell is. Still the writer's digits (an
+    independent reader agrees), a bitonal scan's strokes hard-edged, and `share` of the crops."""
+    from formreader.training.train import written_copies
+
+    x, y, _ = cvl_valid
+    x, y = x[:300], y[:300]
+    edges = {}
+    for share in (0.0, 1.0):  # grey scans, then bitonal ones
+        copies, labels = written_copies(x, y, 1.0, np.random.default_rng(5), bitonal_share=share)
+        assert copies.shape == (len(labels), 28, 28) and len(labels) >= 0.97 * len(y)
+        assert (np.bincount(labels, minlength=10) <= np.bincount(y, minlength=10)).all()
+        assert (classifier.probabilities(copies).argmax(1) == labels).mean() > (0.95 if share == 0 else 0.85)
+        edges[share] = ((copies > 0.1) & (copies < 0.9)).mean()
+    assert edges[1.0] < 0.9 * edges[0.0]
+    half, _ = written_copies(x, y, 0.5, np.random.default_rng(5))
+    assert 0.45 * len(y) <= len(half) <= 0.5 * len(y)
+
+
+def test_written_copies_keep_each_split_to_its_own_writers_and_checks(monkeypatch):
+    """The copies of CVL's validation writers and ORAND's validation checks join validation only,
+    the training writers' and checks' training only, each with its source."""
+    import formreader.training.train as train
+    from formreader.training.datasets import ORAND_MARGIN, load_orand, orand_digit_crops
+
+    calls = []
+    real = train.written_copies
+    monkeypatch.setattr(train, "written_copies", lambda crops, labels, *a: calls.append(list(crops)) or real(crops, labels, *a))
+    config = TrainConfig(limit=300, negatives=50, written=0.5)
+    data = build_training_data(config, log=lambda *_: None)
+    x, _, writers = load_cvl("train")
+    x, writers = x[:300], writers[:300]
+    held = cvl_writer_split(writers, min(10, len(np.unique(writers)) // 3), np.random.default_rng([config.seed, 1]))
+    cvl_val, cvl_train, orand_val, orand_train = calls
+    assert [c.tobytes() for c in cvl_val] == [c.tobytes() for c in x[held]]
+    assert [c.tobytes() for c in cvl_train] == [c.tobytes() for c in x[~held]]
+    for split, given in (("val", orand_val), ("train", orand_train)):
+        crops, _, _ = orand_digit_crops(load_orand(split)[: max(5, config.limit // 20)], ORAND_MARGIN)
+        assert [c.tobytes() for c in given] == [np.asarray(c).tobytes() for c in crops]
+    plain = build_training_data(TrainConfig(limit=300, negatives=50), log=lambda *_: None)
+    for source in ("cvl", "orand"):
+        k = train.SOURCES.index(source)
+        for mine, base in ((data.source_train, plain.source_train), (data.source_val, plain.source_val)):
+            assert (mine == k).sum() > (base == k).sum()  # copies added on both sides, as their source
+
+
 def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifier):
     """The forms benchmark writes a real writer's digit from the crop's own ink, at its own
     resolution (not from the 28x28 normalised digit, which would be resampled, thickened and
