@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from formreader.reading.classify import NOT_A_DIGIT, convert_when_trained
+from formreader.reading.locate import CELL_MARGIN
 from formreader.reading.segment import MNIST_SIZE, normalize_digit, segment_crops
 from formreader.training.datasets import load_mnist
 from formreader.training.synth import CELL, bitonal, ink_on_black, pen_or_pencil, write_digit
@@ -312,7 +313,7 @@ def written_copies(
     for glyph in glyphs:
         bitonal_scan = rng.random() < bitonal_share
         factor = 2.0 if bitonal_scan else float(rng.choice([1.0, 4 / 3, 2.0]))
-        side, margin = round(CELL * factor), round(0.15 * CELL * factor)  # a cell's crop (locate.CELL_MARGIN)
+        side, margin = round(CELL * factor), round(CELL_MARGIN * CELL * factor)  # as a cell is cropped
         page = np.full((side + 2 * margin,) * 2, 255, np.uint8)
         write_digit(page, (margin, margin, side, side), glyph, rng, pen_or_pencil(rng))
         grey = page.astype(np.float32) * (rng.uniform(222, 250) / 255)
