@@ -286,11 +286,16 @@ def scanned_copies(images: np.ndarray, rng: np.random.Generator, bitonal_share: 
         ink = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if size < MNIST_SIZE else cv2.INTER_LINEAR)
         paper = rng.uniform(222, 250)
         level = pen_or_pencil(rng)
-        grey = paper - (paper - level) * np.clip(ink, 0, 1)
-        grey = cv2.GaussianBlur(grey, (0, 0), rng.uniform(0.4, 0.9) * height / 24)
-        grey = np.clip(grey + rng.normal(0, rng.uniform(2, 6), grey.shape), 0, 255).astype(np.uint8)
+        grey = optics_and_sensor(paper - (paper - level) * np.clip(ink, 0, 1), height / 24, rng)
         crops.append(bitonal(grey, rng) if bitonal_scan else grey)
     return segment_crops(crops)
+
+
+def optics_and_sensor(grey: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """A grey image (H, W) float as a scanner sees it: blurred by its optics (0.4-0.9 px at
+    `scale` 1, in proportion beyond) and noised by its sensor (2-6 grey levels). -> (H, W) uint8."""
+    grey = cv2.GaussianBlur(grey, (0, 0), rng.uniform(0.4, 0.9) * scale)
+    return np.clip(grey + rng.normal(0, rng.uniform(2, 6), grey.shape), 0, 255).astype(np.uint8)
 
 
 def written_copies(
@@ -316,9 +321,7 @@ def written_copies(
         side, margin = round(CELL * factor), round(CELL_MARGIN * CELL * factor)  # as a cell is cropped
         page = np.full((side + 2 * margin,) * 2, 255, np.uint8)
         write_digit(page, (margin, margin, side, side), glyph, rng, pen_or_pencil(rng))
-        grey = page.astype(np.float32) * (rng.uniform(222, 250) / 255)
-        grey = cv2.GaussianBlur(grey, (0, 0), rng.uniform(0.4, 0.9) * factor)
-        grey = np.clip(grey + rng.normal(0, rng.uniform(2, 6), grey.shape), 0, 255).astype(np.uint8)
+        grey = optics_and_sensor(page.astype(np.float32) * (rng.uniform(222, 250) / 255), factor, rng)
         if bitonal_scan:
             grey = bitonal(grey, rng)
         size = round(grey.shape[0] / factor)
@@ -526,11 +529,12 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
                 amounts = amounts[: max(5, config.limit // 20)]
             # Validation cuts each box with the margin read_digits' figures use; training takes
             # the tight box too, two views of each digit.
-            for margin in (ORAND_MARGIN,) if split == "val" else (ORAND_MARGIN, 0):
-                crops, lab, _ = orand_digit_crops(amounts, margin)
+            margins = (ORAND_MARGIN,) if split == "val" else (ORAND_MARGIN, 0)
+            cuts = {margin: orand_digit_crops(amounts, margin) for margin in margins}
+            for crops, lab, _ in cuts.values():
                 parts[split].append((*segmented(crops, lab), "orand"))
             if config.written:
-                crops, lab, _ = orand_digit_crops(amounts, ORAND_MARGIN)
+                crops, lab, _ = cuts[ORAND_MARGIN]  # the cut read_digits' figures use
                 parts[split].append((*written_copies(crops, lab, config.written, written_rng), "orand"))
             if split == "val":
                 held_out["orand_validation_checks"] = [a.name for a in amounts]
