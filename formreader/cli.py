@@ -688,6 +688,7 @@ def calibrate_strings(model, data, checks, risk) -> None:
     import numpy as np
 
     from formreader.training.evaluate import (
+        CALIBRATION_FIELD_SOURCES,
         CUT_WEIGHTS,
         fit_cut_weight,
         fit_free_threshold,
@@ -727,6 +728,12 @@ def calibrate_strings(model, data, checks, risk) -> None:
         f"({right:.1%} read right whole); review_threshold {meta['review_threshold']} ({decision['flagged']:.1%} "
         f"flagged, {decision['wrong_not_flagged']} wrong not flagged)"
     )
+    # Per source: a new string model can gain on one and lose on another (models/MODEL_CARD.md).
+    by_source = [r.value == t for r, t in zip(readings, truths)]
+    click.echo("read right whole: " + ", ".join(
+        f"{name} {np.mean(np.array(by_source)[sources == k]):.1%} of {int((sources == k).sum())}"
+        for k, name in enumerate(CALIBRATION_FIELD_SOURCES) if (sources == k).any()
+    ))
 
 
 @main.command()

@@ -514,6 +514,10 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     fit = meta["field_calibration_fit"]
     assert 0.0 < meta["review_threshold"] <= 1.0 and meta["review_risk"] == 0.003
     assert fit["wrong_not_flagged"] <= int(0.003 * fit["fields"]) and 0.0 < fit["flagged"] < 1.0
+    # And how each source of the validation fields was read: every field counted once.
+    by_source = re.search(r"read right whole: (.*)", fitted.stdout).group(1)
+    assert by_source.startswith("ORAND's val checks") and "generated checks" in by_source
+    assert sum(int(n) for n in re.findall(r"% of (\d+)", by_source)) == fit["fields"]
     read = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", out, "-q", "--model", models / "digits.keras")
     assert read.returncode == 0, read.stderr
 

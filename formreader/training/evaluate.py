@@ -633,6 +633,10 @@ def fit_free_threshold(
     return risk_decision(confidence, right, ruled, risk)
 
 
+# What two_reader_calibration_fields' `sources` 0-3 are, in its order.
+CALIBRATION_FIELD_SOURCES = ("ORAND's val checks", "generated checks", "free-field forms, MNIST", "free-field forms, CVL")
+
+
 def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
     """Validation free fields: ORAND's validation checks (their amounts), scanned generated checks
     written with the digit model's MNIST validation digits, and free-field forms (thick worn
