@@ -120,6 +120,8 @@ def print_calibration(conf: np.ndarray, right: np.ndarray, bins: list[tuple[floa
 def print_table(title: str, rows: list) -> None:
     """rows: (source, form style, score)."""
     print(f"\n{title}:")
+    # "Cells right": of the fields read with as many digits as were written, the digits read as
+    # written; "miscounted": the fields read with a digit lost, split or added.
     print(f"  {'digits of':30} {'form':38} {'fields':>6} {'right':>7} {'flagged':>8} {'wrong but ok':>13}"
           f"  {'cells right':>11} {'miscounted':>10}")
     for source, form, r in rows:
@@ -133,8 +135,6 @@ def print_table(title: str, rows: list) -> None:
     low, high = rate_interval(slipped, total)
     print(f"  {'all':69} {total:6d} {right:7.2%} {flagged:8.1%} {slipped / total:8.2%} ({slipped}; "
           f"95% interval {low:.2%}-{high:.2%})")
-    # "Cells right": of the fields read with as many digits as were written, the digits read as
-    # written; "miscounted": the fields read with a digit lost, split or added.
     for source in dict.fromkeys(source for source, *_ in rows):
         misread = sum((r["misread"] for s, _, r in rows if s == source), Counter())
         common = ", ".join(f"{a}->{b} {n}" for (a, b), n in misread.most_common(5))

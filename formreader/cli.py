@@ -708,7 +708,8 @@ def calibrate_strings(model, data, checks, risk) -> None:
     weights = fit_two_readers(readings, truths, sources)
     card = Path(clf.string_model.path).with_suffix(".json")
     meta = json.loads(card.read_text())
-    right = np.mean([r.value == t for r, t in zip(readings, truths)])
+    read_right = np.array([r.value == t for r, t in zip(readings, truths)])
+    right = read_right.mean()
     meta["cut_weight"] = cut_weight
     meta["field_calibration"] = [round(w, 4) for w in weights]
     # Then the threshold, on the confidence the card gives (its rounded weights), as a free field is decided.
@@ -729,9 +730,8 @@ def calibrate_strings(model, data, checks, risk) -> None:
         f"flagged, {decision['wrong_not_flagged']} wrong not flagged)"
     )
     # Per source: a new string model can gain on one and lose on another (models/MODEL_CARD.md).
-    by_source = [r.value == t for r, t in zip(readings, truths)]
     click.echo("read right whole: " + ", ".join(
-        f"{name} {np.mean(np.array(by_source)[sources == k]):.1%} of {int((sources == k).sum())}"
+        f"{name} {read_right[sources == k].mean():.1%} of {int((sources == k).sum())}"
         for k, name in enumerate(CALIBRATION_FIELD_SOURCES) if (sources == k).any()
     ))
 
