@@ -93,8 +93,9 @@ def uncut_pairs(classifier: DigitClassifier, images: np.ndarray, labels: np.ndar
         print(f"  {name}: read as one digit with confidence > 0.9: {confident.mean():.1%}; refused: {refused.mean():.1%}")
 
 
-def orand_test(classifier: DigitClassifier) -> None:
-    """Real check amounts never trained on: the readers alone and the decision of both."""
+def orand_test(classifier: DigitClassifier, review_risk: float | None) -> None:
+    """Real check amounts never trained on: the readers alone and the decision of both, at the
+    risk the check template accepts (its `review_risk`)."""
     from formreader.api import read_number
     from formreader.reading.fields import reading_pattern
     from formreader.reading.string_model import decode, digits_of
@@ -107,7 +108,8 @@ def orand_test(classifier: DigitClassifier) -> None:
         print(f"ORAND-CAR-A left out: {e}")
         return
     spec = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
-    print(f"ORAND-CAR-A test checks ({len(amounts)} real amounts, held out):")
+    threshold = classifier.string_model.review_threshold_at(review_risk) if classifier.string_model else DEFAULT_REVIEW_THRESHOLD
+    print(f"ORAND-CAR-A test checks ({len(amounts)} real amounts, held out; review risk {review_risk}, threshold {threshold}):")
     if classifier.string_model is not None:
         readings = read_free_fields(classifier, [a.image for a in amounts], [spec] * len(amounts))
         both = np.mean([r.value == a.value for r, a in zip(readings, amounts)])
@@ -120,7 +122,7 @@ def orand_test(classifier: DigitClassifier) -> None:
               f"alone {one_view:.1%}); cut-and-classify alone {cut:.1%}")
     results = []
     for a in amounts:
-        r = read_number(a.image, separators=".,", model=classifier.path)
+        r = read_number(a.image, separators=".,", model=classifier.path, review_risk=review_risk)
         rule = any(not x.startswith("low") for x in r.reasons)
         results.append((a.value, a.value, r.value, r.value, r.status, r.confidence, rule))
     score(results, thresholds=True)
@@ -190,10 +192,10 @@ def main() -> None:
         for f in read.fields:
             raw = values[f.name]
             results.append(("".join(c for c in raw if c.isdigit()), raw, f.value, f.raw, f.status, f.confidence, broke_rule(f)))
-    print(f"Held-out generated checks (seed {args.seed}):")
+    print(f"Held-out generated checks (seed {args.seed}; the check template's review risk {template.review_risk}):")
     score(results, thresholds=True)
     uncut_pairs(classifier, images, labels)
-    orand_test(classifier)
+    orand_test(classifier, template.review_risk)
     free_forms(classifier, args.free_pages, args.seed)
 
 

@@ -112,7 +112,9 @@ def process_folder(
 
     if not isinstance(template, Template):
         template = load_template(Path(template))
-    records = process_paths([Path(folder)], template, get_classifier(model), review_threshold, workers, Journal(None))
+    classifier = get_classifier(model)
+    review_thresholds(classifier, review_threshold, template.review_risk)  # a risk the models have no threshold for: now
+    records = process_paths([Path(folder)], template, classifier, review_threshold, workers, Journal(None))
     frames = results_frames(records)
     out = frames["fields"]
     out.attrs.update({k: v for k, v in frames.items() if k != "fields"})
@@ -125,6 +127,7 @@ def read_number(
     separators: str = ".,-/",
     pattern: str = "",
     review_threshold: float | None = None,
+    review_risk: float | None = None,
 ) -> StringReading:
     """Read a number written freely (no boxes) in a grey crop, dark ink on light paper.
 
@@ -135,8 +138,8 @@ def read_number(
     between digits; `pattern`, a regular expression for the whole raw reading, settles what
     looks like both a slash and a 1, and a reading that breaks it goes to review. The image may
     also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
-    review_threshold: as `formreader process --review-threshold` (None: the string model's, as a
-    form's free field gets; pipeline.review_thresholds).
+    review_threshold: as `formreader process --review-threshold` (None: the string model's for
+    `review_risk`, as a free field of a template with that review_risk gets; pipeline.review_thresholds).
     """
     image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
@@ -149,7 +152,7 @@ def read_number(
         reading = reader.decide(layout, pieces, steps, spec, image.shape)
     else:
         reading = decide_string(layout, pieces, separators, pattern)
-    decision = read_free_field(spec, reading, threshold=review_thresholds(classifier, review_threshold)[1])
+    decision = read_free_field(spec, reading, threshold=review_thresholds(classifier, review_threshold, review_risk)[1])
     reading.status, reading.reasons = decision.status, decision.reasons
     reading.boxes = [(bx + x, by + y, bw, bh) for bx, by, bw, bh in reading.boxes]  # the given crop's pixels
     reading.cuts = [c + x for c in reading.cuts]

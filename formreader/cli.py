@@ -55,6 +55,18 @@ def _load_template(path: Path):
         _fail(str(e))
 
 
+def _review_thresholds(clf, threshold: float | None, forms: list) -> list[tuple[float, float]]:
+    """Each template's review thresholds (pipeline.review_thresholds, for its review_risk); a model
+    calibrated for no such risk ends the command (exit status 2) before anything is read."""
+    from formreader.pipeline import review_thresholds
+    from formreader.reading.classify import ModelError
+
+    try:
+        return [review_thresholds(clf, threshold, t.review_risk) for t in forms]
+    except ModelError as e:
+        _fail(f"{e} (asked by a template's review_risk)")
+
+
 def _load_classifier(model: Path | None, calibrating: bool = False):
     from formreader.reading.classify import DigitClassifier, ModelError
 
@@ -151,7 +163,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         rewrite_results,
         views_path_for,
     )
-    from formreader.pipeline import Journal, JournalError, process_paths, review_thresholds
+    from formreader.pipeline import Journal, JournalError, process_paths
     from formreader.reading.ingest import count_pages, scan_inputs
     from formreader.reading.string_model import VIEWS
     from formreader.review.decisions import apply_decisions, load_decisions
@@ -170,7 +182,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
     clash = [f for f in files if os.path.realpath(f) in outputs]
     if clash:
         _fail(f"--out {out} would overwrite the input {clash[0]}: choose another --out")
-    boxed_threshold, free_threshold = review_thresholds(clf, review_threshold)
+    thresholds = _review_thresholds(clf, review_threshold, forms)
     settings = {
         "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
         "model": clf.fingerprint,
@@ -179,9 +191,9 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
         # The piece model reads free fields' pieces; the companion, boxed cells with the digit model.
         "piece_model": clf.strings.fingerprint if clf.strings else "",
         "companion_model": clf.companion.fingerprint if clf.companion else "",
-        # The thresholds in force: boxed fields', then free fields'.
-        "review_threshold": boxed_threshold,
-        "free_review_threshold": free_threshold,
+        # The thresholds in force (each template's, for its review_risk): boxed fields', then free fields'.
+        "review_threshold": " ".join(str(boxed) for boxed, _ in thresholds),
+        "free_review_threshold": " ".join(str(free) for _, free in thresholds),
         # Which fields are quantities, for workbooks made from these results (number cells).
         "numeric_fields": " ".join(sorted({f.name for t in forms for f in t.fields if f.numeric})),
     }
@@ -372,6 +384,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
         _fail(f"{page_file} has no page {page_number}", 1)
     if isinstance(page, PageError):
         _fail(f"{page_file}: {page.reason}", 1)
+    _review_thresholds(clf, review_threshold, [tpl])
     try:
         seg = segment_page(page, tpl)
     except RegistrationError as e:
@@ -660,6 +673,7 @@ def calibrate(model, data, pages, risk) -> None:
     meta["field_power_bitonal"] = round(result["field_power_bitonal"], 4)
     meta["review_threshold"] = result["review_threshold"]
     meta["review_risk"] = risk
+    meta["review_thresholds"] = result["review_thresholds"]  # for templates that accept another risk
     meta["field_calibration"] = {k: v for k, v in result.items() if k not in meta} | {"pages": pages}
     card.write_text(json.dumps(meta, indent=2) + "\n")
     pair = f"pair_temperature {meta['pair_temperature']}; " if clf.companion is not None else ""
@@ -716,6 +730,7 @@ def calibrate_strings(model, data, checks, risk) -> None:
     decision = fit_free_threshold(readings, crops, specs, truths, meta["field_calibration"], risk)
     meta["review_threshold"] = decision["review_threshold"]
     meta["review_risk"] = risk
+    meta["review_thresholds"] = decision["review_thresholds"]  # for templates that accept another risk
     meta["field_calibration_fit"] = {
         "fields": len(readings),
         "read_right": round(float(right), 4),

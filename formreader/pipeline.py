@@ -296,14 +296,18 @@ def page_sequences(seg: SegmentedPage, classifier: DigitClassifier) -> list[np.n
     return list(classifier.string_model.view_probabilities(np.stack(inputs))) if inputs else []
 
 
-def review_thresholds(classifier: DigitClassifier, threshold: float | None = None) -> tuple[float, float]:
+def review_thresholds(
+    classifier: DigitClassifier, threshold: float | None = None, risk: float | None = None
+) -> tuple[float, float]:
     """The review thresholds in force, (boxed fields', free fields'): `threshold` for both when
-    given, else the digit model's for boxed fields and the string model's for free ones (each
-    its card's `review_threshold`: LiteRTModel.review_threshold)."""
+    given, else the digit model's for boxed fields and the string model's for free ones, each
+    for `risk` (a template's `review_risk`; None: the card's own `review_threshold`:
+    LiteRTModel.review_threshold_at). ModelError when a card has none for that risk."""
     if threshold is not None:
         return threshold, threshold
-    free = classifier.string_model.review_threshold if classifier.string_model is not None else DEFAULT_REVIEW_THRESHOLD
-    return classifier.review_threshold, free
+    reader = classifier.string_model
+    free = reader.review_threshold_at(risk) if reader is not None else DEFAULT_REVIEW_THRESHOLD
+    return classifier.review_threshold_at(risk), free
 
 
 def read_segmented(
@@ -316,11 +320,12 @@ def read_segmented(
     rules of the template it was read as. threshold: the review threshold of every field, or
     None: see review_thresholds."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
-    boxed, free = review_thresholds(classifier, threshold)
+    form = forms.get(seg.template) or next(iter(forms.values()))
+    boxed, free = review_thresholds(classifier, threshold, form.review_risk)
     return decide_page(
         seg,
         page_probabilities(seg, classifier),
-        forms.get(seg.template) or next(iter(forms.values())),
+        form,
         free,
         classifier.field_power(seg.bitonal),
         page_sequences(seg, classifier),

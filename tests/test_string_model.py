@@ -493,7 +493,7 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     import json
     import shutil
 
-    from formreader.reading.classify import MODELS
+    from formreader.reading.classify import MODELS, REVIEW_RISKS
     from formreader.reading.string_model import FEATURES
 
     from .conftest import SCANS, TEMPLATE, run_cli
@@ -514,6 +514,9 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     fit = meta["field_calibration_fit"]
     assert 0.0 < meta["review_threshold"] <= 1.0 and meta["review_risk"] == 0.003
     assert fit["wrong_not_flagged"] <= int(0.003 * fit["fields"]) and 0.0 < fit["flagged"] < 1.0
+    # And one for each other risk a template may accept: the more risk, the lower.
+    table = [meta["review_thresholds"][f"{r:g}"] for r in REVIEW_RISKS]
+    assert table == sorted(table, reverse=True) and meta["review_thresholds"]["0.003"] == meta["review_threshold"]
     # And how each source of the validation fields was read: every field counted once.
     by_source = re.search(r"read right whole: (.*)", fitted.stdout).group(1)
     assert by_source.startswith("ORAND's val checks") and "generated checks" in by_source
@@ -522,30 +525,72 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     assert read.returncode == 0, read.stderr
 
 
-def test_free_fields_go_to_review_under_the_string_models_own_threshold(classifier):
-    """A free field's review threshold is the string model's (its card's `review_threshold`,
-    chosen by calibrate-strings for the same risk as boxed fields'), not 0.85: on the sample checks
-    a field is flagged for its confidence exactly when it is under that threshold, some lie
-    between 0.85 and it, and a threshold given (`--review-threshold`) decides instead."""
+def test_free_fields_go_to_review_under_the_string_models_threshold_for_their_templates_risk(classifier, tmp_path):
+    """A free field's review threshold is the string model's for its template's `review_risk`
+    (its card's `review_thresholds`, chosen by calibrate-strings on validation fields; without
+    one, the card's own `review_threshold`), not 0.85: on the sample checks (bank_check.yaml
+    accepts 1% wrong but `ok`) a field is flagged for its confidence exactly when it is under
+    that threshold; the same template without review_risk flags the fields between it and the
+    card's own; a threshold given (`--review-threshold`) decides instead."""
+    import shutil
+
     import formreader
     from formreader.pipeline import review_thresholds
+    from formreader.reading.template import load_template
     from formreader.training.datasets import load_orand
 
-    threshold = classifier.string_model.review_threshold
-    assert review_thresholds(classifier) == (classifier.review_threshold, threshold) and threshold > 0.85
     template = ROOT / "templates" / "bank_check.yaml"
+    risk = load_template(template).review_risk
+    reader = classifier.string_model
+    threshold, own = reader.review_threshold_at(risk), reader.review_threshold
+    assert review_thresholds(classifier) == (classifier.review_threshold, own)
+    assert risk == 0.01 and 0.85 < threshold < own
     fields = formreader.process_folder(ROOT / "samples" / "checks", template)
     low = fields.reasons.str.contains("low confidence")
     assert (low == (fields.confidence < threshold)).all()
     between = (fields.confidence >= 0.85) & (fields.confidence < threshold)
     assert between.any() and (fields.status[between] == "review").all()
+    # At the card's own risk (0.3%) the fields between the two thresholds go to review too.
+    shutil.copy(template.with_suffix(".png"), tmp_path / "bank_check.png")
+    strict = tmp_path / "bank_check.yaml"
+    strict.write_text(template.read_text().replace("review_risk: 0.01\n", ""))
+    assert load_template(strict).review_risk is None
+    at_own = formreader.process_folder(ROOT / "samples" / "checks", strict)
+    riskier = (fields.confidence >= threshold) & (fields.confidence < own)
+    assert riskier.any() and not low[riskier].any() and at_own.reasons[riskier].str.contains("low confidence").all()
     only_low = fields.reasons.str.fullmatch(r"low confidence [0-9.]+( \(cut into digits: '[^']*'\))?")
     given = formreader.process_folder(ROOT / "samples" / "checks", template, review_threshold=0.85)
     assert (between & only_low).any() and (given.status[between & only_low] == "ok").all()
-    # read_number decides as a form's free field does: real check amounts.
-    numbers = [formreader.read_number(a.image, separators=".,") for a in load_orand("test")[:12]]
-    assert all(any(r.startswith("low confidence") for r in n.reasons) == (n.confidence < threshold) for n in numbers)
-    assert all((n.status == "review") == bool(n.reasons) for n in numbers)
+    # read_number decides as a form's free field does, for the risk it is given: real check amounts.
+    for asked, limit in ((None, own), (risk, threshold)):
+        numbers = [formreader.read_number(a.image, separators=".,", review_risk=asked) for a in load_orand("test")[:12]]
+        assert all(any(r.startswith("low confidence") for r in n.reasons) == (n.confidence < limit) for n in numbers)
+        assert all((n.status == "review") == bool(n.reasons) for n in numbers)
+
+
+def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, tmp_path):
+    """Each card holds thresholds for REVIEW_RISKS; a template's review_risk takes the one for the
+    largest of them not above it (never less strict than asked), and one under them all is
+    refused before any page is read, naming the risks the card has and how to calibrate for it."""
+    import shutil
+
+    from formreader.reading.classify import REVIEW_RISKS, ModelError
+
+    from .conftest import run_cli
+
+    for model in (classifier, classifier.string_model):
+        table = [model.review_threshold_at(r) for r in REVIEW_RISKS]
+        assert table == sorted(table, reverse=True) and model.review_threshold_at(0.003) == model.review_threshold
+        assert model.review_threshold_at(0.004) == model.review_threshold_at(0.003)
+        with pytest.raises(ModelError, match="no review threshold for a risk of 0.0005"):
+            model.review_threshold_at(0.0005)
+    template = ROOT / "templates" / "bank_check.yaml"
+    shutil.copy(template.with_suffix(".png"), tmp_path / "bank_check.png")
+    bad = tmp_path / "bank_check.yaml"
+    bad.write_text(template.read_text().replace("review_risk: 0.01", "review_risk: 0.0005"))
+    run = run_cli("process", ROOT / "samples" / "checks", "-t", bad, "-o", tmp_path / "r.csv", "-q")
+    assert run.returncode == 2 and "risk of 0.0005" in run.stderr and "calibrate" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "r.csv").exists()
 
 
 def test_more_checks_than_the_digits_fill_are_written(mnist_test):

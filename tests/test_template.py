@@ -60,6 +60,7 @@ def write(tmp_path, doc):
         (lambda d: d.__setitem__("dpi", "high"), "'dpi' must be a number"),
         (lambda d: d["fields"][1].__setitem__("pattern", "(0[1-9]"), "field 'date': 'pattern' is not a regular expression"),
         (lambda d: d["fields"][0].__setitem__("check", "crc"), "field 'customer_no': 'check' must be 'luhn'"),
+        (lambda d: d.__setitem__("review_risk", 0.9), "'review_risk': input should be less than or equal to 0.5, not 0.9"),
         (
             lambda d: d["fields"][1].__setitem__("pattern", r"\d\d/\d\d/\d{4}"),
             "field 'date': 'pattern' is matched against the digits read, without the marks printed between the boxes",

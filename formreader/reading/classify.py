@@ -41,6 +41,9 @@ DEFAULT_REVIEW_THRESHOLD = 0.85
 # The share of fields a review threshold may let out wrong on the validation fields it is chosen
 # on (`formreader calibrate`, `calibrate-strings`): the issue's aim for writers never seen.
 REVIEW_RISK = 0.003
+# The risks a card also holds a review threshold for (`review_thresholds`), so that a template may
+# accept another (its `review_risk`: issue #9 accepts 1% of check amounts wrong but `ok`).
+REVIEW_RISKS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)
 
 
 class ModelError(RuntimeError):
@@ -229,7 +232,7 @@ class LiteRTModel:
         resumed with this model."""
         keys = (
             "field_power", "field_power_bitonal", "field_calibration", "cut_weight", "review_threshold", "companion_gate",
-            "pair_temperature",
+            "pair_temperature", "review_thresholds",
         )
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
@@ -242,6 +245,26 @@ class LiteRTModel:
         for boxed fields (`formreader calibrate`), the string model's for free ones (`formreader
         calibrate-strings`). DEFAULT_REVIEW_THRESHOLD for a model not calibrated so."""
         return float(self.meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+
+    def review_threshold_at(self, risk: float | None = None) -> float:
+        """The review threshold for at most `risk` of the fields out wrong but `ok` (a template's
+        `review_risk`); None: the card's own (`review_threshold`). Of the card's thresholds for
+        REVIEW_RISKS, the one for the largest risk not above `risk`: never less strict than asked.
+        ModelError when the card holds none that strict (calibrated before it had them, or a
+        risk under the least it was chosen for)."""
+        if risk is None:
+            return self.review_threshold
+        table = {float(r): float(t) for r, t in self.meta.get("review_thresholds", {}).items()}
+        if "review_risk" in self.meta and "review_threshold" in self.meta:
+            table.setdefault(float(self.meta["review_risk"]), float(self.meta["review_threshold"]))
+        within = [r for r in table if r <= risk + 1e-12]
+        if not within:
+            fitted = ", ".join(f"{r:g}" for r in sorted(table)) or "none"
+            raise ModelError(
+                f"{self.path}: no review threshold for a risk of {risk:g} (its card has them for: {fitted}); calibrate "
+                f"it for that risk: `formreader calibrate --risk {risk:g}` (boxed fields) or `calibrate-strings` (free ones)"
+            )
+        return table[max(within)]
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The raw outputs for one batch, on this thread's interpreter."""

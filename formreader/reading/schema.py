@@ -69,6 +69,12 @@ class TemplateFile(_Strict):
     name: str | None = None
     reference: str = Rule(description="the blank form's image, relative to the template")
     dpi: float = Rule(150, ge=50, le=1200, description="the reference image's resolution")
+    review_risk: float | None = Rule(
+        None,
+        gt=0,
+        le=0.5,
+        description="the share of fields that may be let out wrong but ok (default: the models' own, 0.003)",
+    )
     fields: conlist(
         Annotated[Annotated[BoxesField, Tag("boxes")] | Annotated[FreeField, Tag("free")], Discriminator(_kind)],
         min_length=1,

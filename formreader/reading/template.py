@@ -64,6 +64,9 @@ class Template:
     dpi: float
     fields: tuple[Field, ...]
     path: str = ""
+    # The share of fields the review threshold may let out wrong but `ok`; None: the models' own
+    # (their cards' review_risk). The threshold for it is the models' (review_threshold_at).
+    review_risk: float | None = None
 
     @property
     def cells(self) -> list[Box]:
@@ -123,7 +126,11 @@ def load_template(path: Path) -> Template:
         listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
         raise TemplateError(f"{where}: {listed}")
     fields = tuple(_field(f) for f in doc["fields"])
-    return Template(str(doc.get("name") or path.stem), reference, float(doc.get("dpi", 150)), fields, where)
+    risk = doc.get("review_risk")
+    return Template(
+        str(doc.get("name") or path.stem), reference, float(doc.get("dpi", 150)), fields, where,
+        None if risk is None else float(risk),
+    )
 
 
 def _field(doc: dict) -> Field:

@@ -511,15 +511,19 @@ def fit_field_decision(
 
 def risk_decision(confidence: np.ndarray, right: np.ndarray, ruled: np.ndarray, risk: float) -> dict:
     """The review threshold for at most `risk` of the fields out wrong (`risk_threshold`) and what
-    it does to them: {'review_threshold', 'flagged' (share of all), 'wrong_not_flagged' (count)}.
-    confidence (N,) calibrated, right (N,) bool, ruled (N,) bool (flagged by a rule whatever
-    their confidence)."""
+    it does to them: {'review_threshold', 'flagged' (share of all), 'wrong_not_flagged' (count),
+    'review_thresholds' ({risk: threshold} for each of classify.REVIEW_RISKS, risks as text: a
+    model card's JSON keys)}. confidence (N,) calibrated, right (N,) bool, ruled (N,) bool (flagged
+    by a rule whatever their confidence)."""
+    from formreader.reading.classify import REVIEW_RISKS
+
     threshold = risk_threshold(confidence, right, ruled, risk)
     passed = ~ruled & (confidence >= threshold)
     return {
         "review_threshold": threshold,
         "flagged": float(1 - passed.mean()),
         "wrong_not_flagged": int((passed & ~right).sum()),
+        "review_thresholds": {f"{r:g}": risk_threshold(confidence, right, ruled, r) for r in REVIEW_RISKS},
     }
 
 
