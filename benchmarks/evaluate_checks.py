@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from formreader.pipeline import read_page  # noqa: E402
-from formreader.reading.classify import NOT_A_DIGIT, DigitClassifier  # noqa: E402
+from formreader.reading.classify import NOT_A_DIGIT, REVIEW_RISKS, DigitClassifier  # noqa: E402
 from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 from formreader.reading.ingest import Page, find_inputs, read_pages  # noqa: E402
 from formreader.reading.register import prepare_reference  # noqa: E402
@@ -40,8 +40,9 @@ from formreader.training.evaluate import calibration_error, rate_interval  # noq
 from formreader.training.synth import DigitSource, make_checks, scan, write_number  # noqa: E402
 
 
-def score(results: list[tuple], thresholds: bool = False) -> None:
-    """results: (truth value, truth raw, read value, read raw, status, confidence, broke a rule)."""
+def score(results: list[tuple], thresholds: dict[str, float] | None = None) -> None:
+    """results: (truth value, truth raw, read value, read raw, status, confidence, broke a rule);
+    thresholds: what each of these review thresholds would do, by name."""
     truth, _, read, _, status, confidence, rule = (np.array(c) for c in zip(*results))
     right = truth == read
     found = sum(sum(b.size for b in difflib.SequenceMatcher(None, tv, rv).get_matching_blocks()) for tv, rv in zip(truth, read))
@@ -56,15 +57,26 @@ def score(results: list[tuple], thresholds: bool = False) -> None:
     if not thresholds:
         return
     print("  review threshold: flagged / wrong NOT flagged:")
-    for t in (0.7, 0.8, DEFAULT_REVIEW_THRESHOLD, 0.9, 0.95):
+    for name, t in thresholds.items():
         flag = rule | (confidence < t)
-        print(f"    {t:.2f}: {flag.mean():.1%} / {int((~right & ~flag).sum())}")
+        print(f"    {name}: {flag.mean():.1%} / {int((~right & ~flag).sum())}")
     print("  calibration (fields that break no rule): confidence range -> fields, mean confidence, share right")
     for lo, hi in ((0.0, 0.5), (0.5, 0.7), (0.7, 0.85), (0.85, 0.95), (0.95, 1.01)):
         m = ~rule & (confidence >= lo) & (confidence < hi)
         if m.any():
             print(f"    [{lo:.2f}, {min(hi, 1):.2f}): {int(m.sum())}, {confidence[m].mean():.3f}, {right[m].mean():.1%}")
     print(f"    ECE (15 bins): {calibration_error(confidence[~rule], right[~rule]):.2%}")
+
+
+def free_thresholds(classifier: DigitClassifier) -> dict[str, float]:
+    """Free fields' review thresholds to show: the string model's for each risk a template may
+    accept (its card's review_thresholds), and a few fixed ones."""
+    shown = {f"{t:.2f}": t for t in (0.7, 0.8, DEFAULT_REVIEW_THRESHOLD, 0.9, 0.95)}
+    if classifier.string_model is not None:
+        for r in REVIEW_RISKS:
+            t = classifier.string_model.review_threshold_at(r)
+            shown[f"{t:.3f} (for a risk of {r:.1%})"] = t
+    return dict(sorted(shown.items(), key=lambda item: item[1]))
 
 
 def broke_rule(field) -> bool:
@@ -125,7 +137,7 @@ def orand_test(classifier: DigitClassifier, review_risk: float | None) -> None:
         r = read_number(a.image, separators=".,", model=classifier.path, review_risk=review_risk)
         rule = any(not x.startswith("low") for x in r.reasons)
         results.append((a.value, a.value, r.value, r.value, r.status, r.confidence, rule))
-    score(results, thresholds=True)
+    score(results, free_thresholds(classifier))
     # The labels as distributed, some of which their images contradict (datasets.ORAND_RELABELLED).
     given = [a.value for a in load_orand("test", relabelled=False)]
     right = np.array([v == r[2] for v, r in zip(given, results)])
@@ -157,7 +169,7 @@ def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
             for f in read.fields:
                 results.append((truth[f.name], truth[f.name], f.value, f.value, f.status, f.confidence, broke_rule(f)))
         print(f" {name}:")
-        score(results, thresholds=True)
+        score(results, free_thresholds(classifier))
 
 
 def main() -> None:
@@ -193,7 +205,7 @@ def main() -> None:
             raw = values[f.name]
             results.append(("".join(c for c in raw if c.isdigit()), raw, f.value, f.raw, f.status, f.confidence, broke_rule(f)))
     print(f"Held-out generated checks (seed {args.seed}; the check template's review risk {template.review_risk}):")
-    score(results, thresholds=True)
+    score(results, free_thresholds(classifier))
     uncut_pairs(classifier, images, labels)
     orand_test(classifier, template.review_risk)
     free_forms(classifier, args.free_pages, args.seed)

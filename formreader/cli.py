@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from formreader.reading.classify import REVIEW_RISK
+from formreader.reading.classify import CALIBRATION_FREE_FORMS, REVIEW_RISK
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -120,7 +120,8 @@ def main() -> None:
     "--review-threshold",
     type=click.FloatRange(0, 1),
     help="Fields less sure than this go to review; default: the digit model's for boxed fields (chosen by `formreader "
-    "calibrate`), the string model's for free ones (chosen by `formreader calibrate-strings`).",
+    "calibrate`), the string model's for free ones (chosen by `formreader calibrate-strings`), each for the template's "
+    "review_risk.",
 )
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="Model file (.keras); default: the shipped one.")
 @click.option(
@@ -691,8 +692,15 @@ def calibrate(model, data, pages, risk) -> None:
 )
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
 @click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
+@click.option(
+    "--forms",
+    default=CALIBRATION_FREE_FORMS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Free-field forms to fit on, per population of writers.",
+)
 @RISK_OPTION
-def calibrate_strings(model, data, checks, risk) -> None:
+def calibrate_strings(model, data, checks, forms, risk) -> None:
     """Fit how the two readers choose a free field's reading and the confidence in it, and choose
     free fields' review threshold, on validation fields: ORAND's validation checks, generated
     checks of the digit model's validation digits and free-field forms of its validation writers;
@@ -714,7 +722,7 @@ def calibrate_strings(model, data, checks, risk) -> None:
     clf = _load_classifier(model, calibrating=True)
     if clf.string_model is None:
         _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
-    crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data)
+    crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data, forms=forms)
     # First how the two readers choose a field's reading, then the confidence in what they choose.
     readings = read_free_fields(clf, crops, specs, cut_weight=float(CUT_WEIGHTS.max()))
     cut_weight = fit_cut_weight(readings, truths, sources)
@@ -735,6 +743,7 @@ def calibrate_strings(model, data, checks, risk) -> None:
         "fields": len(readings),
         "read_right": round(float(right), 4),
         "checks": checks,
+        "forms": forms,
         "flagged": round(decision["flagged"], 4),
         "wrong_not_flagged": decision["wrong_not_flagged"],
     }

@@ -44,6 +44,11 @@ REVIEW_RISK = 0.003
 # The risks a card also holds a review threshold for (`review_thresholds`), so that a template may
 # accept another (its `review_risk`: issue #9 accepts 1% of check amounts wrong but `ok`).
 REVIEW_RISKS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)
+# Free-field forms per population of writers that free fields are calibrated on: with 18 (stops
+# 36-45) the 622 validation fields let a 0.3% risk rest on the one field let out wrong, and a
+# new model or reading moved the threshold by where its second-surest wrong field fell; with 60,
+# 1,126 fields, three (docs/measurements.md, stop 46).
+CALIBRATION_FREE_FORMS = 60
 
 
 class ModelError(RuntimeError):

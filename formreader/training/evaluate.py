@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.reading.classify import NOT_A_DIGIT, DigitClassifier
+from formreader.reading.classify import CALIBRATION_FREE_FORMS, NOT_A_DIGIT, DigitClassifier
 from formreader.reading.segment import segment_crops
 from formreader.training.datasets import load_mnist, load_nsysu
 
@@ -641,11 +641,14 @@ def fit_free_threshold(
 CALIBRATION_FIELD_SOURCES = ("ORAND's val checks", "generated checks", "free-field forms, MNIST", "free-field forms, CVL")
 
 
-def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None):
-    """Validation free fields: ORAND's validation checks (their amounts), scanned generated checks
-    written with the digit model's MNIST validation digits, and free-field forms (thick worn
-    borders, bitonal) written by its MNIST and CVL validation writers. Returns (crops, specs,
-    truths, sources): sources 0 for ORAND, 1 the checks, 2 and 3 the forms."""
+def two_reader_calibration_fields(
+    classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None, forms: int = CALIBRATION_FREE_FORMS
+):
+    """Validation free fields: ORAND's validation checks (their amounts), `checks` scanned generated
+    checks written with the digit model's MNIST validation digits, and `forms` free-field forms
+    (thick worn borders, bitonal; 6 fields each) written by its MNIST and by its CVL validation
+    writers. Returns (crops, specs, truths, sources): sources 0 for ORAND, 1 the checks, 2 and 3
+    the forms."""
     from formreader.pipeline import free_field_window, scale_to_template
     from formreader.reading.register import RegistrationError, prepare_reference, register_page
     from formreader.reading.template import Field
@@ -685,7 +688,7 @@ def two_reader_calibration_fields(classifier: DigitClassifier, checks: int, seed
         x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
         populations.append(ink_on_black(x[np.isin(w, writers)], y[np.isin(w, writers)]))
     for k, (digit_images, digit_labels) in enumerate(populations):
-        template, items = scanned_free_forms(digit_images, digit_labels, max(10, checks // 8), seed + 1 + k)
+        template, items = scanned_free_forms(digit_images, digit_labels, forms, seed + 1 + k)
         reference = prepare_reference(template.reference)
         for page, truth in items:
             try:
