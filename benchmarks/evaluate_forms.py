@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
-from formreader.reading.classify import DigitClassifier  # noqa: E402
+from formreader.reading.classify import REVIEW_RISKS, DigitClassifier  # noqa: E402
 from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
@@ -141,6 +141,19 @@ def print_table(title: str, rows: list) -> None:
         print(f"  {source}: digits read as another, commonest: {common or 'none'} (of {sum(misread.values())})")
 
 
+def print_risks(read: list, classifier: DigitClassifier) -> None:
+    """What the threshold for each risk a template may accept (its `review_risk`: the model card's
+    review_thresholds) does to all the fields of `read`, [(segmented pages, template)]."""
+    print("  at the threshold for each review_risk a template may accept: flagged, wrong but ok")
+    for risk in REVIEW_RISKS:
+        threshold = classifier.review_threshold_at(risk)
+        scores = [score(segmented, t, threshold, classifier) for segmented, t in read]
+        total = sum(r["fields"] for r in scores)
+        flagged = sum(r["flagged"] * r["fields"] for r in scores) / total
+        slipped = sum(r["wrong_unflagged"] for r in scores)
+        print(f"    {risk:6.1%} ({threshold:.3f}): {flagged:6.1%} {slipped / total:7.2%} ({slipped})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=40, help="generated pages per source and form")
@@ -170,7 +183,7 @@ def main() -> None:
         print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
                     f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
 
-    rows = []
+    rows, read = [], []
     sources = held_out_writers()
     for source, (images, labels) in sources.items():
         for form in FORM_STYLES:
@@ -180,8 +193,10 @@ def main() -> None:
                 report(f"{source}, {form} (seed {args.seed})", segmented, t, classifier)
             r = score(segmented, t, classifier.review_threshold, classifier)
             rows.append((source, form, r))
+            read.append((segmented, t))
     print_table(f"Held-out writers on generated scanned forms ({args.pages} pages each, seed {args.seed}, threshold "
                 f"{classifier.review_threshold})", rows)
+    print_risks(read, classifier)
     print("  field confidence calibration, all nine:")
     print_calibration(
         np.concatenate([r["confidence"] for *_, r in rows]), np.concatenate([r["right"] for *_, r in rows]),
