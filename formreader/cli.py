@@ -356,6 +356,9 @@ def template_check(path) -> None:
         rules += [f"{f.check} check digit"] if f.check else []
         what = f"written freely in box {list(f.box)}" if f.kind == "free" else f"{len(f.cells)} boxes"
         click.echo(f"{f.name}: {what}" + (f" ({', '.join(rules)})" if rules else ""))
+    if tpl.review_risk is not None:  # and whether the shipped models hold a threshold for it
+        boxed, free = _review_thresholds(_load_classifier(None), None, [tpl])[0]
+        click.echo(f"review_risk {tpl.review_risk:g}: fields less sure than {boxed} (boxed) or {free} (free) go to review")
 
 
 @main.command()

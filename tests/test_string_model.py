@@ -596,6 +596,12 @@ def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, t
     run = run_cli("process", ROOT / "samples" / "checks", "-t", bad, "-o", tmp_path / "r.csv", "-q")
     assert run.returncode == 2 and "risk of 0.0005" in run.stderr and "calibrate" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "r.csv").exists()
+    # `template check` says so too, and for a risk the models hold, the thresholds it gets.
+    checked = run_cli("template", "check", bad)
+    assert checked.returncode == 2 and "risk of 0.0005" in checked.stderr, checked.stderr
+    checked = run_cli("template", "check", template)
+    boxed, free = classifier.review_threshold_at(0.01), classifier.string_model.review_threshold_at(0.01)
+    assert checked.returncode == 0 and f"than {boxed} (boxed) or {free} (free)" in checked.stdout, checked.stdout
 
 
 def test_more_checks_than_the_digits_fill_are_written(mnist_test):
