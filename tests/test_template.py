@@ -193,9 +193,10 @@ def test_cli_template_check_lists_free_fields_with_their_rules():
 
     result = CliRunner().invoke(main, ["template", "check", str(ROOT / "templates" / "bank_check.yaml")])
     assert result.exit_code == 0, result.output
-    date, amount = result.output.splitlines()
+    date, amount, risk = result.output.splitlines()
     assert date.startswith("date: written freely in box [742, 40, 268, 58]") and 'separators "/.-"' in date
     assert "min length 3" in amount and "pattern '(" in amount
+    assert risk.startswith("review_risk 0.01: fields less sure than ")  # the thresholds: test_string_model.py
 
 
 def test_detect_writes_yaml_by_the_library_and_never_overwrites(tmp_path):
