@@ -687,6 +687,12 @@ def calibrate(model, data, pages, risk) -> None:
         f"review_threshold {meta['review_threshold']} ({result['flagged']:.1%} flagged, "
         f"{result['wrong_not_flagged']} wrong not flagged)"
     )
+    click.echo(_risk_table(meta))
+
+
+def _risk_table(meta: dict) -> str:
+    """The thresholds a card holds for the risks a template may accept (its review_risk)."""
+    return "for a template's review_risk: " + ", ".join(f"{r} -> {t}" for r, t in meta["review_thresholds"].items())
 
 
 @main.command("calibrate-strings")
@@ -756,6 +762,7 @@ def calibrate_strings(model, data, checks, forms, risk) -> None:
         f"({right:.1%} read right whole); review_threshold {meta['review_threshold']} ({decision['flagged']:.1%} "
         f"flagged, {decision['wrong_not_flagged']} wrong not flagged)"
     )
+    click.echo(_risk_table(meta))
     # Per source: a new string model can gain on one and lose on another (models/MODEL_CARD.md).
     click.echo("read right whole: " + ", ".join(
         f"{name} {read_right[sources == k].mean():.1%} of {int((sources == k).sum())}"

@@ -517,6 +517,7 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
     # And one for each other risk a template may accept: the more risk, the lower.
     table = [meta["review_thresholds"][f"{r:g}"] for r in REVIEW_RISKS]
     assert table == sorted(table, reverse=True) and meta["review_thresholds"]["0.003"] == meta["review_threshold"]
+    assert f"for a template's review_risk: 0.001 -> {table[0]}, 0.002 -> {table[1]}" in fitted.stdout
     # And how each source of the validation fields was read: every field counted once.
     by_source = re.search(r"read right whole: (.*)", fitted.stdout).group(1)
     assert by_source.startswith("ORAND's val checks") and "generated checks" in by_source

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from formreader.reading.classify import NOT_A_DIGIT, REVIEW_RISK, DigitClassifier
+from formreader.reading.classify import NOT_A_DIGIT, REVIEW_RISK, REVIEW_RISKS, DigitClassifier
 from formreader.training.evaluate import (
     confusion_matrix,
     evaluate_probabilities,
@@ -241,6 +241,9 @@ def test_field_calibration_draws_on_three_populations_of_validation_writers(clas
     assert 0.0 <= result["review_threshold"] <= 1.0
     assert result["wrong_not_flagged"] <= int(REVIEW_RISK * result["boxed_fields"])
     assert 0.0 < result["flagged"] < 1.0
+    # And one for each risk a template may accept (its review_risk): the more risk, the lower.
+    table = [result["review_thresholds"][f"{r:g}"] for r in REVIEW_RISKS]
+    assert table == sorted(table, reverse=True) and result["review_thresholds"]["0.003"] == result["review_threshold"]
     # A user who accepts more wrong fields (`formreader calibrate --risk`) gets a threshold no higher.
     loose = calibrate_fields(classifier, pages=2, risk=0.1)
     assert loose["field_power"] == result["field_power"]
