@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -55,6 +56,24 @@ def _load_template(path: Path):
         _fail(str(e))
 
 
+REVIEW_RISK_OPTION = click.option(
+    "--review-risk",
+    type=click.FloatRange(0, 0.5, min_open=True),
+    help="The share of fields that may be let out wrong but ok, for every template (instead of its review_risk); "
+    "the models' thresholds for it decide.",
+)
+
+
+def _at_risk(forms: list, risk: float | None, threshold: float | None) -> list:
+    """The templates with `risk` as their review_risk (--review-risk); a threshold given too is
+    refused, as it would decide instead."""
+    if risk is None:
+        return forms
+    if threshold is not None:
+        _fail("give --review-threshold or --review-risk, not both")
+    return [dataclasses.replace(t, review_risk=risk) for t in forms]
+
+
 def _review_thresholds(clf, threshold: float | None, forms: list) -> list[tuple[float, float]]:
     """Each template's review thresholds (pipeline.review_thresholds, for its review_risk); a model
     calibrated for no such risk ends the command (exit status 2) before anything is read."""
@@ -64,7 +83,7 @@ def _review_thresholds(clf, threshold: float | None, forms: list) -> list[tuple[
     try:
         return [review_thresholds(clf, threshold, t.review_risk) for t in forms]
     except ModelError as e:
-        _fail(f"{e} (asked by a template's review_risk)")
+        _fail(f"{e} (asked by a template's review_risk or --review-risk)")
 
 
 def _load_classifier(model: Path | None, calibrating: bool = False):
@@ -123,6 +142,7 @@ def main() -> None:
     "calibrate`), the string model's for free ones (chosen by `formreader calibrate-strings`), each for the template's "
     "review_risk.",
 )
+@REVIEW_RISK_OPTION
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="Model file (.keras); default: the shipped one.")
 @click.option(
     "--workers",
@@ -141,7 +161,7 @@ def main() -> None:
     help="Keep the files an earlier run with the same --out finished (interrupted: the rest is read; finished: new files only).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def process(inputs, templates, out, review_threshold, model, workers, scheduler, resume, quiet) -> None:
+def process(inputs, templates, out, review_threshold, review_risk, model, workers, scheduler, resume, quiet) -> None:
     """Read every page of INPUTS (files or folders) into OUT and its companion CSVs.
 
     Exit status: 0 when every file and page was read, 1 when some could not be (see the
@@ -169,7 +189,7 @@ def process(inputs, templates, out, review_threshold, model, workers, scheduler,
     from formreader.reading.string_model import VIEWS
     from formreader.review.decisions import apply_decisions, load_decisions
 
-    forms = _load_templates(templates)
+    forms = _at_risk(_load_templates(templates), review_risk, review_threshold)
     clf = _load_classifier(model)
     files, skipped = scan_inputs(list(inputs))
     if not files:
@@ -368,7 +388,8 @@ def template_check(path) -> None:
 @click.option("--page", "page_number", default=1, show_default=True, type=click.IntRange(1), help="Page of a PDF or TIFF.")
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--review-threshold", type=click.FloatRange(0, 1), help="As for `process`.")
-def inspect(page_file, template, out, page_number, model, review_threshold) -> None:
+@REVIEW_RISK_OPTION
+def inspect(page_file, template, out, page_number, model, review_threshold, review_risk) -> None:
     """Draw the registered page with its cells, digits and confidences (review in orange)."""
     import cv2
 
@@ -377,7 +398,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold) -> N
     from formreader.reading.register import RegistrationError
     from formreader.review.overlay import draw_overlay
 
-    tpl = _load_template(template)
+    tpl = _at_risk([_load_template(template)], review_risk, review_threshold)[0]
     clf = _load_classifier(model)
     page = None
     for item in read_pages(page_file, pdf_dpi=int(tpl.dpi), reduce_jpeg=True):  # as `process` reads it

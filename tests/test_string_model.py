@@ -577,7 +577,8 @@ def test_free_fields_go_to_review_under_the_string_models_threshold_for_their_te
 def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, tmp_path):
     """Each card holds thresholds for REVIEW_RISKS; a template's review_risk takes the one for the
     largest of them not above it (never less strict than asked), and one under them all is
-    refused before any page is read, naming the risks the card has and how to calibrate for it."""
+    refused before any page is read, naming the risks the card has and how to calibrate for it.
+    `process --review-risk` asks a risk of every template for one run."""
     import shutil
 
     from formreader.reading.classify import REVIEW_RISKS, ModelError
@@ -597,6 +598,19 @@ def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, t
     run = run_cli("process", ROOT / "samples" / "checks", "-t", bad, "-o", tmp_path / "r.csv", "-q")
     assert run.returncode == 2 and "risk of 0.0005" in run.stderr and "calibrate" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "r.csv").exists()
+    # --review-risk asks a risk of every template for one run; not with --review-threshold.
+    import pandas as pd
+
+    out = tmp_path / "strict.csv"
+    run = run_cli("process", ROOT / "samples" / "checks", "-t", template, "-o", out, "-q", "--review-risk", "0.001")
+    assert run.returncode == 0, run.stderr
+    read = pd.read_csv(out, keep_default_na=False)
+    strict = classifier.string_model.review_threshold_at(0.001)
+    assert (read.reasons.str.contains("low confidence") == (read.confidence < strict)).all() and (read.confidence < strict).any()
+    both = run_cli(
+        "process", ROOT / "samples" / "checks", "-t", template, "-o", out, "--review-risk", "0.001", "--review-threshold", "0.5"
+    )
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
     # `template check` says so too, and for a risk the models hold, the thresholds it gets.
     checked = run_cli("template", "check", bad)
     assert checked.returncode == 2 and "risk of 0.0005" in checked.stderr, checked.stderr
