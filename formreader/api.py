@@ -6,6 +6,7 @@ import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,9 +103,11 @@ def process_folder(
     model: Path | str | None = None,
     review_threshold: float | None = None,
     workers: int = 1,
+    review_risk: float | None = None,
 ) -> pd.DataFrame:
     """Read every scan under `folder`; one row per field per page (see formreader.export).
-    review_threshold: as `formreader process --review-threshold` (None: the model's).
+    review_threshold: as `formreader process --review-threshold` (None: the models', for the
+    template's review_risk, or `review_risk` when given: as `--review-risk`).
 
     The returned frame's `attrs` hold the other tables: 'digits', 'wide' and 'errors'.
     """
@@ -112,6 +115,8 @@ def process_folder(
 
     if not isinstance(template, Template):
         template = load_template(Path(template))
+    if review_risk is not None:
+        template = replace(template, review_risk=review_risk)
     classifier = get_classifier(model)
     review_thresholds(classifier, review_threshold, template.review_risk)  # a risk the models have no threshold for: now
     records = process_paths([Path(folder)], template, classifier, review_threshold, workers, Journal(None))

@@ -564,6 +564,9 @@ def test_free_fields_go_to_review_under_the_string_models_threshold_for_their_te
         assert (again.value == fields.value).all()  # the same readings, decided otherwise
     riskier = (fields.confidence >= threshold) & (fields.confidence < strict)
     assert riskier.any() and not low_confidence(fields)[riskier].any() and low_confidence(decided[strict])[riskier].all()
+    # The risk given for the run (process_folder's, as `--review-risk`) decides as the template's would.
+    asked = formreader.process_folder(ROOT / "samples" / "checks", template, review_risk=0.001)
+    assert (asked.status == decided[strict].status).all() and (asked.reasons == decided[strict].reasons).all()
     only_low = fields.reasons.str.fullmatch(r"low confidence [0-9.]+( \(cut into digits: '[^']*'\))?")
     given = formreader.process_folder(ROOT / "samples" / "checks", template, review_threshold=0.5)
     assert only_low.any() and (given.status[only_low & (fields.confidence >= 0.5)] == "ok").all()
