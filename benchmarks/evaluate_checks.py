@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from formreader.pipeline import read_page  # noqa: E402
+from formreader.pipeline import read_page, review_thresholds  # noqa: E402
 from formreader.reading.classify import NOT_A_DIGIT, REVIEW_RISKS, DigitClassifier  # noqa: E402
 from formreader.reading.fields import DEFAULT_REVIEW_THRESHOLD  # noqa: E402
 from formreader.reading.ingest import Page, find_inputs, read_pages  # noqa: E402
@@ -120,7 +120,7 @@ def orand_test(classifier: DigitClassifier, review_risk: float | None) -> None:
         print(f"ORAND-CAR-A left out: {e}")
         return
     spec = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
-    threshold = classifier.string_model.review_threshold_at(review_risk) if classifier.string_model else DEFAULT_REVIEW_THRESHOLD
+    threshold = review_thresholds(classifier, None, review_risk)[1]  # free fields', as read_number decides
     print(f"ORAND-CAR-A test checks ({len(amounts)} real amounts, held out; review risk {review_risk}, threshold {threshold}):")
     if classifier.string_model is not None:
         readings = read_free_fields(classifier, [a.image for a in amounts], [spec] * len(amounts))

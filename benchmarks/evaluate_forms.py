@@ -117,6 +117,14 @@ def print_calibration(conf: np.ndarray, right: np.ndarray, bins: list[tuple[floa
             )
 
 
+def pooled(scores: list[dict]) -> tuple[int, float, float, int]:
+    """Several `score`s as one: (fields, share right, share flagged, wrong but ok)."""
+    total = sum(r["fields"] for r in scores)
+    right = sum(r["accuracy"] * r["fields"] for r in scores) / total
+    flagged = sum(r["flagged"] * r["fields"] for r in scores) / total
+    return total, right, flagged, sum(r["wrong_unflagged"] for r in scores)
+
+
 def print_table(title: str, rows: list) -> None:
     """rows: (source, form style, score)."""
     print(f"\n{title}:")
@@ -128,10 +136,7 @@ def print_table(title: str, rows: list) -> None:
         print(f"  {source:30} {form:38} {r['fields']:6d} {r['accuracy']:7.2%} {r['flagged']:8.1%} "
               f"{r['wrong_unflagged'] / r['fields']:8.2%} ({r['wrong_unflagged']})"
               f"  {r['cells_right'] / max(r['cells'], 1):11.2%} {r['miscounted'] / r['fields']:10.1%}")
-    total = sum(r["fields"] for *_, r in rows)
-    right = sum(r["accuracy"] * r["fields"] for *_, r in rows) / total
-    flagged = sum(r["flagged"] * r["fields"] for *_, r in rows) / total
-    slipped = sum(r["wrong_unflagged"] for *_, r in rows)
+    total, right, flagged, slipped = pooled([r for *_, r in rows])
     low, high = rate_interval(slipped, total)
     print(f"  {'all':69} {total:6d} {right:7.2%} {flagged:8.1%} {slipped / total:8.2%} ({slipped}; "
           f"95% interval {low:.2%}-{high:.2%})")
@@ -147,10 +152,7 @@ def print_risks(read: list, classifier: DigitClassifier) -> None:
     print("  at the threshold for each review_risk a template may accept: flagged, wrong but ok")
     for risk in REVIEW_RISKS:
         threshold = classifier.review_threshold_at(risk)
-        scores = [score(segmented, t, threshold, classifier) for segmented, t in read]
-        total = sum(r["fields"] for r in scores)
-        flagged = sum(r["flagged"] * r["fields"] for r in scores) / total
-        slipped = sum(r["wrong_unflagged"] for r in scores)
+        total, _, flagged, slipped = pooled([score(segmented, t, threshold, classifier) for segmented, t in read])
         print(f"    {risk:6.1%} ({threshold:.3f}): {flagged:6.1%} {slipped / total:7.2%} ({slipped})")
 
 
