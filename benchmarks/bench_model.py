@@ -10,9 +10,9 @@ original is built with random weights: its speed does not depend on them. Then `
 on the 10,000 MNIST test crops (dark ink on light paper, as a scan gives them: each segmented,
 then classified, a chunk classified while the next is segmented), against the original via
 `model.predict` at batch 256, in three rounds of one then the other (the machine's speed
-drifts), each round's ratio and their median. Then the string
-model (free fields read whole): fields per second, the model alone at batch 64, and with the
-beam search that decodes each field.
+drifts), each round's ratio and their median. Then the string model (free fields read whole,
+every view by each of its networks): fields per second, the networks alone at batch 64, and
+with the beam search that decodes each field.
 """
 
 from __future__ import annotations
@@ -108,11 +108,13 @@ def main() -> None:
     except FileNotFoundError:
         fields = np.random.default_rng(0).random((64, len(VIEWS), 32, 256), dtype=np.float32)
 
-    model_rate = rate(lambda b: reader.logits(b.reshape(-1, *b.shape[2:])), fields, args.seconds)
+    # Every network of the string model (it and its companion, if it has one) reads every view.
+    model_rate = rate(reader.view_probabilities, fields, args.seconds)
     decoded_rate = rate(lambda b: [decode_views(p) for p in reader.view_probabilities(b)], fields, args.seconds)
+    networks = 1 + (reader.companion is not None)
     print(
-        f"string model ({reader.meta.get('parameters')} parameters), batch {len(fields)} fields in {len(VIEWS)} views: "
-        f"{model_rate:.0f} fields/s alone, {decoded_rate:.0f} fields/s with beam-search decoding"
+        f"string model ({networks} networks of {reader.meta.get('parameters')} parameters), batch {len(fields)} fields "
+        f"in {len(VIEWS)} views: {model_rate:.0f} fields/s alone, {decoded_rate:.0f} fields/s with beam-search decoding"
     )
 
 

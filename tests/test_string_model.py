@@ -637,3 +637,41 @@ def test_more_checks_than_the_digits_fill_are_written(mnist_test):
             x, y, w, h = spec.box
             if any(c.isdigit() for c in values[spec.name]):
                 assert (page[y : y + h, x : x + w] < blank[y : y + h, x : x + w]).any(), spec.name
+
+
+def test_a_field_is_read_by_the_string_model_and_its_companion_in_every_view(tmp_path):
+    """The shipped string model has a companion (strings.companion.keras): each of a real check's
+    views is read by both networks, each calibrated by its own temperature, the model's own views
+    first; without the companion's file the model reads its own views alone. The companion is
+    part of what decides a reading: another companion is another fingerprint (a journal written
+    with one is not resumed with the other)."""
+    import json
+    import shutil
+
+    from formreader.reading.classify import MODELS
+    from formreader.reading.string_model import StringModel
+    from formreader.training.datasets import load_orand
+
+    pair = StringModel.load()
+    assert pair.companion is not None and pair.companion.companion is None
+    views = np.stack([field_views(a.image) for a in load_orand("val")[:3]])
+    steps_read = pair.view_probabilities(views)
+    assert steps_read.shape[:2] == (3, 2 * len(VIEWS))
+    np.testing.assert_allclose(steps_read[:, len(VIEWS):], pair.companion.view_probabilities(views), atol=1e-6)
+    np.testing.assert_allclose(steps_read.sum(axis=-1), 1.0, atol=1e-4)  # every step a distribution
+
+    alone_dir = tmp_path / "alone"
+    alone_dir.mkdir()
+    for name in ("strings.keras", "strings.json", "strings.tflite"):
+        shutil.copy(MODELS / name, alone_dir / name)
+    alone = StringModel.load(alone_dir / "strings.keras")
+    assert alone.companion is None
+    np.testing.assert_allclose(alone.view_probabilities(views), steps_read[:, : len(VIEWS)], atol=1e-6)
+    assert alone.fingerprint != pair.fingerprint
+
+    for name in ("strings.companion.keras", "strings.companion.tflite"):
+        shutil.copy(MODELS / name, alone_dir / name)
+    card = json.loads((MODELS / "strings.companion.json").read_text())
+    (alone_dir / "strings.companion.json").write_text(json.dumps({**card, "temperature": card["temperature"] * 1.5}))
+    other = StringModel.load(alone_dir / "strings.keras")
+    assert other.companion is not None and other.fingerprint not in (pair.fingerprint, alone.fingerprint)

@@ -13,6 +13,7 @@ a prefix beam search that can be held to the field's `pattern`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -22,8 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.reading.classify import MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
-from formreader.reading.fields import keeps_check, reading_pattern
+from formreader.reading.classify import COMPANION_SUFFIX, MODELS, NUM_CLASSES, DigitReading, LiteRTModel, ModelError, softmax
+from formreader.reading.fields import STRAY_INK_CONFIDENCE, keeps_check, reading_pattern
 from formreader.reading.strings import StringLayout, StringReading, cut_support, decide_string
 from formreader.reading.template import Field
 
@@ -330,6 +331,7 @@ def step_columns(span: CharacterSpan, crop_shape: tuple[int, int]) -> tuple[int,
 
 
 @dataclass
+@dataclass
 class StringModel(LiteRTModel):
     """The string model over the fast inference path (LiteRT), as DigitClassifier is.
 
@@ -337,15 +339,25 @@ class StringModel(LiteRTModel):
     calibrated per-step probabilities (softmax of logits / temperature).
     """
 
+    # A second network of the same architecture, trained on from this one's weights on the same
+    # fields for longer (models/strings.companion.keras): every field's views are read by both,
+    # each network's steps calibrated by its own temperature, and a reading's probability is its
+    # mean over all of them (`view_readings`). Chosen on validation fields (docs/measurements.md,
+    # stop 47): either network alone flags more of them for as many let out wrong.
+    companion: StringModel | None = None
+
     @classmethod
     def load(cls, path: Path | str | None = None, threads: int | None = None, calibrating: bool = False) -> StringModel:
-        """The string model at `path` and its card. ModelError when it cannot be used, or when
-        its field calibration weighs other inputs than TwoReadings.features (fitted by another
-        version of formreader), unless `calibrating` (`formreader calibrate-strings` fits it anew)."""
+        """The string model at `path`, its card and its companion beside it (if there is one).
+        ModelError when it cannot be used, or when its field calibration weighs other inputs than
+        TwoReadings.features (fitted by another version of formreader), unless `calibrating`
+        (`formreader calibrate-strings` fits it anew)."""
         path = Path(path) if path else DEFAULT_STRING_MODEL
         missing = f"string model not found: {path} (train one with `formreader train-strings`)"
         content, temperature, meta = cls.read_card(path, missing)
         model = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        if not path.name.endswith(COMPANION_SUFFIX) and path.with_suffix(COMPANION_SUFFIX).exists():
+            model.companion = cls.load(path.with_suffix(COMPANION_SUFFIX), threads, calibrating=True)
         out = model.logits(np.zeros((1, INPUT_HEIGHT, INPUT_WIDTH), np.float32))
         if out.shape[1:] != (INPUT_WIDTH // STEP, NUM_STRING_CLASSES):
             raise ModelError(
@@ -389,10 +401,19 @@ class StringModel(LiteRTModel):
         return softmax(np.concatenate(parts), self.temperature)
 
     def view_probabilities(self, views: np.ndarray) -> np.ndarray:
-        """Step probabilities (F, V, 64, 15) for fields' views (F, V, 32, 256) from field_views,
-        all read in one batch."""
+        """Step probabilities for fields' views (F, V, 32, 256) from field_views, all read in one
+        batch: (F, V, 64, 15), or with a companion (F, 2V, 64, 15), this network's views first."""
         steps = self.probabilities(views.reshape(-1, INPUT_HEIGHT, INPUT_WIDTH))
-        return steps.reshape(*views.shape[:2], *steps.shape[1:])
+        steps = steps.reshape(*views.shape[:2], *steps.shape[1:])
+        if self.companion is None:
+            return steps
+        return np.concatenate([steps, self.companion.view_probabilities(views)], axis=1)
+
+    @property
+    def fingerprint(self) -> str:
+        """LiteRTModel.fingerprint, the companion's network and temperature included."""
+        own = super().fingerprint
+        return own if self.companion is None else hashlib.sha256(f"{own}:{self.companion.fingerprint}".encode()).hexdigest()[:16]
 
 
 def _logit(p: float) -> float:
@@ -556,5 +577,8 @@ def combine_readings(both: TwoReadings, crop_shape: tuple[int, int], calibration
     # reading never drops what it could not read, and the field goes to review for them.
     marked = both.cut.unreadable if both.cut.value == both.value else 0
     raw = both.cut.raw if marked else whole.text
+    # Each such mark weighs on the confidence as a boxed cell's '?' does (STRAY_INK_CONFIDENCE):
+    # the value leaves out what may be a digit, whatever the calibration makes of the rest.
+    confidence = both.confidence(calibration) * STRAY_INK_CONFIDENCE**marked
     # The cut reader's cuts stay: the inspect picture shows where it split touching ink too.
-    return StringReading(both.value, raw, both.confidence(calibration), digits, both.cut.cuts, boxes, marked, other=other)
+    return StringReading(both.value, raw, confidence, digits, both.cut.cuts, boxes, marked, other=other)
