@@ -331,7 +331,6 @@ def step_columns(span: CharacterSpan, crop_shape: tuple[int, int]) -> tuple[int,
 
 
 @dataclass
-@dataclass
 class StringModel(LiteRTModel):
     """The string model over the fast inference path (LiteRT), as DigitClassifier is.
 
