@@ -154,6 +154,7 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
     logp = np.log(np.maximum(probs, 1e-30))
     tried = probs >= prune
     tried[:, BLANK] = False
+    blank_logp = logp[:, BLANK].tolist()  # Python floats: the loop below does scalar arithmetic
     # Most steps try no character: a run of them ends every prefix in a blank, in the same order,
     # and is one step whose blank is the run's (most of a field's 64 steps).
     # prefix -> (log P ending in blank, log P ending in its last character)
@@ -170,6 +171,7 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
             t = end
             continue
         nxt: dict[str, tuple[float, float]] = {}
+        step = [(ALPHABET[k - 1], float(logp[t, k])) for k in candidates]
 
         def add(prefix: str, blank: float, char: float, nxt: dict = nxt) -> None:
             b, c = nxt.get(prefix, (-math.inf, -math.inf))
@@ -177,15 +179,14 @@ def beam_search(probs: np.ndarray, beam: int = 16, pattern: str = "", prune: flo
 
         for prefix, (pb, pc) in beams.items():
             total = _logsumexp(pb, pc)
-            add(prefix, total + logp[t, BLANK], -math.inf)
-            last = text_to_labels(prefix[-1])[0] if prefix else None
-            for k in candidates:
-                ch = ALPHABET[k - 1]
-                if k == last:
-                    add(prefix, -math.inf, pc + logp[t, k])  # the same character held
-                    extended = pb + logp[t, k]  # a repeat needs a blank between
+            add(prefix, total + blank_logp[t], -math.inf)
+            last = prefix[-1] if prefix else None
+            for ch, lp in step:
+                if ch == last:
+                    add(prefix, -math.inf, pc + lp)  # the same character held
+                    extended = pb + lp  # a repeat needs a blank between
                 else:
-                    extended = total + logp[t, k]
+                    extended = total + lp
                 if extended > -math.inf and viable(prefix + ch):
                     add(prefix + ch, -math.inf, extended)
         beams = dict(sorted(nxt.items(), key=lambda kv: -_logsumexp(*kv[1]))[:beam])
