@@ -356,6 +356,8 @@ class StringModel(LiteRTModel):
         missing = f"string model not found: {path} (train one with `formreader train-strings`)"
         content, temperature, meta = cls.read_card(path, missing)
         model = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        # The companion's own card is read for its temperature only: the field calibration that
+        # decides is the pair's, on this card, so a calibration left on the companion's is not checked.
         if not path.name.endswith(COMPANION_SUFFIX) and path.with_suffix(COMPANION_SUFFIX).exists():
             model.companion = cls.load(path.with_suffix(COMPANION_SUFFIX), threads, calibrating=True)
         out = model.logits(np.zeros((1, INPUT_HEIGHT, INPUT_WIDTH), np.float32))
