@@ -6,13 +6,12 @@ import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from formreader.pipeline import Journal, process_paths, review_thresholds
+from formreader.pipeline import BOTH_REVIEW_OPTIONS, Journal, at_review_risk, process_paths, review_thresholds
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities, single_threaded
 from formreader.reading.fields import read_free_field, unread_cell
 from formreader.reading.ingest import grey_crop, grey_crops
@@ -107,7 +106,8 @@ def process_folder(
 ) -> pd.DataFrame:
     """Read every scan under `folder`; one row per field per page (see formreader.export).
     review_threshold: as `formreader process --review-threshold` (None: the models', for the
-    template's review_risk, or `review_risk` when given: as `--review-risk`).
+    template's review_risk, or `review_risk` when given: as `--review-risk`). Giving both is a
+    ValueError, as the CLI refuses both options.
 
     The returned frame's `attrs` hold the other tables: 'digits', 'wide' and 'errors'.
     """
@@ -115,8 +115,7 @@ def process_folder(
 
     if not isinstance(template, Template):
         template = load_template(Path(template))
-    if review_risk is not None:
-        template = replace(template, review_risk=review_risk)
+    template = at_review_risk(template, review_risk, review_threshold)  # ValueError when both are given
     classifier = get_classifier(model)
     review_thresholds(classifier, review_threshold, template.review_risk)  # a risk the models have no threshold for: now
     records = process_paths([Path(folder)], template, classifier, review_threshold, workers, Journal(None))
@@ -145,7 +144,10 @@ def read_number(
     also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
     review_threshold: as `formreader process --review-threshold` (None: the string model's for
     `review_risk`, as a free field of a template with that review_risk gets; pipeline.review_thresholds).
+    Giving both is a ValueError.
     """
+    if review_risk is not None and review_threshold is not None:
+        raise ValueError(BOTH_REVIEW_OPTIONS)
     image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
     layout = segment_string(image)

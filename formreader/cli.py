@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -67,11 +66,11 @@ REVIEW_RISK_OPTION = click.option(
 def _at_risk(forms: list, risk: float | None, threshold: float | None) -> list:
     """The templates with `risk` as their review_risk (--review-risk); a threshold given too is
     refused, as it would decide instead."""
-    if risk is None:
-        return forms
-    if threshold is not None:
-        _fail("give --review-threshold or --review-risk, not both")
-    return [dataclasses.replace(t, review_risk=risk) for t in forms]
+    from formreader.pipeline import at_review_risk
+
+    if risk is not None and threshold is not None:
+        _fail("give --review-threshold or --review-risk, not both (the threshold would decide)")
+    return [at_review_risk(t, risk) for t in forms]
 
 
 def _review_thresholds(clf, threshold: float | None, forms: list) -> list[tuple[float, float]]:

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -294,6 +294,20 @@ def page_sequences(seg: SegmentedPage, classifier: DigitClassifier) -> list[np.n
         return None
     inputs = [w[0] for w in seg.wholes or [] if w is not None]
     return list(classifier.string_model.view_probabilities(np.stack(inputs))) if inputs else []
+
+
+BOTH_REVIEW_OPTIONS = "give a review threshold or a review risk, not both (the threshold would decide)"
+
+
+def at_review_risk(template: Template, risk: float | None, threshold: float | None = None) -> Template:
+    """The template with `risk` as its review_risk (`--review-risk` for one run; None: as it is).
+    ValueError when a threshold is given too: it would decide instead, and the risk asked for
+    would be silently ignored."""
+    if risk is None:
+        return template
+    if threshold is not None:
+        raise ValueError(BOTH_REVIEW_OPTIONS)
+    return replace(template, review_risk=risk)
 
 
 def review_thresholds(

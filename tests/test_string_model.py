@@ -614,6 +614,13 @@ def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, t
         "process", ROOT / "samples" / "checks", "-t", template, "-o", out, "--review-risk", "0.001", "--review-threshold", "0.5"
     )
     assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+    # The API refuses both as the CLI does, before anything is read (the threshold would decide).
+    import formreader
+
+    with pytest.raises(ValueError, match="not both"):
+        formreader.process_folder(ROOT / "samples" / "checks", template, review_threshold=0.5, review_risk=0.001)
+    with pytest.raises(ValueError, match="not both"):
+        formreader.read_number(np.full((40, 120), 255, np.uint8), review_threshold=0.5, review_risk=0.01)
     # `template check` says so too, and for a risk the models hold, the thresholds it gets.
     checked = run_cli("template", "check", bad)
     assert checked.returncode == 2 and "risk of 0.0005" in checked.stderr, checked.stderr
