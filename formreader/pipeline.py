@@ -82,6 +82,7 @@ class SegmentedPage:
     wholes: list[tuple[np.ndarray, tuple[int, int]] | None] = field(default_factory=list)
     template: str = ""  # the name of the form it was read as
     bitonal: bool = False  # a bitonal scan (ingest.is_bitonal): its field confidence is calibrated apart
+    dpi: float = 0.0  # the resolution it was scanned at, as registered (scanned_dpi); 0: not known
 
 
 @dataclass
@@ -101,11 +102,8 @@ class PageRead:
 def scale_to_template(image: np.ndarray, dpi: float | None, template: Template) -> np.ndarray:
     """Resample a page to the template's resolution when its own is known (or it is far larger).
     Raises RegistrationError when that would make it larger than MAX_PAGE_PIXELS."""
-    if dpi:
-        factor = template.dpi / dpi
-    else:
-        factor = min(1.0, 1.5 * max(template.reference.shape) / max(image.shape))
-    if abs(factor - 1) < 0.03:
+    factor = _resample_factor(image.shape, dpi, template)
+    if factor == 1.0:
         return image
     if image.size * factor**2 > MAX_PAGE_PIXELS:
         raise RegistrationError(
@@ -114,6 +112,27 @@ def scale_to_template(image: np.ndarray, dpi: float | None, template: Template) 
         )
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC
     return cv2.resize(image, None, fx=factor, fy=factor, interpolation=interp)
+
+
+def _resample_factor(shape: tuple[int, ...], dpi: float | None, template: Template) -> float:
+    """How much scale_to_template resizes a page of this (H, W) shape and DPI (1.0: not at all)."""
+    factor = template.dpi / dpi if dpi else min(1.0, 1.5 * max(template.reference.shape) / max(shape))
+    return 1.0 if abs(factor - 1) < 0.03 else factor
+
+
+def scanned_dpi(page: Page, registration: Registration, template: Template) -> float:
+    """The resolution the page was scanned at, in the template's DPI as the registration found
+    it: a file's DPI is often missing or wrong, the form's printed size on the page is not."""
+    scale = _resample_factor(page.image.shape, page.dpi, template)
+    scale *= float(np.sqrt(abs(np.linalg.det(registration.homography[:2, :2]))))  # page px -> reference px
+    return template.dpi / scale
+
+
+# A page scanned coarser than this share of the template's resolution is read, but every field
+# goes to review saying so: registration is made for a factor of 2 at most, and a digit a few
+# pixels high is guessed at (a page at a third of its 200 DPI read most values right, yet its
+# fields were flagged for reasons that pointed at the writing, not at the scan).
+LOW_RESOLUTION = 0.5
 
 
 MATCH_MARGIN = 0.15  # of the forms' print found: how much better the chosen form must fit than the next
@@ -194,7 +213,8 @@ def segment_page(
         for cell in segments[k]:
             cell.beyond = float(next(beyond))
     return SegmentedPage(
-        page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name, bitonal=is_bitonal(page.image)
+        page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name,
+        bitonal=is_bitonal(page.image), dpi=scanned_dpi(page, reg, template),
     )
 
 
@@ -258,6 +278,10 @@ def decide_page(
         fields.append(read_field(
             spec, readings, threshold if boxed_threshold is None else boxed_threshold, field_power, [s.beyond for s in cells]
         ))
+    if 0 < seg.dpi < LOW_RESOLUTION * template.dpi:
+        coarse = f"scanned at about {seg.dpi:.0f} DPI, under half the template's {template.dpi:g}: scan it finer"
+        for f in fields:
+            f.status, f.reasons = "review", [coarse, *f.reasons]
     reg = seg.registration
     return PageRead(seg.source, seg.page, fields, reg.quality, reg.rotation_deg, None, seg.boxes, template.name)
 

@@ -253,6 +253,27 @@ def test_a_dpi_tag_cannot_blow_a_page_up(tmp_path):
     assert next(iter(read_pages(tmp_path / "odd.png"))).dpi is None
 
 
+def test_a_page_scanned_too_coarse_is_read_and_every_field_says_why(tmp_path, classifier):
+    """A page scanned under half the template's resolution is read, and every field goes to review
+    naming the resolution it was scanned at: found from the registration when the file says none,
+    and from the file's DPI when it does. The same page at its own 200 DPI has no such reason."""
+    from formreader.pipeline import read_page
+    from formreader.reading.template import load_template
+
+    template = load_template(TEMPLATE)
+    grey = Image.open(SCANS / "scan_c.png").convert("L")  # scanned at 200 DPI
+    grey.resize((grey.width // 3, grey.height // 3), Image.BICUBIC).save(tmp_path / "coarse.png")  # no DPI said
+    grey.resize((grey.width * 9 // 25, grey.height * 9 // 25), Image.BICUBIC).save(tmp_path / "tagged.tif", dpi=(72, 72))
+    fine = read_page(next(iter(read_pages(SCANS / "scan_c.png"))), template, classifier)
+    assert fine.error is None and not any("DPI" in r for f in fine.fields for r in f.reasons)
+    for name, dpi in (("coarse.png", 200 / 3), ("tagged.tif", 72)):
+        read = read_page(next(iter(read_pages(tmp_path / name))), template, classifier)
+        assert read.error is None and len(read.fields) == len(fine.fields)
+        for f in read.fields:
+            said = re.fullmatch(r"scanned at about (\d+) DPI, under half the template's 150: scan it finer", f.reasons[0])
+            assert f.status == "review" and said and abs(int(said[1]) - dpi) <= 3, f.reasons
+
+
 def test_outputs_follow_the_umask_and_are_a_whole_set(tmp_path):
     out = tmp_path / "r.csv"
     run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", preexec_fn=lambda: os.umask(0o022))
