@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from formreader.pipeline import BOTH_REVIEW_OPTIONS, Journal, at_review_risk, process_paths, review_thresholds
+from formreader.pipeline import Journal, at_review_risk, process_paths, refuse_threshold_with_risk, review_thresholds
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities, single_threaded
 from formreader.reading.fields import read_free_field, unread_cell
 from formreader.reading.ingest import grey_crop, grey_crops
@@ -146,8 +146,7 @@ def read_number(
     `review_risk`, as a free field of a template with that review_risk gets; pipeline.review_thresholds).
     Giving both is a ValueError.
     """
-    if review_risk is not None and review_threshold is not None:
-        raise ValueError(BOTH_REVIEW_OPTIONS)
+    refuse_threshold_with_risk(review_threshold, review_risk)
     image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
     layout = segment_string(image)

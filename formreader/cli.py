@@ -66,9 +66,11 @@ REVIEW_RISK_OPTION = click.option(
 def _at_risk(forms: list, risk: float | None, threshold: float | None) -> list:
     """The templates with `risk` as their review_risk (--review-risk); a threshold given too is
     refused, as it would decide instead."""
-    from formreader.pipeline import at_review_risk
+    from formreader.pipeline import at_review_risk, refuse_threshold_with_risk
 
-    if risk is not None and threshold is not None:
+    try:
+        refuse_threshold_with_risk(threshold, risk)
+    except ValueError:
         _fail("give --review-threshold or --review-risk, not both (the threshold would decide)")
     return [at_review_risk(t, risk) for t in forms]
 

@@ -320,18 +320,18 @@ def page_sequences(seg: SegmentedPage, classifier: DigitClassifier) -> list[np.n
     return list(classifier.string_model.view_probabilities(np.stack(inputs))) if inputs else []
 
 
-BOTH_REVIEW_OPTIONS = "give a review threshold or a review risk, not both (the threshold would decide)"
+def refuse_threshold_with_risk(threshold: float | None, risk: float | None) -> None:
+    """ValueError when a review threshold and a review risk are both asked for one run: the
+    threshold would decide, and the risk asked for would be silently ignored."""
+    if threshold is not None and risk is not None:
+        raise ValueError("give a review threshold or a review risk, not both (the threshold would decide)")
 
 
 def at_review_risk(template: Template, risk: float | None, threshold: float | None = None) -> Template:
     """The template with `risk` as its review_risk (`--review-risk` for one run; None: as it is).
-    ValueError when a threshold is given too: it would decide instead, and the risk asked for
-    would be silently ignored."""
-    if risk is None:
-        return template
-    if threshold is not None:
-        raise ValueError(BOTH_REVIEW_OPTIONS)
-    return replace(template, review_risk=risk)
+    ValueError when a threshold is given too (refuse_threshold_with_risk)."""
+    refuse_threshold_with_risk(threshold, risk)
+    return template if risk is None else replace(template, review_risk=risk)
 
 
 def review_thresholds(
