@@ -13,7 +13,8 @@ fields are right at each confidence.
 Last, MNIST's and CVL's writers on the first two forms writing digits taller than the boxes
 (synth.LARGE_WRITING, crossing their lines): a weakness shown beside the nine rows. With
 --validation, first the same table for the forms of the model's own validation writers
-(`formreader calibrate`'s forms): the figures a model is chosen on, the test rows never.
+(`formreader calibrate`'s forms), and their MNIST digits and CVL writers writing across the lines:
+the figures a model is chosen on, the test rows never.
 """
 
 from __future__ import annotations
@@ -184,6 +185,17 @@ def main() -> None:
         ]
         print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
                     f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
+        # Their MNIST digits and CVL writers writing across the boxes' lines, as below for the
+        # held-out writers: what a model that should read such cells better is chosen on.
+        large = calibration_forms(classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, size=LARGE_WRITING)
+        sources_large = list(dict.fromkeys(source for source, *_ in large))[:2]
+        rows = [
+            (source, style, score(segment_all(forms, t, classifier), t, classifier.review_threshold, classifier))
+            for source, style, t, forms in large
+            if source in sources_large and style in list(FORM_STYLES)[:2]
+        ]
+        print_table(f"The same validation writers, digits {LARGE_WRITING[0]:g}-{LARGE_WRITING[1]:g} of their box's height "
+                    f"(crossing its lines)", rows)
 
     rows, read = [], []
     sources = held_out_writers()

@@ -464,6 +464,14 @@ def inspect(page_file, template, out, page_number, model, review_threshold, revi
     help="Add this share of the real crops again as written into a form's box and scanned (half bitonal).",
 )
 @click.option(
+    "--forms",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Add the cells of this many scanned forms of each style (per source; a quarter for validation), "
+    "written inside and across their boxes' lines and read as a page is.",
+)
+@click.option(
     "--strings",
     default=0,
     show_default=True,
@@ -499,6 +507,7 @@ def train(
     mnist_only,
     scanned,
     written,
+    forms,
     strings,
     initial,
     extra,
@@ -524,6 +533,7 @@ def train(
         narrow=narrow,
         scanned=scanned,
         written=written,
+        forms=forms,
         patience=patience,
         cvl=not mnist_only,
         orand=not mnist_only,

@@ -396,3 +396,39 @@ def test_a_field_written_across_its_boxes_lines_goes_to_review(mnist_test, class
 
     assert crossing(WRITING_SIZE) == 0
     assert crossing(LARGE_WRITING) >= 0.6
+
+
+def test_form_cells_are_a_pages_cells_labelled_with_what_was_written(mnist_test, classifier):
+    """Training's form cells: digits written into scanned forms of every style, inside their boxes
+    and across their lines, read back by the pipeline's own segmentation; each cell labelled with
+    the digit written in it (a reader trained without them agrees with nearly all)."""
+    from formreader.training.train import form_cells
+
+    images, labels = mnist_test
+    cells, truth = form_cells(images[:2000], labels[:2000], 1, seed=3)
+    assert cells.shape == (len(truth), 28, 28) and len(truth) >= 100
+    assert set(np.unique(truth)) == set(range(10))
+    assert (classifier.probabilities(cells).argmax(1) == truth).mean() > 0.9
+
+
+def test_form_cells_keep_each_split_to_its_own_writers_and_checks(monkeypatch):
+    """The forms of CVL's validation writers and ORAND's validation checks join validation only,
+    the training writers' and checks' training only, each under its source."""
+    import formreader.training.train as train
+    from formreader.training.synth import ink_on_black
+
+    calls = []
+    none = (np.zeros((0, 28, 28), np.float32), np.zeros(0, np.uint8))
+    monkeypatch.setattr(train, "form_cells", lambda im, lab, *a: calls.append(np.asarray(lab).copy()) or none)
+    config = TrainConfig(limit=300, negatives=50, forms=1)
+    data = build_training_data(config, log=lambda *_: None)
+    x, y, writers = load_cvl("train")
+    x, y, writers = x[:300], y[:300], writers[:300]
+    held = cvl_writer_split(writers, min(10, len(np.unique(writers)) // 3), np.random.default_rng([config.seed, 1]))
+    mnist_val, mnist_train, cvl_val, cvl_train, orand_val, orand_train = calls
+    mnist = train.SOURCES.index("mnist")  # the split's own MNIST digits (forms added nothing here)
+    assert np.array_equal(mnist_val, data.y_val[data.source_val == mnist])
+    assert np.array_equal(mnist_train, data.y_train[data.source_train == mnist])
+    assert np.array_equal(cvl_val, ink_on_black(x[held], y[held])[1])
+    assert np.array_equal(cvl_train, ink_on_black(x[~held], y[~held])[1])
+    assert len(orand_val) and len(orand_train)

@@ -356,13 +356,16 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
 CALIBRATION_PAGES, CALIBRATION_SEED = 40, 31
 
 
-def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None = None) -> list:
+def calibration_forms(
+    meta: dict, pages: int, seed: int, data_dir: Path | None = None, size: tuple[float, float] | None = None
+) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
     CVL writers and ORAND checks held out from its training, as its card records): three
-    populations of writers, so that the calibration is not one population's.
+    populations of writers, so that the calibration is not one population's. `size`: how tall the
+    digits are written (synth.write_digit; default the benchmarks' WRITING_SIZE).
     [(source, style, template, [(page, truth)])]."""
     from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
-    from formreader.training.synth import FORM_STYLES, ink_on_black, scanned_forms
+    from formreader.training.synth import FORM_STYLES, WRITING_SIZE, ink_on_black, scanned_forms
     from formreader.training.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
@@ -381,7 +384,7 @@ def calibration_forms(meta: dict, pages: int, seed: int, data_dir: Path | None =
         crops, y, _ = orand_digit_crops(amounts)
         sources[f"ORAND's {len(amounts)} val checks"] = ink_on_black(crops, y)
     return [
-        (source, style, *scanned_forms(style, im, lab, pages, seed))
+        (source, style, *scanned_forms(style, im, lab, pages, seed, size=size or WRITING_SIZE))
         for source, (im, lab) in sources.items()
         for style in FORM_STYLES
     ]

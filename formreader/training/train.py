@@ -53,6 +53,11 @@ class TrainConfig:
     # into a form's box at their own stroke width and scanned (`written_copies`), half bitonal:
     # the thin strokes that break and the thick ones that fill in a bitonal scan.
     written: float = 0.0
+    # Fill this many scanned forms of each style (synth.FORM_STYLES) per source and split with the
+    # split's own writers, written 0.6-1.2 of a box tall (inside it, and across its lines), and read
+    # their cells as a page is read (`form_cells`): what the box's line takes from a digit that
+    # touches or crosses it (the bar of a 7 on the top line) is then seen in training too.
+    forms: int = 0
     # How often each source's images come per epoch, on average: the few thousand real digits
     # of other populations would otherwise be drowned by MNIST's fifty thousand.
     oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0, "corrections": 20.0})
@@ -330,6 +335,45 @@ def written_copies(
     return images, labels[kept]
 
 
+# How tall the digits of `form_cells`' forms are written, as a share of the box: from the
+# benchmarks' writing inside the box (synth.WRITING_SIZE) to theirs across its lines (LARGE_WRITING).
+FORM_WRITING = (0.6, 1.2)
+
+
+def form_cells(images, labels: np.ndarray, pages: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digits written into scanned forms and read back as the pipeline reads a page: `pages`
+    forms of each style of synth.FORM_STYLES filled with `images` (MNIST's (N, 28, 28) uint8 or
+    synth.ink_on_black's glyphs) and `labels`, FORM_WRITING of their boxes tall, registered,
+    located and segmented (pipeline.segment_page). Returns (images (M, 28, 28), labels (M,)): the
+    cells of each field whose non-blank cells are as many as the digits written, in order.
+
+    A digit that touches or crosses its box's line loses what lies on the line (the bar of a 7 on
+    the top line leaves a 1): in training it keeps its label, so that such a cell is read by its
+    remaining strokes or with the doubt it deserves, not as a confident 1."""
+    from formreader.pipeline import segment_page
+    from formreader.reading.register import RegistrationError, prepare_reference
+    from formreader.training.synth import FORM_STYLES, scanned_forms
+
+    out_images, out_labels = [], []
+    if len(np.unique(labels)) < 10:  # a form's numbers need every digit (a --limit'ed run may lack one)
+        return np.zeros((0, MNIST_SIZE, MNIST_SIZE), np.float32), np.zeros(0, np.uint8)
+    for k, style in enumerate(FORM_STYLES):
+        template, items = scanned_forms(style, images, labels, pages, seed + k, size=FORM_WRITING)
+        features = prepare_reference(template.reference)
+        for page, truth in items:
+            try:
+                seg = segment_page(page, template, features)
+            except RegistrationError:
+                continue
+            for spec, cells in zip(template.fields, seg.segments):
+                found = [c.image for c in cells if c.image is not None]
+                written = truth[spec.name]
+                if found and len(found) == len(written):
+                    out_images += found
+                    out_labels += [int(d) for d in written]
+    return np.array(out_images, np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE), np.array(out_labels, np.uint8)
+
+
 def stretch_to_square(image: np.ndarray) -> np.ndarray:
     """A (28, 28) digit stretched to fill the 20x20 box, then placed the MNIST way (normalize_digit)."""
     ys, xs = np.nonzero(image > 0.05)
@@ -498,6 +542,13 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
     written_rng = np.random.default_rng([config.seed, 11])  # its own: the other sources draw as without it
     parts: dict[str, list] = {"train": [], "val": []}  # (x, y, source name)
 
+    def add_form_cells(split: str, images, labels: np.ndarray, source: str) -> None:
+        # Validation gets a quarter as many forms; each source and split its own seed.
+        if config.forms:
+            pages = config.forms if split == "train" else max(1, config.forms // 4)
+            seed = config.seed + 100 * SOURCES.index(source) + (50 if split == "val" else 0)
+            parts[split].append((*form_cells(images, labels, pages, seed), source))
+
     images, labels = load_mnist("train", root / "mnist" if root else None)
     val_idx, train_idx = mnist_split(len(images), config, rng)
     for split, idx in (("val", val_idx), ("train", train_idx)):
@@ -507,6 +558,7 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
         half = rng.random(len(idx)) < 0.5
         digits[half] = renormalize(images[idx][half], rng)
         parts[split].append((digits, labels[idx], "mnist"))
+        add_form_cells(split, images[idx], labels[idx], "mnist")
     held_out: dict = {"mnist_validation_digits": len(val_idx)}
 
     if config.cvl:
@@ -520,6 +572,8 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
             parts[split].append((*segmented(x[mask], y[mask]), "cvl"))
             if config.written:
                 parts[split].append((*written_copies(x[mask], y[mask], config.written, written_rng), "cvl"))
+            if config.forms:
+                add_form_cells(split, *ink_on_black(x[mask], y[mask]), "cvl")
         held_out["cvl_validation_writers"] = sorted(int(w) for w in np.unique(writers[val]))
     if config.orand:
         folder = root / "orand_car_a" if root else None
@@ -536,6 +590,9 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
             if config.written:
                 crops, lab, _ = cuts[ORAND_MARGIN]  # the cut read_digits' figures use
                 parts[split].append((*written_copies(crops, lab, config.written, written_rng), "orand"))
+            if config.forms:
+                crops, lab, _ = cuts[ORAND_MARGIN]
+                add_form_cells(split, *ink_on_black(crops, lab), "orand")
             if split == "val":
                 held_out["orand_validation_checks"] = [a.name for a in amounts]
 
