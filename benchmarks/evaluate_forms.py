@@ -1,6 +1,6 @@
 """Field accuracy and review flags, on the shipped samples and on held-out generated forms.
 
-    python benchmarks/evaluate_forms.py [--pages 40] [--seed 777] [--validation] [--details] [--model M]
+    python benchmarks/evaluate_forms.py [--pages 40] [--seed 777] [--validation] [--details] [--model M] [--dithered]
 
 Prints, for the samples (samples/truth.csv): field accuracy, the share of fields flagged for
 review and the wrong fields NOT flagged, across a range of thresholds, and how well field
@@ -14,7 +14,9 @@ Last, MNIST's and CVL's writers on the first two forms writing digits taller tha
 (synth.LARGE_WRITING, crossing their lines): a weakness shown beside the nine rows. With
 --validation, first the same table for the forms of the model's own validation writers
 (`formreader calibrate`'s forms), and their MNIST digits and CVL writers writing across the lines:
-the figures a model is chosen on, the test rows never.
+the figures a model is chosen on, the test rows never. With --dithered, only the samples, then
+their grey pages dithered as a bitonal scanner's halftone mode dithers them, read as they are and
+with their dots taken for ink.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import os
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,10 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from formreader import pipeline  # noqa: E402
 from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
 from formreader.reading.classify import REVIEW_RISKS, DigitClassifier  # noqa: E402
-from formreader.reading.ingest import find_inputs, read_pages  # noqa: E402
+from formreader.reading.ingest import find_inputs, is_bitonal, read_pages  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.evaluate import calibration_error, held_out_writers, rate_interval  # noqa: E402
@@ -164,6 +169,7 @@ def main() -> None:
     parser.add_argument("--details", action="store_true", help="threshold and calibration tables for each set")
     parser.add_argument("--model", type=Path, help="the digit model (.keras); default: the shipped one")
     parser.add_argument("--validation", action="store_true", help="also the forms of the model's validation writers")
+    parser.add_argument("--dithered", action="store_true", help="only the samples, and their grey pages dithered")
     args = parser.parse_args()
     template = load_template(ROOT / "templates" / "demo_form.yaml")
     classifier = DigitClassifier.load(args.model)
@@ -175,6 +181,17 @@ def main() -> None:
         for page in read_pages(path, pdf_dpi=150, reduce_jpeg=True):
             items.append((page, by_page[(path.name, page.page)]))
     report("Samples (samples/scans)", segment_all(items, template, classifier), template, classifier)
+    if args.dithered:
+        # Their grey pages as a bitonal scanner's halftone mode gives them (Pillow's Floyd-Steinberg):
+        # read as the grey pages are, or with every dot taken for ink (ingest.is_dithered off).
+        grey = [(page, truth) for page, truth in items if not is_bitonal(page.image)]
+        halftone = [(replace(page, image=np.asarray(Image.fromarray(page.image).convert("1"), np.uint8) * 255), truth)
+                    for page, truth in grey]
+        report("The samples' grey pages", segment_all(grey, template, classifier), template, classifier)
+        report("The same pages dithered", segment_all(halftone, template, classifier), template, classifier)
+        pipeline.is_dithered = lambda image: False
+        report("The same pages dithered, the dots left in", segment_all(halftone, template, classifier), template, classifier)
+        return
 
     if args.validation:
         from formreader.training.evaluate import CALIBRATION_PAGES, CALIBRATION_SEED, calibration_forms

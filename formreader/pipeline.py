@@ -51,8 +51,10 @@ from formreader.reading.ingest import (
     carried,
     find_inputs,
     is_bitonal,
+    is_dithered,
     load_page,
     read_pages,
+    without_dither_dots,
 )
 from formreader.reading.locate import Box, cell_crop, cell_interior, refine_cells
 from formreader.reading.register import ReferenceFeatures, Registration, RegistrationError, prepare_reference, register_page
@@ -172,6 +174,9 @@ def segment_page(
 
     With several templates (and their features, in the same order) the page is read as the form
     it matches (`match_form`); the result names it."""
+    bitonal = is_bitonal(page.image)
+    if bitonal and is_dithered(page.image):  # a halftone scan's dots are no ink
+        page = replace(page, image=without_dither_dots(page.image, page.dpi))
     if isinstance(template, Template):
         features = features or prepare_reference(template.reference)
         image = scale_to_template(page.image, page.dpi, template)
@@ -214,7 +219,7 @@ def segment_page(
             cell.beyond = float(next(beyond))
     return SegmentedPage(
         page.source, page.page, reg, boxes, segments, offsets, wholes, template=template.name,
-        bitonal=is_bitonal(page.image), dpi=scanned_dpi(page, reg, template),
+        bitonal=bitonal, dpi=scanned_dpi(page, reg, template),
     )
 
 

@@ -274,6 +274,31 @@ def test_a_page_scanned_too_coarse_is_read_and_every_field_says_why(tmp_path, cl
             assert f.status == "review" and said and abs(int(said[1]) - dpi) <= 3, f.reasons
 
 
+
+def test_a_halftone_scan_reads_as_its_grey_scan_does(tmp_path, classifier):
+    """A bitonal scanner's halftone mode dithers the paper's grey into dots, and the dots are no
+    ink: the samples' grey page dithered (a G4 TIFF) reads the values the grey page reads, no field
+    sent to review for writing beyond its boxes' lines. A page thresholded, as most bitonal scans
+    and the samples' fax are, is not taken for dithered."""
+    from formreader.pipeline import read_page
+    from formreader.reading.ingest import is_dithered
+    from formreader.reading.template import load_template
+
+    template = load_template(TEMPLATE)
+    grey = Image.open(SCANS / "scan_c.png").convert("L")  # scanned at 200 DPI, its paper a light grey
+    grey.convert("1").save(tmp_path / "halftone.tif", compression="group4", dpi=(200, 200))  # Floyd-Steinberg
+    thresholded = grey.point(lambda v: 255 if v > 140 else 0).convert("1", dither=Image.Dither.NONE)
+    thresholded.save(tmp_path / "thresholded.tif", compression="group4", dpi=(200, 200))
+    halftone = next(iter(read_pages(tmp_path / "halftone.tif")))
+    assert is_dithered(halftone.image)
+    assert not is_dithered(next(iter(read_pages(tmp_path / "thresholded.tif"))).image)
+    assert not any(is_dithered(page.image) for page in read_pages(SCANS / "fax_b.tif"))
+    fine = read_page(next(iter(read_pages(SCANS / "scan_c.png"))), template, classifier)
+    read = read_page(halftone, template, classifier)
+    assert read.error is None and [f.value for f in read.fields] == [f.value for f in fine.fields]
+    assert not any("lines" in r for f in read.fields for r in f.reasons), [f.reasons for f in read.fields]
+    assert sum(f.status == "review" for f in read.fields) <= sum(f.status == "review" for f in fine.fields) + 1
+
 def test_outputs_follow_the_umask_and_are_a_whole_set(tmp_path):
     out = tmp_path / "r.csv"
     run = run_cli("process", SCANS / "scan_c.png", "--template", TEMPLATE, "--out", out, "-q", preexec_fn=lambda: os.umask(0o022))

@@ -51,6 +51,57 @@ def is_bitonal(image: np.ndarray) -> bool:
     return extremes >= 0.9 * image.size
 
 
+# A bitonal scanner's halftone mode (and many a fax) renders grey (tinted paper, grey print,
+# pencil) as scattered dots, and every dot is ink to the stages after: every field of the samples'
+# scan_c dithered so went to review as "writing crosses the box's lines", its empty one too. Of a
+# page thresholded, as bitonal scanners mostly do, under 0.1% of the black pixels are dots alone
+# (the samples' fax, the benchmarks' bitonal forms); of that page dithered, 65-77% (its paper
+# 220-255). A page is taken for dithered above this share.
+DITHERED_DOTS = 0.1
+
+
+def is_dithered(image: np.ndarray) -> bool:
+    """Whether a bitonal page (H, W) uint8 (`is_bitonal`) has its greys dithered: at least
+    DITHERED_DOTS of the black pixels of its middle (half its height and width: as telling as the
+    whole page, at a quarter of the work) with no black pixel among their eight neighbours."""
+    import cv2  # (ingest itself needs no OpenCV: the processes that only list pages do not load it)
+
+    h, w = image.shape
+    black = (image[h // 4 : h - h // 4, w // 4 : w - w // 4] < 128).astype(np.uint8)
+    total = cv2.countNonZero(black)
+    if not total:
+        return False
+    around = cv2.boxFilter(black, -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT)  # itself included
+    alone = cv2.compare(around, 1, cv2.CMP_EQ)
+    return cv2.countNonZero(cv2.bitwise_and(alone, alone, mask=black)) >= DITHERED_DOTS * total
+
+
+# The dots a dithered page's greys are made of, at 200 DPI (in proportion to the area at others):
+# at most 4 px each (at a paper of 220-255 most are one pixel, a few two or three); a pen's full
+# stop is 9 or more. Chosen on the samples dithered (below: 4, 8 and 16 px read them alike).
+DITHER_DOT_PX = 4
+
+
+def without_dither_dots(image: np.ndarray, dpi: float | None = None) -> np.ndarray:
+    """A dithered bitonal page (H, W) uint8 (`is_dithered`) as a thresholding bitonal scanner
+    would have given it: every black speck of at most DITHER_DOT_PX pixels made paper. What was
+    grey enough to dither solidly (ink, a pencil's stroke, the form's lines) stays.
+
+    The samples' seven grey pages dithered (`benchmarks/evaluate_forms.py --dithered`): 41 of 42
+    fields read right and 10 flagged, as the grey pages (41, 7); with the dots left in, 25 right
+    and all 42 flagged, most for writing beyond their boxes' lines. (Blurring the dots back to grey instead
+    spreads the print beyond its mask, and fields went on being flagged for it.)"""
+    import cv2
+
+    black = (image < 128).astype(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(black, connectivity=8)
+    dot = stats[:, cv2.CC_STAT_AREA] <= DITHER_DOT_PX * ((dpi or 200) / 200) ** 2
+    dot[0] = False  # the paper
+    out = image.copy()
+    out[dot[labels]] = 255
+    return out
+
+
 @dataclass
 class PageError:
     """A file or page that could not be read; page 0 means the whole file."""
