@@ -690,7 +690,8 @@ def ink_beyond_boxes(
     page: (H, W) uint8; printed: (H, W) bool, the blank form's print (ReferenceFeatures.printed);
     boxes: the interiors (x, y, w, h) of the page's cells. For each box, the ink in the bands above
     and below it (`reach` of its height, over its columns) that is neither print nor inside any of
-    `boxes` or `keep_out` (a free field's box), as a share of the box's area: (N,) float32.
+    `boxes` or `keep_out` (a free field's box) and joined to the band's edge nearer the box, as a
+    share of the box's area: (N,) float32.
     A digit written taller than its box is cut where it crosses the box's line, or at the edge of
     its crop (`locate.cell_crop`), and read as another digit (a 0 as a 3); what it left beyond the
     line says so. Writing inside its box leaves nothing there, whatever the line's style.
@@ -699,20 +700,26 @@ def ink_beyond_boxes(
     inside = printed.copy()  # and every box's interior: what is not handwriting beyond a box
     for x, y, w, h in [*boxes, *keep_out]:
         inside[max(0, y) : max(0, y + h), max(0, x) : max(0, x + w)] = True
-    bands: dict[tuple[int, int], list[tuple[int, slice, slice]]] = {}
+    bands: dict[tuple[int, int], list[tuple[int, slice, slice, bool]]] = {}  # (box, rows, columns, below it)
     for k, (x, y, w, h) in enumerate(boxes):
         m, r = round(margin * h), max(2, round((margin + reach) * h))
         cols = slice(max(0, x), min(W, x + w))
-        for rows in (slice(max(0, y - r), max(0, y - m)), slice(min(H, y + h + m), min(H, y + h + r))):
+        for rows, below in ((slice(max(0, y - r), max(0, y - m)), False), (slice(min(H, y + h + m), min(H, y + h + r)), True)):
             shape = (rows.stop - rows.start, cols.stop - cols.start)
             if min(shape) > 0:
-                bands.setdefault(shape, []).append((k, rows, cols))
+                bands.setdefault(shape, []).append((k, rows, cols, below))
     areas = np.array([max(1, w * h) for *_, w, h in boxes], np.float32)
     beyond = np.zeros(len(boxes), np.float32)
     for group in bands.values():
-        _, mask = ink_intensity(np.stack([page[rows, cols] for _, rows, cols in group]))
-        mask &= ~np.stack([inside[rows, cols] for _, rows, cols in group])
-        k = np.array([k for k, _, _ in group])
+        _, ink = ink_intensity(np.stack([page[rows, cols] for _, rows, cols, _ in group]))
+        # A stroke that went on past the line comes into the band from its edge nearer the box,
+        # through the line's own ink where a thick line reaches into it; ink joined to neither (dust,
+        # a toner speck, a stray dot) is not writing crossing the line.
+        below = np.array([b for *_, b in group])
+        edge = np.zeros_like(ink)
+        edge[below, 0], edge[~below, -1] = ink[below, 0], ink[~below, -1]
+        mask = hysteresis(ink, edge) & ~np.stack([inside[rows, cols] for _, rows, cols, _ in group])
+        k = np.array([k for k, *_ in group])
         np.add.at(beyond, k, np.count_nonzero(mask, axis=(1, 2)) / areas[k])
     return beyond
 
