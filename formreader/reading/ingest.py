@@ -76,21 +76,25 @@ def is_dithered(image: np.ndarray) -> bool:
     return cv2.countNonZero(cv2.bitwise_and(alone, alone, mask=black)) >= DITHERED_DOTS * total
 
 
-# The dots a dithered page's greys are made of, at 200 DPI (in proportion to the area at others):
-# at most 4 px each (at a paper of 220-255 most are one pixel, a few two or three); a pen's full
-# stop is 9 or more. Chosen on the samples dithered (below: 4, 8 and 16 px read them alike).
-DITHER_DOT_PX = 4
+# The dots a dithered page's paper is made of, at 200 DPI (in proportion to the area at others):
+# at most 2 px each (at a paper of 220-255 most are one pixel alone). Chosen on the samples' grey
+# pages dithered and on scan_c's with its ink made as pale as a pencil's (grey 110 and 140): 2 px
+# read the samples 41 of 42 right with 9 flagged (4 px: 41, 10), and the pale ink, whose strokes
+# dither into dots too, without the field that 4 px let out wrong (a 9 thinned into a 7).
+DITHER_DOT_PX = 2
 
 
 def without_dither_dots(image: np.ndarray, dpi: float | None = None) -> np.ndarray:
     """A dithered bitonal page (H, W) uint8 (`is_dithered`) as a thresholding bitonal scanner
     would have given it: every black speck of at most DITHER_DOT_PX pixels made paper. What was
-    grey enough to dither solidly (ink, a pencil's stroke, the form's lines) stays.
+    dark enough to dither into joined dots (ink, the form's lines) stays.
 
     The samples' seven grey pages dithered (`benchmarks/evaluate_forms.py --dithered`): 41 of 42
-    fields read right and 10 flagged, as the grey pages (41, 7); with the dots left in, 25 right
-    and all 42 flagged, most for writing beyond their boxes' lines. (Blurring the dots back to grey instead
-    spreads the print beyond its mask, and fields went on being flagged for it.)"""
+    fields read right and 9 flagged, as the grey pages (41, 7); with the dots left in, 25 right
+    and all 42 flagged, most for writing beyond their boxes' lines. Ink as pale as a pencil's
+    dithers into dots as the paper does, and some of it goes with them (as a thresholding scanner
+    drops it): scan_c so made reads 5 and 4 of its 6 fields right, the others flagged. (Blurring
+    the dots back to grey instead spreads the print beyond its mask, and fields stayed flagged.)"""
     import cv2
 
     black = (image < 128).astype(np.uint8)
