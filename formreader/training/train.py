@@ -354,9 +354,9 @@ def form_cells(images, labels: np.ndarray, pages: int, seed: int) -> tuple[np.nd
     from formreader.reading.register import RegistrationError, prepare_reference
     from formreader.training.synth import FORM_STYLES, scanned_forms
 
-    out_images, out_labels = [], []
     if len(np.unique(labels)) < 10:  # a form's numbers need every digit (a --limit'ed run may lack one)
         return np.zeros((0, MNIST_SIZE, MNIST_SIZE), np.float32), np.zeros(0, np.uint8)
+    out_images, out_labels = [], []
     for k, style in enumerate(FORM_STYLES):
         template, items = scanned_forms(style, images, labels, pages, seed + k, size=FORM_WRITING)
         features = prepare_reference(template.reference)
@@ -544,10 +544,9 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
 
     def add_form_cells(split: str, images, labels: np.ndarray, source: str) -> None:
         # Validation gets a quarter as many forms; each source and split its own seed.
-        if config.forms:
-            pages = config.forms if split == "train" else max(1, config.forms // 4)
-            seed = config.seed + 100 * SOURCES.index(source) + (50 if split == "val" else 0)
-            parts[split].append((*form_cells(images, labels, pages, seed), source))
+        pages = config.forms if split == "train" else max(1, config.forms // 4)
+        seed = config.seed + 100 * SOURCES.index(source) + (50 if split == "val" else 0)
+        parts[split].append((*form_cells(images, labels, pages, seed), source))
 
     images, labels = load_mnist("train", root / "mnist" if root else None)
     val_idx, train_idx = mnist_split(len(images), config, rng)
@@ -558,7 +557,8 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
         half = rng.random(len(idx)) < 0.5
         digits[half] = renormalize(images[idx][half], rng)
         parts[split].append((digits, labels[idx], "mnist"))
-        add_form_cells(split, images[idx], labels[idx], "mnist")
+        if config.forms:
+            add_form_cells(split, images[idx], labels[idx], "mnist")
     held_out: dict = {"mnist_validation_digits": len(val_idx)}
 
     if config.cvl:
@@ -587,11 +587,10 @@ def build_training_data(config: TrainConfig, data_dir: Path | None = None, log=p
             cuts = {margin: orand_digit_crops(amounts, margin) for margin in margins}
             for crops, lab, _ in cuts.values():
                 parts[split].append((*segmented(crops, lab), "orand"))
+            crops, lab, _ = cuts[ORAND_MARGIN]  # the cut read_digits' figures use
             if config.written:
-                crops, lab, _ = cuts[ORAND_MARGIN]  # the cut read_digits' figures use
                 parts[split].append((*written_copies(crops, lab, config.written, written_rng), "orand"))
             if config.forms:
-                crops, lab, _ = cuts[ORAND_MARGIN]
                 add_form_cells(split, *ink_on_black(crops, lab), "orand")
             if split == "val":
                 held_out["orand_validation_checks"] = [a.name for a in amounts]
