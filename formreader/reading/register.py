@@ -2,13 +2,13 @@
 
 Coarse to fine. Coarse: ORB keypoints (rotation invariant, so pages fed upside down register
 too) of a reduced page are matched to the reference's, and a similarity is fitted robustly
-(RANSAC); a few hundred keypoints of the page reduced to 800 px suffice for most pages, and a
+(RANSAC); a few hundred keypoints of the page reduced to 600 px suffice for most pages, and a
 page they fail on is tried again at 1,100 px, then with several thousand. Fine: the page is
 warped by that estimate, and the reference's corners (points with structure in two directions,
-chosen once per template) are tracked into it at full resolution by pyramidal Lucas-Kanade,
-checked forward and backward; a homography fitted to them corrects the estimate to a fraction
-of a pixel. A quality score then says how much of the reference's printed structure is found on
-the page: a blank page or a page of another form scores low and is reported instead of read.
+chosen once per template) are tracked into it by pyramidal Lucas-Kanade, checked forward and
+backward; a homography fitted to them is right to a fraction of a pixel. A quality
+score then says how much of the reference's printed structure is found on the page: a blank
+page or a page of another form scores low and is reported instead of read.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-# (pixels of the page's longer side, ORB keypoints) tried in turn. 800 px are enough for grey
-# scans and cost 5 ms a page less than 1,100; the ragged lines of a bitonal scan need 1,100 px
-# on about one page in eight (5 of bench_register.py's 40 thick worn bitonal pages, whose time
-# is then what it was); several thousand keypoints for the pages those fail on.
-ATTEMPTS = ((800, 800), (1100, 800), (1100, 4000))
+# (pixels of the page's longer side, ORB keypoints) tried in turn. 600 px are enough for grey
+# scans and cost 2 ms a page less than 800 did; the ragged lines of a bitonal scan need 1,100 px
+# on about one page in five (bench_register.py: 9 of its 40 thick worn bitonal pages, 2 of 40
+# combs of short ticks, none of the samples' form); several thousand keypoints for the pages
+# those fail on.
+ATTEMPTS = ((600, 500), (1100, 800), (1100, 4000))
 CORNERS = 200  # reference corners tracked to refine the estimate
 MATCH_TOLERANCE = 4.0  # px of the reduced reference: how far a matched keypoint may lie from the fit
-# A correction that moves the page by less than this is final: tracking is exact within it.
-SETTLED_PX = 3.0
+# How far (px at full size) Lucas-Kanade's 21-px window reaches on its own; each pyramid level doubles it.
+REACH_PX = 10.0
 
 
 class RegistrationError(ValueError):
@@ -86,10 +87,11 @@ def _smooth(grey: np.ndarray) -> np.ndarray:
 def _reduced(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     """The image with its longer side at most `side` px, and the scale it was reduced by."""
     scale = min(1.0, side / max(grey.shape))
-    # Area averaging costs a page ~4 ms at a ratio like 0.85 and buys nothing there (keypoints
-    # are found on the image blurred); only a larger reduction needs it against aliasing.
-    interpolation = cv2.INTER_LINEAR if scale >= 0.5 else cv2.INTER_AREA
-    return cv2.resize(grey, None, fx=scale, fy=scale, interpolation=interpolation), scale
+    if scale <= 0.5:  # halved exactly first: area averaging at another ratio cost a page 1.8 ms, halving 0.3
+        small, rest = _reduced(_half(grey), side)
+        return small, rest / 2
+    # Area averaging buys nothing at a ratio like 0.85 (keypoints are found on the image blurred).
+    return cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR), scale
 
 
 def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
@@ -158,7 +160,7 @@ def register_page(
         # 5-190 px out, median 26; the similarity's 22 at most, median 13); tracked from that far
         # through three pyramid levels above full size, corners could lock onto the next box of a
         # comb, and pages were read a box off yet accepted (`bench_register.py --batch 200`: 4
-        # pages 1.4-16 px off; of 600 now, all within 1 px). The tracking corrects the
+        # pages 1.4-16 px off; now the worst 1.03 px). The tracking corrects the
         # perspective itself; the fitted one is the start only where the similarity is not
         # confirmed.
         homography = _refine(page, features, similarity, levels=2)
@@ -202,7 +204,9 @@ def _match(
     dst = ref_points[[m.trainIdx for m in good]] / ref_scale
     tolerance = MATCH_TOLERANCE / ref_scale
     sim, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=5000)
-    if sim is None or inliers is None or inliers.sum() < 10:
+    # A page is at the reference's resolution within a factor of 2 (register_page); a scale far
+    # beyond that is keypoints matched by chance (a few on one spot fit a near-singular one).
+    if sim is None or inliers is None or inliers.sum() < 10 or not 0.4 < np.sqrt(abs(np.linalg.det(sim[:, :2]))) < 2.5:
         raise RegistrationError("page does not match the template (no consistent alignment)")
     keep = inliers.ravel().astype(bool)
     return np.vstack([sim, [0, 0, 1]]), src[keep], dst[keep]
@@ -227,54 +231,67 @@ def _plausible(h: np.ndarray, shape: tuple[int, int]) -> bool:
     return abs(h[2, 0]) * wid < 0.2 and abs(h[2, 1]) * hgt < 0.2
 
 
-def _refine(
-    page: np.ndarray, features: ReferenceFeatures, homography: np.ndarray, levels: int, rounds: int = 3
-) -> np.ndarray | None:
+def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarray, levels: int) -> np.ndarray | None:
     """Correct a page -> reference homography by tracking the reference's corners on the page.
 
-    The page is warped by the estimate; each corner is followed from the reference into it
+    The page is warped by the estimate, and each corner is followed from the reference into it
     (pyramidal Lucas-Kanade) and back again, and kept only if it returns to within 0.3 px, so
     handwriting over a corner or a torn line drops that corner rather than pulling the fit. A
-    homography fitted to the kept ones (RANSAC) is the correction, applied again while it still
-    moves the page by SETTLED_PX or more (up to `rounds` times). Later rounds follow the kept
-    corners forward only: they start within a few pixels, and the corners handwriting covers are
-    out already (about 2 ms a page less; on bench_register.py's pages every cell as well placed).
-    None when the estimate cannot be confirmed: too few corners follow, or the correction stays
-    large (tracking gone astray).
+    homography fitted to the kept ones (RANSAC, 1 px) is the result. None when the estimate
+    cannot be confirmed: too few corners follow, or the fit lies farther from the estimate than
+    tracking reaches (gone astray).
 
-    levels: pyramid levels above full size for the first round, as far out as the estimate may
-    be (each doubles the reach of the 21-px window: 2 reach about 40 px, 3 about 80). No more
-    than that: on a coarse level a comb's boxes blur into a repeating pattern, and a corner
-    tracked from afar can lock onto the next box. Later rounds start within a few pixels and
-    track through one level.
+    One warp and one tracking: tracking lands each corner to a fraction of a pixel wherever it
+    starts within reach; warping again by the corrected estimate and tracking again until the
+    correction settled (as this did, two or three rounds) cost a page 6 ms (15 against 9) for little
+    (bench_register.py's PDF pages: cells 0.05 px off at the median either way, 0.30 at the 99th
+    percentile against 0.28, the worst 1.03 px, a page turned 9.6 degrees, against 0.63). At full
+    size: tracked on the page and the reference halved, at a quarter of the cost, corners landed
+    less surely (cells 1.4-3.4 px off on a few pages in 200, whatever the window or the fit's
+    tolerance). The page's grey levels are taken from the page, not from the warped image, whose
+    paper added beyond the page's edge shifts them (a page 0.51 px off, against 0.15).
+
+    levels: pyramid levels above full size, as far out as the estimate may be (each doubles the
+    reach of the 21-px window: 2 reach about 40 px, 3 about 80). No more than that: on a coarse
+    level a comb's boxes blur into a repeating pattern, and a corner tracked from afar can lock
+    onto the next box.
     """
     h, w = features.shape
     if len(features.corners) < 12:
         return None
-    frame = np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2)
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)
-    as_reference = _as_reference(page, features.levels)
+    target = _warp(page, homography, features.shape)
+    target = _smooth(cv2.LUT(target, _as_reference(page, features.levels)))
     corners = features.corners
-    for step in range(rounds):
-        track = dict(winSize=(21, 21), maxLevel=levels if step == 0 else 1, criteria=criteria)
-        warped = cv2.warpPerspective(page, homography, (w, h), flags=cv2.INTER_LINEAR, borderValue=255)
-        warped = _smooth(cv2.LUT(warped, as_reference))
-        found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, warped, corners, None, **track)
-        keep = ok.ravel() == 1
-        if step == 0:
-            back, ok_back, _ = cv2.calcOpticalFlowPyrLK(warped, features.smooth, found, None, **track)
-            keep &= (ok_back.ravel() == 1) & (np.abs(back - corners).reshape(-1, 2).max(axis=1) < 0.3)
-        if keep.sum() < 12:
-            return None
-        correction, inliers = cv2.findHomography(found[keep], corners[keep], cv2.RANSAC, 1.0)
-        if correction is None or inliers.sum() < 12:
-            return None
-        corners = corners[keep]
-        homography = correction @ homography
-        homography /= homography[2, 2]
-        if np.abs(cv2.perspectiveTransform(frame, correction) - frame).max() < SETTLED_PX:
-            return homography
-    return None
+    track = dict(winSize=(21, 21), maxLevel=levels, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03))
+    found, ok, _ = cv2.calcOpticalFlowPyrLK(features.smooth, target, corners, None, **track)
+    back, ok_back, _ = cv2.calcOpticalFlowPyrLK(target, features.smooth, found, None, **track)
+    keep = (ok.ravel() == 1) & (ok_back.ravel() == 1) & (np.abs(back - corners).reshape(-1, 2).max(axis=1) < 0.3)
+    if keep.sum() < 12:
+        return None
+    to_page = np.linalg.inv(homography)
+    refined, inliers = cv2.findHomography(cv2.perspectiveTransform(found[keep], to_page), corners[keep], cv2.RANSAC, 1.0)
+    if refined is None or inliers.sum() < 12:
+        return None
+    frame = np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2)
+    moved = cv2.perspectiveTransform(frame, np.linalg.inv(refined)) - cv2.perspectiveTransform(frame, to_page)
+    return refined / refined[2, 2] if np.abs(moved).max() < REACH_PX * 2**levels else None
+
+
+def _half(grey: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (H // 2, W // 2), each pixel the mean of the two by two it covers (an odd
+    last row or column left out: resized to a size not exactly half, pixels would drift)."""
+    h, w = grey.shape
+    return cv2.resize(grey[: h - h % 2, : w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+
+
+def _warp(page: np.ndarray, homography: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The page warped by a (3, 3) homography into an image of (H, W) `shape`, paper beyond it;
+    by an affine one (the keypoints' similarity) with the cheaper affine warp (1.1 ms against
+    1.5 at the reference's size)."""
+    size, flags = (shape[1], shape[0]), cv2.INTER_LINEAR
+    if homography[2, 0] == homography[2, 1] == 0:
+        return cv2.warpAffine(page, homography[:2] / homography[2, 2], size, flags=flags, borderValue=255)
+    return cv2.warpPerspective(page, homography, size, flags=flags, borderValue=255)
 
 
 def registration_quality(aligned: np.ndarray, structure: np.ndarray) -> float:
