@@ -204,12 +204,13 @@ def main() -> None:
                     f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
         # Their MNIST digits and CVL writers writing across the boxes' lines, as below for the
         # held-out writers: what a model that should read such cells better is chosen on.
-        large = calibration_forms(classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, size=LARGE_WRITING)
-        sources_large = list(dict.fromkeys(source for source, *_ in large))[:2]
+        large = calibration_forms(
+            classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, size=LARGE_WRITING,
+            keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
+        )
         rows = [
             (source, style, score(segment_all(forms, t, classifier), t, classifier.review_threshold, classifier))
             for source, style, t, forms in large
-            if source in sources_large and style in list(FORM_STYLES)[:2]
         ]
         print_table(f"The same validation writers, digits {LARGE_WRITING[0]:g}-{LARGE_WRITING[1]:g} of their box's height "
                     f"(crossing its lines)", rows)

@@ -8,6 +8,7 @@ and `write_plots` draws the figures.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,13 +358,19 @@ CALIBRATION_PAGES, CALIBRATION_SEED = 40, 31
 
 
 def calibration_forms(
-    meta: dict, pages: int, seed: int, data_dir: Path | None = None, size: tuple[float, float] | None = None
+    meta: dict,
+    pages: int,
+    seed: int,
+    data_dir: Path | None = None,
+    size: tuple[float, float] | None = None,
+    keep: Callable[[str, str], bool] | None = None,
 ) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
     CVL writers and ORAND checks held out from its training, as its card records): three
     populations of writers, so that the calibration is not one population's. `size`: how tall the
-    digits are written (synth.write_digit; default the benchmarks' WRITING_SIZE).
-    [(source, style, template, [(page, truth)])]."""
+    digits are written (synth.write_digit; default the benchmarks' WRITING_SIZE). `keep`: (source,
+    style) -> whether to make those forms (default all; each source and style's forms are the
+    same whichever others are made). [(source, style, template, [(page, truth)])]."""
     from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
     from formreader.training.synth import FORM_STYLES, WRITING_SIZE, ink_on_black, scanned_forms
     from formreader.training.train import TrainConfig, mnist_split
@@ -376,8 +383,8 @@ def calibration_forms(
     writers = meta.get("held_out", {}).get("cvl_validation_writers", [])
     if writers:
         x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
-        keep = np.isin(w, writers)
-        sources[f"CVL's {len(writers)} validation writers"] = ink_on_black(x[keep], y[keep])
+        theirs = np.isin(w, writers)
+        sources[f"CVL's {len(writers)} validation writers"] = ink_on_black(x[theirs], y[theirs])
     checks = set(meta.get("held_out", {}).get("orand_validation_checks", []))
     if checks:
         amounts = [a for a in load_orand("val", root / "orand_car_a" if root else None) if a.name in checks]
@@ -387,6 +394,7 @@ def calibration_forms(
         (source, style, *scanned_forms(style, im, lab, pages, seed, size=size or WRITING_SIZE))
         for source, (im, lab) in sources.items()
         for style in FORM_STYLES
+        if keep is None or keep(source, style)
     ]
 
 
