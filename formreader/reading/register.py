@@ -243,12 +243,12 @@ def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarra
 
     One warp and one tracking: tracking lands each corner to a fraction of a pixel wherever it
     starts within reach; warping again by the corrected estimate and tracking again until the
-    correction settled (as this did, two or three rounds) cost a page 6 ms (15 against 9) for little
-    (bench_register.py's PDF pages: cells 0.05 px off at the median either way, 0.30 at the 99th
-    percentile against 0.28, the worst 1.03 px, a page turned 9.6 degrees, against 0.63). At full
-    size: tracked on the page and the reference halved, at a quarter of the cost, corners landed
-    less surely (cells 1.4-3.4 px off on a few pages in 200, whatever the window or the fit's
-    tolerance). The page's grey levels are taken from the page, not from the warped image, whose
+    correction settled (as this did, two or three rounds) cost a page 6 ms (15 against 9) for
+    little (bench_register.py's PDF pages: cells 0.05 px off at the median either way, 0.30 at
+    the 99th percentile against 0.28, the worst 1.03 px, a page turned 9.6 degrees, against
+    0.63). Tracked at full size: on the page and the reference halved, at a quarter of the cost,
+    corners landed less surely (cells 1.4-3.4 px off on a few pages in 200, whatever the window
+    or the fit's tolerance). The page's grey levels are taken from the page, not from the warped image, whose
     paper added beyond the page's edge shifts them (a page 0.51 px off, against 0.15).
 
     levels: pyramid levels above full size, as far out as the estimate may be (each doubles the
@@ -279,7 +279,7 @@ def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarra
 
 def _half(grey: np.ndarray) -> np.ndarray:
     """(H, W) uint8 -> (H // 2, W // 2), each pixel the mean of the two by two it covers (an odd
-    last row or column left out: resized to a size not exactly half, pixels would drift)."""
+    last row or column left out, so that the ratio is exactly a half)."""
     h, w = grey.shape
     return cv2.resize(grey[: h - h % 2, : w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
 
