@@ -205,7 +205,8 @@ def _match(
     tolerance = MATCH_TOLERANCE / ref_scale
     sim, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=5000)
     # A page is at the reference's resolution within a factor of 2 (register_page); a scale far
-    # beyond that is keypoints matched by chance (a few on one spot fit a near-singular one).
+    # beyond that is keypoints matched by chance (a few on one spot fit a near-singular one, as
+    # 500 keypoints of a page reduced to 500 px did): the page is tried again finer instead.
     if sim is None or inliers is None or inliers.sum() < 10 or not 0.4 < np.sqrt(abs(np.linalg.det(sim[:, :2]))) < 2.5:
         raise RegistrationError("page does not match the template (no consistent alignment)")
     keep = inliers.ravel().astype(bool)
