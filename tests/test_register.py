@@ -191,3 +191,27 @@ def test_a_page_the_reduced_keypoints_cannot_start_is_tried_finer(filled_pages, 
     reg = register_page(scan, blank)
     assert len(sides) == 2 and abs(sides[0] - 600) <= 1 and abs(sides[1] - 1100) <= 1
     assert cell_error(reg.homography, m, [c for f in fields for c in f.cells]) < 1.0
+
+
+def test_keypoints_fitting_a_collapsing_similarity_are_refused(filled_pages, monkeypatch):
+    """Keypoints matched on one spot can fit a similarity that shrinks the page to a point (seen
+    with 500 keypoints of a page reduced to 500 px): the attempt is refused with the reason, so
+    that the page is tried again finer rather than tracked from it."""
+    import formreader.reading.register as register
+
+    blank, _, pages = filled_pages
+    features = prepare_reference(blank)
+    scale, points, descriptors = features.keypoints[0]
+    small, page_scale = register._reduced(pages[0].image, register.ATTEMPTS[0][0])
+    sim, _, _ = register._match(small, page_scale, register.ATTEMPTS[0][1], points, descriptors, scale)
+    assert abs(np.linalg.det(sim[:2, :2]) - 1) < 0.1  # the page as it is: a fit of scale 1
+    fit = cv2.estimateAffinePartial2D
+
+    def collapsed(src, dst, **options):
+        sim, inliers = fit(src, dst, **options)
+        sim[:, :2] *= 1e-3
+        return sim, inliers
+
+    monkeypatch.setattr(register.cv2, "estimateAffinePartial2D", collapsed)
+    with pytest.raises(RegistrationError, match="no consistent alignment"):
+        register._match(small, page_scale, register.ATTEMPTS[0][1], points, descriptors, scale)
