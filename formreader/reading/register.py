@@ -172,9 +172,7 @@ def register_page(
             if attempt < len(ATTEMPTS) - 1:
                 continue  # unconfirmed: try again finer, or with more keypoints
             homography = similarity if perspective is None else perspective  # the best there is; the quality score decides
-        aligned = cv2.warpPerspective(
-            page, homography, (reference.shape[1], reference.shape[0]), flags=cv2.INTER_LINEAR, borderValue=255
-        )
+        aligned = _warp(page, homography, reference.shape)
         quality = registration_quality(aligned, features.structure)
         if quality >= min_quality:
             rotation = float(np.degrees(np.arctan2(homography[1, 0], homography[0, 0])))
@@ -249,8 +247,8 @@ def _refine(page: np.ndarray, features: ReferenceFeatures, homography: np.ndarra
     the 99th percentile against 0.28, the worst 1.03 px, a page turned 9.6 degrees, against
     0.63). Tracked at full size: on the page and the reference halved, at a quarter of the cost,
     corners landed less surely (cells 1.4-3.4 px off on a few pages in 200, whatever the window
-    or the fit's tolerance). The page's grey levels are taken from the page, not from the warped image, whose
-    paper added beyond the page's edge shifts them (a page 0.51 px off, against 0.15).
+    or the fit's tolerance). The page's grey levels are taken from the page, not from the warped
+    image, whose paper added beyond the page's edge shifts them (a page 0.51 px off, against 0.15).
 
     levels: pyramid levels above full size, as far out as the estimate may be (each doubles the
     reach of the 21-px window: 2 reach about 40 px, 3 about 80). No more than that: on a coarse
