@@ -98,14 +98,17 @@ def load_template(path: Path) -> Template:
     # loaded template never validates one, and starts without it.
     from formreader.reading.schema import layout_problems, structure_problems
 
+    # libyaml's parser where PyYAML was built with it: the pure-Python one took 50 ms of a run's
+    # start to read the demo template three times over.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         # Aliases are refused before anything is built: a few hundred bytes of nested aliases
         # (a "billion laughs") expand to gigabytes, and a template never needs them.
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=loader):
             if isinstance(event, yaml.AliasEvent):
                 raise TemplateError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a template")
-        doc = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.load(text, Loader=loader)
+        node = yaml.compose(text, Loader=loader)
     except yaml.YAMLError as e:
         raise TemplateError(f"{where}: not valid YAML: {e}") from e
     if not isinstance(doc, dict):
