@@ -205,10 +205,14 @@ def segment_page(
     # any style are never read as strokes, wherever the template puts the box.
     boxed = [k for k, spec in enumerate(template.fields) if spec.kind != "free"]
     cells = [b for k in boxed for b in boxes[k]]
+    # Each cut as large as its template box is (a box found a pixel larger or smaller is centred
+    # in it): the cells of a form of one box size are segmented as one stack, not one per size
+    # found (segmenting a page's 42 cells took 6.7 ms against 9.5-10 in 3-7 stacks).
+    likes = [c for k in boxed for c in template.fields[k].cells]
     done = iter(segment_cells(
-        [cell_crop(reg.aligned, b) for b in cells],
-        interiors=[cell_interior(reg.aligned.shape, b) for b in cells],
-        printed=[cell_crop(features.printed, b) for b in cells],
+        [cell_crop(reg.aligned, b, like=c) for b, c in zip(cells, likes)],
+        interiors=[cell_interior(reg.aligned.shape, b, like=c) for b, c in zip(cells, likes)],
+        printed=[cell_crop(features.printed, b, like=c) for b, c in zip(cells, likes)],
     ))
     beyond = iter(ink_beyond_boxes(
         reg.aligned, features.printed, cells, keep_out=[spec.box for spec in template.fields if spec.kind == "free"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from formreader.reading.locate import cell_crop, find_boxes, refine_cells
+from formreader.reading.locate import cell_crop, cell_interior, find_boxes, refine_cells
 from formreader.reading.register import register_page
 
 
@@ -49,3 +49,18 @@ def test_cell_crop_includes_a_margin_and_stays_inside_the_page():
     page = np.zeros((100, 100), np.uint8)
     assert cell_crop(page, (10, 10, 40, 40)).shape == (52, 52)
     assert cell_crop(page, (0, 0, 40, 40)).shape == (46, 46)
+
+
+def test_cells_found_at_other_sizes_are_cut_as_large_as_their_template_box():
+    # Boxes found a pixel or two off the template's 36 px: each crop is the template box's crop,
+    # centred on the box found, with the interior where the box lies in it.
+    page = np.arange(200 * 200, dtype=np.int64).reshape(200, 200) % 251
+    like = (0, 0, 36, 36)
+    for box in [(50, 60, 36, 36), (50, 60, 38, 37), (50, 60, 34, 35)]:
+        crop, interior = cell_crop(page, box, like=like), cell_interior(page.shape, box, like=like)
+        assert crop.shape == cell_crop(page, (50, 60, 36, 36)).shape == (46, 46)
+        x, y, w, h = interior
+        assert (w, h) == box[2:]
+        assert abs(x - (46 - x - w)) <= 1 and abs(y - (46 - y - h)) <= 1  # centred
+        assert np.array_equal(crop[y : y + h, x : x + w], page[60 : 60 + h, 50 : 50 + w])
+    assert cell_crop(page, (50, 60, 38, 37)).shape == (49, 50)  # cut by its own size, as before

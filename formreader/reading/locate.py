@@ -197,25 +197,31 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 CELL_MARGIN = 0.15
 
 
-def cell_crop(page: np.ndarray, box: Box, margin: float = CELL_MARGIN) -> np.ndarray:
+def cell_crop(page: np.ndarray, box: Box, margin: float = CELL_MARGIN, like: Box | None = None) -> np.ndarray:
     """The grey crop of a cell with a margin around its interior (ink may cross the box line).
 
-    The box's own lines then lie along the crop's edges, where segmentation removes them.
+    The box's own lines then lie along the crop's edges, where segmentation removes them. With
+    `like` (the template's box for this cell), the crop is as large as that box's would be,
+    centred on `box`: the cells of one template size are cut to one shape, whatever size each
+    box was found at, and are segmented together (segment_cells).
     """
-    rows, cols = _cell_window(page.shape, box, margin)
+    rows, cols = _cell_window(page.shape, box, margin, like)
     return page[rows, cols]
 
 
-def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = CELL_MARGIN) -> Box:
-    """Where the box's interior lies in the crop `cell_crop(page, box, margin)` gives: (x, y, w, h)."""
+def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = CELL_MARGIN, like: Box | None = None) -> Box:
+    """Where the box's interior lies in the crop `cell_crop(page, box, margin, like)` gives: (x, y, w, h)."""
     x, y, w, h = box
-    rows, cols = _cell_window(page_shape, box, margin)
+    rows, cols = _cell_window(page_shape, box, margin, like)
     return (x - cols.start, y - rows.start, w, h)
 
 
-def _cell_window(page_shape: tuple[int, int], box: Box, margin: float) -> tuple[slice, slice]:
-    """The page's rows and columns of a cell's crop: its interior and `margin` of its size around."""
+def _cell_window(page_shape: tuple[int, int], box: Box, margin: float, like: Box | None = None) -> tuple[slice, slice]:
+    """The page's rows and columns of a cell's crop: its interior and `margin` of its size around
+    (of the size of `like` when given, centred on the box)."""
     x, y, w, h = box
-    mx, my = int(round(margin * w)), int(round(margin * h))
+    lw, lh = (w, h) if like is None else like[2:]
+    width, height = lw + 2 * int(round(margin * lw)), lh + 2 * int(round(margin * lh))
+    x0, y0 = x + (w - width) // 2, y + (h - height) // 2
     H, W = page_shape
-    return slice(max(0, y - my), min(H, y + h + my)), slice(max(0, x - mx), min(W, x + w + mx))
+    return slice(max(0, y0), min(H, y0 + height)), slice(max(0, x0), min(W, x0 + width))
