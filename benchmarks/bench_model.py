@@ -12,7 +12,8 @@ then classified, a chunk classified while the next is segmented), against the or
 `model.predict` at batch 256, in three rounds of one then the other (the machine's speed
 drifts), each round's ratio and their median. Then the string model (free fields read whole,
 every view by each of its networks): fields per second, the networks alone at batch 64, and
-with the beam search that decodes each field.
+with the beam search that decodes each field. Also `read_digits` on crops of many sizes
+(ORAND's test digits, each cut by its box), which are segmented a shape at a time.
 """
 
 from __future__ import annotations
@@ -69,6 +70,29 @@ def read_digits_line(predict, seconds: float, rounds: int = 3) -> None:
     each = ", ".join(f"{s:.0f}/s {r:.2f}x" for s, r in zip(speeds, ratios))
     print(f"read_digits on the {len(crops)} MNIST test crops: {np.median(speeds):.0f} digits/s, {right:.2%} right; "
           f"{np.median(ratios):.2f}x the original via model.predict (batch 256), the median of {rounds} rounds ({each})")
+    read_digits_of_many_sizes()
+
+
+def read_digits_of_many_sizes() -> None:
+    """read_digits on crops of many sizes, as a program that cuts digits from its own scans hands
+    them over: ORAND's test digits, each cut by its box. Crops of one shape are segmented
+    together (segment_cells); each other shape alone, at a cost that a stack shares."""
+    import formreader
+    from formreader.training.datasets import load_orand, orand_digit_crops
+
+    try:
+        crops, labels = orand_digit_crops(load_orand("test"))[:2]
+    except FileNotFoundError as e:
+        print(f"read_digits on crops of many sizes left out: {e}")
+        return
+    crops = list(crops)
+    start = time.perf_counter()
+    readings = formreader.read_digits(crops)
+    speed = len(crops) / (time.perf_counter() - start)
+    right = np.mean([r.digit == str(d) for r, d in zip(readings, labels)])
+    shapes = len({np.shape(c) for c in crops})
+    print(f"read_digits on ORAND's {len(crops)} test digits, cut by their boxes ({shapes} sizes): {speed:.0f} digits/s, "
+          f"{right:.2%} right")
 
 
 def main() -> None:
