@@ -274,7 +274,6 @@ def test_a_page_scanned_too_coarse_is_read_and_every_field_says_why(tmp_path, cl
             assert f.status == "review" and said and abs(int(said[1]) - dpi) <= 3, f.reasons
 
 
-
 def test_a_halftone_scan_reads_as_its_grey_scan_does(tmp_path, classifier):
     """A bitonal scanner's halftone mode dithers the paper's grey into dots, and the dots are no
     ink: the samples' grey page dithered (a G4 TIFF) reads the values the grey page reads, no field
@@ -322,6 +321,7 @@ def test_dust_beside_the_boxes_is_no_writing_across_their_lines(classifier):
     for before, after in zip(fine.fields, read.fields):
         if not any("mark" in r for r in after.reasons):  # a speck inside a box is a mark for a person to see
             assert after.value == before.value, after
+
 
 def test_outputs_follow_the_umask_and_are_a_whole_set(tmp_path):
     out = tmp_path / "r.csv"
