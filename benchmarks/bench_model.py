@@ -70,7 +70,6 @@ def read_digits_line(predict, seconds: float, rounds: int = 3) -> None:
     each = ", ".join(f"{s:.0f}/s {r:.2f}x" for s, r in zip(speeds, ratios))
     print(f"read_digits on the {len(crops)} MNIST test crops: {np.median(speeds):.0f} digits/s, {right:.2%} right; "
           f"{np.median(ratios):.2f}x the original via model.predict (batch 256), the median of {rounds} rounds ({each})")
-    read_digits_of_many_sizes()
 
 
 def read_digits_of_many_sizes() -> None:
@@ -119,6 +118,7 @@ def main() -> None:
         o, r, p = results[("ours", batch)], results[("orig", batch)], results[("orig-predict", batch)]
         print(f"{batch:5d} {o:10.0f}/s {r:10.0f}/s {o / r:6.2f}x {p:26.0f}/s")
     read_digits_line(lambda b: original_keras.predict(b[..., None], batch_size=256, verbose=0), args.seconds)
+    read_digits_of_many_sizes()
     reader = ours.string_model
     if reader is None:
         print("no string model beside the digit model")
