@@ -362,11 +362,11 @@ def test_ink_beyond_a_box_is_what_writing_taller_than_the_box_leaves_outside_it(
     cv2.rectangle(printed.view(np.uint8), (30, 42), (69, 81), 1, 2)  # the box's 2-px line
     printed = cv2.dilate(printed.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)  # as ReferenceFeatures widens it
 
-    def beyond(size: tuple[float, float], seed: int, keep_out: list = ()) -> float:
+    def beyond(size: tuple[float, float], seed: int, keep_out: list = (), found: tuple = box, like: tuple | None = None) -> float:
         page = np.full(printed.shape, 235, np.uint8)
         page[printed] = 40
         write_digit(page, box, images[seed], np.random.default_rng(seed), ink=30, size=size)
-        return float(ink_beyond_boxes(page, printed, [box], keep_out)[0])
+        return float(ink_beyond_boxes(page, printed, [found], keep_out, likes=None if like is None else [like])[0])
 
     inside = np.array([beyond((0.6, 0.88), seed) for seed in range(60)])
     taller = np.array([beyond((1.3, 1.45), seed) for seed in range(60)])
@@ -374,6 +374,11 @@ def test_ink_beyond_a_box_is_what_writing_taller_than_the_box_leaves_outside_it(
     assert (taller > CROSSING_INK).mean() >= 0.8
     big = int(np.argmax(taller))
     assert beyond((1.3, 1.45), big, keep_out=[(32, 0, 36, 44), (32, 80, 36, 44)]) == 0
+    # The box found a pixel inside its line all round (34 px), its bands measured as large as its
+    # template box's (as the pipeline does, so that a page's bands are one stack): the same verdicts.
+    found = (33, 45, 34, 34)
+    assert all(beyond((0.6, 0.88), seed, found=found, like=box) == 0 for seed in range(30))
+    assert np.mean([beyond((1.3, 1.45), seed, found=found, like=box) > CROSSING_INK for seed in range(30)]) >= 0.8
 
 
 def test_a_field_written_across_its_boxes_lines_goes_to_review(mnist_test, classifier):

@@ -684,6 +684,7 @@ def ink_beyond_boxes(
     keep_out: list[Box] = (),
     margin: float = CELL_MARGIN,
     reach: float = 0.3,
+    likes: list[Box] | None = None,
 ) -> np.ndarray:
     """How much handwriting lies beyond each box's top and bottom lines, on a registered page.
 
@@ -695,6 +696,9 @@ def ink_beyond_boxes(
     A digit written taller than its box is cut where it crosses the box's line, or at the edge of
     its crop (`locate.cell_crop`), and read as another digit (a 0 as a 3); what it left beyond the
     line says so. Writing inside its box leaves nothing there, whatever the line's style.
+    likes: each box's template box (as `locate.cell_crop`'s `like`): the bands are as wide and high
+    as that box's would be, centred on the box found, so that a page's bands come in one shape
+    and are measured together (boxes found a pixel or two apart in size made 3-5 stacks a page).
     """
     H, W = page.shape
     inside = printed.copy()  # and every box's interior: what is not handwriting beyond a box
@@ -702,8 +706,10 @@ def ink_beyond_boxes(
         inside[max(0, y) : max(0, y + h), max(0, x) : max(0, x + w)] = True
     bands: dict[tuple[int, int], list[tuple[int, slice, slice, bool]]] = {}  # (box, rows, columns, below it)
     for k, (x, y, w, h) in enumerate(boxes):
-        m, r = round(margin * h), max(2, round((margin + reach) * h))
-        cols = slice(max(0, x), min(W, x + w))
+        lw, lh = (w, h) if likes is None else likes[k][2:]
+        m, r = round(margin * lh), max(2, round((margin + reach) * lh))
+        left = x + (w - lw) // 2
+        cols = slice(max(0, left), min(W, left + lw))
         for rows, below in ((slice(max(0, y - r), max(0, y - m)), False), (slice(min(H, y + h + m), min(H, y + h + r)), True)):
             shape = (rows.stop - rows.start, cols.stop - cols.start)
             if min(shape) > 0:
