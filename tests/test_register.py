@@ -188,8 +188,11 @@ def test_a_page_the_reduced_keypoints_cannot_start_is_tried_finer(filled_pages, 
 
     monkeypatch.setattr(register, "_match", recorded)
     monkeypatch.setattr(register, "_refine", first_refused)
-    reg = register_page(scan, blank)
+    features = prepare_reference(blank)
+    assert features.keypoints[1:] == [None, None]  # the reference's finer keypoints: made when first needed
+    reg = register_page(scan, blank, features)
     assert len(sides) == 2 and abs(sides[0] - 600) <= 1 and abs(sides[1] - 1100) <= 1
+    assert features.keypoints[1] is not None and features.keypoints[2] is None
     assert cell_error(reg.homography, m, [c for f in fields for c in f.cells]) < 1.0
 
 

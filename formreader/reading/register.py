@@ -48,8 +48,10 @@ class ReferenceFeatures:
 
     shape: tuple[int, int]
     # per ATTEMPTS: work-resolution pixels per reference pixel, (N, 2) float32 keypoint positions
-    # (work resolution), (N, 32) uint8 ORB descriptors
-    keypoints: list[tuple[float, np.ndarray, np.ndarray]]
+    # (work resolution), (N, 32) uint8 ORB descriptors. The first attempt's only, until a page
+    # needs a finer one (register_page adds it then): they cost 30 ms at a run's start, on the way
+    # to the first page, and one page in five of a ragged bitonal batch needs them, many none.
+    keypoints: list[tuple[float, np.ndarray, np.ndarray] | None]
     corners: np.ndarray  # (M, 1, 2) float32, reference pixels: well-textured points to track
     smooth: np.ndarray  # (H, W) uint8, the reference slightly blurred, as corners are tracked on it
     levels: tuple[float, float]  # the reference's paper and print grey levels (grey_levels)
@@ -99,13 +101,9 @@ def _reduced(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
 
 
 def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
-    """Compute the reference's features once. reference: (H, W) uint8 blank form."""
-    keypoints = []
-    for side, n in ATTEMPTS:
-        small, scale = _reduced(reference, side)
-        keypoints.append((scale, *_orb(small, n)))
-    if any(desc is None or len(pts) < 20 for _, pts, desc in keypoints):
-        raise RegistrationError("the template's reference image has too little printed structure to register against")
+    """Compute the reference's features once (the finer attempts' keypoints when a page first
+    needs them: register_page). reference: (H, W) uint8 blank form."""
+    keypoints = [_reference_keypoints(reference, *ATTEMPTS[0])] + [None] * (len(ATTEMPTS) - 1)
     corners = cv2.goodFeaturesToTrack(reference, CORNERS, 0.01, max(reference.shape) / 40, blockSize=7)
     corners = np.zeros((0, 1, 2), np.float32) if corners is None else corners.astype(np.float32)
     # The structure that must be found again: dark print (lines, text), not a light background
@@ -115,6 +113,16 @@ def prepare_reference(reference: np.ndarray) -> ReferenceFeatures:
     return ReferenceFeatures(
         reference.shape, keypoints, corners, _smooth(reference), grey_levels(reference), structure, printed
     )
+
+
+def _reference_keypoints(reference: np.ndarray, side: int, n: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """One attempt's keypoints of the reference (ReferenceFeatures.keypoints); RegistrationError
+    when it has too little printed structure for them."""
+    small, scale = _reduced(reference, side)
+    points, descriptors = _orb(small, n)
+    if descriptors is None or len(points) < 20:
+        raise RegistrationError("the template's reference image has too little printed structure to register against")
+    return scale, points, descriptors
 
 
 def grey_levels(grey: np.ndarray) -> tuple[float, float]:
@@ -151,7 +159,10 @@ def register_page(
     if _ink(reduced[first][0]).mean() < 0.002 or float(cv2.meanStdDev(page)[1][0, 0]) < 4:
         raise RegistrationError("blank page: no printed form found")
     failure = RegistrationError("page does not match the template")
-    for attempt, ((side, n), (ref_scale, ref_points, ref_desc)) in enumerate(zip(ATTEMPTS, features.keypoints)):
+    for attempt, (side, n) in enumerate(ATTEMPTS):
+        if features.keypoints[attempt] is None:
+            features.keypoints[attempt] = _reference_keypoints(reference, side, n)
+        ref_scale, ref_points, ref_desc = features.keypoints[attempt]
         if side not in reduced:
             reduced[side] = _reduced(page, side)
         try:
