@@ -149,11 +149,15 @@ def refine_cells(aligned: np.ndarray, cells: list[Box], dpi: float, min_overlap:
     sides = [min(w, h) for _, _, w, h in cells]
     largest = max(max(w, h) for *_, w, h in cells)
     limits = BoxLimits(min_side=0.5 * min(sides) / dpi, max_side=1.5 * largest / dpi)
-    # Only the field's surroundings are searched (a box size around its cells): the lines that
-    # make its boxes lie there, and a page's other fields cost nothing.
+    # Only the field's surroundings are searched, half a box around its cells: the lines that make
+    # its boxes lie there, and a page's other fields cost nothing. No farther: a box found must
+    # overlap its cell by `min_overlap`, so lie within a third of its size of where registration
+    # put it (a whole box around cost 0.8 ms more a page, and found the same boxes but for a
+    # pixel's difference in 6 of 360 fields, the local threshold seeing less beyond the line).
     x, y, w, h = bounding_box(cells)
-    x0, y0 = max(0, x - largest), max(0, y - largest)
-    x1, y1 = min(aligned.shape[1], x + w + largest), min(aligned.shape[0], y + h + largest)
+    reach = largest // 2
+    x0, y0 = max(0, x - reach), max(0, y - reach)
+    x1, y1 = min(aligned.shape[1], x + w + reach), min(aligned.shape[0], y + h + reach)
     # Lines nearly as long as a box's side: longer than most straight strokes of a digit.
     found = find_boxes(aligned[y0:y1, x0:x1], dpi, limits, min_line=max(8, int(0.8 * min(sides))))
     if not found:
