@@ -50,7 +50,8 @@ class ReferenceFeatures:
     # per ATTEMPTS: work-resolution pixels per reference pixel, (N, 2) float32 keypoint positions
     # (work resolution), (N, 32) uint8 ORB descriptors. The first attempt's only, until a page
     # needs a finer one (register_page adds it then): they cost 30 ms at a run's start, on the way
-    # to the first page, and one page in five of a ragged bitonal batch needs them, many none.
+    # to the first page, and many batches never need them (one page in five of a ragged bitonal
+    # batch does).
     keypoints: list[tuple[float, np.ndarray, np.ndarray] | None]
     corners: np.ndarray  # (M, 1, 2) float32, reference pixels: well-textured points to track
     smooth: np.ndarray  # (H, W) uint8, the reference slightly blurred, as corners are tracked on it
