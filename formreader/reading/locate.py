@@ -209,20 +209,20 @@ def cell_crop(page: np.ndarray, box: Box, margin: float = CELL_MARGIN, like: Box
     centred on `box`: the cells of one template size are cut to one shape, whatever size each
     box was found at, and are segmented together (segment_cells).
     """
-    rows, cols = _cell_window(page.shape, box, margin, like)
+    rows, cols = cell_window(page.shape, box, margin, like)
     return page[rows, cols]
 
 
 def cell_interior(page_shape: tuple[int, int], box: Box, margin: float = CELL_MARGIN, like: Box | None = None) -> Box:
     """Where the box's interior lies in the crop `cell_crop(page, box, margin, like)` gives: (x, y, w, h)."""
     x, y, w, h = box
-    rows, cols = _cell_window(page_shape, box, margin, like)
+    rows, cols = cell_window(page_shape, box, margin, like)
     return (x - cols.start, y - rows.start, w, h)
 
 
-def _cell_window(page_shape: tuple[int, int], box: Box, margin: float, like: Box | None = None) -> tuple[slice, slice]:
+def cell_window(page_shape: tuple[int, int], box: Box, margin: float, like: Box | None = None) -> tuple[slice, slice]:
     """The page's rows and columns of a cell's crop: its interior and `margin` of its size around
-    (of the size of `like` when given, centred on the box)."""
+    (of the size of `like` when given, centred on the box), within a page of (H, W) `page_shape`."""
     x, y, w, h = box
     lw, lh = (w, h) if like is None else like[2:]
     width, height = lw + 2 * int(round(margin * lw)), lh + 2 * int(round(margin * lh))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from formreader.reading.locate import CELL_MARGIN, Box
+from formreader.reading.locate import CELL_MARGIN, Box, cell_window
 
 MNIST_SIZE = 28
 MNIST_BOX = 20
@@ -706,10 +706,10 @@ def ink_beyond_boxes(
         inside[max(0, y) : max(0, y + h), max(0, x) : max(0, x + w)] = True
     bands: dict[tuple[int, int], list[tuple[int, slice, slice, bool]]] = {}  # (box, rows, columns, below it)
     for k, (x, y, w, h) in enumerate(boxes):
-        lw, lh = (w, h) if likes is None else likes[k][2:]
+        like = None if likes is None else likes[k]
+        lh = h if like is None else like[3]
         m, r = round(margin * lh), max(2, round((margin + reach) * lh))
-        left = x + (w - lw) // 2
-        cols = slice(max(0, left), min(W, left + lw))
+        _, cols = cell_window((H, W), (x, y, w, h), 0.0, like)  # the box's columns, as its cell is cut
         for rows, below in ((slice(max(0, y - r), max(0, y - m)), False), (slice(min(H, y + h + m), min(H, y + h + r)), True)):
             shape = (rows.stop - rows.start, cols.stop - cols.start)
             if min(shape) > 0:
