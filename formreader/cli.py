@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import click
@@ -169,29 +169,10 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     errors CSV), 2 for a bad template, model or option, 130 when interrupted (what was
     finished is kept: run again with --resume).
     """
-    import hashlib
-    import signal
-
-    from tqdm import tqdm
-
-    from formreader.export import (
-        OutputBusyError,
-        OutputLock,
-        journal_path_for,
-        journal_records,
-        manifest_path,
-        output_paths,
-        reviews_path_for,
-        rewrite_results,
-        views_path_for,
-    )
-    from formreader.pipeline import Journal, JournalError, process_paths
+    from formreader.export import manifest_path, output_paths
+    from formreader.pipeline import ReadingPool
     from formreader.reading.ingest import count_pages, scan_inputs
-    from formreader.reading.string_model import VIEWS
-    from formreader.review.decisions import apply_decisions, load_decisions
 
-    forms = _at_risk(_load_templates(templates), review_risk, review_threshold)
-    clf = _load_classifier(model)
     files, skipped = scan_inputs(list(inputs))
     if not files:
         _fail("no PDF or image files found in " + ", ".join(map(str, inputs)) + _skipped_note(skipped))
@@ -204,6 +185,40 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     clash = [f for f in files if os.path.realpath(f) in outputs]
     if clash:
         _fail(f"--out {out} would overwrite the input {clash[0]}: choose another --out")
+    # The bar counts pages (a 300-page PDF moves it 300 times), with pages/s and the time left.
+    total = sum(count_pages(f) for f in files)
+    # A worker costs a new interpreter and its imports (about 0.2 s) before its first page:
+    # on the samples' form one process beat two up to about 20 pages (10 pages: 0.95-0.99 s
+    # against 1.09-1.18) and two won from about 30 (40 pages: 2.0-2.2 s against 2.2-2.6).
+    workers = workers or max(1, min(os.cpu_count() or 1, total // PAGES_PER_WORKER))
+    # Started first, the workers start while the template and the models load here.
+    with ReadingPool(workers) if workers > 1 and not scheduler else nullcontext(workers) as pool:
+        _process(files, skipped, templates, out, review_threshold, review_risk, model, pool, scheduler, resume, quiet, total)
+
+
+def _process(files, skipped, templates, out, review_threshold, review_risk, model, workers, scheduler, resume, quiet, total):
+    """`process`, its inputs listed and its workers started (`workers`: a ReadingPool, or how many)."""
+    import hashlib
+    import signal
+
+    from tqdm import tqdm
+
+    from formreader.export import (
+        OutputBusyError,
+        OutputLock,
+        journal_path_for,
+        journal_records,
+        output_paths,
+        reviews_path_for,
+        rewrite_results,
+        views_path_for,
+    )
+    from formreader.pipeline import Journal, JournalError, process_paths
+    from formreader.reading.string_model import VIEWS
+    from formreader.review.decisions import apply_decisions, load_decisions
+
+    forms = _at_risk(_load_templates(templates), review_risk, review_threshold)
+    clf = _load_classifier(model)
     thresholds = _review_thresholds(clf, review_threshold, forms)
     settings = {
         "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
@@ -225,12 +240,6 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     try:
         with OutputLock(out):
             journal = Journal(journal_path, resume=resume, settings=settings)
-            # The bar counts pages (a 300-page PDF moves it 300 times), with pages/s and the time left.
-            total = sum(count_pages(f) for f in files)
-            # A worker costs a new interpreter and its imports (about 0.3 s) before its first page:
-            # on the samples' form one process beat two up to about 20 pages (10 pages: 0.95-0.99 s
-            # against 1.09-1.18) and two won from about 30 (40 pages: 2.0-2.2 s against 2.2-2.6).
-            workers = workers or max(1, min(os.cpu_count() or 1, total // PAGES_PER_WORKER))
             bar = tqdm(total=total, unit="page", disable=quiet or None, file=sys.stderr)
             bar.update(sum(journal.done.get(str(f), 0) for f in files))  # pages an earlier run finished
             reading = process_paths(

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -416,12 +417,14 @@ def _read(
 _worker_state: dict = {}
 
 
-def _init_worker(state: str, size: int, parent: int) -> None:
-    """Set up a pool's worker. `state`: the name of a shared memory block whose first `size`
-    bytes are the pickled reading state (_reading_state: the template, its features, the
-    classifier...). Passed as the pool's own arguments, those few megabytes would be written down
-    each new worker's pipe while the parent waits for the worker to start (0.45 s a worker, one
-    after another). `parent`: the pid of the process that runs the pool."""
+def _init_worker(mailbox: str, ready, parent: int) -> None:
+    """Set up a pool's worker (ReadingPool): wait for the reading state (_reading_state: the
+    template, its features, the classifier...) to be `ready`, then read it from the shared memory
+    block whose name and size the block `mailbox` holds (empty: the pool closed before any was
+    handed; the worker then reads nothing). Passed as the pool's own arguments, those few
+    megabytes would be written down each new worker's pipe while the parent waits for the worker
+    to start (0.45 s a worker, one after another). `parent`: the pid of the process that runs the
+    pool."""
 
     # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself,
     # also when that happened while it was starting.
@@ -433,9 +436,68 @@ def _init_worker(state: str, size: int, parent: int) -> None:
     threading.Thread(target=watch_parent, daemon=True).start()
     cv2.setNumThreads(1)
     _keep_freed_memory()
-    block = shared_memory.SharedMemory(name=state)
-    _worker_state.update(pickle.loads(bytes(block.buf[:size])))
+    ready.wait()
+    box = shared_memory.SharedMemory(name=mailbox)
+    where = bytes(box.buf).split(b"\0")[0].decode()
+    box.close()
+    if not where:
+        return
+    name, size = where.split()
+    block = shared_memory.SharedMemory(name=name)
+    _worker_state.update(pickle.loads(bytes(block.buf[: int(size)])))
     block.close()
+
+
+class ReadingPool:
+    """Worker processes that read pages (process_paths), started before what they read with is
+    ready: a worker costs a new interpreter and its imports (about 0.2 s) before its first page,
+    and started first it spends them while this process loads the template and the models; then
+    `hand` gives every worker the reading state at once. Close it (or use it as a context
+    manager) whether or not a state was handed."""
+
+    MAILBOX = 256  # bytes: the state's block name and size
+
+    def __init__(self, workers: int):
+        # Spawned, not forked: forking a process that runs interpreter threads (LiteRT, OpenCV)
+        # can deadlock the child.
+        spawn = multiprocessing.get_context("spawn")
+        # Should this process be killed, multiprocessing's resource tracker removes the blocks.
+        self._mailbox = shared_memory.SharedMemory(create=True, size=self.MAILBOX)
+        self._mailbox.buf[:] = bytes(self.MAILBOX)
+        self._ready = spawn.Event()
+        self._state: shared_memory.SharedMemory | None = None
+        self.workers = workers
+        self.executor = ProcessPoolExecutor(
+            workers, mp_context=spawn, initializer=_init_worker, initargs=(self._mailbox.name, self._ready, os.getpid())
+        )
+        for _ in range(workers):  # concurrent.futures starts a spawned worker at a task, not before
+            self.executor.submit(int, 0)
+
+    def hand(self, state: dict) -> None:
+        """Give the workers the reading state (_reading_state), once."""
+        if self._ready.is_set():
+            raise RuntimeError("the reading pool was handed its state already")
+        blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        self._state = shared_memory.SharedMemory(create=True, size=len(blob))
+        self._state.buf[: len(blob)] = blob
+        where = f"{self._state.name} {len(blob)}".encode()
+        self._mailbox.buf[: len(where)] = where
+        self._ready.set()
+
+    def close(self) -> None:
+        """Stop the workers (pages not started are dropped) and free the shared blocks."""
+        self._ready.set()  # workers still waiting find an empty mailbox
+        self.executor.shutdown(cancel_futures=True)
+        for block in (self._mailbox, self._state):
+            if block is not None:
+                block.close()
+                block.unlink()
+
+    def __enter__(self) -> ReadingPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _keep_freed_memory() -> None:
@@ -628,7 +690,7 @@ def process_paths(
     template: Template | Sequence[Template],
     classifier: DigitClassifier,
     threshold: float | None = None,
-    workers: int = 1,
+    workers: int | ReadingPool = 1,
     journal: Journal | None = None,
     scheduler: str | None = None,
     views: Path | None = None,
@@ -639,7 +701,8 @@ def process_paths(
 
     Pages are read `workers` at a time, each whole by one worker process (_read_or_error: the
     main process only records what comes back and keeps none of it: memory does not grow with
-    the batch). With `scheduler`
+    the batch); `workers` may be a ReadingPool started earlier, handed the state here and left
+    open for its owner to close. With `scheduler`
     (the address of a Dask distributed scheduler, tcp://HOST:PORT) the pages are read on that
     cluster's workers instead of local processes: the same page function, the same results.
     With `views` (a folder), each read page's registered picture is kept there as JPEG (named by
@@ -647,69 +710,65 @@ def process_paths(
     from it, cut where the record's `box` says. threshold: see read_segmented.
     """
     journal = journal or Journal(None)
-    # One form, or several: then each page is read as the form it matches (match_form).
-    templates = [template] if isinstance(template, Template) else list(template)
-    features = [prepare_reference(t.reference) for t in templates]
-    if len(templates) == 1:
-        template, features = templates[0], features[0]
-    render_dpi = int(round(max(t.dpi for t in templates)))
-    files = find_inputs(list(paths))
-    # Workers are spawned, not forked: forking a process that runs interpreter threads (LiteRT,
-    # OpenCV) can deadlock the child.
-    spawn = multiprocessing.get_context("spawn")
-    client = _dask_client(scheduler) if scheduler else None
-    state = _reading_state(template, features, classifier, threshold, views is not None, workers > 1 or client is not None)
-    pool, block = None, None
-    if workers > 1 and client is None:
-        # The workers' state, shared rather than sent (see _init_worker); should this process be
-        # killed, multiprocessing's resource tracker removes the block.
-        blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        block = shared_memory.SharedMemory(create=True, size=len(blob))
-        block.buf[: len(blob)] = blob
-        pool = ProcessPoolExecutor(
-            workers, mp_context=spawn, initializer=_init_worker, initargs=(block.name, len(blob), os.getpid())
+    with ExitStack() as owned:
+        # The workers are started first: they start while the references' features are made.
+        if isinstance(workers, ReadingPool):
+            reading_pool = workers
+        else:
+            reading_pool = owned.enter_context(ReadingPool(workers)) if workers > 1 and not scheduler else None
+        # One form, or several: then each page is read as the form it matches (match_form).
+        templates = [template] if isinstance(template, Template) else list(template)
+        features = [prepare_reference(t.reference) for t in templates]
+        if len(templates) == 1:
+            template, features = templates[0], features[0]
+        render_dpi = int(round(max(t.dpi for t in templates)))
+        files = find_inputs(list(paths))
+        client = owned.enter_context(_dask_client(scheduler)) if scheduler else None
+        state = _reading_state(
+            template, features, classifier, threshold, views is not None, reading_pool is not None or client is not None
         )
-    if client is not None:  # the state (template, features, models) travels to each worker once
-        (shared,) = client.scatter([state], broadcast=True)
+        if reading_pool is not None:
+            reading_pool.hand(state)
+        if client is not None:  # the state (template, features, models) travels to each worker once
+            (shared,) = client.scatter([state], broadcast=True)
 
-    def submit(page: Page | PdfPage | ImageFrame):
-        """Start reading a page; what comes back has .result()."""
-        if client is not None:  # the cluster's machines may not see the file: its page travels with the task
-            task = carried(page) if isinstance(page, (PdfPage, ImageFrame)) else page
-            if isinstance(task, PageError):  # the file went between listing and carrying
-                return _Finished(task)
-            return client.submit(_read_or_error, task, shared, pure=False)
-        if pool is not None:
-            return pool.submit(_read_or_error, page)
-        return _Finished(_read_or_error(page, state))
+        def submit(page: Page | PdfPage | ImageFrame):
+            """Start reading a page; what comes back has .result()."""
+            if client is not None:  # the cluster's machines may not see the file: its page travels with the task
+                task = carried(page) if isinstance(page, (PdfPage, ImageFrame)) else page
+                if isinstance(task, PageError):  # the file went between listing and carrying
+                    return _Finished(task)
+                return client.submit(_read_or_error, task, shared, pure=False)
+            if reading_pool is not None:
+                return reading_pool.executor.submit(_read_or_error, page)
+            return _Finished(_read_or_error(page, state))
 
-    def record_read(done) -> dict:
-        """The record of what reading a page gave (_read_or_error), its picture kept."""
-        if isinstance(done, PageError):
-            return error_record(done)
-        read, view = done
-        if views is not None and view is not None:
-            write_atomically(views / view_name(read.source, read.page), view)
-        return page_record(read)
+        def record_read(done) -> dict:
+            """The record of what reading a page gave (_read_or_error), its picture kept."""
+            if isinstance(done, PageError):
+                return error_record(done)
+            read, view = done
+            if views is not None and view is not None:
+                write_atomically(views / view_name(read.source, read.page), view)
+            return page_record(read)
 
-    # Pages are rendered and read by the workers while the next ones are listed: a window of
-    # pages in flight keeps every core busy, and bounds memory whatever the batch. Its items, in
-    # input order: a page being read, an unreadable page's record, or a file's end.
-    in_flight: deque = deque()
-    window = 4 * workers if (pool or client) else 0
+        # Pages are rendered and read by the workers while the next ones are listed: a window of
+        # pages in flight keeps every core busy, and bounds memory whatever the batch. Its items, in
+        # input order: a page being read, an unreadable page's record, or a file's end.
+        in_flight: deque = deque()
+        window = 4 * reading_pool.workers if reading_pool else 4 * workers if client else 0
 
-    def settle(keep: int) -> Iterator[dict]:
-        """Record the finished items off the window's front until at most `keep` remain."""
-        while len(in_flight) > keep:
-            kind, item = in_flight.popleft()
-            if kind == "file_done":
-                journal.write({"kind": "file_done", "source": item})
-                continue
-            rec = record_read(item.result()) if kind == "page" else item
-            journal.write(rec)
-            yield rec
+        def settle(keep: int) -> Iterator[dict]:
+            """Record the finished items off the window's front until at most `keep` remain."""
+            while len(in_flight) > keep:
+                kind, item = in_flight.popleft()
+                if kind == "file_done":
+                    journal.write({"kind": "file_done", "source": item})
+                    continue
+                rec = record_read(item.result()) if kind == "page" else item
+                journal.write(rec)
+                yield rec
 
-    try:
         for path in files:
             if str(path) in journal.done:
                 continue
@@ -718,13 +777,6 @@ def process_paths(
                 yield from settle(window)
             in_flight.append(("file_done", str(path)))
         yield from settle(0)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-            block.close()
-            block.unlink()
-        if client is not None:
-            client.close()
 
 
 class _Finished:

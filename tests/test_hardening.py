@@ -445,6 +445,17 @@ def test_workers_of_a_killed_run_end_too(tmp_path):
     assert not any(alive(w) for w in workers)
 
 
+def test_a_run_that_fails_before_reading_stops_the_workers_it_started(tmp_path):
+    """The workers start before the template and the models are loaded (pipeline.ReadingPool): a
+    run whose model is missing says so and exits 2, as a run of one process does, and does not
+    wait on workers that will never be handed anything to read."""
+    start = time.time()
+    proc = start_batch(tmp_path, "--model", str(tmp_path / "missing.keras"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "missing.keras" in err and "Traceback" not in err
+    assert time.time() - start < 30
+
+
 BOMB = """a: &a ["x","x","x","x","x","x","x","x","x"]
 b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
 c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]

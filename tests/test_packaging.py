@@ -28,6 +28,7 @@ def test_the_wheel_reads_the_samples_without_tensorflow(tmp_path, truth):
     )
     assert install.returncode == 0, install.stderr
     assert (site / "formreader" / "models" / "digits.tflite").exists()
+    assert "from formreader.__main__ import main" in (site / "bin" / "formreader").read_text()
     launcher = tmp_path / "run.py"
     launcher.write_text(
         textwrap.dedent(f"""
@@ -63,3 +64,15 @@ def test_the_wheel_reads_the_samples_without_tensorflow(tmp_path, truth):
         expected[(f.split("/")[-1], int(p), n)] == v for f, p, n, v in zip(fields.file, fields.page, fields.field, fields.value)
     )
     assert len(fields) == len(truth) and right >= 0.85 * len(truth)
+
+
+def test_python_m_formreader_is_the_command_and_its_module_imports_nothing_more():
+    """`python -m formreader` is the command line. The `formreader` command's script imports
+    formreader.__main__, which imports the command line only when run: a worker process runs its
+    parent's main script again before it reads (multiprocessing's spawn start), and so starts
+    without the command line's own imports."""
+    run = subprocess.run([sys.executable, "-m", "formreader", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "process" in run.stdout and "review" in run.stdout
+    probe = "import sys, formreader.__main__; print(sorted(m for m in ('click', 'numpy', 'formreader.cli') if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert imported.returncode == 0 and imported.stdout.strip() == "[]", imported.stdout + imported.stderr

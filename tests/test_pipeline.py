@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from PIL import Image
 
 from formreader import pipeline
 from formreader.export import journal_records
-from formreader.pipeline import Journal, process_paths, read_page
+from formreader.pipeline import Journal, ReadingPool, process_paths, read_page
 from formreader.reading.ingest import ImageFrame, Page, PdfPage
 from formreader.training.synth import scan
 
@@ -316,6 +317,8 @@ class _TracedPool(ProcessPoolExecutor):
     pids: list = []
 
     def submit(self, fn, item):
+        if fn is not pipeline._read_or_error:  # the pool starting its workers (ReadingPool)
+            return super().submit(fn, item)
         _TracedPool.tasks.append(item)
         future = super().submit(_in_worker, fn, item)
 
@@ -346,6 +349,24 @@ def test_workers_give_the_same_results_page_by_page(template, classifier, sample
     kinds = {Path(t.source).name: type(t) for t in _TracedPool.tasks}
     assert [kinds[n] for n in ("scan_c.png", "phone_d.jpg", "scan_e.jpg", "fax_b.tif")] == [ImageFrame] * 3 + [Page]
     assert len(_TracedPool.pids) == len(sample_records) and os.getpid() not in _TracedPool.pids
+
+
+def test_a_reading_pool_starts_its_workers_before_it_is_handed_what_they_read_with(template, classifier, sample_records):
+    """`formreader process` makes its pool before it loads the template and the models, so that
+    the workers' start (an interpreter and its imports each) overlaps that loading: the workers
+    are running as soon as the pool is made; handed the state later, they read as a pool made
+    with it does; a pool closed before it was handed one (the template was bad) stops them."""
+    before = set(multiprocessing.active_children())
+    with ReadingPool(2) as pool:
+        started = [p for p in multiprocessing.active_children() if p not in before]
+        assert len(started) == 2 and all(p.is_alive() for p in started)
+        assert list(process_paths([SCANS], template, classifier, workers=pool)) == sample_records
+        assert all(p.is_alive() for p in started)  # the pool is its owner's to close
+    assert not any(p.is_alive() for p in started)
+    unused = ReadingPool(2)
+    started = [p for p in multiprocessing.active_children() if p not in before]
+    unused.close()
+    assert len(started) == 2 and not any(p.is_alive() for p in started)
 
 
 def test_inspect_draws_the_overlay(tmp_path):

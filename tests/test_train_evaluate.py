@@ -262,7 +262,7 @@ def test_field_confidence_is_fitted_for_the_least_sure_population_of_writers(cla
     records, sources = calibration_records(forms, {"": classifier.cell_probabilities})
     right, confidence, ruled, bitonal = records[""]
     assert len(sources) == len(right) and set(sources) == {source for source, *_ in forms}
-    fitted = fit_field_decision(right, confidence, ruled, bitonal, sources=sources, min_fields=15)
+    fitted = fit_field_decision(right, confidence, ruled, bitonal, sources=sources, min_fields=10)
     pooled = fit_field_decision(right, confidence, ruled, bitonal)
     assert pooled["source_powers"] is None
     for kind, key in ((False, "field_power"), (True, "field_power_bitonal")):
@@ -272,7 +272,7 @@ def test_field_confidence_is_fitted_for_the_least_sure_population_of_writers(cla
         assert chosen >= pooled[key]
         for source in fitted["source_powers"]:
             one = ~ruled & (bitonal == kind) & (sources == source)
-            if one.sum() >= 15:
+            if one.sum() >= 10:
                 assert fit_power(confidence[one] ** chosen, right[one]) <= 1.001  # not over-confident
 
 

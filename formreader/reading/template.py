@@ -29,7 +29,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
 from formreader.reading.locate import Box, BoxLimits, find_boxes, find_tick_cells, overlaps, sort_reading_order
 
@@ -94,8 +93,10 @@ def load_template(path: Path) -> Template:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TemplateError(f"{where}: not UTF-8 text (byte {e.start}): save the template as UTF-8") from e
-    # The schema (pydantic) is imported here, not with the module: a worker that is handed a
-    # loaded template never validates one, and starts without it.
+    # The schema (pydantic) and YAML are imported here, not with the module: a worker that is
+    # handed a loaded template never reads one, and starts without them.
+    import yaml
+
     from formreader.reading.schema import layout_problems, structure_problems
 
     # libyaml's parser where PyYAML was built with it: the pure-Python one took 50 ms of a run's
@@ -302,6 +303,8 @@ def template_yaml(fields: list[Field], reference: str, dpi: float, name: str, ca
     quoted as it must be); lists of numbers (cells, boxes) on one line each, as people edit them.
     A dpi within half a unit of a whole number is written whole (150, not 150.012). Candidate
     fields follow, commented out, for a person to uncomment."""
+    import yaml
+
     docs = [_field_doc(f) for f in fields]
     whole = round(dpi)
     template = {"name": name, "reference": reference, "dpi": whole if abs(dpi - whole) < 0.5 else float(dpi), "fields": docs}
