@@ -193,8 +193,12 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     # against 1.09-1.18) and two won from about 30 (40 pages: 2.0-2.2 s against 2.2-2.6).
     workers = workers or max(1, min(os.cpu_count() or 1, total // PAGES_PER_WORKER))
     # Started first, the workers start while the template and the models load here.
-    with ReadingPool(workers) if workers > 1 and not scheduler else nullcontext(workers) as pool:
-        _process(files, skipped, templates, out, review_threshold, review_risk, model, pool, scheduler, resume, quiet, total)
+    try:
+        with ReadingPool(workers) if workers > 1 and not scheduler else nullcontext(workers) as pool:
+            _process(files, skipped, templates, out, review_threshold, review_risk, model, pool, scheduler, resume, quiet, total)
+    except KeyboardInterrupt:  # before any page was read (later ones are _process's to report)
+        click.echo("\nformreader: interrupted before any page was read", err=True)
+        sys.exit(130)
 
 
 def _process(files, skipped, templates, out, review_threshold, review_risk, model, workers, scheduler, resume, quiet, total):

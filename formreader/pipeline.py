@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from collections import deque
@@ -476,8 +477,17 @@ class ReadingPool:
         self.executor = ProcessPoolExecutor(
             workers, mp_context=spawn, initializer=_init_worker, initargs=(self._mailbox.name, self._ready, os.getpid())
         )
-        for _ in range(workers):  # concurrent.futures starts a spawned worker at a task, not before
-            self.executor.submit(int, 0)
+        # The workers ignore Ctrl-C (a signal ignored stays ignored in the program a process
+        # becomes): it is this process's to handle, and it stops them; a worker interrupted while
+        # it imported printed a traceback of its own.
+        here = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if here else None
+        try:
+            for _ in range(workers):  # concurrent.futures starts a spawned worker at a task, not before
+                self.executor.submit(int, 0)
+        finally:
+            if here:
+                signal.signal(signal.SIGINT, previous)
 
     def hand(self, state: dict) -> None:
         """Give the workers the reading state (_reading_state), once."""

@@ -456,6 +456,22 @@ def test_a_run_that_fails_before_reading_stops_the_workers_it_started(tmp_path):
     assert time.time() - start < 30
 
 
+def test_ctrl_c_while_the_workers_start_exits_130_without_their_tracebacks(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group. The workers ignore it (the run
+    stops them); so a run interrupted while they are still starting says it was interrupted and
+    exits 130, with no traceback of a worker interrupted in its imports."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        shutil.copyfile(SCANS / "batch_a.pdf", folder / f"b{i}.pdf")
+    cmd = [sys.executable, "-m", "formreader", "process", folder, "-t", TEMPLATE, "-o", tmp_path / "r.csv", "-j", "2"]
+    proc = subprocess.Popen([str(c) for c in cmd], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_workers(proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
 BOMB = """a: &a ["x","x","x","x","x","x","x","x","x"]
 b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
 c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
