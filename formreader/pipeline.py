@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import secrets
 import signal
 import threading
 import time
@@ -420,14 +421,13 @@ def _read(
 _worker_state: dict = {}
 
 
-def _init_worker(mailbox: str, ready, parent: int) -> None:
+def _init_worker(state: str, ready, parent: int) -> None:
     """Set up a pool's worker (ReadingPool): wait for the reading state (_reading_state: the
-    template, its features, the classifier...) to be `ready`, then read it from the shared memory
-    block whose name and size the block `mailbox` holds (empty: the pool closed before any was
-    handed; the worker then reads nothing). Passed as the pool's own arguments, those few
-    megabytes would be written down each new worker's pipe while the parent waits for the worker
-    to start (0.45 s a worker, one after another). `parent`: the pid of the process that runs the
-    pool."""
+    template, its features, the classifier...) to be `ready`, then read it, pickled, from the
+    shared memory block named `state` (none there: the pool closed before any was handed; the
+    worker then reads nothing). Passed as the pool's own arguments, those few megabytes would be
+    written down each new worker's pipe while the parent waits for the worker to start (0.45 s a
+    worker, one after another). `parent`: the pid of the process that runs the pool."""
 
     # A worker whose parent was killed (kill -9 gives the pool no chance to stop it) ends itself,
     # also when that happened while it was starting.
@@ -444,14 +444,11 @@ def _init_worker(mailbox: str, ready, parent: int) -> None:
     cv2.setNumThreads(1)
     _keep_freed_memory()
     ready.wait()
-    box = shared_memory.SharedMemory(name=mailbox)
-    where = bytes(box.buf).split(b"\0")[0].decode()
-    box.close()
-    if not where:
+    try:
+        block = shared_memory.SharedMemory(name=state)
+    except FileNotFoundError:
         return
-    name, size = where.split()
-    block = shared_memory.SharedMemory(name=name)
-    _worker_state.update(pickle.loads(bytes(block.buf[: int(size)])))
+    _worker_state.update(pickle.loads(block.buf))  # the block's padding beyond the pickle is ignored
     block.close()
 
 
@@ -462,20 +459,17 @@ class ReadingPool:
     `hand` gives every worker the reading state at once. Close it (or use it as a context
     manager) whether or not a state was handed."""
 
-    MAILBOX = 256  # bytes: the state's block name and size
-
     def __init__(self, workers: int):
         # Spawned, not forked: forking a process that runs interpreter threads (LiteRT, OpenCV)
         # can deadlock the child.
         spawn = multiprocessing.get_context("spawn")
-        # Should this process be killed, multiprocessing's resource tracker removes the blocks.
-        self._mailbox = shared_memory.SharedMemory(create=True, size=self.MAILBOX)
-        self._mailbox.buf[:] = bytes(self.MAILBOX)
+        # The state's block is named now and made when the state is handed (`hand`).
+        self._name = f"formreader_{os.getpid()}_{secrets.token_hex(6)}"
         self._ready = spawn.Event()
         self._state: shared_memory.SharedMemory | None = None
         self.workers = workers
         self.executor = ProcessPoolExecutor(
-            workers, mp_context=spawn, initializer=_init_worker, initargs=(self._mailbox.name, self._ready, os.getpid())
+            workers, mp_context=spawn, initializer=_init_worker, initargs=(self._name, self._ready, os.getpid())
         )
         # The workers ignore Ctrl-C (a signal ignored stays ignored in the program a process
         # becomes): it is this process's to handle, and it stops them; a worker interrupted while
@@ -494,20 +488,18 @@ class ReadingPool:
         if self._ready.is_set():
             raise RuntimeError("the reading pool was handed its state already")
         blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        self._state = shared_memory.SharedMemory(create=True, size=len(blob))
+        # Should this process be killed, multiprocessing's resource tracker removes the block.
+        self._state = shared_memory.SharedMemory(name=self._name, create=True, size=len(blob))
         self._state.buf[: len(blob)] = blob
-        where = f"{self._state.name} {len(blob)}".encode()
-        self._mailbox.buf[: len(where)] = where
         self._ready.set()
 
     def close(self) -> None:
-        """Stop the workers (pages not started are dropped) and free the shared blocks."""
-        self._ready.set()  # workers still waiting find an empty mailbox
+        """Stop the workers (pages not started are dropped) and free the state's shared block."""
+        self._ready.set()  # workers still waiting find no state, and read nothing
         self.executor.shutdown(cancel_futures=True)
-        for block in (self._mailbox, self._state):
-            if block is not None:
-                block.close()
-                block.unlink()
+        if self._state is not None:
+            self._state.close()
+            self._state.unlink()
 
     def __enter__(self) -> ReadingPool:
         return self
