@@ -55,11 +55,18 @@ def test_register_undoes_rotation_scale_shift_perspective(filled_pages, angle, s
     assert abs(((reg.rotation_deg - angle + 180) % 360) - 180) < 1.0  # counter-clockwise, as scanned
 
 
-def test_blank_page_is_refused():
+def test_blank_page_is_refused_before_the_finer_attempts(monkeypatch):
+    import formreader.reading.register as register
+
     blank, _ = blank_form()
+    attempts = []
+    match = register._match
+    monkeypatch.setattr(register, "_match", lambda small, *rest: attempts.append(small.shape) or match(small, *rest))
     paper = np.clip(np.random.default_rng(0).normal(240, 3, (900, 1300)), 0, 255).astype(np.uint8)
     with pytest.raises(RegistrationError, match="blank page"):
         register_page(paper, blank)
+    # The back of a duplex scan costs at most the first attempt, not the finer ones too.
+    assert [max(shape) for shape in attempts] in ([], [register.ATTEMPTS[0][0]])
 
 
 def other_form() -> np.ndarray:
