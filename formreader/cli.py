@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import closing, nullcontext
@@ -97,6 +98,26 @@ def _load_classifier(model: Path | None, calibrating: bool = False):
         _fail(str(e))
 
 
+class _CtrlCHeld:
+    """Ctrl-C noted, not raised, from now until `release`, which raises it (KeyboardInterrupt) if
+    it was pressed. While a run starts it would be raised inside a library's import: there it
+    broke an extension's initialisation (pydantic-core panicked), or left the interpreter marking
+    it unhandled, so that the run ended killed by the signal (status -2) after saying it was
+    interrupted. Held, it is raised at one known line, a second at most later."""
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = signal.signal(signal.SIGINT, self._note)
+
+    def _note(self, *_) -> None:
+        self.pressed = True
+
+    def release(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
 PAGES_PER_WORKER = 12  # the default --workers starts no more workers than one per this many pages
 DATA_OPTION = click.option(
     "--data",
@@ -170,9 +191,11 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     errors CSV), 2 for a bad template, model or option, 130 when interrupted (what was
     finished is kept: run again with --resume).
     """
+    held = _CtrlCHeld()
     from formreader.export import manifest_path, output_paths
     from formreader.pipeline import ReadingPool
     from formreader.reading.ingest import count_pages, scan_inputs
+
 
     files, skipped = scan_inputs(list(inputs))
     if not files:
@@ -195,16 +218,20 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     # Started first, the workers start while the template and the models load here.
     try:
         with ReadingPool(workers) if workers > 1 and not scheduler else nullcontext(workers) as pool:
-            _process(files, skipped, templates, out, review_threshold, review_risk, model, pool, scheduler, resume, quiet, total)
+            _process(
+                files, skipped, templates, out, review_threshold, review_risk, model, pool, scheduler, resume, quiet, total, held
+            )
     except KeyboardInterrupt:  # before any page was read (later ones are _process's to report)
         click.echo("\nformreader: interrupted before any page was read", err=True)
         sys.exit(130)
 
 
-def _process(files, skipped, templates, out, review_threshold, review_risk, model, workers, scheduler, resume, quiet, total):
-    """`process`, its inputs listed and its workers started (`workers`: a ReadingPool, or how many)."""
+def _process(
+    files, skipped, templates, out, review_threshold, review_risk, model, workers, scheduler, resume, quiet, total, held
+):
+    """`process`, its inputs listed and its workers started (`workers`: a ReadingPool, or how many),
+    Ctrl-C `held` until the template and the models are loaded."""
     import hashlib
-    import signal
 
     from tqdm import tqdm
 
@@ -225,6 +252,7 @@ def _process(files, skipped, templates, out, review_threshold, review_risk, mode
     forms = _at_risk(_load_templates(templates), review_risk, review_threshold)
     clf = _load_classifier(model)
     thresholds = _review_thresholds(clf, review_threshold, forms)
+    held.release()  # a Ctrl-C pressed meanwhile is raised here: `process` reports it
     settings = {
         "template": hashlib.sha256(b"".join(Path(t.path).read_bytes() + t.reference.tobytes() for t in forms)).hexdigest()[:16],
         "model": clf.fingerprint,
@@ -854,7 +882,6 @@ def review(results, port, reviewer) -> None:
     _need("flask", "web")
     import getpass
     import secrets
-    import signal
 
     from werkzeug.serving import make_server
 

@@ -471,17 +471,17 @@ class ReadingPool:
         self.executor = ProcessPoolExecutor(
             workers, mp_context=spawn, initializer=_init_worker, initargs=(self._name, self._ready, os.getpid())
         )
-        # The workers ignore Ctrl-C (a signal ignored stays ignored in the program a process
-        # becomes): it is this process's to handle, and it stops them; a worker interrupted while
-        # it imported printed a traceback of its own.
-        here = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if here else None
+        # The workers never take Ctrl-C: it is this process's to handle, and it stops them (a
+        # worker interrupted while it imported printed a traceback of its own). They inherit the
+        # signals this thread blocks as it spawns them, and a blocked signal stays blocked in the
+        # program a process becomes; this process's own Ctrl-C is not lost meanwhile, as it was
+        # while the signal was ignored process-wide instead.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for _ in range(workers):  # concurrent.futures starts a spawned worker at a task, not before
                 self.executor.submit(int, 0)
         finally:
-            if here:
-                signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def hand(self, state: dict) -> None:
         """Give the workers the reading state (_reading_state), once."""
