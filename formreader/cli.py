@@ -191,11 +191,10 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     errors CSV), 2 for a bad template, model or option, 130 when interrupted (what was
     finished is kept: run again with --resume).
     """
-    held = _CtrlCHeld()
+    held = _CtrlCHeld()  # until the template and the models are loaded (_process)
     from formreader.export import manifest_path, output_paths
     from formreader.pipeline import ReadingPool
     from formreader.reading.ingest import count_pages, scan_inputs
-
 
     files, skipped = scan_inputs(list(inputs))
     if not files:
