@@ -193,7 +193,7 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     """
     held = _CtrlCHeld()  # until the template and the models are loaded (_process)
     from formreader.export import manifest_path, output_paths
-    from formreader.pipeline import ReadingPool
+    from formreader.pipeline import start_reading_pool
     from formreader.reading.ingest import count_pages, scan_inputs
 
     files, skipped = scan_inputs(list(inputs))
@@ -216,7 +216,7 @@ def process(inputs, templates, out, review_threshold, review_risk, model, worker
     workers = workers or max(1, min(os.cpu_count() or 1, total // PAGES_PER_WORKER))
     # Started first, the workers start while the template and the models load here.
     try:
-        with ReadingPool(workers) if workers > 1 and not scheduler else nullcontext(workers) as pool:
+        with start_reading_pool(workers, scheduler) or nullcontext(workers) as pool:
             _process(
                 files, skipped, templates, out, review_threshold, review_risk, model, pool, scheduler, resume, quiet, total, held
             )

@@ -508,6 +508,12 @@ class ReadingPool:
         self.close()
 
 
+def start_reading_pool(workers: int, scheduler: str | None = None) -> ReadingPool | None:
+    """The local workers a run of `workers` processes reads with, started; None for one process,
+    or on a Dask cluster (`scheduler`), whose workers read instead."""
+    return ReadingPool(workers) if workers > 1 and not scheduler else None
+
+
 def _keep_freed_memory() -> None:
     """Let glibc's malloc keep the buffers a page frees for the next page, instead of giving them
     back to the kernel at once and faulting them in again: reading a page allocates and frees tens
@@ -721,9 +727,11 @@ def process_paths(
     with ExitStack() as owned:
         # The workers are started first: they start while the references' features are made.
         if isinstance(workers, ReadingPool):
-            reading_pool = workers
+            reading_pool = workers  # its owner's to close
         else:
-            reading_pool = owned.enter_context(ReadingPool(workers)) if workers > 1 and not scheduler else None
+            reading_pool = start_reading_pool(workers, scheduler)
+            if reading_pool is not None:
+                owned.enter_context(reading_pool)
         # One form, or several: then each page is read as the form it matches (match_form).
         templates = [template] if isinstance(template, Template) else list(template)
         features = [prepare_reference(t.reference) for t in templates]
