@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.formreader-dev
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint samples evaluate benchmark
+.PHONY: setup demo test lint samples evaluate benchmark accelerator
 
 setup: $(STAMP)
 
@@ -66,3 +66,14 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_review.py
+
+# What a session lent an accelerator carries to it (models/MODEL_CARD.md, "On a lent accelerator"):
+# the digit model's training splits, prepared here as ACCEL_RECIPE makes them (the machine has
+# no data sets), and the wheels its Python 3.12 lacks (Keras; it holds JAX), in .accel/ (ignored).
+ACCEL_RECIPE ?= --scanned 0.5 --written 1.0
+accelerator: $(STAMP)
+	mkdir -p .accel
+	$(VENV)/bin/formreader train --prepare-only --force --prepared .accel/splits.npz $(ACCEL_RECIPE)
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .accel \
+	  keras==3.15.1 namex optree

@@ -535,6 +535,12 @@ def inspect(page_file, template, out, page_number, model, review_threshold, revi
     type=click.Path(dir_okay=False, path_type=Path),
     help="The prepared training splits (.npz): read if it exists, else built and written there.",
 )
+@click.option(
+    "--prepare-only",
+    is_flag=True,
+    help="Build the splits, write them to --prepared and stop, training nothing: what a machine with an "
+    "accelerator is given to train on (models/MODEL_CARD.md).",
+)
 def train(
     data,
     out,
@@ -556,15 +562,21 @@ def train(
     initial,
     extra,
     prepared,
+    prepare_only,
 ) -> None:
     """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.
 
     Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
     """
-    _need("keras", "train")
     from formreader.training.train import TrainConfig, train_model
 
-    if out.exists() and not force:
+    if prepare_only and not prepared:
+        _fail("--prepare-only writes the splits to --prepared FILE; name the file")
+    if prepare_only and prepared.exists() and not force:
+        _fail(f"{prepared} exists; pass --force to build it again, or choose another --prepared")
+    if not prepare_only:
+        _need("keras", "train")
+    if out.exists() and not force and not prepare_only:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
     config = TrainConfig(
         epochs=epochs,
@@ -585,6 +597,11 @@ def train(
         initial=str(initial) if initial else None,
         extra=str(extra) if extra else None,
     )
+    if prepare_only:
+        prepared.unlink(missing_ok=True)
+        splits = _prepared_splits(prepared, config, data)
+        click.echo(f"{prepared}: {len(splits.y_train)} training and {len(splits.y_val)} validation images; nothing trained")
+        return
     meta = train_model(out, config, data=_prepared_splits(prepared, config, data))
     click.echo(f"{out}: {meta['parameters']} parameters, {meta['epochs_run']} epochs in {meta['training_seconds']:.0f} s")
 

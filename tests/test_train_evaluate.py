@@ -15,7 +15,9 @@ from formreader.training.evaluate import (
     risk_coverage,
 )
 from formreader.training.train import (
+    SOURCES,
     TrainConfig,
+    TrainingData,
     augment_batch,
     fit_temperature,
     make_string_pieces,
@@ -23,6 +25,8 @@ from formreader.training.train import (
     scanned_copies,
     train_model,
 )
+
+from .conftest import run_cli
 
 
 def test_training_runs_end_to_end_on_a_subset(tmp_path):
@@ -33,6 +37,26 @@ def test_training_runs_end_to_end_on_a_subset(tmp_path):
     clf = DigitClassifier.load(out)
     p = clf.probabilities(np.zeros((3, 28, 28), np.float32))
     assert p.shape == (3, 11)
+
+
+def test_the_splits_are_prepared_for_an_accelerator_without_training(tmp_path):
+    """`train --prepare-only` writes what a lent accelerator trains on (models/MODEL_CARD.md) and
+    trains nothing: both splits, with labels and every real source; a second run asks for --force
+    rather than build over the file, and a run with no file to write says so."""
+    prepared, out = tmp_path / "splits.npz", tmp_path / "never.keras"
+    args = ("train", "--prepare-only", "--prepared", prepared, "--limit", 300, "--out", out)
+    run = run_cli(*args)
+    assert run.returncode == 0, run.stderr
+    assert prepared.exists() and not out.exists() and "nothing trained" in run.stdout
+    splits = TrainingData.load(prepared)
+    assert len(splits.x_train) > len(splits.x_val) > 0 and splits.x_train.shape[1:] == (28, 28)
+    assert splits.x_train.max() > 0.9 and set(np.unique(splits.y_train)) == set(range(NOT_A_DIGIT + 1))
+    used = {SOURCES[k] for k in np.unique(splits.source_train)}
+    assert {"mnist", "cvl", "orand", "not_a_digit"} <= used
+    again = run_cli(*args)
+    assert again.returncode == 2 and "--force" in again.stderr
+    nameless = run_cli("train", "--prepare-only", "--limit", 300)
+    assert nameless.returncode == 2 and "--prepared" in nameless.stderr
 
 
 def test_a_model_trained_on_another_backend_gets_its_fast_path_at_first_load(tmp_path, classifier, monkeypatch):
