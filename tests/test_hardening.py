@@ -382,10 +382,12 @@ def cmdline(pid: int) -> str:
 
 
 def wait_for_workers(proc: subprocess.Popen, count: int = 2, timeout: float = 60) -> list[int]:
-    """The run's pool workers (spawned Python processes), once `count` of them are up."""
+    """The run's pool workers (spawned Python processes), once `count` of them are up; not
+    multiprocessing's resource tracker, also a child of the run, which "multiprocessing" in the
+    command line took for a worker."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        workers = [p for p in children(proc.pid) if "multiprocessing" in cmdline(p)]
+        workers = [p for p in children(proc.pid) if "spawn_main" in cmdline(p)]
         if len(workers) >= count:
             return workers
         time.sleep(0.2)
