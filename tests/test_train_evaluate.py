@@ -222,8 +222,6 @@ def test_evaluate_shows_a_model_before_and_after(tmp_path):
     (the shipped model against itself gives the same table twice)."""
     from formreader.reading.classify import MODELS
 
-    from .conftest import run_cli
-
     run = run_cli("evaluate", "--before", MODELS / "digits.keras", "--plots", tmp_path)
     assert run.returncode == 0, run.stderr
     after, before = run.stdout.split("Writers never trained on")[1].split("Before (")
