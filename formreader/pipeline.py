@@ -589,7 +589,9 @@ class Journal:
         settings = settings or {}
         if path is None:
             return
-        if path.exists() and not resume and not _finished(path):
+        # A journal that records no page (a run stopped before its first: a scheduler it could
+        # not reach, say) holds nothing to keep, and is begun again.
+        if path.exists() and not resume and not _finished(path) and _records_pages(path):
             raise JournalError(f"an interrupted run left {path}: pass --resume to keep the pages it finished, "
                                "or delete that file to start afresh")
         if resume and path.exists():
@@ -644,6 +646,11 @@ class Journal:
             self._fh.close()
             if remove:
                 self.path.unlink(missing_ok=True)
+
+
+def _records_pages(path: Path) -> bool:
+    """Whether a journal records any page or finished file."""
+    return any(rec.get("kind") in ("page", "file_done") for _, rec in journal_lines(path))
 
 
 def _finished(path: Path) -> bool:
@@ -812,9 +819,29 @@ def _dask_client(address: str):
     except ImportError as e:
         raise RuntimeError("--scheduler needs Dask distributed: pip install 'formreader[cluster]'") from e
     try:
+        _nothing_listens(address)
         return Client(address, timeout="20s")
     except OSError as e:
         raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}") from e
+
+
+def _nothing_listens(address: str) -> None:
+    """Raise OSError at once where a tcp:// address's host is unknown or its port refuses
+    connections: Dask's client tries again until its timeout (20 s) whatever the cause, so a
+    mistyped address kept a run waiting that long. An address that does not answer at all (a slow
+    or filtered network) is left to the client's own timeout."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=3).close()
+    except (ConnectionRefusedError, socket.gaierror):
+        raise
+    except OSError:  # no answer in time: perhaps a slow network, which the client may yet reach
+        return
 
 
 def _pages_of(path: Path, dpi: int) -> Iterator[Page | PdfPage | ImageFrame | PageError]:

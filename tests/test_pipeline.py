@@ -424,8 +424,15 @@ def test_a_dask_cluster_gives_the_local_results(template, classifier, sample_rec
 
 
 def test_an_unreachable_scheduler_is_a_clear_refusal(tmp_path):
-    run = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", tmp_path / "r.csv", "--scheduler", "tcp://127.0.0.1:9")
-    assert run.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in run.stderr
+    """A scheduler's address that refuses connections, or whose host does not exist, is refused
+    at once (Dask's client alone tried again for 20 s), and the run, stopped before its first page,
+    leaves no journal that the next run, with the address mended, must be told to resume."""
+    for address in ("tcp://127.0.0.1:9", "tcp://no-such-host.invalid:8786"):
+        run = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", tmp_path / "r.csv", "--scheduler", address)
+        assert run.returncode == 2 and f"cannot reach the Dask scheduler at {address}" in run.stderr
+    again = run_cli("process", SCANS / "scan_c.png", "-t", TEMPLATE, "-o", tmp_path / "r.csv", "-q")
+    assert again.returncode == 0, again.stderr
+    assert len(pd.read_csv(tmp_path / "r.csv", dtype={"value": str}, keep_default_na=False)) == 6
 
 
 def test_a_batch_of_three_forms_and_an_unknown_one(tmp_path, mnist_test):
