@@ -568,7 +568,7 @@ def train(
 
     Runs on whatever Keras backend is set (KERAS_BACKEND; a GPU when the backend sees one).
     """
-    from formreader.training.train import TrainConfig, train_model
+    from formreader.training.train import TrainConfig, build_training_data, train_model
 
     if prepare_only and not prepared:
         _fail("--prepare-only writes the splits to --prepared FILE; name the file")
@@ -598,8 +598,8 @@ def train(
         extra=str(extra) if extra else None,
     )
     if prepare_only:
-        prepared.unlink(missing_ok=True)
-        splits = _prepared_splits(prepared, config, data)
+        splits = build_training_data(config, data)
+        splits.save(prepared)
         click.echo(f"{prepared}: {len(splits.y_train)} training and {len(splits.y_val)} validation images; nothing trained")
         return
     meta = train_model(out, config, data=_prepared_splits(prepared, config, data))
