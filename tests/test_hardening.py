@@ -465,9 +465,10 @@ def test_ctrl_c_while_the_run_starts_exits_130_without_tracebacks(tmp_path, afte
     models (raised there, inside a library's import, it ended the run killed by the signal,
     status -2, or broke pydantic-core's start); so a run interrupted as its workers start, or a
     moment later, says it was interrupted and exits 130, with no traceback of any process.
-    The run reads 80 pages, several seconds' work, and must still be running when it is interrupted:
-    on a slow machine a run of 24 pages once read them all and exited 0, and whether it had ended
-    before the signal (the test looks for the workers with `ps`) was not known."""
+    The run reads 80 pages, several seconds' work, and must still be running when it is interrupted.
+    Known to fail now and then (stop 55: 2 of 9 whole-suite runs on a slow machine, never alone):
+    interrupted 0.35 s after its workers were seen, still running, the run read all 80 pages and
+    exited 0. A Ctrl-C lost; the cause is not yet found."""
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(20):
