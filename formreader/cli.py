@@ -103,11 +103,14 @@ class _CtrlCHeld:
     it was pressed. While a run starts it would be raised inside a library's import: there it
     broke an extension's initialisation (pydantic-core panicked), or left the interpreter marking
     it unhandled, so that the run ended killed by the signal (status -2) after saying it was
-    interrupted. Held, it is raised at one known line, a second at most later."""
+    interrupted. Held, it is raised at one known line, a second at most later. A run that started
+    with Ctrl-C ignored (a background job of a shell, nohup) goes on ignoring it, as Unix wants."""
 
     def __init__(self):
         self.pressed = False
-        self._previous = signal.signal(signal.SIGINT, self._note)
+        self._previous = signal.getsignal(signal.SIGINT)
+        if self._previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._note)
 
     def _note(self, *_) -> None:
         self.pressed = True
