@@ -69,11 +69,14 @@ benchmark: $(STAMP)
 
 # What a session lent an accelerator carries to it (models/MODEL_CARD.md, "On a lent accelerator"):
 # the digit model's training splits, prepared here as ACCEL_RECIPE makes them (the machine has
-# no data sets), and the wheels its Python 3.12 lacks (Keras; it holds JAX), in .accel/ (ignored).
+# no data sets), ORAND's training and validation check amounts (the string model trains on them;
+# its test checks stay here), and the wheels its Python 3.12 lacks (Keras; it holds JAX), in
+# .accel/ (ignored).
 ACCEL_RECIPE ?= --scanned 0.5 --written 1.0
 accelerator: $(STAMP)
 	mkdir -p .accel
 	$(VENV)/bin/formreader train --prepare-only --force --prepared .accel/splits.npz $(ACCEL_RECIPE)
+	rm -rf .accel/data && $(PY) -c 'from formreader.training.datasets import copy_orand; copy_orand(".accel/data/orand_car_a")'
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .accel \
 	  keras==3.15.1 namex optree

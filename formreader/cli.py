@@ -128,6 +128,11 @@ DATA_OPTION = click.option(
     help="Folder holding mnist/, cvl_digits/ and orand_car_a/; default $FORMREADER_DATA, else ../shared/data.",
 )
 FORCE_OPTION = click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+TIME_LIMIT_OPTION = click.option(
+    "--time-limit",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds: stop after the last epoch that fits in them (the best weights kept), as on a lent accelerator's call.",
+)
 
 
 def _prepared_splits(prepared: Path | None, config, data: Path | None):
@@ -544,6 +549,7 @@ def inspect(page_file, template, out, page_number, model, review_threshold, revi
     help="Build the splits, write them to --prepared and stop, training nothing: what a machine with an "
     "accelerator is given to train on (models/MODEL_CARD.md).",
 )
+@TIME_LIMIT_OPTION
 def train(
     data,
     out,
@@ -566,6 +572,7 @@ def train(
     extra,
     prepared,
     prepare_only,
+    time_limit,
 ) -> None:
     """Train the digit CNN on MNIST, CVL's training writers and ORAND's training checks.
 
@@ -599,6 +606,7 @@ def train(
         strings=strings,
         initial=str(initial) if initial else None,
         extra=str(extra) if extra else None,
+        time_limit=time_limit,
     )
     if prepare_only:
         splits = build_training_data(config, data)
@@ -661,8 +669,9 @@ def export_results(results, xlsx) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The digit model's prepared training splits (.npz, see `train --prepared`): read if it exists, else built.",
 )
+@TIME_LIMIT_OPTION
 def train_strings(
-    data, out, force, epochs, steps, real_share, learning_rate, initial, average_with, seed, narrow, prepared
+    data, out, force, epochs, steps, real_share, learning_rate, initial, average_with, seed, narrow, prepared, time_limit
 ) -> None:
     """Train the string model (CNN + CTC) on fields composed from the digit model's training
     digits and on ORAND's training check amounts (its test checks are never read)."""
@@ -689,6 +698,7 @@ def train_strings(
         initial=str(initial) if initial else None,
         average_with=str(average_with) if average_with else None,
         narrow=narrow,
+        time_limit=time_limit,
     )
     meta = train_string_model(out, config, *train, *val, data)
     click.echo(f"{out}: {meta['parameters']} parameters in {meta['training_seconds']:.0f} s; {meta['validation_fields_right']}")

@@ -30,10 +30,12 @@ from .conftest import run_cli
 
 
 def test_training_runs_end_to_end_on_a_subset(tmp_path):
+    """A tiny training, asked for 5 epochs in a time limit that one epoch overruns (as a lent
+    accelerator's call would be): it stops after that epoch and still writes a whole model."""
     out = tmp_path / "tiny.keras"
-    meta = train_model(out, TrainConfig(epochs=1, limit=400, batch_size=64), log=lambda *_: None)
+    meta = train_model(out, TrainConfig(epochs=5, limit=400, batch_size=64, time_limit=0.01), log=lambda *_: None)
     assert out.exists() and out.with_suffix(".json").exists()
-    assert meta["epochs_run"] == 1 and meta["temperature"] > 0
+    assert meta["epochs_run"] == 1 and meta["stopped_for_time"] and meta["temperature"] > 0
     clf = DigitClassifier.load(out)
     p = clf.probabilities(np.zeros((3, 28, 28), np.float32))
     assert p.shape == (3, 11)

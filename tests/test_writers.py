@@ -132,6 +132,21 @@ def test_clean_number_is_ok(mnist_test):
     assert reading.value == "258" and reading.status == "ok" and reading.reasons == []
 
 
+def test_the_orand_checks_carried_to_an_accelerator_leave_the_test_checks_behind(tmp_path):
+    """`make accelerator` copies ORAND's training and validation checks for a machine with no data
+    sets (copy_orand): load_orand reads the copy as it reads the set, and finds no test check there."""
+    from formreader.training.datasets import copy_orand, load_orand
+
+    copied = copy_orand(tmp_path / "orand_car_a")
+    for split in ("train", "val"):
+        here, there = load_orand(split), load_orand(split, tmp_path / "orand_car_a")
+        assert [(a.name, a.value, a.boxes) for a in there] == [(a.name, a.value, a.boxes) for a in here]
+        assert all(np.array_equal(a.image, b.image) for a, b in zip(here, there))
+    assert copied == len(load_orand("train")) + len(load_orand("val")) > 0
+    assert load_orand("test") and not load_orand("test", tmp_path / "orand_car_a")
+    assert len(list((tmp_path / "orand_car_a" / "images").iterdir())) == copied
+
+
 def test_training_loader_keeps_writers_and_checks_apart(monkeypatch):
     import formreader.training.datasets as datasets
 

@@ -161,6 +161,30 @@ def load_orand(split: str | None = None, folder: Path | None = None, relabelled:
     return amounts
 
 
+
+def copy_orand(dest: Path, splits: tuple[str, ...] = ("train", "val"), folder: Path | None = None) -> int:
+    """Copy ORAND-CAR-A's checks of `splits` (labels.csv's rows and their images, with its
+    README) into `dest`, a folder load_orand reads as it reads the whole set: what a machine with
+    no data sets trains the string model on, its test checks left behind. Returns how many."""
+    import shutil
+
+    folder = Path(folder) if folder else default_data_dir("orand_car_a")
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    with open(folder / "labels.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if orand_split(row["file"]) in splits]
+        fields = reader.fieldnames or []
+    with open(dest / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        shutil.copyfile(folder / "images" / row["file"], dest / "images" / row["file"])
+    if (folder / "README.md").exists():
+        shutil.copyfile(folder / "README.md", dest / "README.md")
+    return len(rows)
+
 # The boxes are tight: cut exactly, a digit loses the ends of its strokes (ORAND validation
 # digits: 85-88% read right against 92-93% with 2 px more on each side).
 ORAND_MARGIN = 2

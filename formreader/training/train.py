@@ -64,6 +64,8 @@ class TrainConfig:
     # A folder of labelled digits to learn too (LABEL/*.png): what people confirmed and corrected
     # at the review station (results.corrections/), trained with the base data so nothing is forgotten.
     extra: str | None = None
+    # Stop after the last epoch that fits in this many seconds (a lent accelerator's call has ten minutes).
+    time_limit: float | None = None
 
     @classmethod
     def from_card(cls, config: dict) -> TrainConfig:
@@ -756,6 +758,8 @@ def train_model(
         keras.callbacks.SwapEMAWeights(swap_on_epoch=True),  # callbacks after it see the averaged weights
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
     ]
+    limit = time_limit(config.time_limit, log)
+    callbacks += limit
     start = time.time()
     history = model.fit(train_batches, validation_data=val, epochs=config.epochs, callbacks=callbacks, verbose=2)
     seconds = time.time() - start
@@ -789,6 +793,7 @@ def train_model(
         "validation_nll_after": nll(val_logits, data.y_val, temperature),
         "held_out": data.held_out,
         "training_seconds": round(seconds, 1),
+        "stopped_for_time": bool(limit and limit[0].stopped),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Keras {keras.__version__} on "
         f"{keras.backend.backend()} ({_accelerator()})",
         "config": dict(vars(config)),
@@ -797,6 +802,31 @@ def train_model(
     convert_when_trained(out, meta, log)  # the fast path's converted model, beside the .keras file
     log(f"saved {out}; temperature {temperature:.3f}; validation accuracy {meta['validation_accuracy']:.4%} {per_source}")
     return meta
+
+
+def time_limit(seconds: float | None, log=print) -> list:
+    """[a Keras callback that ends training after the last epoch that fits in `seconds` from its
+    start, judged by the longest epoch so far (its `stopped` says whether it did)], or [] for None.
+    The best weights are then kept as at any end (EarlyStopping's, or the best checkpoint)."""
+    if seconds is None:
+        return []
+    import keras
+
+    class TimeLimit(keras.callbacks.Callback):
+        stopped = False
+
+        def on_train_begin(self, logs=None):
+            self.start = self.last = time.time()
+            self.longest = 0.0
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.time()
+            self.longest, self.last = max(self.longest, now - self.last), now
+            if now - self.start + self.longest > seconds and not self.model.stop_training:
+                self.model.stop_training = self.stopped = True
+                log(f"stopping after epoch {epoch + 1}: another would end past the time limit ({seconds:g} s)")
+
+    return [TimeLimit()]
 
 
 def _accelerator() -> str:
