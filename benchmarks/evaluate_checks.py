@@ -68,13 +68,13 @@ def score(results: list[tuple], thresholds: dict[str, float] | None = None) -> N
     print(f"    ECE (15 bins): {calibration_error(confidence[~rule], right[~rule]):.2%}")
 
 
-def free_thresholds(classifier: DigitClassifier) -> dict[str, float]:
-    """Free fields' review thresholds to show: the string model's for each risk a template may
-    accept (its card's review_thresholds), and a few fixed ones."""
+def free_thresholds(classifier: DigitClassifier, document: str = "form") -> dict[str, float]:
+    """Free fields' review thresholds to show: the string model's for each risk a template of that
+    `document` may accept (its card's review_thresholds for that kind of paper), and a few fixed ones."""
     shown = {f"{t:.2f}": t for t in (0.7, 0.8, DEFAULT_REVIEW_THRESHOLD, 0.9, 0.95)}
     if classifier.string_model is not None:
         for r in REVIEW_RISKS:
-            t = classifier.string_model.review_threshold_at(r)
+            t = classifier.string_model.review_threshold_at(r, document)
             shown[f"{t:.3f} (for a risk of {r:.1%})"] = t
     return dict(sorted(shown.items(), key=lambda item: item[1]))
 
@@ -105,9 +105,9 @@ def uncut_pairs(classifier: DigitClassifier, images: np.ndarray, labels: np.ndar
         print(f"  {name}: read as one digit with confidence > 0.9: {confident.mean():.1%}; refused: {refused.mean():.1%}")
 
 
-def orand_test(classifier: DigitClassifier, review_risk: float | None) -> None:
+def orand_test(classifier: DigitClassifier, review_risk: float | None, document: str) -> None:
     """Real check amounts never trained on: the readers alone and the decision of both, at the
-    risk the check template accepts (its `review_risk`)."""
+    risk the check template accepts (its `review_risk`) on its kind of paper (`document`)."""
     from formreader.api import read_number
     from formreader.reading.fields import reading_pattern
     from formreader.reading.string_model import decode, digits_of
@@ -120,8 +120,11 @@ def orand_test(classifier: DigitClassifier, review_risk: float | None) -> None:
         print(f"ORAND-CAR-A left out: {e}")
         return
     spec = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
-    threshold = review_thresholds(classifier, None, review_risk)[1]  # free fields', as read_number decides
-    print(f"ORAND-CAR-A test checks ({len(amounts)} real amounts, held out; review risk {review_risk}, threshold {threshold}):")
+    threshold = review_thresholds(classifier, None, review_risk, document)[1]  # free fields', as read_number decides
+    print(
+        f"ORAND-CAR-A test checks ({len(amounts)} real amounts, held out; review risk {review_risk} on a {document}, "
+        f"threshold {threshold}):"
+    )
     if classifier.string_model is not None:
         readings = read_free_fields(classifier, [a.image for a in amounts], [spec] * len(amounts))
         both = np.mean([r.value == a.value for r, a in zip(readings, amounts)])
@@ -134,10 +137,10 @@ def orand_test(classifier: DigitClassifier, review_risk: float | None) -> None:
               f"alone {one_view:.1%}); cut-and-classify alone {cut:.1%}")
     results = []
     for a in amounts:
-        r = read_number(a.image, separators=".,", model=classifier.path, review_risk=review_risk)
+        r = read_number(a.image, separators=".,", model=classifier.path, review_risk=review_risk, document=document)
         rule = any(not x.startswith("low") for x in r.reasons)
         results.append((a.value, a.value, r.value, r.value, r.status, r.confidence, rule))
-    score(results, free_thresholds(classifier))
+    score(results, free_thresholds(classifier, document))
     # The labels as distributed, some of which their images contradict (datasets.ORAND_RELABELLED).
     given = [a.value for a in load_orand("test", relabelled=False)]
     right = np.array([v == r[2] for v, r in zip(given, results)])
@@ -204,10 +207,13 @@ def main() -> None:
         for f in read.fields:
             raw = values[f.name]
             results.append(("".join(c for c in raw if c.isdigit()), raw, f.value, f.raw, f.status, f.confidence, broke_rule(f)))
-    print(f"Held-out generated checks (seed {args.seed}; the check template's review risk {template.review_risk}):")
-    score(results, free_thresholds(classifier))
+    print(
+        f"Held-out generated checks (seed {args.seed}; the check template's review risk {template.review_risk} "
+        f"on a {template.document}):"
+    )
+    score(results, free_thresholds(classifier, template.document))
     uncut_pairs(classifier, images, labels)
-    orand_test(classifier, template.review_risk)
+    orand_test(classifier, template.review_risk, template.document)
     free_forms(classifier, args.free_pages, args.seed)
 
 

@@ -18,7 +18,7 @@ from formreader.reading.ingest import grey_crop, grey_crops
 from formreader.reading.segment import MNIST_SIZE, segment_cells
 from formreader.reading.string_model import field_views
 from formreader.reading.strings import StringReading, decide_string, field_image, segment_string
-from formreader.reading.template import Field, Template, load_template
+from formreader.reading.template import DOCUMENTS, Field, Template, load_template
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,7 +117,7 @@ def process_folder(
         template = load_template(Path(template))
     template = at_review_risk(template, review_risk, review_threshold)  # ValueError when both are given
     classifier = get_classifier(model)
-    review_thresholds(classifier, review_threshold, template.review_risk)  # a risk the models have no threshold for: now
+    review_thresholds(classifier, review_threshold, template.review_risk, template.document)  # a risk with no threshold: now
     records = process_paths([Path(folder)], template, classifier, review_threshold, workers, Journal(None))
     frames = results_frames(records)
     out = frames["fields"]
@@ -132,6 +132,7 @@ def read_number(
     pattern: str = "",
     review_threshold: float | None = None,
     review_risk: float | None = None,
+    document: str = "form",
 ) -> StringReading:
     """Read a number written freely (no boxes) in a grey crop, dark ink on light paper.
 
@@ -144,9 +145,12 @@ def read_number(
     also be RGB, bool, 16-bit or float, light ink on dark (formreader.reading.ingest.grey_crop).
     review_threshold: as `formreader process --review-threshold` (None: the string model's for
     `review_risk`, as a free field of a template with that review_risk gets; pipeline.review_thresholds).
-    Giving both is a ValueError.
+    Giving both is a ValueError. `document`: the kind of paper the number is on, as a template's
+    ('form', or 'check': a bank check's amount or date), whose validation fields hold the risk.
     """
     refuse_threshold_with_risk(review_threshold, review_risk)
+    if document not in DOCUMENTS:
+        raise ValueError(f"document {document!r}: one of {', '.join(DOCUMENTS)}")
     image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
     layout = segment_string(image)
@@ -158,7 +162,7 @@ def read_number(
         reading = reader.decide(layout, pieces, steps, spec, image.shape)
     else:
         reading = decide_string(layout, pieces, separators, pattern)
-    decision = read_free_field(spec, reading, threshold=review_thresholds(classifier, review_threshold, review_risk)[1])
+    decision = read_free_field(spec, reading, threshold=review_thresholds(classifier, review_threshold, review_risk, document)[1])
     reading.status, reading.reasons = decision.status, decision.reasons
     reading.boxes = [(bx + x, by + y, bw, bh) for bx, by, bw, bh in reading.boxes]  # the given crop's pixels
     reading.cuts = [c + x for c in reading.cuts]

@@ -84,7 +84,7 @@ def _review_thresholds(clf, threshold: float | None, forms: list) -> list[tuple[
     from formreader.reading.classify import ModelError
 
     try:
-        return [review_thresholds(clf, threshold, t.review_risk) for t in forms]
+        return [review_thresholds(clf, threshold, t.review_risk, t.document) for t in forms]
     except ModelError as e:
         _fail(f"{e} (asked by a template's review_risk or --review-risk)")
 
@@ -109,14 +109,17 @@ class _CtrlCHeld:
     def __init__(self):
         self.pressed = False
         self._previous = signal.getsignal(signal.SIGINT)
-        if self._previous is not signal.SIG_IGN:
+        # (None: a handler not set from Python, left as it is.)
+        self._held = self._previous not in (signal.SIG_IGN, None)
+        if self._held:
             signal.signal(signal.SIGINT, self._note)
 
     def _note(self, *_) -> None:
         self.pressed = True
 
     def release(self) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        if self._held:
+            signal.signal(signal.SIGINT, self._previous)
         if self.pressed:
             raise KeyboardInterrupt
 
@@ -429,9 +432,10 @@ def template_check(path) -> None:
         rules += [f"{f.check} check digit"] if f.check else []
         what = f"written freely in box {list(f.box)}" if f.kind == "free" else f"{len(f.cells)} boxes"
         click.echo(f"{f.name}: {what}" + (f" ({', '.join(rules)})" if rules else ""))
-    if tpl.review_risk is not None:  # and whether the shipped models hold a threshold for it
+    if tpl.review_risk is not None or tpl.document != "form":  # and whether the shipped models hold a threshold for it
         boxed, free = _review_thresholds(_load_classifier(None), None, [tpl])[0]
-        click.echo(f"review_risk {tpl.review_risk:g}: fields less sure than {boxed} (boxed) or {free} (free) go to review")
+        risk = "the models' own risk" if tpl.review_risk is None else f"review_risk {tpl.review_risk:g}"
+        click.echo(f"{risk} on a {tpl.document}: fields less sure than {boxed} (boxed) or {free} (free) go to review")
 
 
 @main.command()
@@ -825,6 +829,7 @@ def calibrate_strings(model, data, checks, forms, risk) -> None:
     import numpy as np
 
     from formreader.training.evaluate import (
+        CALIBRATION_FIELD_DOCUMENTS,
         CALIBRATION_FIELD_SOURCES,
         CUT_WEIGHTS,
         fit_cut_weight,
@@ -850,10 +855,13 @@ def calibrate_strings(model, data, checks, forms, risk) -> None:
     meta["cut_weight"] = cut_weight
     meta["field_calibration"] = [round(w, 4) for w in weights]
     # Then the threshold, on the confidence the card gives (its rounded weights), as a free field is decided.
-    decision = fit_free_threshold(readings, crops, specs, truths, meta["field_calibration"], risk)
+    documents = np.array(CALIBRATION_FIELD_DOCUMENTS)[sources]
+    decision = fit_free_threshold(readings, crops, specs, truths, meta["field_calibration"], risk, documents)
     meta["review_threshold"] = decision["review_threshold"]
     meta["review_risk"] = risk
     meta["review_thresholds"] = decision["review_thresholds"]  # for templates that accept another risk
+    # and for a template's kind of paper (its `document`), chosen on that kind's fields alone
+    meta["review_thresholds_by_document"] = decision["review_thresholds_by_document"]
     meta["field_calibration_fit"] = {
         "fields": len(readings),
         "read_right": round(float(right), 4),
@@ -869,6 +877,9 @@ def calibrate_strings(model, data, checks, forms, risk) -> None:
         f"flagged, {decision['wrong_not_flagged']} wrong not flagged)"
     )
     click.echo(_risk_table(meta))
+    for kind, table in meta["review_thresholds_by_document"].items():
+        listed = ", ".join(f"{r} -> {t}" for r, t in table.items())
+        click.echo(f"  on {kind} fields alone (a template's document: {kind}): {listed}")
     # Per source: a new string model can gain on one and lose on another (models/MODEL_CARD.md).
     click.echo("read right whole: " + ", ".join(
         f"{name} {read_right[sources == k].mean():.1%} of {int((sources == k).sum())}"

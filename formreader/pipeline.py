@@ -350,17 +350,18 @@ def at_review_risk(template: Template, risk: float | None, threshold: float | No
 
 
 def review_thresholds(
-    classifier: DigitClassifier, threshold: float | None = None, risk: float | None = None
+    classifier: DigitClassifier, threshold: float | None = None, risk: float | None = None, document: str = "form"
 ) -> tuple[float, float]:
     """The review thresholds in force, (boxed fields', free fields'): `threshold` for both when
     given, else the digit model's for boxed fields and the string model's for free ones, each
-    for `risk` (a template's `review_risk`; None: the card's own `review_threshold`:
-    LiteRTModel.review_threshold_at). ModelError when a card has none for that risk."""
+    for `risk` (a template's `review_risk`; None: the card's own `review_threshold`) on the
+    template's kind of paper, `document` (LiteRTModel.review_threshold_at). ModelError when a
+    card has none for that risk."""
     if threshold is not None:
         return threshold, threshold
     reader = classifier.string_model
-    free = reader.review_threshold_at(risk) if reader is not None else DEFAULT_REVIEW_THRESHOLD
-    return classifier.review_threshold_at(risk), free
+    free = reader.review_threshold_at(risk, document) if reader is not None else DEFAULT_REVIEW_THRESHOLD
+    return classifier.review_threshold_at(risk, document), free
 
 
 def read_segmented(
@@ -374,7 +375,7 @@ def read_segmented(
     None: see review_thresholds."""
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     form = forms.get(seg.template) or next(iter(forms.values()))
-    boxed, free = review_thresholds(classifier, threshold, form.review_risk)
+    boxed, free = review_thresholds(classifier, threshold, form.review_risk, form.document)
     return decide_page(
         seg,
         page_probabilities(seg, classifier),

@@ -529,11 +529,13 @@ def test_a_field_calibration_of_another_version_is_refused_until_fitted_again(tm
 def test_free_fields_go_to_review_under_the_string_models_threshold_for_their_templates_risk(classifier, tmp_path):
     """A free field's review threshold is the string model's for its template's `review_risk`
     (its card's `review_thresholds`, chosen by calibrate-strings on validation fields; without
-    one, the card's own `review_threshold`): on the sample checks (bank_check.yaml accepts 1%
+    one, for the card's own `review_risk`), chosen on the validation fields of the template's kind
+    of paper (`document`; bank_check.yaml is a check: its thresholds are those chosen on checks'
+    fields, `review_thresholds_by_document`): on the sample checks (bank_check.yaml accepts 1%
     wrong but `ok`) a field is flagged for its confidence exactly when it is under that
     threshold; the same template asking for 0.1% flags the fields between the two thresholds,
-    and without review_risk the card's own threshold decides; a threshold given
-    (`--review-threshold`) decides instead."""
+    and without review_risk the checks' threshold for the card's own risk decides; a threshold
+    given (`--review-threshold`) decides instead."""
     import shutil
 
     import formreader
@@ -542,11 +544,17 @@ def test_free_fields_go_to_review_under_the_string_models_threshold_for_their_te
     from formreader.training.datasets import load_orand
 
     template = ROOT / "templates" / "bank_check.yaml"
-    risk = load_template(template).review_risk
+    risk, document = load_template(template).review_risk, load_template(template).document
     reader = classifier.string_model
-    threshold, own, strict = reader.review_threshold_at(risk), reader.review_threshold, reader.review_threshold_at(0.001)
-    assert review_thresholds(classifier) == (classifier.review_threshold, own)
-    assert risk == 0.01 and 0.85 < threshold < own < strict
+    threshold, own, strict = (reader.review_threshold_at(r, "check") for r in (risk, None, 0.001))
+    assert review_thresholds(classifier) == (classifier.review_threshold, reader.review_threshold)
+    assert risk == 0.01 and document == "check" and 0.85 < threshold < own < strict
+    # The checks' thresholds are their own, not those of all validation fields, nor the forms'; boxed
+    # fields' (the digit model's card, calibrated on forms alone) are the same for every document.
+    chosen = reader.meta["review_thresholds_by_document"]
+    assert threshold == chosen["check"]["0.01"] != reader.review_threshold_at(risk) and chosen["form"] != chosen["check"]
+    assert review_thresholds(classifier, None, risk, "form") == (classifier.review_threshold_at(risk), chosen["form"]["0.01"])
+    assert review_thresholds(classifier, None, risk, "check") == (classifier.review_threshold_at(risk), threshold)
 
     def low_confidence(fields):
         return fields.reasons.str.contains("low confidence")
@@ -570,11 +578,17 @@ def test_free_fields_go_to_review_under_the_string_models_threshold_for_their_te
     only_low = fields.reasons.str.fullmatch(r"low confidence [0-9.]+( \(cut into digits: '[^']*'\))?")
     given = formreader.process_folder(ROOT / "samples" / "checks", template, review_threshold=0.5)
     assert only_low.any() and (given.status[only_low & (fields.confidence >= 0.5)] == "ok").all()
-    # read_number decides as a form's free field does, for the risk it is given: real check amounts.
-    for asked, limit in ((None, own), (risk, threshold)):
-        numbers = [formreader.read_number(a.image, separators=".,", review_risk=asked) for a in load_orand("test")[:12]]
+    # read_number decides as a free field does, for the risk and the kind of paper it is given: real
+    # check amounts, read as a form's number (the default) and as a check's.
+    for asked, document, limit in ((None, "form", reader.review_threshold), (risk, "check", threshold)):
+        numbers = [
+            formreader.read_number(a.image, separators=".,", review_risk=asked, document=document)
+            for a in load_orand("test")[:12]
+        ]
         assert all(any(r.startswith("low confidence") for r in n.reasons) == (n.confidence < limit) for n in numbers)
         assert all((n.status == "review") == bool(n.reasons) for n in numbers)
+    with pytest.raises(ValueError, match="document 'cheque': one of form, check"):
+        formreader.read_number(load_orand("test")[0].image, document="cheque")
 
 
 def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, tmp_path):
@@ -608,7 +622,7 @@ def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, t
     run = run_cli("process", ROOT / "samples" / "checks", "-t", template, "-o", out, "-q", "--review-risk", "0.001")
     assert run.returncode == 0, run.stderr
     read = pd.read_csv(out, keep_default_na=False)
-    strict = classifier.string_model.review_threshold_at(0.001)
+    strict = classifier.string_model.review_threshold_at(0.001, "check")  # bank_check.yaml is a check
     assert (read.reasons.str.contains("low confidence") == (read.confidence < strict)).all() and (read.confidence < strict).any()
     both = run_cli(
         "process", ROOT / "samples" / "checks", "-t", template, "-o", out, "--review-risk", "0.001", "--review-threshold", "0.5"
@@ -625,8 +639,9 @@ def test_a_review_risk_the_models_hold_no_threshold_for_is_refused(classifier, t
     checked = run_cli("template", "check", bad)
     assert checked.returncode == 2 and "risk of 0.0005" in checked.stderr, checked.stderr
     checked = run_cli("template", "check", template)
-    boxed, free = classifier.review_threshold_at(0.01), classifier.string_model.review_threshold_at(0.01)
-    assert checked.returncode == 0 and f"than {boxed} (boxed) or {free} (free)" in checked.stdout, checked.stdout
+    boxed, free = classifier.review_threshold_at(0.01), classifier.string_model.review_threshold_at(0.01, "check")
+    said = f"review_risk 0.01 on a check: fields less sure than {boxed} (boxed) or {free} (free)"
+    assert checked.returncode == 0 and said in checked.stdout, checked.stdout
 
 
 def test_more_checks_than_the_digits_fill_are_written(mnist_test):

@@ -61,6 +61,7 @@ def write(tmp_path, doc):
         (lambda d: d["fields"][1].__setitem__("pattern", "(0[1-9]"), "field 'date': 'pattern' is not a regular expression"),
         (lambda d: d["fields"][0].__setitem__("check", "crc"), "field 'customer_no': 'check' must be 'luhn'"),
         (lambda d: d.__setitem__("review_risk", 0.9), "'review_risk': input should be less than or equal to 0.5, not 0.9"),
+        (lambda d: d.__setitem__("document", "cheque"), "'document': input should be 'form' or 'check', not 'cheque'"),
         (
             lambda d: d["fields"][1].__setitem__("pattern", r"\d\d/\d\d/\d{4}"),
             "field 'date': 'pattern' is matched against the digits read, without the marks printed between the boxes",
@@ -196,7 +197,7 @@ def test_cli_template_check_lists_free_fields_with_their_rules():
     date, amount, risk = result.output.splitlines()
     assert date.startswith("date: written freely in box [742, 40, 268, 58]") and 'separators "/.-"' in date
     assert "min length 3" in amount and "pattern '(" in amount
-    assert risk.startswith("review_risk 0.01: fields less sure than ")  # the thresholds: test_string_model.py
+    assert risk.startswith("review_risk 0.01 on a check: fields less sure than ")  # the thresholds: test_string_model.py
 
 
 def test_detect_writes_yaml_by_the_library_and_never_overwrites(tmp_path):

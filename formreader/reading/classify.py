@@ -251,17 +251,24 @@ class LiteRTModel:
         calibrate-strings`). DEFAULT_REVIEW_THRESHOLD for a model not calibrated so."""
         return float(self.meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
 
-    def review_threshold_at(self, risk: float | None = None) -> float:
+    def review_threshold_at(self, risk: float | None = None, document: str | None = None) -> float:
         """The review threshold for at most `risk` of the fields out wrong but `ok` (a template's
         `review_risk`); None: the card's own (`review_threshold`). Of the card's thresholds for
         REVIEW_RISKS, the one for the largest risk not above `risk`: never less strict than asked.
-        ModelError when the card holds none that strict (calibrated before it had them, or a
-        risk under the least it was chosen for)."""
-        if risk is None:
+        `document` (a template's: 'form', 'check'): the thresholds chosen on validation fields of
+        that kind of paper where the card holds them (`review_thresholds_by_document`, the string
+        model's), else those chosen on all. ModelError when the card holds none that strict
+        (calibrated before it had them, or a risk under the least it was chosen for)."""
+        by_document = self.meta.get("review_thresholds_by_document", {}).get(document or "")
+        if by_document:
+            risk = float(self.meta.get("review_risk", REVIEW_RISK)) if risk is None else risk
+            table = {float(r): float(t) for r, t in by_document.items()}
+        elif risk is None:
             return self.review_threshold
-        table = {float(r): float(t) for r, t in self.meta.get("review_thresholds", {}).items()}
-        if "review_risk" in self.meta and "review_threshold" in self.meta:
-            table.setdefault(float(self.meta["review_risk"]), float(self.meta["review_threshold"]))
+        else:
+            table = {float(r): float(t) for r, t in self.meta.get("review_thresholds", {}).items()}
+            if "review_risk" in self.meta and "review_threshold" in self.meta:
+                table.setdefault(float(self.meta["review_risk"]), float(self.meta["review_threshold"]))
         within = [r for r in table if r <= risk + 1e-12]
         if not within:
             fitted = ", ".join(f"{r:g}" for r in sorted(table)) or "none"

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError,
 from pydantic import Field as Rule
 
 from formreader.reading.locate import overlaps
+from formreader.reading.template import DOCUMENTS
 
 FORMAT_MARKS = " .,-/:"  # what a format may print between boxes
 # The wide sheet's own columns (formreader.export): a field of one of these names would overwrite them.
@@ -74,6 +75,11 @@ class TemplateFile(_Strict):
         gt=0,
         le=0.5,
         description="the share of fields that may be let out wrong but ok (default: the models' own, 0.003)",
+    )
+    document: Literal[DOCUMENTS] = Rule(
+        "form",
+        description="the kind of paper: review_risk is held on validation fields of that kind (free fields' "
+        "thresholds chosen on forms' or on bank checks' fields by `formreader calibrate-strings`)",
     )
     fields: conlist(
         Annotated[Annotated[BoxesField, Tag("boxes")] | Annotated[FreeField, Tag("free")], Discriminator(_kind)],

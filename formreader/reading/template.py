@@ -66,6 +66,9 @@ class Template:
     # The share of fields the review threshold may let out wrong but `ok`; None: the models' own
     # (their cards' review_risk). The threshold for it is the models' (review_threshold_at).
     review_risk: float | None = None
+    # The kind of paper (DOCUMENTS): the risk is held on validation fields of that kind where the
+    # models' cards were calibrated so (the string model's, for free fields).
+    document: str = "form"
 
     @property
     def cells(self) -> list[Box]:
@@ -74,6 +77,7 @@ class Template:
 
 
 MAX_TEMPLATE_BYTES = 1_000_000
+DOCUMENTS = ("form", "check")  # the kinds of paper a template's `document` may name
 
 
 def load_template(path: Path) -> Template:
@@ -133,7 +137,7 @@ def load_template(path: Path) -> Template:
     risk = doc.get("review_risk")
     return Template(
         str(doc.get("name") or path.stem), reference, float(doc.get("dpi", 150)), fields, where,
-        None if risk is None else float(risk),
+        None if risk is None else float(risk), str(doc.get("document", "form")),
     )
 
 

@@ -629,12 +629,21 @@ def fit_two_readers(readings: list, truths: list[str], groups: np.ndarray | None
 
 
 def fit_free_threshold(
-    readings: list, crops: list[np.ndarray], specs: list, truths: list[str], calibration: list[float], risk: float
+    readings: list,
+    crops: list[np.ndarray],
+    specs: list,
+    truths: list[str],
+    calibration: list[float],
+    risk: float,
+    documents: np.ndarray | None = None,
 ) -> dict:
     """Free fields' review threshold, chosen as boxed fields' is (`risk_threshold`): the lowest that
     lets at most `risk` of the validation fields out wrong, each decided as a form's free field is
     (its readings `readings`, TwoReadings chosen; their confidence by the field `calibration`; the
-    field's rules). Returns risk_decision's {'review_threshold', 'flagged', 'wrong_not_flagged'}."""
+    field's rules). Returns risk_decision's {'review_threshold', 'flagged', 'wrong_not_flagged',
+    'review_thresholds'}, and with `documents` (N,) (each field's kind of paper, 'check' or 'form')
+    'review_thresholds_by_document': the thresholds chosen on each kind's fields alone, for a
+    template of that `document` (a risk holds for fields like those it was chosen on)."""
     from formreader.reading.fields import read_free_field
     from formreader.reading.string_model import combine_readings
 
@@ -645,11 +654,22 @@ def fit_free_threshold(
     right = np.array([f.value == t for f, t in zip(decided, truths)])
     confidence = np.array([f.confidence for f in decided])
     ruled = np.array([bool(f.reasons) for f in decided])  # threshold 0: only rules give reasons
-    return risk_decision(confidence, right, ruled, risk)
+    decision = risk_decision(confidence, right, ruled, risk)
+    if documents is not None:
+        documents = np.asarray(documents)
+        decision["review_thresholds_by_document"] = {
+            kind: risk_decision(confidence[documents == kind], right[documents == kind], ruled[documents == kind], risk)[
+                "review_thresholds"
+            ]
+            for kind in sorted(set(documents))
+        }
+    return decision
 
 
-# What two_reader_calibration_fields' `sources` 0-3 are, in its order.
+# What two_reader_calibration_fields' `sources` 0-3 are, in its order, and the kind of paper
+# (a template's `document`) each is.
 CALIBRATION_FIELD_SOURCES = ("ORAND's val checks", "generated checks", "free-field forms, MNIST", "free-field forms, CVL")
+CALIBRATION_FIELD_DOCUMENTS = ("check", "check", "form", "form")
 
 
 def two_reader_calibration_fields(
