@@ -369,3 +369,29 @@ def test_a_card_written_by_an_older_version_still_gives_its_validation_writers(c
     assert TrainConfig.from_card(old) == TrainConfig.from_card(classifier.meta["config"] | {"scanned": 0.0})
     forms = calibration_forms(classifier.meta | {"config": old}, pages=1, seed=3)
     assert [source for source, *_ in forms] == [source for source, *_ in calibration_forms(classifier.meta, 1, 3)]
+
+
+def test_a_kinds_thresholds_are_its_own_unless_they_rest_on_too_few_fields():
+    """calibrate-strings chooses free fields' thresholds on each kind of paper's validation fields
+    alone (thresholds_by_document), so that a check template's risk is held on checks' fields; a
+    risk that lets fewer than three of a kind's fields out wrong keeps the stricter of the kind's
+    and all fields' threshold, rather than rest on one or two fields. Here the checks' wrong
+    readings are unsure ones and the forms' wrong readings sure ones, as a worse-read population's are."""
+    from formreader.training.evaluate import MIN_WRONG_LET_OUT, risk_threshold, thresholds_by_document
+
+    rng = np.random.default_rng(5)
+    checks, forms = 400, 700
+    confidence = np.concatenate([rng.uniform(0.5, 1.0, checks), rng.uniform(0.5, 1.0, forms)])
+    right = np.concatenate([confidence[:checks] > 0.6, rng.random(forms) > 0.1])
+    ruled = np.zeros(checks + forms, bool)
+    documents = np.array(["check"] * checks + ["form"] * forms)
+    chosen = thresholds_by_document(confidence, right, ruled, documents)
+    of = documents == "check"
+    for risk in ("0.003", "0.01", "0.05"):
+        own = risk_threshold(confidence[of], right[of], ruled[of], float(risk))
+        everyone = risk_threshold(confidence, right, ruled, float(risk))
+        assert own < everyone  # the checks' unsure misreadings let a lower threshold hold the risk
+        enough = np.floor(float(risk) * checks) >= MIN_WRONG_LET_OUT
+        assert chosen["check"][risk] == (own if enough else everyone)
+    assert chosen["form"]["0.05"] == risk_threshold(confidence[~of], right[~of], ruled[~of], 0.05) >= chosen["check"]["0.05"]
+    assert set(chosen) == {"check", "form"} and list(chosen["form"]) == [f"{r:g}" for r in REVIEW_RISKS]

@@ -642,8 +642,7 @@ def fit_free_threshold(
     (its readings `readings`, TwoReadings chosen; their confidence by the field `calibration`; the
     field's rules). Returns risk_decision's {'review_threshold', 'flagged', 'wrong_not_flagged',
     'review_thresholds'}, and with `documents` (N,) (each field's kind of paper, 'check' or 'form')
-    'review_thresholds_by_document': the thresholds chosen on each kind's fields alone, for a
-    template of that `document` (a risk holds for fields like those it was chosen on)."""
+    'review_thresholds_by_document' (thresholds_by_document)."""
     from formreader.reading.fields import read_free_field
     from formreader.reading.string_model import combine_readings
 
@@ -656,14 +655,31 @@ def fit_free_threshold(
     ruled = np.array([bool(f.reasons) for f in decided])  # threshold 0: only rules give reasons
     decision = risk_decision(confidence, right, ruled, risk)
     if documents is not None:
-        documents = np.asarray(documents)
-        decision["review_thresholds_by_document"] = {
-            kind: risk_decision(confidence[documents == kind], right[documents == kind], ruled[documents == kind], risk)[
-                "review_thresholds"
-            ]
-            for kind in sorted(set(documents))
-        }
+        decision["review_thresholds_by_document"] = thresholds_by_document(confidence, right, ruled, documents)
     return decision
+
+
+# A threshold chosen to let k validation fields out wrong rests on where those few fall: with one or
+# two, a model that moves one field moves the threshold (stop 46 calibrated on more fields for this).
+MIN_WRONG_LET_OUT = 3
+
+
+def thresholds_by_document(confidence: np.ndarray, right: np.ndarray, ruled: np.ndarray, documents: np.ndarray) -> dict:
+    """{kind: {risk: threshold}} for each kind of paper in `documents` (N,) ('check', 'form'), each
+    chosen on that kind's fields alone, as risk_decision chooses (confidence, right, ruled: (N,)),
+    for a template of that `document`: a risk holds for fields like those it was chosen on. Where a
+    risk lets fewer than MIN_WRONG_LET_OUT of a kind's fields out wrong, its threshold would rest on
+    one or two fields: there it is the stricter of the kind's and all fields'."""
+    documents = np.asarray(documents)
+    pooled = risk_decision(confidence, right, ruled, 0.0)["review_thresholds"]
+    chosen = {}
+    for kind in sorted(set(documents)):
+        of = documents == kind
+        own = risk_decision(confidence[of], right[of], ruled[of], 0.0)["review_thresholds"]
+        chosen[str(kind)] = {
+            r: t if np.floor(float(r) * of.sum()) >= MIN_WRONG_LET_OUT else max(t, pooled[r]) for r, t in own.items()
+        }
+    return chosen
 
 
 # What two_reader_calibration_fields' `sources` 0-3 are, in its order, and the kind of paper
