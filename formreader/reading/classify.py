@@ -259,12 +259,15 @@ class LiteRTModel:
         that kind of paper where the card holds them (`review_thresholds_by_document`, the string
         model's), else those chosen on all. ModelError when the card holds none that strict
         (calibrated before it had them, or a risk under the least it was chosen for)."""
-        by_document = self.meta.get("review_thresholds_by_document", {}).get(document or "")
+        chosen = self.meta.get("review_thresholds_by_document", {}).get(document or "", {})
+        by_document = {float(r): float(t) for r, t in chosen.items()}
+        if risk is None:  # the card's own risk, on that kind of paper where the card holds a threshold for it
+            own = float(self.meta.get("review_risk", REVIEW_RISK))
+            if not any(r <= own + 1e-12 for r in by_document):
+                return self.review_threshold
+            risk = own
         if by_document:
-            risk = float(self.meta.get("review_risk", REVIEW_RISK)) if risk is None else risk
-            table = {float(r): float(t) for r, t in by_document.items()}
-        elif risk is None:
-            return self.review_threshold
+            table = by_document
         else:
             table = {float(r): float(t) for r, t in self.meta.get("review_thresholds", {}).items()}
             if "review_risk" in self.meta and "review_threshold" in self.meta:
