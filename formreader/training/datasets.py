@@ -161,7 +161,6 @@ def load_orand(split: str | None = None, folder: Path | None = None, relabelled:
     return amounts
 
 
-
 def copy_orand(dest: Path, splits: tuple[str, ...] = ("train", "val"), folder: Path | None = None) -> int:
     """Copy ORAND-CAR-A's checks of `splits` (labels.csv's rows and their images, with its
     README) into `dest`, a folder load_orand reads as it reads the whole set: what a machine with
@@ -184,6 +183,7 @@ def copy_orand(dest: Path, splits: tuple[str, ...] = ("train", "val"), folder: P
     if (folder / "README.md").exists():
         shutil.copyfile(folder / "README.md", dest / "README.md")
     return len(rows)
+
 
 # The boxes are tight: cut exactly, a digit loses the ends of its strokes (ORAND validation
 # digits: 85-88% read right against 92-93% with 2 px more on each side).

@@ -526,16 +526,22 @@ def risk_decision(confidence: np.ndarray, right: np.ndarray, ruled: np.ndarray, 
     'review_thresholds' ({risk: threshold} for each of classify.REVIEW_RISKS, risks as text: a
     model card's JSON keys)}. confidence (N,) calibrated, right (N,) bool, ruled (N,) bool (flagged
     by a rule whatever their confidence)."""
-    from formreader.reading.classify import REVIEW_RISKS
-
     threshold = risk_threshold(confidence, right, ruled, risk)
     passed = ~ruled & (confidence >= threshold)
     return {
         "review_threshold": threshold,
         "flagged": float(1 - passed.mean()),
         "wrong_not_flagged": int((passed & ~right).sum()),
-        "review_thresholds": {f"{r:g}": risk_threshold(confidence, right, ruled, r) for r in REVIEW_RISKS},
+        "review_thresholds": risk_table(confidence, right, ruled),
     }
+
+
+def risk_table(confidence: np.ndarray, right: np.ndarray, ruled: np.ndarray) -> dict[str, float]:
+    """{risk: risk_threshold} for each of classify.REVIEW_RISKS, risks as text (a model card's
+    JSON keys); arguments as risk_decision's."""
+    from formreader.reading.classify import REVIEW_RISKS
+
+    return {f"{r:g}": risk_threshold(confidence, right, ruled, r) for r in REVIEW_RISKS}
 
 
 def risk_threshold(confidence: np.ndarray, right: np.ndarray, flagged: np.ndarray, risk: float) -> float:
@@ -671,11 +677,11 @@ def thresholds_by_document(confidence: np.ndarray, right: np.ndarray, ruled: np.
     risk lets fewer than MIN_WRONG_LET_OUT of a kind's fields out wrong, its threshold would rest on
     one or two fields: there it is the stricter of the kind's and all fields'."""
     documents = np.asarray(documents)
-    pooled = risk_decision(confidence, right, ruled, 0.0)["review_thresholds"]
+    pooled = risk_table(confidence, right, ruled)
     chosen = {}
     for kind in sorted(set(documents)):
         of = documents == kind
-        own = risk_decision(confidence[of], right[of], ruled[of], 0.0)["review_thresholds"]
+        own = risk_table(confidence[of], right[of], ruled[of])
         chosen[str(kind)] = {
             r: t if np.floor(float(r) * of.sum()) >= MIN_WRONG_LET_OUT else max(t, pooled[r]) for r, t in own.items()
         }
