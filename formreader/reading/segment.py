@@ -50,6 +50,8 @@ class SegmentParams:
     seed_limit: float = 60.0  # grey levels below the paper that always count as a stroke
     sharpen: bool = True  # keep strokes crisp when a small digit is enlarged
     tight_side: int = MNIST_BOX  # a crop no larger (px), its box not known, is a digit cut tight (digit_inks)
+    small_side: int = MNIST_BOX  # a digit in a larger crop, its box not known, whose ink spans less (px) is
+    # read again from the crop at twice its size (digit_inks)
 
 
 DEFAULT_PARAMS = SegmentParams()
@@ -574,10 +576,10 @@ def digit_inks(
     printed: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray | None], np.ndarray]:
     """The ink of the digit in each grey crop of a box, at the crops' own resolution (twice it
-    for digits cut tight, below).
+    for digits cut tight or small, below).
 
     crops: (N, H, W) uint8, dark ink on light paper. Returns (inks, stray): inks, N arrays
-    (H, W) float32 in [0, 1], high on the digit's strokes and zero elsewhere, or None where the
+    (H, W) float32 in [0, 1] ((2H, 2W) where read enlarged), high on the digit's strokes and zero elsewhere, or None where the
     box is blank (no ink, or only specks and pieces of box line); stray (N,): the ink left after
     line removal, as a fraction of the crop, digit or not. interiors (N boxes or None) and
     printed ((N, H, W) bool): as for `segment_digit`.
@@ -586,13 +588,40 @@ def digit_inks(
     digits cut tight at a postal code's size (USPS: 16x16): they are read at twice their size
     (cubic), where a stroke a pixel or two wide keeps its shape through the ink threshold, and
     the straight runs along their edges are the digit's strokes unless they close a box
-    (`remove_box_lines`).
+    (`remove_box_lines`). So is a digit found smaller than `params.small_side` in a larger crop
+    with no box known (a small or faint digit in its crop, as exam boxes' are cut): its ink is
+    found again in the crop enlarged, where a loop a few pixels across stays open.
     """
     crops = np.asarray(crops)
     framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
-    tight = min(crops.shape[1:]) <= params.tight_side and printed is None and not framed
-    if tight:
-        crops = np.stack([cv2.resize(c, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for c in crops])
+    loose = printed is None and not framed
+    tight = loose and min(crops.shape[1:]) <= params.tight_side
+    inks, stray = _inks_at(np.stack([_twice(c) for c in crops]) if tight else crops, params, interiors, printed, tight)
+    if loose and not tight:
+        small = [k for k, ink in enumerate(inks) if ink is not None and max(_extent(ink)) < params.small_side]
+        if small:
+            again, _ = _inks_at(np.stack([_twice(crops[k]) for k in small]), params, None, None, False)
+            for k, ink in zip(small, again):
+                inks[k] = inks[k] if ink is None else ink
+    return inks, stray
+
+
+def _twice(crop: np.ndarray) -> np.ndarray:
+    """A grey crop (H, W) enlarged to (2H, 2W), cubic."""
+    return cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+
+
+def _extent(ink: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an ink map's pixels above 0.05 (`_ink_bounds`)."""
+    top, bottom, left, right = _ink_bounds([ink])[0]
+    return bottom - top + 1, right - left + 1
+
+
+def _inks_at(
+    crops: np.ndarray, params: SegmentParams, interiors: list[Box | None] | None, printed: np.ndarray | None, tight: bool
+) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """`digit_inks` of crops at the resolution they are read at (tight: enlarged, see there)."""
+    framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
     ink, mask = ink_intensity(crops, params)
     if printed is not None:
         mask &= ~printed

@@ -357,8 +357,8 @@ def scanned_forms(
 # what it is measured on. (At stop 39 a lower `seed_limit` seemed to read CVL's writers' forms
 # 3 points better; it had written their digits into the forms with fuller strokes.)
 GLYPH_PARAMS = SegmentParams(
-    min_contrast=15.0, noise_contrast=6.0, seed_depth=0.5, grow_depth=0.25, seed_limit=60.0, tight_side=0
-)  # tight_side 0: each glyph at its crop's own resolution, as before stop 39 read small crops larger
+    min_contrast=15.0, noise_contrast=6.0, seed_depth=0.5, grow_depth=0.25, seed_limit=60.0, tight_side=0, small_side=0
+)  # tight_side and small_side 0: each glyph at its crop's own resolution, as before stops 39 and 57 read small digits larger
 
 
 def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
