@@ -11,10 +11,11 @@ and one whose boxes are short ticks, with the share of their cells read right (o
 with as many digits as were written) and each source's commonest misreads; then how often their
 fields are right at each confidence.
 Last, MNIST's and CVL's writers on the first two forms writing digits taller than the boxes
-(synth.LARGE_WRITING, crossing their lines): a weakness shown beside the nine rows. With
---validation, first the same table for the forms of the model's own validation writers
-(`formreader calibrate`'s forms), and their MNIST digits and CVL writers writing across the lines:
-the figures a model is chosen on, the test rows never. With --dithered, only the samples, then
+(synth.LARGE_WRITING, crossing their lines) and smaller (synth.SMALL_WRITING, a third to a half of
+the box): weaknesses shown beside the nine rows. With --validation, first the same table for the
+forms of the model's own validation writers (`formreader calibrate`'s forms), and their MNIST
+digits and CVL writers writing across the lines and small: the figures a model is chosen on, the
+test rows never. With --dithered, only the samples, then
 their grey pages dithered as a bitonal scanner's halftone mode dithers them, read as they are and
 with their dots taken for ink.
 """
@@ -43,9 +44,11 @@ from formreader.reading.ingest import find_inputs, is_bitonal, read_pages  # noq
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.evaluate import calibration_error, held_out_writers, rate_interval  # noqa: E402
-from formreader.training.synth import FORM_STYLES, LARGE_WRITING, scanned_forms  # noqa: E402
+from formreader.training.synth import FORM_STYLES, LARGE_WRITING, SMALL_WRITING, scanned_forms  # noqa: E402
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
+# Writing of other sizes than the nine rows': (share of the box's height, what it does).
+WRITING_SIZES = [(LARGE_WRITING, "crossing its lines"), (SMALL_WRITING, "written small")]
 
 
 def segment_all(items, template, classifier):
@@ -202,18 +205,18 @@ def main() -> None:
         ]
         print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
                     f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
-        # Their MNIST digits and CVL writers writing across the boxes' lines, as below for the
-        # held-out writers: what a model that should read such cells better is chosen on.
-        large = calibration_forms(
-            classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, size=LARGE_WRITING,
-            keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
-        )
-        rows = [
-            (source, style, score(segment_all(forms, t, classifier), t, classifier.review_threshold, classifier))
-            for source, style, t, forms in large
-        ]
-        print_table(f"The same validation writers, digits {LARGE_WRITING[0]:g}-{LARGE_WRITING[1]:g} of their box's height "
-                    f"(crossing its lines)", rows)
+        # Their MNIST digits and CVL writers writing across the boxes' lines and small, as below for
+        # the held-out writers: what a model that should read such cells better is chosen on.
+        for size, how in WRITING_SIZES:
+            forms = calibration_forms(
+                classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, size=size,
+                keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
+            )
+            rows = [
+                (source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+                for source, style, t, items in forms
+            ]
+            print_table(f"The same validation writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how})", rows)
 
     rows, read = [], []
     sources = held_out_writers()
@@ -241,16 +244,17 @@ def main() -> None:
         errors.append(f"{source or 'all nine'} {calibration_error(conf, right):.2%}")
     print(f"  field confidence's ECE (15 bins): {', '.join(errors)}")
 
-    # Writing that crosses the boxes' lines, as many people write in small boxes: a known weakness,
-    # kept out of the nine rows (which the aims are stated on) and shown beside them.
-    low, high = LARGE_WRITING
-    rows = []
-    for source, (images, labels) in list(sources.items())[:2]:
-        for form in list(FORM_STYLES)[:2]:
-            t, items = scanned_forms(form, images, labels, args.pages, args.seed, size=LARGE_WRITING)
-            rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
-    print_table(f"The same writers, digits {low:g}-{high:g} of their box's height (crossing its lines; {args.pages} pages each)",
-                rows)
+    # Writing that crosses the boxes' lines, as many people write in small boxes, and writing small
+    # in large ones: known weaknesses, kept out of the nine rows (which the aims are stated on) and
+    # shown beside them.
+    for size, how in WRITING_SIZES:
+        rows = []
+        for source, (images, labels) in list(sources.items())[:2]:
+            for form in list(FORM_STYLES)[:2]:
+                t, items = scanned_forms(form, images, labels, args.pages, args.seed, size=size)
+                rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
+        print_table(f"The same writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how}; {args.pages} pages each)",
+                    rows)
 
 
 if __name__ == "__main__":

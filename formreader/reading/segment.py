@@ -50,8 +50,8 @@ class SegmentParams:
     seed_limit: float = 60.0  # grey levels below the paper that always count as a stroke
     sharpen: bool = True  # keep strokes crisp when a small digit is enlarged
     tight_side: int = MNIST_BOX  # a crop no larger (px), its box not known, is a digit cut tight (digit_inks)
-    small_side: int = MNIST_BOX  # a digit in a larger crop, its box not known, whose ink spans less (px) is
-    # read again from the crop at twice its size (digit_inks)
+    small_side: int = MNIST_BOX  # a digit in a larger crop whose ink spans less (px) is read again from
+    # the crop at twice its size (digit_inks)
 
 
 DEFAULT_PARAMS = SegmentParams()
@@ -589,18 +589,24 @@ def digit_inks(
     (cubic), where a stroke a pixel or two wide keeps its shape through the ink threshold, and
     the straight runs along their edges are the digit's strokes unless they close a box
     (`remove_box_lines`). So is a digit found smaller than `params.small_side` in a larger crop
-    with no box known (a small or faint digit in its crop, as exam boxes' are cut): its ink is
-    found again in the crop enlarged, where a loop a few pixels across stays open.
+    (written small in its box, or cut small with much paper around it, as exam boxes are): its
+    ink is found again in the crop enlarged (its box's interior and print with it), where a loop
+    a few pixels across stays open.
     """
     crops = np.asarray(crops)
     framed = [k for k, interior in enumerate(interiors or ()) if interior is not None]
-    loose = printed is None and not framed
-    tight = loose and min(crops.shape[1:]) <= params.tight_side
+    tight = printed is None and not framed and min(crops.shape[1:]) <= params.tight_side
     inks, stray = _inks_at(np.stack([_twice(c) for c in crops]) if tight else crops, params, interiors, printed, tight)
-    if loose and not tight:
+    if not tight:
         small = [k for k, ink in enumerate(inks) if ink is not None and max(_extent(ink)) < params.small_side]
         if small:
-            again, _ = _inks_at(np.stack([_twice(crops[k]) for k in small]), params, None, None, False)
+            twice_interiors = None if interiors is None else [
+                None if interiors[k] is None else tuple(2 * v for v in interiors[k]) for k in small
+            ]
+            twice_printed = None if printed is None else np.stack(
+                [cv2.resize(printed[k].astype(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST) > 0 for k in small]
+            )
+            again, _ = _inks_at(np.stack([_twice(crops[k]) for k in small]), params, twice_interiors, twice_printed, False)
             for k, ink in zip(small, again):
                 inks[k] = inks[k] if ink is None else ink
     return inks, stray

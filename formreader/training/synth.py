@@ -141,9 +141,10 @@ def random_values(rng: np.random.Generator) -> dict[str, str]:
 
 # How tall a digit is written, as a share of its box's interior height (drawn uniformly): inside
 # the box, as the benchmarks' forms are filled; LARGE_WRITING crosses the box's lines, as many
-# people write in small boxes.
+# people write in small boxes; SMALL_WRITING keeps well inside a large one.
 WRITING_SIZE = (0.6, 0.88)
 LARGE_WRITING = (0.95, 1.2)
+SMALL_WRITING = (0.3, 0.55)
 
 
 def write_digit(
