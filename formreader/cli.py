@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from formreader.reading.classify import CALIBRATION_FREE_FORMS, REVIEW_RISK
+from formreader.reading.classify import CALIBRATION_FREE_FORMS, CALIBRATION_PAGES, REVIEW_RISK
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -766,7 +766,9 @@ RISK_OPTION = click.option(
 @main.command()
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Default: the shipped model.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and cvl_digits/.")
-@click.option("--pages", default=40, show_default=True, type=click.IntRange(1), help="Forms per source and form style.")
+@click.option(
+    "--pages", default=CALIBRATION_PAGES, show_default=True, type=click.IntRange(1), help="Forms per source and form style."
+)
 @RISK_OPTION
 def calibrate(model, data, pages, risk) -> None:
     """Calibrate a model's digits read by its two networks on its validation split, then its field

@@ -49,6 +49,10 @@ REVIEW_RISKS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)
 # new model or reading moved the threshold by where its second-surest wrong field fell; with 60,
 # 1,126 fields, three (docs/measurements.md, stop 46).
 CALIBRATION_FREE_FORMS = 60
+# Forms of each source of validation writers and style that `formreader calibrate` fits boxed
+# fields' confidence and threshold on: 80 (4,320 fields; 40 until stop 57, on which the 0.3%
+# threshold rested on 6 fields let out wrong, and let 0.83% out on other pages of the same writers).
+CALIBRATION_PAGES = 80
 
 
 class ModelError(RuntimeError):

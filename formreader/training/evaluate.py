@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.reading.classify import CALIBRATION_FREE_FORMS, NOT_A_DIGIT, DigitClassifier
+from formreader.reading.classify import CALIBRATION_FREE_FORMS, CALIBRATION_PAGES, NOT_A_DIGIT, DigitClassifier
 from formreader.reading.segment import segment_crops
 from formreader.training.datasets import load_mnist, load_nsysu
 
@@ -353,8 +353,8 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
-# The forms `formreader calibrate` fits field confidence on: pages of each source and style, and their seed.
-CALIBRATION_PAGES, CALIBRATION_SEED = 40, 31
+# The seed of the forms `formreader calibrate` fits field confidence on (CALIBRATION_PAGES of each source and style).
+CALIBRATION_SEED = 31
 
 
 def calibration_forms(
