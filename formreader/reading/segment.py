@@ -490,8 +490,17 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
 def _ink_bounds(inks: list[np.ndarray]) -> list[tuple[int, int, int, int]]:
     """(top, bottom, left, right), inclusive, of the pixels above 0.05 of each ink map; bottom <
     top where there are none. Maps of one shape are measured together."""
-    if len({ink.shape for ink in inks}) != 1:
-        return [_ink_bounds([ink])[0] for ink in inks]
+    if not inks:
+        return []
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, ink in enumerate(inks):
+        by_shape.setdefault(ink.shape, []).append(k)
+    if len(by_shape) > 1:
+        bounds: list = [None] * len(inks)
+        for members in by_shape.values():
+            for k, one in zip(members, _ink_bounds([inks[k] for k in members])):
+                bounds[k] = one
+        return bounds
     seen = np.stack(inks) > 0.05
     rows, cols = seen.any(axis=2), seen.any(axis=1)
     top, left = rows.argmax(axis=1), cols.argmax(axis=1)
@@ -598,7 +607,10 @@ def digit_inks(
     tight = printed is None and not framed and min(crops.shape[1:]) <= params.tight_side
     inks, stray = _inks_at(np.stack([_twice(c) for c in crops]) if tight else crops, params, interiors, printed, tight)
     if not tight:
-        small = [k for k, ink in enumerate(inks) if ink is not None and max(_extent(ink)) < params.small_side]
+        found = [k for k, ink in enumerate(inks) if ink is not None]
+        bounds = _ink_bounds([inks[k] for k in found])
+        spans = [max(bottom - top, right - left) + 1 for top, bottom, left, right in bounds]
+        small = [k for k, span in zip(found, spans) if span < params.small_side]
         if small:
             twice_interiors = None if interiors is None else [
                 None if interiors[k] is None else tuple(2 * v for v in interiors[k]) for k in small
@@ -615,12 +627,6 @@ def digit_inks(
 def _twice(crop: np.ndarray) -> np.ndarray:
     """A grey crop (H, W) enlarged to (2H, 2W), cubic."""
     return cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
-
-
-def _extent(ink: np.ndarray) -> tuple[int, int]:
-    """(height, width) of an ink map's pixels above 0.05 (`_ink_bounds`)."""
-    top, bottom, left, right = _ink_bounds([ink])[0]
-    return bottom - top + 1, right - left + 1
 
 
 def _inks_at(
