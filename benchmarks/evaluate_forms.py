@@ -12,7 +12,8 @@ with as many digits as were written) and each source's commonest misreads; then 
 fields are right at each confidence.
 Last, MNIST's and CVL's writers on the first two forms writing digits taller than the boxes
 (synth.LARGE_WRITING, crossing their lines) and smaller (synth.SMALL_WRITING, a third to a half of
-the box): weaknesses shown beside the nine rows. With --validation, first the same table for the
+the box), and pages with a digit struck through (synth.strike_out; how many of those fields
+went out `ok`, which they must not): weaknesses shown beside the nine rows. With --validation, first the same table for the
 forms of the model's own validation writers (`formreader calibrate`'s forms), and their MNIST
 digits and CVL writers writing across the lines and small: the figures a model is chosen on, the
 test rows never. With --dithered, only the samples, then
@@ -69,10 +70,14 @@ def score(segmented, template, threshold: float, classifier) -> dict:
     rows = []
     misread: Counter = Counter()  # (digit written, digit read) of the cells read as another digit
     cells = cells_right = miscounted = 0
+    struck_ok = []  # fields with a digit struck through (their truth None): whether each went out `ok`
     for seg, probs, truth in segmented:
         power = classifier.field_power(seg.bitonal)
         for f in decide_page(seg, probs, template, threshold, power).fields:
             written = truth[f.name]
+            if written is None:
+                struck_ok.append(f.status == "ok")
+                continue
             rows.append((f.value == written, f.status != "ok", f.confidence))
             # The cells, where a digit was read for each one written (their order is the field's):
             # a digit misread, as against a digit lost, split or added (a field miscounted).
@@ -96,6 +101,8 @@ def score(segmented, template, threshold: float, classifier) -> dict:
         "accuracy_accepted": right[~flagged].mean() if (~flagged).any() else float("nan"),
         "confidence": conf,
         "right": right,
+        "struck": len(struck_ok),
+        "struck_ok": int(sum(struck_ok)),
     }
 
 
@@ -153,6 +160,19 @@ def print_table(title: str, rows: list) -> None:
         misread = sum((r["misread"] for s, _, r in rows if s == source), Counter())
         common = ", ".join(f"{a}->{b} {n}" for (a, b), n in misread.most_common(5))
         print(f"  {source}: digits read as another, commonest: {common or 'none'} (of {sum(misread.values())})")
+
+
+def print_struck(title: str, rows: list) -> None:
+    """rows: (source, form style, score) of forms with a digit a page struck through."""
+    print(f"\n{title}:")
+    print(f"  {'digits of':30} {'form':38} {'struck fields':>13} {'out ok':>7}   the other fields: "
+          f"{'right':>7} {'flagged':>8} {'wrong but ok':>13}")
+    for source, form, r in rows:
+        print(f"  {source:30} {form:38} {r['struck']:13d} {r['struck_ok']:7d}   {'':18}{r['accuracy']:7.2%} "
+              f"{r['flagged']:8.1%} {r['wrong_unflagged']:13d}")
+    struck, out = sum(r["struck"] for *_, r in rows), sum(r["struck_ok"] for *_, r in rows)
+    total, right, flagged, slipped = pooled([r for *_, r in rows])
+    print(f"  {'all':69} {struck:13d} {out:7d} ({out / max(struck, 1):.1%})   {right:7.2%} {flagged:8.1%} {slipped:13d}")
 
 
 def print_risks(read: list, classifier: DigitClassifier) -> None:
@@ -217,6 +237,13 @@ def main() -> None:
                 for source, style, t, items in forms
             ]
             print_table(f"The same validation writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how})", rows)
+        forms = calibration_forms(
+            classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, struck=True,
+            keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
+        )
+        rows = [(source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+                for source, style, t, items in forms]
+        print_struck("The same validation writers' pages, a digit of each struck through (synth.strike_out)", rows)
 
     rows, read = [], []
     sources = held_out_writers()
@@ -255,6 +282,14 @@ def main() -> None:
                 rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
         print_table(f"The same writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how}; {args.pages} pages each)",
                     rows)
+    # A digit struck through to void it, as people correct a form: its field must go to review
+    # (what was meant is written elsewhere, or not at all).
+    rows = []
+    for source, (images, labels) in list(sources.items())[:2]:
+        for form in list(FORM_STYLES)[:2]:
+            t, items = scanned_forms(form, images, labels, args.pages, args.seed, struck=True)
+            rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
+    print_struck(f"The same writers' pages, a digit of each struck through (synth.strike_out; {args.pages} pages each)", rows)
 
 
 if __name__ == "__main__":

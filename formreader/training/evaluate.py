@@ -364,13 +364,15 @@ def calibration_forms(
     data_dir: Path | None = None,
     size: tuple[float, float] | None = None,
     keep: Callable[[str, str], bool] | None = None,
+    struck: bool = False,
 ) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
     CVL writers and ORAND checks held out from its training, as its card records): three
     populations of writers, so that the calibration is not one population's. `size`: how tall the
     digits are written (synth.write_digit; default the benchmarks' WRITING_SIZE). `keep`: (source,
     style) -> whether to make those forms (default all; each source and style's forms are the
-    same whichever others are made). [(source, style, template, [(page, truth)])]."""
+    same whichever others are made). `struck`: a digit of each page struck through (synth.make_pages).
+    [(source, style, template, [(page, truth)])]."""
     from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
     from formreader.training.synth import FORM_STYLES, WRITING_SIZE, ink_on_black, scanned_forms
     from formreader.training.train import TrainConfig, mnist_split
@@ -391,7 +393,7 @@ def calibration_forms(
         crops, y, _ = orand_digit_crops(amounts)
         sources[f"ORAND's {len(amounts)} val checks"] = ink_on_black(crops, y)
     return [
-        (source, style, *scanned_forms(style, im, lab, pages, seed, size=size or WRITING_SIZE))
+        (source, style, *scanned_forms(style, im, lab, pages, seed, size=size or WRITING_SIZE, struck=struck))
         for source, (im, lab) in sources.items()
         for style in FORM_STYLES
         if keep is None or keep(source, style)

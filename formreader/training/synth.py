@@ -34,6 +34,13 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 class FilledPage:
     image: np.ndarray  # (H, W) uint8, the filled form before scanning
     values: dict[str, str]  # field name -> digits written (ground truth)
+    struck: str = ""  # the field one of whose digits the writer struck through (make_pages' `struck`)
+
+
+# How a writer voids a digit: a line across it, past its ends. Left out where a digit may carry
+# such a stroke by style: a 0 slashed (told from an O), a 7 or a 4 barred across.
+STRIKES = ("slash", "backslash", "bar", "double bar")
+STYLED_STROKES = {0: ("slash", "backslash"), 4: ("bar", "double bar"), 7: ("bar", "double bar")}
 
 
 def _separate_boxes(canvas: np.ndarray, x: int, y: int, n: int, gap: int = 8, line: int = LINE) -> list[Box]:
@@ -176,6 +183,29 @@ def write_digit(
     canvas[y0:y1, x0:x1] = np.minimum(region, region * (1 - alpha) + ink * alpha).astype(np.uint8)
 
 
+def strike_out(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Generator, ink: float) -> None:
+    """Strike a box's digit through as a writer voids it, in place: a stroke drawn by hand across
+    the box's interior (a little bowed, as thick as a pen writing in such a box: 2-3 px in a 36-px
+    box), slanting either way or level, as `digit` may not carry it by style (STYLED_STROKES)."""
+    x, y, w, h = box
+    kind = rng.choice([k for k in ("slash", "backslash", "bar") if k not in STYLED_STROKES.get(digit, ())])
+    left, right = x + w * rng.uniform(0.05, 0.2), x + w * rng.uniform(0.8, 0.95)
+    if kind == "bar":
+        mid = y + h * rng.uniform(0.4, 0.6)
+        ends = (mid + h * rng.uniform(-0.08, 0.08), mid + h * rng.uniform(-0.08, 0.08))
+    else:
+        low, high = y + h * rng.uniform(0.75, 0.95), y + h * rng.uniform(0.05, 0.25)
+        ends = (low, high) if kind == "slash" else (high, low)
+    t = np.linspace(0, 1, 12)
+    bow = h * rng.uniform(-0.08, 0.08) * np.sin(np.pi * t)
+    points = np.stack([left + (right - left) * t, ends[0] + (ends[1] - ends[0]) * t + bow], 1)
+    mask = np.zeros(canvas.shape, np.uint8)
+    thickness = max(2, round(h * rng.uniform(0.055, 0.085)))  # a pen's, in proportion to the writing
+    cv2.polylines(mask, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
+    alpha = mask.astype(np.float32) / 255
+    canvas[:] = np.minimum(canvas, canvas * (1 - alpha) + ink * alpha).astype(np.uint8)
+
+
 def pen_or_pencil(rng: np.random.Generator) -> float:
     """The grey level of a writer's ink on white paper: a pen mostly, a pencil one time in seven."""
     return rng.uniform(15, 70) if rng.random() < 0.85 else rng.uniform(90, 130)
@@ -243,15 +273,18 @@ def make_pages(
     worn: bool = False,
     style: str = "frames",
     size: tuple[float, float] = WRITING_SIZE,
+    struck: bool = False,
 ) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
     """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth.
 
     images: (N, 28, 28) uint8 digits, ink high on 0 (MNIST's way), or an object array of glyphs of
     any size (`ink_on_black`, for crops of dark ink on paper). `line`: the boxes' thickness; `worn`: each page's printed lines
     broken and ragged in places (`wear_lines`), as on a copy of a copy; `style`: how the boxes
-    are printed (`printed_as`); `size`: how tall the digits are written (write_digit).
+    are printed (`printed_as`); `size`: how tall the digits are written (write_digit); `struck`:
+    one digit of each page struck through (`strike_out`; the pages are otherwise the same).
     """
     rng = np.random.default_rng(seed)
+    strikes = np.random.default_rng([seed, 58])  # its own: the pages stay those written without
     blank, fields = blank_form(line)
     blank = printed_as(blank, fields, style, line)
     source = DigitSource(images, labels, rng, reuse=True)
@@ -259,9 +292,14 @@ def make_pages(
     for _ in range(n):
         values = random_values(rng)
         printed = wear_lines(blank, rng) if worn else blank
-        pages.append(
-            FilledPage(fill_form(printed, fields, values, source, rng, size), {k: v.replace(" ", "") for k, v in values.items()})
-        )
+        written = {k: v.replace(" ", "") for k, v in values.items()}
+        page = FilledPage(fill_form(printed, fields, values, source, rng, size), written)
+        if struck:
+            cells = [(spec, box, ch) for spec in fields for box, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
+            spec, box, ch = cells[strikes.integers(len(cells))]
+            strike_out(page.image, box, int(ch), strikes, pen_or_pencil(strikes))
+            page.struck = spec.name
+        pages.append(page)
     return blank, fields, pages
 
 
@@ -335,13 +373,21 @@ def ticked(blank: np.ndarray, fields: list[Field], line: int = LINE, rise: float
 
 
 def scanned_forms(
-    style: str, images: np.ndarray, labels: np.ndarray, n: int, seed: int, size: tuple[float, float] = WRITING_SIZE
+    style: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    n: int,
+    seed: int,
+    size: tuple[float, float] = WRITING_SIZE,
+    struck: bool = False,
 ) -> tuple[Template, list]:
     """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0), `size`
     of their boxes tall (write_digit): the form's template and [(Page, {field: digits written})].
-    Grey scans come at 150, 200 and 300 DPI, one in seven upside down; bitonal ones at 300 DPI."""
+    Grey scans come at 150, 200 and 300 DPI, one in seven upside down; bitonal ones at 300 DPI.
+    `struck`: a digit of each page struck through (make_pages), its field's truth None: what
+    was meant is not on the page, and the field is right only if it goes to review."""
     line, worn, bitonal_scan, boxes = FORM_STYLES[style]
-    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, style=boxes, size=size)
+    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, style=boxes, size=size, struck=struck)
     rng = np.random.default_rng(seed)
     items = []
     for i, p in enumerate(pages):
@@ -349,7 +395,7 @@ def scanned_forms(
         image = scan(p.image, rng, upside_down=i % 7 == 3, dpi_scale=factor)
         if bitonal_scan:
             image = bitonal(image, rng)
-        items.append((Page(image, DPI * factor, f"{style}-{i}", 1), p.values))
+        items.append((Page(image, DPI * factor, f"{style}-{i}", 1), {**p.values, **({p.struck: None} if p.struck else {})}))
     return Template(style, blank, float(DPI), tuple(fields)), items
 
 
@@ -627,10 +673,15 @@ def free_values(rng: np.random.Generator) -> dict[str, str]:
     return out
 
 
-def scanned_free_forms(images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[Template, list]:
+def scanned_free_forms(
+    images: np.ndarray, labels: np.ndarray, n: int, seed: int, struck: bool = False
+) -> tuple[Template, list]:
     """`n` free-field forms filled with the given digits (ink high on 0), worn and scanned
-    bitonal at 300 DPI: the template and [(Page, {field: digits written})]."""
+    bitonal at 300 DPI: the template and [(Page, {field: digits written})]. `struck`: a digit of
+    one field a page struck through (`strike_out`, across a square 1.3 times its height), that
+    field's truth None (right only if it goes to review); the pages are otherwise the same."""
     rng = np.random.default_rng(seed)
+    strikes = np.random.default_rng([seed, 58])
     blank, fields = free_form()
     source = DigitSource(images, labels, rng, reuse=True)
     items = []
@@ -638,11 +689,17 @@ def scanned_free_forms(images: np.ndarray, labels: np.ndarray, n: int, seed: int
         values = free_values(rng)
         page = wear_lines(blank, rng)
         ink = rng.uniform(15, 70)
+        voided = fields[strikes.integers(len(fields))].name if struck else ""
         for spec in fields:
-            write_number(page, spec.box, values[spec.name], source, rng, ink, touching=0.2, broken=0.1)
+            placed = write_number(page, spec.box, values[spec.name], source, rng, ink, touching=0.2, broken=0.1)
+            if spec.name == voided:
+                digit, x, y, glyph = placed[strikes.integers(len(placed))]
+                side = int(1.3 * glyph.shape[0])  # a stroke across a digit runs past its ends
+                box = (x + (glyph.shape[1] - side) // 2, y + (glyph.shape[0] - side) // 2, side, side)
+                strike_out(page, box, digit, strikes, ink)
         image = bitonal(scan(page, rng, max_rotation=5, dpi_scale=2.0), rng)
         truth = {k: "".join(c for c in v if c.isdigit()) for k, v in values.items()}
-        items.append((Page(image, DPI * 2.0, f"free-{i}", 1), truth))
+        items.append((Page(image, DPI * 2.0, f"free-{i}", 1), {**truth, **({voided: None} if voided else {})}))
     return Template("free_form", blank, float(DPI), tuple(fields)), items
 
 
