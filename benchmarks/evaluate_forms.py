@@ -163,16 +163,13 @@ def print_table(title: str, rows: list) -> None:
 
 
 def print_struck(title: str, rows: list) -> None:
-    """rows: (source, form style, score) of forms with a digit a page struck through."""
-    print(f"\n{title}:")
-    print(f"  {'digits of':30} {'form':38} {'struck fields':>13} {'out ok':>7}   the other fields: "
-          f"{'right':>7} {'flagged':>8} {'wrong but ok':>13}")
-    for source, form, r in rows:
-        print(f"  {source:30} {form:38} {r['struck']:13d} {r['struck_ok']:7d}   {'':18}{r['accuracy']:7.2%} "
-              f"{r['flagged']:8.1%} {r['wrong_unflagged']:13d}")
+    """rows: (source, form style, score) of forms with a digit a page struck through: the table of
+    their other fields, then how many of the fields with the struck digit went out `ok`."""
+    print_table(title, rows)
     struck, out = sum(r["struck"] for *_, r in rows), sum(r["struck_ok"] for *_, r in rows)
-    total, right, flagged, slipped = pooled([r for *_, r in rows])
-    print(f"  {'all':69} {struck:13d} {out:7d} ({out / max(struck, 1):.1%})   {right:7.2%} {flagged:8.1%} {slipped:13d}")
+    each = ", ".join(f"{source} on {form} {r['struck_ok']} of {r['struck']}" for source, form, r in rows)
+    print(f"  the fields with the struck digit (not in the rows above) out `ok`, which they must not go: {each}; "
+          f"all {out} of {struck} ({out / max(struck, 1):.1%})")
 
 
 def print_risks(read: list, classifier: DigitClassifier) -> None:
@@ -243,7 +240,8 @@ def main() -> None:
         )
         rows = [(source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
                 for source, style, t, items in forms]
-        print_struck("The same validation writers' pages, a digit of each struck through (synth.strike_out)", rows)
+        print_struck("The same validation writers' pages, a digit of each struck through (synth.strike_out), "
+                     "their other fields", rows)
 
     rows, read = [], []
     sources = held_out_writers()
@@ -289,7 +287,8 @@ def main() -> None:
         for form in list(FORM_STYLES)[:2]:
             t, items = scanned_forms(form, images, labels, args.pages, args.seed, struck=True)
             rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
-    print_struck(f"The same writers' pages, a digit of each struck through (synth.strike_out; {args.pages} pages each)", rows)
+    print_struck(f"The same writers' pages, a digit of each struck through (synth.strike_out; {args.pages} pages each), "
+                 "their other fields", rows)
 
 
 if __name__ == "__main__":

@@ -528,27 +528,6 @@ def inspect(page_file, template, out, page_number, model, review_threshold, revi
     "written inside and across their boxes' lines and read as a page is.",
 )
 @click.option(
-    "--struck",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="Add this share of the digits again struck through, as not-a-digit (a voided digit goes to review).",
-)
-@click.option(
-    "--keep",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="With --initial: this share of each target is the initial network's own reading (new lessons aside), "
-    "so that a fine-tune changes what it teaches and keeps the rest.",
-)
-@click.option(
-    "--struck-head",
-    is_flag=True,
-    help="With --initial: train only a head that tells digits struck through (added if missing), every "
-    "other weight frozen (use with --struck and --keep 1).",
-)
-@click.option(
     "--strings",
     default=0,
     show_default=True,
@@ -592,9 +571,6 @@ def train(
     scanned,
     written,
     forms,
-    struck,
-    keep,
-    struck_head,
     strings,
     initial,
     extra,
@@ -628,9 +604,6 @@ def train(
         scanned=scanned,
         written=written,
         forms=forms,
-        struck=struck,
-        keep=keep,
-        struck_head=struck_head,
         patience=patience,
         cvl=not mnist_only,
         orand=not mnist_only,

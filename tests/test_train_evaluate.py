@@ -98,30 +98,6 @@ def test_fine_tuning_on_string_pieces_runs(tmp_path, classifier):
     assert DigitClassifier.load(out).probabilities(np.zeros((1, 28, 28), np.float32)).shape == (1, 11)
 
 
-def test_a_struck_head_learns_voided_digits_and_changes_no_digits_reading(tmp_path, classifier, mnist_test):
-    """`--struck-head`: only the head that tells a digit struck through is trained (added if the
-    network has none), every other weight frozen, so the ten digit logits come out as the
-    initial network's to the float; the network stays within a fifth of the student model."""
-    import keras
-
-    from formreader.training.model import STRUCK_HEAD
-
-    out = tmp_path / "struck.keras"
-    config = TrainConfig(epochs=1, limit=400, batch_size=64, struck=0.3, keep=1.0, struck_head=True, initial=str(classifier.path))
-    meta = train_model(out, config, log=lambda *_: None)
-    initial = keras.models.load_model(classifier.path, compile=False)
-    tuned = keras.models.load_model(out, compile=False, safe_mode=True)
-    assert STRUCK_HEAD in [layer.name for layer in tuned.layers]
-    # The whole network as it was (batch normalisation's statistics included), but the head.
-    for layer in (layer for layer in initial.layers if layer.name != STRUCK_HEAD):
-        for a, b in zip(layer.get_weights(), tuned.get_layer(layer.name).get_weights()):
-            np.testing.assert_array_equal(a, b)
-    x = mnist_test[0][:64, :, :, None].astype(np.float32) / 255
-    np.testing.assert_allclose(tuned.predict(x, verbose=0)[:, :10], initial.predict(x, verbose=0)[:, :10], atol=1e-5)
-    assert meta["parameters"] <= 2_382_346 // 5
-    assert "struck" in meta["validation_accuracy_by_source"]
-
-
 def test_string_pieces_are_labelled_by_whose_ink_they_hold(classifier, mnist_test):
     images, labels = mnist_test
     pieces, classes = make_string_pieces(60, np.random.default_rng(3), images, labels)

@@ -543,24 +543,3 @@ def test_struck_pages_are_the_same_pages_with_one_digit_struck_through(mnist_tes
         assert np.ptp(xs) >= 0.6 * w  # a level bar runs across it, a slash or backslash corner to corner
     _, items = scanned_free_forms(*mnist_test, 4, seed=58, struck=True)
     assert all(sum(v is None for v in truth.values()) == 1 for _, truth in items)
-
-
-def test_struck_copies_teach_voided_digits_and_spare_the_strokes_digits_carry_by_style(mnist_test, monkeypatch):
-    """Training's struck digits (not-a-digit) never slash a 0 nor bar a 7 or a 4 (a zero told from
-    an O, a continental 7: digits), and the line is kept through segmentation: a struck 1 is as
-    wide as it is tall, not a 1 (a line along the 1 would teach that a 1 is not a digit)."""
-    from formreader.training import train
-
-    images, labels = mnist_test
-    pick = np.concatenate([np.flatnonzero(labels == d)[:12] for d in (0, 1, 4, 7, 8)])
-    kinds = []
-    strike = train.strike_through
-    monkeypatch.setattr(train, "strike_through", lambda ink, kind, rng: kinds.append(kind) or strike(ink, kind, rng))
-    struck, kept = train.struck_copies(images[pick].astype(np.float32) / 255, labels[pick], np.random.default_rng(5))
-    assert len(struck) >= 0.9 * len(pick)
-    for kind, label in zip(kinds, labels[pick]):
-        assert kind not in train.STYLED_STROKES.get(int(label), ()), (kind, label)
-    assert {"slash", "backslash", "bar", "double bar"} <= set(kinds)
-    ones = struck[labels[pick][kept] == 1]
-    spans = [np.ptp(np.nonzero(one.max(0) > 0.3)[0]) + 1 for one in ones]
-    assert len(ones) >= 10 and min(spans) >= 14, spans

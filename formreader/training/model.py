@@ -51,25 +51,6 @@ def build_digit_cnn(dropout: float = 0.3, width: float = 1.0, depth: int = 1) ->
     return keras.Model(inputs, logits, name="formreader_digit_cnn")
 
 
-STRUCK_HEAD = "struck"  # the layer with_struck_head adds (the only one a --struck-head fine-tune trains)
-
-
-def with_struck_head(model: keras.Model) -> keras.Model:
-    """The digit CNN with a head that tells a digit struck through (a writer voiding it): one
-    unit on the last features, through a ReLU, added to the not-a-digit logit alone. The digit
-    logits stay the network's own, so a fine-tune of this unit only (`TrainConfig.struck_head`)
-    changes no reading but of what it finds struck; its ReLU lets it add nothing elsewhere.
-    28x28x1 -> 11 logits, as before (6,412 parameters more, 6,401 of them trained)."""
-    features = model.get_layer("logits").input
-    struck = layers.ReLU(name=f"{STRUCK_HEAD}_relu")(layers.Dense(1, name=STRUCK_HEAD)(features))
-    # Onto the not-a-digit logit: a fixed (1, 11) map, so that the model loads safely (no Lambda).
-    onto = layers.Dense(NUM_CLASSES, use_bias=False, trainable=False, name="onto_not_a_digit")
-    added = onto(struck)
-    onto.set_weights([keras.ops.convert_to_numpy(keras.ops.one_hot([NOT_A_DIGIT], NUM_CLASSES))])
-    out = layers.Add(name="read")([model.get_layer("logits").output, added])
-    return keras.Model(model.inputs, out, name=model.name)
-
-
 def build_original_cnn() -> keras.Model:
     """The student project's model (2.38M parameters), kept to benchmark against."""
     inputs = keras.Input((28, 28, 1))

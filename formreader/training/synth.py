@@ -39,8 +39,7 @@ class FilledPage:
 
 # How a writer voids a digit: a line across it, past its ends. Left out where a digit may carry
 # such a stroke by style: a 0 slashed (told from an O), a 7 or a 4 barred across.
-STRIKES = ("slash", "backslash", "bar", "double bar")
-STYLED_STROKES = {0: ("slash", "backslash"), 4: ("bar", "double bar"), 7: ("bar", "double bar")}
+STYLED_STROKES = {0: ("slash", "backslash"), 4: ("bar",), 7: ("bar",)}
 
 
 def _separate_boxes(canvas: np.ndarray, x: int, y: int, n: int, gap: int = 8, line: int = LINE) -> list[Box]:

@@ -24,7 +24,7 @@ from formreader.reading.classify import NOT_A_DIGIT, convert_when_trained
 from formreader.reading.locate import CELL_MARGIN
 from formreader.reading.segment import MNIST_SIZE, normalize_digit, segment_crops
 from formreader.training.datasets import load_mnist
-from formreader.training.synth import CELL, STRIKES, STYLED_STROKES, bitonal, ink_on_black, pen_or_pencil, write_digit
+from formreader.training.synth import CELL, bitonal, ink_on_black, pen_or_pencil, write_digit
 
 
 @dataclass
@@ -58,17 +58,6 @@ class TrainConfig:
     # their cells as a page is read (`form_cells`): what the box's line takes from a digit that
     # touches or crosses it (the bar of a 7 on the top line) is then seen in training too.
     forms: int = 0
-    # Add this share of the digits of both splits again struck through (`struck_copies`), as
-    # not-a-digit: a writer's voided digit goes to review, not out as the digit under the line.
-    struck: float = 0.0
-    # Fine-tuning (`initial`) with this share of every target the initial network's own reading
-    # of the image (as augmented), the rest its label; new lessons (LESSONS) keep their labels:
-    # what the initial network read stays read so (its ranking of fields, which the review
-    # threshold rests on), and only what is taught changes. 0: labels alone.
-    keep: float = 0.0
-    # Fine-tuning (`initial`) the struck-through head alone (model.with_struck_head, added if the
-    # network has none): every other weight frozen, so no digit's reading changes.
-    struck_head: bool = False
     # How often each source's images come per epoch, on average: the few thousand real digits
     # of other populations would otherwise be drowned by MNIST's fifty thousand.
     oversample: dict = field(default_factory=lambda: {"cvl": 3.0, "orand": 2.0, "corrections": 20.0})
@@ -309,71 +298,6 @@ def scanned_copies(images: np.ndarray, rng: np.random.Generator, bitonal_share: 
     return segment_crops(crops)
 
 
-def strike_through(ink: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A digit (H, W) float32, ink high (0..1), struck through as a writer voids it: a line of
-    `kind` (STRIKES) across its ink, past its ends by 5-30% of its width, about as thick as its
-    own strokes, in its ink or another pen (a narrow digit's line spans nine tenths of its
-    height at least). Returns (H + 2m, W + 2m) float32, m = H // 3, room for
-    the line's ends."""
-    m = ink.shape[0] // 3
-    canvas = cv2.copyMakeBorder(np.clip(ink, 0, 1).astype(np.float32), m, m, m, m, cv2.BORDER_CONSTANT, value=0.0)
-    ys, xs = np.nonzero(canvas > 0.3)
-    if not len(xs):
-        return canvas
-    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
-    w, h = x1 - x0 + 1, y1 - y0 + 1
-    core = cv2.distanceTransform((canvas > 0.5).astype(np.uint8), cv2.DIST_L2, 3)
-    width = 2 * float(np.percentile(core[core > 0], 75)) if (core > 0).any() else 2.0
-    thickness = int(np.clip(round(width * rng.uniform(0.8, 1.3)), 1, 12))
-    # Across a narrow digit (a 1) too: the line spans at least nine tenths of its height.
-    centre, half = (x0 + x1) / 2, max(w, 0.9 * h) / 2
-    left, right = centre - half * rng.uniform(1.05, 1.3), centre + half * rng.uniform(1.05, 1.3)
-    if kind in ("slash", "backslash"):
-        low, high = y1 - h * rng.uniform(0, 0.2), y0 + h * rng.uniform(0, 0.2)
-        a, b = ((left, low), (right, high)) if kind == "slash" else ((left, high), (right, low))
-        lines = [(a, b)]
-    else:
-        y = y0 + h * rng.uniform(0.35, 0.65)
-        tilt = w * rng.uniform(-0.12, 0.12)
-        gap = max(thickness + 2, h * rng.uniform(0.1, 0.18))
-        lines = [((left, y - tilt), (right, y + tilt))]
-        if kind == "double bar":
-            lines.append(((left, y - tilt + gap), (right, y + tilt + gap)))
-    mask = np.zeros(canvas.shape, np.uint8)
-    for a, b in lines:
-        cv2.line(mask, tuple(int(round(v)) for v in a), tuple(int(round(v)) for v in b), 255, thickness, cv2.LINE_AA)
-    level = float(np.percentile(canvas[canvas > 0.3], 90)) * (rng.uniform(0.7, 1.0) if rng.random() < 0.3 else 1.0)
-    return np.maximum(canvas, mask.astype(np.float32) / 255 * level)
-
-
-def struck_copies(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Digits (N, 28, 28) float32, ink high, struck through (`strike_through`, a kind the digit
-    does not carry by style), written 16-64 px tall in pen or pencil, scanned (`optics_and_sensor`)
-    and segmented by formreader's own code: not-a-digit cells. Returns (images (M, 28, 28), index
-    (M,) of the digits kept).
-
-    A digit struck through to void it is read as the digit: 12% of the validation writers' fields
-    with one went out `ok` (docs/measurements.md, stop 58)."""
-    crops, plain = [], []
-    for image, label in zip(images, labels):
-        kind = rng.choice([k for k in STRIKES if k not in STYLED_STROKES.get(int(label), ())])
-        height = rng.uniform(16, 64)
-        size = max(8, round(MNIST_SIZE * height / 20))  # the digit fills 20 of the image's 28 px
-        ink = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if size < MNIST_SIZE else cv2.INTER_LINEAR)
-        struck = strike_through(ink, str(kind), rng)
-        paper, level, scale = rng.uniform(222, 250), pen_or_pencil(rng), height / 24
-        crops.append(optics_and_sensor(paper - (paper - level) * np.clip(struck, 0, 1), scale, rng))
-        m = (struck.shape[0] - ink.shape[0]) // 2
-        plain.append(optics_and_sensor(paper - (paper - level) * np.pad(np.clip(ink, 0, 1), m), scale, rng))
-    struck_images, kept = segment_crops(crops)
-    # A line the segmentation set apart from the digit (it ran through no stroke) leaves the digit
-    # as it was: not a not-a-digit, so left out.
-    own, own_kept = segment_crops(plain)
-    own_of = dict(zip(own_kept.tolist(), own))
-    differs = np.array([k not in own_of or np.abs(img - own_of[k]).mean() > 0.04 for img, k in zip(struck_images, kept)], bool)
-    return struck_images[differs], kept[differs]
-
-
 def optics_and_sensor(grey: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
     """A grey image (H, W) float as a scanner sees it: blurred by its optics (0.4-0.9 px at
     `scale` 1, in proportion beyond) and noised by its sensor (2-6 grey levels). -> (H, W) uint8."""
@@ -516,9 +440,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 # Training data: several populations of writers, split by writer and by check
 # ---------------------------------------------------------------------------------------------
 
-SOURCES = ("mnist", "cvl", "orand", "not_a_digit", "string_pieces", "corrections", "struck")
-# What a fine-tune teaches anew (--keep leaves their targets their labels alone).
-LESSONS = ("corrections", "struck")
+SOURCES = ("mnist", "cvl", "orand", "not_a_digit", "string_pieces", "corrections")
 
 
 @dataclass
@@ -731,26 +653,6 @@ def with_scanned_copies(data: TrainingData, share: float, rng: np.random.Generat
     return TrainingData(*train, *add(data.x_val, data.y_val, data.source_val), data.held_out)
 
 
-def with_struck_copies(data: TrainingData, share: float, rng: np.random.Generator) -> TrainingData:
-    """Both splits with `share` of their digits (every source) added again struck through
-    (`struck_copies`), as not-a-digit of the source 'struck' (validation's from its own digits:
-    early stopping and the temperature weigh them too)."""
-    source = SOURCES.index("struck")
-
-    def add(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chosen = rng.choice(np.flatnonzero(y < NOT_A_DIGIT), int(share * (y < NOT_A_DIGIT).sum()), replace=False)
-        images, _ = struck_copies(x[chosen], y[chosen], rng)
-        n = len(images)
-        return (
-            np.concatenate([x, images]),
-            np.concatenate([y, np.full(n, NOT_A_DIGIT, y.dtype)]),
-            np.concatenate([s, np.full(n, source, s.dtype)]),
-        )
-
-    train = add(data.x_train, data.y_train, data.source_train)
-    return TrainingData(*train, *add(data.x_val, data.y_val, data.source_val), data.held_out)
-
-
 def epoch_order(source: np.ndarray, oversample: dict[str, float], rng: np.random.Generator) -> np.ndarray:
     """Indices of one epoch, shuffled: each source's images repeated `oversample[name]` times on
     average (fractions by random draw), so that the few thousand digits of other populations of
@@ -780,13 +682,9 @@ def fit_balanced_temperature(logits: np.ndarray, labels: np.ndarray, source: np.
 # ---------------------------------------------------------------------------------------------
 
 
-def _batches(x: np.ndarray, y: np.ndarray, source: np.ndarray, config: TrainConfig, workers: int, teacher=None):
-    """A Keras PyDataset of augmented, source-balanced training batches (any backend): labels
-    (B,), or with a `teacher` network (config.keep) targets (B, 11) that are config.keep its
-    probabilities and the rest the label, but for the new lessons (LESSONS)."""
+def _batches(x: np.ndarray, y: np.ndarray, source: np.ndarray, config: TrainConfig, workers: int):
+    """A Keras PyDataset of augmented, source-balanced training batches (any backend)."""
     import keras
-
-    lessons = np.isin(source, [SOURCES.index(s) for s in LESSONS])
 
     class AugmentedBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -804,14 +702,7 @@ def _batches(x: np.ndarray, y: np.ndarray, source: np.ndarray, config: TrainConf
         def __getitem__(self, i):
             idx = self.order[i * config.batch_size : (i + 1) * config.batch_size]
             rng = np.random.default_rng([config.seed, self.epoch, i])
-            images = augment_batch(x[idx], rng, config.stretch, config.narrow)[..., None]
-            if teacher is None:
-                return images, y[idx]
-            targets = np.eye(NOT_A_DIGIT + 1, dtype=np.float32)[y[idx]]
-            kept = ~lessons[idx]
-            read = keras.ops.convert_to_numpy(keras.ops.softmax(teacher(images[kept], training=False)))
-            targets[kept] = (1 - config.keep) * targets[kept] + config.keep * read
-            return images, targets
+            return augment_batch(x[idx], rng, config.stretch, config.narrow)[..., None], y[idx]
 
     return AugmentedBatches()
 
@@ -828,7 +719,7 @@ def train_model(
     """
     import keras
 
-    from formreader.training.model import STRUCK_HEAD, build_digit_cnn, with_struck_head
+    from formreader.training.model import build_digit_cnn
 
     keras.utils.set_random_seed(config.seed)
     data = data or build_training_data(config, data_dir, log)
@@ -838,8 +729,6 @@ def train_model(
     if config.scanned:
         data = with_scanned_copies(data, config.scanned, np.random.default_rng([config.seed, 7]))
         log(f"added {int((data.y_train < NOT_A_DIGIT).sum())} digits in all, scanned copies included")
-    if config.struck:
-        data = with_struck_copies(data, config.struck, np.random.default_rng([config.seed, 13]))
     n_not = int((data.y_train == NOT_A_DIGIT).sum())
     log(f"training on {len(data.x_train)} images ({n_not} not-a-digit), validating on {len(data.x_val)}")
 
@@ -850,19 +739,10 @@ def train_model(
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
-        if config.struck_head:
-            if STRUCK_HEAD not in [layer.name for layer in model.layers]:
-                model = with_struck_head(model)
-            for layer in model.layers:
-                layer.trainable = layer.name == STRUCK_HEAD
     else:
         model = build_digit_cnn(width=config.width, depth=config.depth)
-    teacher = None
-    if config.keep and config.initial:
-        teacher = keras.models.load_model(config.initial, compile=False, safe_mode=True)
-    workers = min(8, os.cpu_count() or 1)
-    train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers, teacher)
-    val = (data.x_val[..., None], data.y_val if teacher is None else np.eye(NOT_A_DIGIT + 1, dtype=np.float32)[data.y_val])
+    train_batches = _batches(data.x_train, data.y_train, data.source_train, config, workers=min(8, os.cpu_count() or 1))
+    val = (data.x_val[..., None], data.y_val)
     steps = config.epochs * len(train_batches)
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.01)
     # An exponential moving average of the weights (used for validation, early stopping and
@@ -871,9 +751,7 @@ def train_model(
     model.compile(
         # (A short fine-tune averages over fewer steps: at 0.999 its average would barely move.)
         optimizer=keras.optimizers.Adam(schedule, use_ema=True, ema_momentum=min(0.999, 1 - 1 / max(10, steps / 20))),
-        loss=(keras.losses.SparseCategoricalCrossentropy if teacher is None else keras.losses.CategoricalCrossentropy)(
-            from_logits=True
-        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     callbacks = [
@@ -887,13 +765,7 @@ def train_model(
     seconds = time.time() - start
 
     val_logits = np.asarray(model.predict(val[0], batch_size=512, verbose=0))
-    # The temperature says how sure the network is of what it reads, fitted without the new
-    # lessons (LESSONS): a few thousand struck digits, all told at once, would weigh as much as a
-    # population of writers and sharpen every reading.
-    read = ~np.isin(data.source_val, [SOURCES.index(s) for s in LESSONS])
-    temperature = fit_balanced_temperature(val_logits[read], data.y_val[read], data.source_val[read])
-    if config.struck_head:  # the digits' logits are the initial network's: so is their temperature
-        temperature = json.loads(Path(config.initial).with_suffix(".json").read_text())["temperature"]
+    temperature = fit_balanced_temperature(val_logits, data.y_val, data.source_val)
     per_source = {
         SOURCES[s]: float((val_logits[data.source_val == s].argmax(1) == data.y_val[data.source_val == s]).mean())
         for s in np.unique(data.source_val)
