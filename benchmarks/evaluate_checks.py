@@ -149,11 +149,22 @@ def orand_test(classifier: DigitClassifier, review_risk: float | None, document:
           f"{right.mean():.1%} right, {int((~right & passed).sum())} wrong NOT flagged")
 
 
+def fields_read(items: list, template, features, classifier: DigitClassifier):
+    """(truth, reading) of each field of the pages of `items` [(page, {field: truth})] that register."""
+    from formreader.pipeline import read_segmented, segment_page
+    from formreader.reading.register import RegistrationError
+
+    for page, truth in items:
+        try:
+            read = read_segmented(segment_page(page, template, features), template, classifier)
+        except RegistrationError:
+            continue
+        yield from ((truth[f.name], f) for f in read.fields)
+
+
 def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
     """Free fields on forms: a number written in a thick-bordered box, worn print, bitonal 300-DPI
     scans, digits of writers no model was trained on."""
-    from formreader.pipeline import read_segmented, segment_page
-    from formreader.reading.register import RegistrationError
     from formreader.training.evaluate import held_out_writers
     from formreader.training.synth import scanned_free_forms
 
@@ -162,27 +173,16 @@ def free_forms(classifier: DigitClassifier, pages: int, seed: int) -> None:
     for name, (images, labels) in sources.items():
         template, items = scanned_free_forms(images, labels, pages, seed)
         features = prepare_reference(template.reference)
-        results = []
-        for page, truth in items:
-            try:
-                seg = segment_page(page, template, features)
-                read = read_segmented(seg, template, classifier)
-            except RegistrationError:
-                continue
-            for f in read.fields:
-                results.append((truth[f.name], truth[f.name], f.value, f.value, f.status, f.confidence, broke_rule(f)))
+        results = [
+            (t, t, f.value, f.value, f.status, f.confidence, broke_rule(f))
+            for t, f in fields_read(items, template, features, classifier)
+        ]
         print(f" {name}:")
         score(results, free_thresholds(classifier))
         # The same pages with a digit of one field struck through, as a writer voids it: that
         # field must go to review (what was meant is written elsewhere, or not at all).
-        template, items = scanned_free_forms(images, labels, pages, seed, struck=True)
-        out = []
-        for page, truth in items:
-            try:
-                read = read_segmented(segment_page(page, template, features), template, classifier)
-            except RegistrationError:
-                continue
-            out += [f.status == "ok" for f in read.fields if truth[f.name] is None]
+        _, items = scanned_free_forms(images, labels, pages, seed, struck=True)
+        out = [f.status == "ok" for t, f in fields_read(items, template, features, classifier) if t is None]
         print(f"  a digit struck through (one field a page): {sum(out)} of {len(out)} such fields out `ok`")
 
 

@@ -222,26 +222,22 @@ def main() -> None:
         ]
         print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
                     f"{CALIBRATION_PAGES} pages each, seed {CALIBRATION_SEED}, threshold {classifier.review_threshold})", rows)
-        # Their MNIST digits and CVL writers writing across the boxes' lines and small, as below for
-        # the held-out writers: what a model that should read such cells better is chosen on.
-        for size, how in WRITING_SIZES:
+        # Their MNIST digits and CVL writers writing across the boxes' lines and small, and striking
+        # a digit through, as below for the held-out writers: what a model that should read such
+        # cells better is chosen on.
+        def validation_rows(**written) -> list:
             forms = calibration_forms(
-                classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, size=size,
+                classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, **written,
                 keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
             )
-            rows = [
-                (source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
-                for source, style, t, items in forms
-            ]
-            print_table(f"The same validation writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how})", rows)
-        forms = calibration_forms(
-            classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, struck=True,
-            keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
-        )
-        rows = [(source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
-                for source, style, t, items in forms]
+            return [(source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+                    for source, style, t, items in forms]
+
+        for size, how in WRITING_SIZES:
+            print_table(f"The same validation writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how})",
+                        validation_rows(size=size))
         print_struck("The same validation writers' pages, a digit of each struck through (synth.strike_out), "
-                     "their other fields", rows)
+                     "their other fields", validation_rows(struck=True))
 
     rows, read = [], []
     sources = held_out_writers()
@@ -269,26 +265,24 @@ def main() -> None:
         errors.append(f"{source or 'all nine'} {calibration_error(conf, right):.2%}")
     print(f"  field confidence's ECE (15 bins): {', '.join(errors)}")
 
-    # Writing that crosses the boxes' lines, as many people write in small boxes, and writing small
-    # in large ones: known weaknesses, kept out of the nine rows (which the aims are stated on) and
-    # shown beside them.
+    # Writing that crosses the boxes' lines, as many people write in small boxes, writing small in
+    # large ones, and a digit struck through to void it (its field must go to review: what was
+    # meant is written elsewhere, or not at all): known weaknesses, kept out of the nine rows
+    # (which the aims are stated on) and shown beside them, MNIST's and CVL's writers on the
+    # first two forms.
+    def held_out_rows(**written) -> list:
+        return [
+            (source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+            for source, (images, labels) in list(sources.items())[:2]
+            for form in list(FORM_STYLES)[:2]
+            for t, items in [scanned_forms(form, images, labels, args.pages, args.seed, **written)]
+        ]
+
     for size, how in WRITING_SIZES:
-        rows = []
-        for source, (images, labels) in list(sources.items())[:2]:
-            for form in list(FORM_STYLES)[:2]:
-                t, items = scanned_forms(form, images, labels, args.pages, args.seed, size=size)
-                rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
         print_table(f"The same writers, digits {size[0]:g}-{size[1]:g} of their box's height ({how}; {args.pages} pages each)",
-                    rows)
-    # A digit struck through to void it, as people correct a form: its field must go to review
-    # (what was meant is written elsewhere, or not at all).
-    rows = []
-    for source, (images, labels) in list(sources.items())[:2]:
-        for form in list(FORM_STYLES)[:2]:
-            t, items = scanned_forms(form, images, labels, args.pages, args.seed, struck=True)
-            rows.append((source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
+                    held_out_rows(size=size))
     print_struck(f"The same writers' pages, a digit of each struck through (synth.strike_out; {args.pages} pages each), "
-                 "their other fields", rows)
+                 "their other fields", held_out_rows(struck=True))
 
 
 if __name__ == "__main__":

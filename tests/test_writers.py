@@ -524,8 +524,8 @@ def test_a_digit_written_small_in_its_box_is_read_at_twice_its_size(cvl_valid, c
 
 def test_struck_pages_are_the_same_pages_with_one_digit_struck_through(mnist_test):
     """The benchmarks' voided digits (synth.strike_out): each page the page written without, but
-    for a stroke across one written box of one field, which a digit may not carry by style (no
-    slashed 0, no barred 7 or 4); that field's truth is None (right only if flagged)."""
+    for a stroke across one written box of one field; that field's truth is None (right only if
+    flagged), on free-field forms too."""
     from formreader.training.synth import make_pages, scanned_free_forms
 
     blank, fields, plain = make_pages(12, 58, *mnist_test)

@@ -201,8 +201,7 @@ def strike_out(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Generato
     mask = np.zeros(canvas.shape, np.uint8)
     thickness = max(2, round(h * rng.uniform(0.055, 0.085)))  # a pen's, in proportion to the writing
     cv2.polylines(mask, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
-    alpha = mask.astype(np.float32) / 255
-    canvas[:] = np.minimum(canvas, canvas * (1 - alpha) + ink * alpha).astype(np.uint8)
+    _stamp(canvas, mask.astype(np.float32) / 255, 0, 0, ink)
 
 
 def pen_or_pencil(rng: np.random.Generator) -> float:
@@ -590,7 +589,7 @@ def write_number(
             cv2.line(layer, (int(cx), int(baseline + 0.05 * height)), (int(cx + 0.7 * height), int(top)), 1.0, s, cv2.LINE_AA)
             cx += 0.75 * height
         cx += 0.18 * height
-        canvas[:] = np.minimum(canvas, (canvas * (1 - layer) + ink * layer)).astype(np.uint8)
+        _stamp(canvas, layer, 0, 0, ink)
     return placed
 
 
