@@ -1,6 +1,6 @@
 """Field accuracy and review flags, on the shipped samples and on held-out generated forms.
 
-    python benchmarks/evaluate_forms.py [--pages 40] [--seed 777] [--validation] [--details] [--model M] [--dithered]
+    python benchmarks/evaluate_forms.py [--pages 40] [--seed 777] [--validation] [--details] [--model M] [--dithered] [--fax]
 
 Prints, for the samples (samples/truth.csv): field accuracy, the share of fields flagged for
 review and the wrong fields NOT flagged, across a range of thresholds, and how well field
@@ -18,7 +18,9 @@ forms of the model's own validation writers (`formreader calibrate`'s forms), an
 digits and CVL writers writing across the lines and small: the figures a model is chosen on, the
 test rows never. With --dithered, only the samples, then
 their grey pages dithered as a bitonal scanner's halftone mode dithers them, read as they are and
-with their dots taken for ink.
+with their dots taken for ink. With --fax, only MNIST's and CVL's held-out writers on the samples'
+form, as scanned and as the same pages come by fax (synth.as_fax, standard and fine mode, each
+saved as a Group 3 TIFF and read back from the file).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +48,7 @@ from formreader.reading.ingest import find_inputs, is_bitonal, read_pages  # noq
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.evaluate import calibration_error, held_out_writers, rate_interval  # noqa: E402
-from formreader.training.synth import FORM_STYLES, LARGE_WRITING, SMALL_WRITING, scanned_forms  # noqa: E402
+from formreader.training.synth import FAX_MODES, FORM_STYLES, LARGE_WRITING, SMALL_WRITING, as_fax, scanned_forms  # noqa: E402
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
 # Writing of other sizes than the nine rows': (share of the box's height, what it does).
@@ -182,6 +185,28 @@ def print_risks(read: list, classifier: DigitClassifier) -> None:
         print(f"    {risk:6.1%} ({threshold:.3f}): {flagged:6.1%} {slipped / total:7.2%} ({slipped})")
 
 
+def faxed_rows(classifier: DigitClassifier, pages: int, seed: int) -> list:
+    """MNIST's and CVL's held-out writers on the samples' form, as scanned and as a fax machine
+    sends the same pages in each mode (synth.as_fax), each fax saved as a Group 3 TIFF and read
+    back through ingest as a user's file is. Rows (source, how, score)."""
+    rows = []
+    form = list(FORM_STYLES)[0]
+    with tempfile.TemporaryDirectory() as folder:
+        for source, (images, labels) in list(held_out_writers().items())[:2]:
+            t, items = scanned_forms(form, images, labels, pages, seed)
+            rows.append((source, f"{form}", score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
+            for mode in FAX_MODES:
+                faxed = []
+                for k, (page, truth) in enumerate(items):
+                    fax, resolution = as_fax(page.image, page.dpi, mode)
+                    path = Path(folder) / f"{mode}_{k}.tif"
+                    Image.fromarray(fax).convert("1").save(path, dpi=resolution, compression="group3")
+                    faxed += [(p, truth) for p in read_pages(path)]
+                read = score(segment_all(faxed, t, classifier), t, classifier.review_threshold, classifier)
+                rows.append((source, f"faxed, {mode} ({FAX_MODES[mode][0]}x{FAX_MODES[mode][1]} DPI)", read))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=40, help="generated pages per source and form")
@@ -190,10 +215,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="the digit model (.keras); default: the shipped one")
     parser.add_argument("--validation", action="store_true", help="also the forms of the model's validation writers")
     parser.add_argument("--dithered", action="store_true", help="only the samples, and their grey pages dithered")
+    parser.add_argument("--fax", action="store_true", help="only the held-out writers' forms as scanned and as faxed")
     args = parser.parse_args()
     template = load_template(ROOT / "templates" / "demo_form.yaml")
     classifier = DigitClassifier.load(args.model)
 
+    if args.fax:
+        print_table(f"Held-out writers' forms as scanned and sent as faxes ({args.pages} pages each, seed {args.seed})",
+                    faxed_rows(classifier, args.pages, args.seed))
+        return
     truth = pd.read_csv(ROOT / "samples" / "truth.csv", dtype={"value": str}, keep_default_na=False)
     by_page = {(f, int(p)): dict(zip(g.field, g.value)) for (f, p), g in truth.groupby(["file", "page"])}
     items = []

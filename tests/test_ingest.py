@@ -339,6 +339,24 @@ def test_bad_files_give_specific_errors(tmp_path, name):
     assert got[0].source.endswith(name)
 
 
+def test_a_fax_in_standard_mode_is_read_with_square_pixels(tmp_path, truth):
+    """A fax's standard mode scans 204 DPI across and 98 down. Read as stored, its digits came
+    half as tall as written and the page registered to no template ("no consistent alignment")."""
+    from formreader.api import process_folder
+    from formreader.training.synth import as_fax
+
+    (scan,) = pages(SCANS / "scan_c.png")
+    fax, resolution = as_fax(scan.image, scan.dpi, "standard")
+    Image.fromarray(fax).convert("1").save(tmp_path / "fax.tif", dpi=resolution, compression="group3")
+    (page,) = pages(tmp_path / "fax.tif")
+    assert page.dpi == 204 and is_bitonal(page.image)
+    assert page.image.shape == (round(fax.shape[0] * 204 / 98), fax.shape[1])
+    read = process_folder(tmp_path, TEMPLATE)
+    assert read.attrs["errors"].empty
+    expected = truth[truth.file == "scan_c.png"].set_index("field").value
+    assert read.set_index("field").value.to_dict() == expected.to_dict()
+
+
 def test_bitonal_scans_are_told_from_grey_ones():
     import cv2
 

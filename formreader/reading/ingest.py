@@ -578,7 +578,10 @@ def _frame(img: Image.Image, number: int, source: str, dpi: float, load: Callabl
         return reduced
     try:
         img.seek(number - 1)
-        return Page(_to_grey(img), _image_dpi(img), source, number)
+        grey, (dpi_x, dpi_y) = _to_grey(img), _image_dpis(img)
+        if dpi_x and dpi_y and abs(dpi_x - dpi_y) > 0.01 * max(dpi_x, dpi_y):
+            return Page(square_pixels(grey, dpi_x, dpi_y), max(dpi_x, dpi_y), source, number)
+        return Page(grey, dpi_x if dpi_x == dpi_y else None, source, number)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
 
@@ -632,13 +635,38 @@ def _to_grey(img: Image.Image) -> np.ndarray:
 
 
 def _image_dpi(img: Image.Image) -> float | None:
+    """An image's resolution where its pixels are square and it was measured; else None."""
+    dpi_x, dpi_y = _image_dpis(img)
+    return dpi_x if dpi_x == dpi_y else None
+
+
+def _image_dpis(img: Image.Image) -> tuple[float | None, float | None]:
+    """An image's horizontal and vertical resolution as the page lies once turned upright by its
+    EXIF orientation (which `_to_grey` applies), each None where the file does not measure it."""
     dpi = img.info.get("dpi")
     try:
-        value = float(dpi[0]) if dpi else None
-    except (TypeError, ValueError):
-        return None
+        values = [float(dpi[0]), float(dpi[1])] if dpi else [None, None]
+    except (TypeError, ValueError, IndexError):
+        return None, None
     # 72 and 96 DPI are what software writes when nobody measured anything.
-    return value if value and value >= MIN_DPI and round(value) not in (72, 96) else None
+    dpi_x, dpi_y = (v if v and v >= MIN_DPI and round(v) not in (72, 96) else None for v in values)
+    if "exif" in img.info and img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned a quarter
+        return dpi_y, dpi_x
+    return dpi_x, dpi_y
+
+
+def square_pixels(page: np.ndarray, dpi_x: float, dpi_y: float) -> np.ndarray:
+    """A page (H, W) uint8 scanned at one resolution across and another down, resampled to
+    square pixels at the finer of the two: (H', W'). A fax in standard mode is 204 x 98 DPI, each
+    pixel twice as tall as wide; read as it is stored, every digit is squashed to half its height
+    and the page registers to no template. A bitonal page stays bitonal (nearest neighbour), so
+    that it is read and calibrated as the bitonal scan it is."""
+    import cv2
+
+    finest = max(dpi_x, dpi_y)
+    h, w = page.shape
+    size = (max(1, round(w * finest / dpi_x)), max(1, round(h * finest / dpi_y)))
+    return cv2.resize(page, size, interpolation=cv2.INTER_NEAREST if is_bitonal(page) else cv2.INTER_LINEAR)
 
 
 def _page_size_points(text: str) -> tuple[float, float]:

@@ -450,6 +450,23 @@ def bitonal(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(image < threshold, 0, 255).astype(np.uint8)
 
 
+# A fax machine's two modes: 204 dots an inch across the line, 98 lines an inch down ("standard")
+# or 196 ("fine"); each dot black or white at one threshold.
+FAX_MODES = {"standard": (204, 98), "fine": (204, 196)}
+
+
+def as_fax(image: np.ndarray, dpi: float, mode: str = "standard") -> tuple[np.ndarray, tuple[int, int]]:
+    """A grey page (H, W) uint8 scanned at `dpi` as a fax machine sends it: resampled to the mode's
+    resolution across and down (pixels not square in standard mode), then black or white at the
+    middle of the range. Returns (page (H', W') uint8 0 or 255, its (dpi across, dpi down)), as a
+    TIFF stores it."""
+    across, down = FAX_MODES[mode]
+    h, w = image.shape
+    size = (round(w * across / dpi), round(h * down / dpi))
+    resampled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if down < dpi else cv2.INTER_LINEAR)
+    return np.where(resampled < 160, 0, 255).astype(np.uint8), (across, down)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bank checks: numbers written freely, on patterned paper
 # ---------------------------------------------------------------------------------------------
