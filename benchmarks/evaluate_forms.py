@@ -9,7 +9,9 @@ use) and filled by writers no model trained on (MNIST test, CVL validation write
 boxes), on three forms: the samples', one with thick, worn borders scanned bitonal at 300 DPI
 and one whose boxes are short ticks, with the share of their cells read right (of the fields read
 with as many digits as were written) and each source's commonest misreads; then how often their
-fields are right at each confidence.
+fields are right at each confidence. Then CVL's held-out writers on the three forms, each page
+filled by one writer as forms are (the nine rows' pages draw each cell from any writer of their
+source: MNIST's and NSYSU's writers are not known).
 Last, MNIST's and CVL's writers on the first two forms writing digits taller than the boxes
 (synth.LARGE_WRITING, crossing their lines) and smaller (synth.SMALL_WRITING, a third to a half of
 the box), and pages with a digit struck through (synth.strike_out; how many of those fields
@@ -48,7 +50,15 @@ from formreader.reading.ingest import find_inputs, is_bitonal, read_pages  # noq
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
 from formreader.reading.template import load_template  # noqa: E402
 from formreader.training.evaluate import calibration_error, held_out_writers, rate_interval  # noqa: E402
-from formreader.training.synth import FAX_MODES, FORM_STYLES, LARGE_WRITING, SMALL_WRITING, as_fax, scanned_forms  # noqa: E402
+from formreader.training.synth import (  # noqa: E402
+    FAX_MODES,
+    FORM_STYLES,
+    LARGE_WRITING,
+    SMALL_WRITING,
+    as_fax,
+    scanned_forms,
+    writer_glyphs,
+)
 
 THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
 # Writing of other sizes than the nine rows': (share of the box's height, what it does).
@@ -185,6 +195,19 @@ def print_risks(read: list, classifier: DigitClassifier) -> None:
         print(f"    {risk:6.1%} ({threshold:.3f}): {flagged:6.1%} {slipped / total:7.2%} ({slipped})")
 
 
+def one_writer_rows(classifier: DigitClassifier, pages: int, seed: int) -> list:
+    """CVL's held-out writers on each form style, each page filled by one writer (those who wrote
+    every digit, in turn). Rows (source, form style, score)."""
+    from formreader.training.datasets import load_cvl
+
+    glyphs, labels, writers = writer_glyphs(*load_cvl("valid"))
+    return [
+        ("CVL validation writers", form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+        for form in FORM_STYLES
+        for t, items in [scanned_forms(form, glyphs, labels, pages, seed, writers=writers)]
+    ]
+
+
 def faxed_rows(classifier: DigitClassifier, pages: int, seed: int) -> list:
     """MNIST's and CVL's held-out writers on the samples' form, as scanned and as a fax machine
     sends the same pages in each mode (synth.as_fax), each fax saved as a Group 3 TIFF and read
@@ -294,6 +317,11 @@ def main() -> None:
         conf, right = np.concatenate([r["confidence"] for r in mine]), np.concatenate([r["right"] for r in mine])
         errors.append(f"{source or 'all nine'} {calibration_error(conf, right):.2%}")
     print(f"  field confidence's ECE (15 bins): {', '.join(errors)}")
+
+    # A form is filled by one writer: the nine rows' pages draw each cell from any writer of their
+    # source (MNIST's and NSYSU's writers are not known), CVL's writers can fill a page each.
+    print_table(f"CVL's held-out writers, one a page ({args.pages} pages each, seed {args.seed})",
+                one_writer_rows(classifier, args.pages, args.seed))
 
     # Writing that crosses the boxes' lines, as many people write in small boxes, writing small in
     # large ones, and a digit struck through to void it (its field must go to review: what was

@@ -272,6 +272,7 @@ def make_pages(
     style: str = "frames",
     size: tuple[float, float] = WRITING_SIZE,
     struck: bool = False,
+    writers: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[Field], list[FilledPage]]:
     """The blank form, its fields, and `n` filled (unscanned) pages with their ground truth.
 
@@ -280,18 +281,25 @@ def make_pages(
     broken and ragged in places (`wear_lines`), as on a copy of a copy; `style`: how the boxes
     are printed (`printed_as`); `size`: how tall the digits are written (write_digit); `struck`:
     one digit of each page struck through (`strike_out`; the pages are otherwise the same).
+    `writers`: (N,) the writer of each digit: then each page is filled by one writer, as a form is,
+    the writers who wrote every digit taking the pages in turn (in an order drawn from `seed`).
     """
     rng = np.random.default_rng(seed)
     strikes = np.random.default_rng([seed, 58])  # its own: the pages stay those written without
     blank, fields = blank_form(line)
     blank = printed_as(blank, fields, style, line)
-    source = DigitSource(images, labels, rng, reuse=True)
+    if writers is None:
+        sources = [DigitSource(images, labels, rng, reuse=True)]
+    else:
+        writers = np.asarray(writers)
+        whole = [w for w in np.unique(writers) if len(np.unique(labels[writers == w])) == 10]
+        sources = [DigitSource(images[writers == w], labels[writers == w], rng, reuse=True) for w in rng.permutation(whole)]
     pages = []
-    for _ in range(n):
+    for i in range(n):
         values = random_values(rng)
         printed = wear_lines(blank, rng) if worn else blank
         written = {k: v.replace(" ", "") for k, v in values.items()}
-        page = FilledPage(fill_form(printed, fields, values, source, rng, size), written)
+        page = FilledPage(fill_form(printed, fields, values, sources[i % len(sources)], rng, size), written)
         if struck:
             cells = [(spec, box, ch) for spec in fields for box, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
             spec, box, ch = cells[strikes.integers(len(cells))]
@@ -378,14 +386,18 @@ def scanned_forms(
     seed: int,
     size: tuple[float, float] = WRITING_SIZE,
     struck: bool = False,
+    writers: np.ndarray | None = None,
 ) -> tuple[Template, list]:
     """`n` scanned forms of one of FORM_STYLES filled with the given digits (ink high on 0), `size`
     of their boxes tall (write_digit): the form's template and [(Page, {field: digits written})].
     Grey scans come at 150, 200 and 300 DPI, one in seven upside down; bitonal ones at 300 DPI.
     `struck`: a digit of each page struck through (make_pages), its field's truth None: what
-    was meant is not on the page, and the field is right only if it goes to review."""
+    was meant is not on the page, and the field is right only if it goes to review. `writers`:
+    each digit's writer, for pages filled by one writer each (make_pages)."""
     line, worn, bitonal_scan, boxes = FORM_STYLES[style]
-    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, style=boxes, size=size, struck=struck)
+    blank, fields, pages = make_pages(
+        n, seed, images, labels, line=line, worn=worn, style=boxes, size=size, struck=struck, writers=writers
+    )
     rng = np.random.default_rng(seed)
     items = []
     for i, p in enumerate(pages):
@@ -425,6 +437,15 @@ def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty(len(glyphs), object)
     out[:] = glyphs
     return out, np.asarray(labels)[index]
+
+
+def writer_glyphs(crops, labels: np.ndarray, writers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`ink_on_black` of real crops, with each glyph's writer: (glyphs, labels, writers)."""
+    writers = np.asarray(writers)
+    parts = [(*ink_on_black(np.asarray(crops)[writers == w], np.asarray(labels)[writers == w]), w) for w in np.unique(writers)]
+    glyphs = np.empty(sum(len(g) for g, _, _ in parts), object)
+    glyphs[:] = [g for part, _, _ in parts for g in part]
+    return glyphs, np.concatenate([y for _, y, _ in parts]), np.concatenate([np.full(len(y), w) for _, y, w in parts])
 
 
 def wear_lines(blank: np.ndarray, rng: np.random.Generator, breaks: float = 0.12) -> np.ndarray:
