@@ -315,12 +315,12 @@ def digit_images(seg: SegmentedPage) -> tuple[np.ndarray, np.ndarray]:
 
 def page_probabilities(seg: SegmentedPage, classifier: DigitClassifier) -> np.ndarray:
     """(N, 11) probabilities of the page's digit_images: boxed cells by the digit model and its
-    companion, the page's writer as context (DigitClassifier.page_cell_probabilities), the pieces
-    of free fields by the model that also refuses wrong cuts."""
+    companion (DigitClassifier.cell_probabilities), the pieces of free fields by the model that
+    also refuses wrong cuts."""
     images, piece = digit_images(seg)
     probs = np.zeros((len(images), NUM_CLASSES), np.float32)
     if (~piece).any():
-        probs[~piece] = classifier.page_cell_probabilities(images[~piece])
+        probs[~piece] = classifier.cell_probabilities(images[~piece])
     if piece.any():
         probs[piece] = classifier.for_strings.probabilities(images[piece])
     return probs

@@ -118,30 +118,3 @@ def test_the_companion_reads_only_the_cells_the_digit_network_is_unsure_of(class
     temperature = classifier.meta["pair_temperature"]
     assert np.allclose(cells, softmax(np.log(np.maximum(mean, 1e-12)), temperature), atol=1e-6)
     assert np.array_equal(cells.argmax(1), mean.argmax(1)) and not np.allclose(cells, mean, atol=1e-3)
-
-
-def test_a_pages_own_writer_makes_its_less_sure_digits_surer(classifier):
-    """Each whole writer of the fixture's CVL writers read as one page (every digit they wrote,
-    as a form's cells): with the page's sure digits as context (writer_context) fewer digits are
-    left under 0.99 (50 of 396 against 70 when measured), the sure ones are read as they were, and
-    none read wrong becomes sure (on these writers no digit's reading changes, the 3 misread
-    alone among them)."""
-    from formreader.reading.segment import segment_crops
-    from formreader.training.datasets import load_cvl
-
-    x, y, w = load_cvl("valid")
-    unsure_alone = unsure_in_context = 0
-    for writer in np.unique(w):
-        mine = np.flatnonzero(w == writer)
-        if len(mine) < 60:  # the fixture's few writers whose every digit it holds
-            continue
-        images, index = segment_crops(list(x[mine]))
-        alone, in_context = classifier.cell_probabilities(images), classifier.page_cell_probabilities(images)
-        sure = alone.max(1) >= 0.99
-        assert np.array_equal(alone[sure], in_context[sure])
-        assert np.array_equal(alone.argmax(1), in_context.argmax(1))
-        wrong = in_context.argmax(1) != y[mine][index]
-        assert not (wrong & (in_context.max(1) >= 0.99)).any()
-        unsure_alone += int((~sure).sum())
-        unsure_in_context += int((in_context.max(1) < 0.99).sum())
-    assert unsure_alone >= 60 and unsure_in_context <= 0.8 * unsure_alone

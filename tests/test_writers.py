@@ -543,3 +543,23 @@ def test_struck_pages_are_the_same_pages_with_one_digit_struck_through(mnist_tes
         assert np.ptp(xs) >= 0.6 * w  # a level bar runs across it, a slash or backslash corner to corner
     _, items = scanned_free_forms(*mnist_test, 4, seed=58, struck=True)
     assert all(sum(v is None for v in truth.values()) == 1 for _, truth in items)
+
+
+def test_pages_written_one_writer_each_take_the_writers_in_turn():
+    """A form is filled by one writer (the benchmarks' table of CVL's writers one a page):
+    synth.writer_glyphs keeps each glyph's writer beside it, and make_pages with `writers` gives
+    each page to one writer who wrote every digit, each in turn; the fixture's writers who wrote
+    only a few digits fill none."""
+    from formreader.training.synth import ink_on_black, make_pages, writer_glyphs
+
+    x, y, w = load_cvl("valid")
+    glyphs, labels, writers = writer_glyphs(x, y, w)
+    assert len(glyphs) == len(labels) == len(writers) == len(ink_on_black(x, y)[0])
+    for writer in (1, 2, 17):
+        assert np.array_equal(labels[writers == writer], ink_on_black(x[w == writer], y[w == writer])[1])
+    whole = {k for k in np.unique(w) if len(np.unique(y[w == k])) == 10}
+    assert len(whole) >= 2 and 17 not in whole
+    _, _, pages = make_pages(2 * len(whole), 59, glyphs, labels, writers=writers)
+    taken = [page.writer for page in pages]
+    assert set(taken) == whole and taken[: len(whole)] == taken[len(whole) :]
+    assert all(page.writer is None for page in make_pages(2, 59, glyphs, labels)[2])

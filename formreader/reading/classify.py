@@ -66,46 +66,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-# A page's writer as context (writer_context): the cells the pair is at least this sure of stand for
-# the writer's own way with each digit, and a less sure cell's log-probability of each such digit
-# gains this much per unit of likeness to it (over its mean likeness to them all). Chosen
-# on validation forms (docs/measurements.md, stop 59): CVL's validation writers one a page, 50.3%
-# -> 48.3% of fields flagged at the same risk; on pages of many writers, 50.5% -> 50.3%.
-CONTEXT_SURE = 0.99
-CONTEXT_WEIGHT = 2.5
-
-
-def writer_context(
-    probabilities: np.ndarray, features: np.ndarray, sure: float = CONTEXT_SURE, weight: float = CONTEXT_WEIGHT
-) -> np.ndarray:
-    """One page's cell probabilities (N, 11), each cell read less surely than `sure` moved
-    towards the digits whose sure cells on the same page it resembles.
-
-    features: (N, D) what the digit network read each cell's classes from. The sure cells of each
-    digit give that digit's prototype on this page (the mean of their features scaled to unit
-    length); a less sure cell's log-probability of digit d gains `weight` times its likeness to
-    d's prototype (the dot product with its own unit features), less its mean likeness to all
-    the page's prototypes. Digits with no sure cell on the page, and not-a-digit,
-    gain nothing; a page with sure cells of fewer than two digits is left as it is. A form is
-    written by one hand: a writer's 1 with a long up-stroke looks like their other 1s, not like
-    their 7s, which a network that met other writers cannot know from the cell alone."""
-    p = np.asarray(probabilities, np.float64)
-    read, most = p.argmax(axis=1), p.max(axis=1)
-    anchored = most >= sure
-    digits = [d for d in range(NOT_A_DIGIT) if (anchored & (read == d)).any()]
-    unsure = np.flatnonzero(~anchored)
-    if len(digits) < 2 or not len(unsure):
-        return probabilities
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-9)
-    prototypes = np.stack([unit[anchored & (read == d)].mean(axis=0) for d in digits])
-    likeness = unit[unsure] @ prototypes.T
-    logp = np.log(np.maximum(p[unsure], 1e-12))
-    logp[:, digits] += weight * (likeness - likeness.mean(axis=1, keepdims=True))
-    out = np.array(probabilities, np.float32)
-    out[unsure] = softmax(logp)
-    return out
-
-
 def load_keras_model(path: Path):
     """Load a .keras model in safe mode, with a clear ModelError if it is missing or corrupt."""
     path = Path(path)
@@ -125,39 +85,14 @@ def load_keras_model(path: Path):
 # model's speed on a CPU, per-source accuracy within 0.1 points (models/MODEL_CARD.md). It
 # needs no calibration data, so a converted model is made again from its .keras file alone.
 TFLITE_RECIPE = "dynamic-range: int8 weights, float32 in and out"
-# The digit model's own network (not its companion, nor the piece model) is converted with the
-# features its classes are read from (the `logits` layer's input) as a second output, for
-# `writer_context`.
-FEATURES_RECIPE = f"{TFLITE_RECIPE}; the last features a second output"
 
 
-def gives_features(path: Path) -> bool:
-    """Whether the digit network at `path` is converted with its features (FEATURES_RECIPE): the
-    digit model, not the companion or the piece model beside it."""
-    return not Path(path).name.endswith((STRING_MODEL_SUFFIX, COMPANION_SUFFIX))
-
-
-def with_features(model):
-    """A digit network (its classes one Dense layer named 'logits' over a flat vector) with that
-    vector as a second output; any other network as it is."""
-    import keras
-
-    try:
-        head = model.get_layer("logits")
-    except ValueError:
-        return model
-    if len(head.input.shape) != 2:
-        return model
-    return keras.Model(model.inputs, [model.outputs[0], head.input])
-
-
-def convert_to_tflite(model, quantize: bool = True, features: bool = False) -> bytes:
+def convert_to_tflite(model, quantize: bool = True) -> bytes:
     """Convert a Keras model to a TFLite flatbuffer with TensorFlow's converter: by TFLITE_RECIPE,
-    or plain float32 with `quantize=False`; with `features`, its last features a second output
-    (`with_features`, FEATURES_RECIPE)."""
+    or plain float32 with `quantize=False`."""
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(with_features(model) if features else model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     return converter.convert()
@@ -198,7 +133,7 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def convert_when_trained(path: Path, meta: dict, log=print, features: bool = False) -> None:
+def convert_when_trained(path: Path, meta: dict, log=print) -> None:
     """Make a just-trained model's fast path (cached_tflite) where this process can: TensorFlow's
     converter takes a model built on its own Keras backend, and fails on one trained on JAX (as
     on a lent accelerator, which has no TensorFlow). Such a model is converted at its first load,
@@ -208,26 +143,25 @@ def convert_when_trained(path: Path, meta: dict, log=print, features: bool = Fal
     if keras.backend.backend() != "tensorflow":
         log(f"trained on Keras' {keras.backend.backend()} backend: the .tflite fast path is made at the model's first load")
         return
-    cached_tflite(path, meta, features)
+    cached_tflite(path, meta)
 
 
-def cached_tflite(path: Path, meta: dict, features: bool = False) -> bytes:
+def cached_tflite(path: Path, meta: dict) -> bytes:
     """The converted model beside `path` (.tflite), made again if it is not from this .keras file
-    by this TFLITE_RECIPE (FEATURES_RECIPE with `features`).
+    by this TFLITE_RECIPE.
 
     The card records the SHA-256 of the .keras file the .tflite was converted from and of the
     .tflite itself; file times are not trusted (a git checkout sets them all alike).
     """
     cache = path.with_suffix(".tflite")
     source = file_sha256(path)
-    recipe = FEATURES_RECIPE if features else TFLITE_RECIPE
-    if cache.exists() and meta.get("tflite_source_sha256") == source and meta.get("tflite_recipe") == recipe:
+    if cache.exists() and meta.get("tflite_source_sha256") == source and meta.get("tflite_recipe") == TFLITE_RECIPE:
         content = cache.read_bytes()
         # The cache's own digest too: a cache damaged on disk (or swapped) is made again, not run.
         if hashlib.sha256(content).hexdigest() == meta.get("tflite_sha256"):
             return content
     try:
-        content = convert_to_tflite(load_keras_model(path), features=features)
+        content = convert_to_tflite(load_keras_model(path))
     except ImportError as e:
         raise ModelError(
             f"{cache} is missing, damaged or not converted from {path.name}, and converting it again needs "
@@ -239,7 +173,7 @@ def cached_tflite(path: Path, meta: dict, features: bool = False) -> bytes:
         tmp.replace(cache)
         card = path.with_suffix(".json")
         meta["tflite_source_sha256"] = source
-        meta["tflite_recipe"] = recipe
+        meta["tflite_recipe"] = TFLITE_RECIPE
         meta["tflite_sha256"] = hashlib.sha256(content).hexdigest()
         card.write_text(json.dumps(meta, indent=2) + "\n")
     except OSError:
@@ -247,13 +181,9 @@ def cached_tflite(path: Path, meta: dict, features: bool = False) -> bytes:
     return content
 
 
-def run_interpreter(
-    runners: threading.local, content: bytes, threads: int, x: np.ndarray, features: bool = False
-) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+def run_interpreter(runners: threading.local, content: bytes, threads: int, x: np.ndarray) -> np.ndarray:
     """Run a model on one batch with this thread's own interpreter (`runners` holds one per
-    thread: a LiteRT interpreter must never be shared between threads, or answers mix). Its
-    output; with `features`, (output, the digit network's last features or None where it has none:
-    `with_features`, the wider of its two outputs)."""
+    thread: a LiteRT interpreter must never be shared between threads, or answers mix)."""
     it = getattr(runners, "interpreter", None)
     if it is None:
         it = runners.interpreter = _interpreter(content, threads)
@@ -265,11 +195,7 @@ def run_interpreter(
         runners.batch = len(x)
     it.set_tensor(index, x)
     it.invoke()
-    outputs = sorted(it.get_output_details(), key=lambda d: d["shape"][-1])
-    out = it.get_tensor(outputs[0]["index"]).copy()
-    if not features:
-        return out
-    return out, it.get_tensor(outputs[-1]["index"]).copy() if len(outputs) > 1 else None
+    return it.get_tensor(it.get_output_details()[0]["index"]).copy()
 
 
 @dataclass
@@ -284,9 +210,9 @@ class LiteRTModel:
     threads: int = 0
 
     @staticmethod
-    def read_card(path: Path, missing: str, features: bool = False) -> tuple[bytes, float, dict]:
+    def read_card(path: Path, missing: str) -> tuple[bytes, float, dict]:
         """(converted model, temperature, card) for a .keras file and the card beside it;
-        ModelError with `missing` when there is no such file. `features`: cached_tflite's."""
+        ModelError with `missing` when there is no such file."""
         card = path.with_suffix(".json")
         if not path.exists():
             raise ModelError(missing)
@@ -295,7 +221,7 @@ class LiteRTModel:
             temperature = float(meta["temperature"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
-        return cached_tflite(path, meta, features), temperature, meta
+        return cached_tflite(path, meta), temperature, meta
 
     def __post_init__(self):
         self._runners = threading.local()
@@ -363,10 +289,6 @@ class LiteRTModel:
         """The raw outputs for one batch, on this thread's interpreter."""
         return run_interpreter(self._runners, self.tflite, self.threads, x)
 
-    def run_with_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """`run`, and the network's last features where its converted form gives them (a digit network's)."""
-        return run_interpreter(self._runners, self.tflite, self.threads, x, features=True)
-
 
 @dataclass
 class DigitClassifier(LiteRTModel):
@@ -392,8 +314,7 @@ class DigitClassifier(LiteRTModel):
         `calibrating`: the string model's field calibration is about to be fitted anew
         (StringModel.load)."""
         path = Path(path) if path else DEFAULT_MODEL
-        missing = f"model file not found: {path} (train one with `formreader train`)"
-        content, temperature, meta = cls.read_card(path, missing, gives_features(path))
+        content, temperature, meta = cls.read_card(path, f"model file not found: {path} (train one with `formreader train`)")
         clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
         clf._check()
         if path.name.endswith((STRING_MODEL_SUFFIX, COMPANION_SUFFIX)):
@@ -422,13 +343,12 @@ class DigitClassifier(LiteRTModel):
         """The classifier for free-written numbers' pieces: the string model beside this one, if any."""
         return self.strings or self
 
-    def pair_mean(self, images: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    def pair_mean(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, 11) of digit images (N, 28, 28): this network's averaged with its
         companion's, when there is one, for the images this network puts under the card's
         `companion_gate` (all without one); this network's alone for the others. Before the
-        pair's own temperature (cell_probabilities). `own`: this network's probabilities of the
-        images, where already read."""
-        p = self.probabilities(images) if own is None else own.copy()
+        pair's own temperature (cell_probabilities)."""
+        p = self.probabilities(images)
         if self.companion is None:
             return p
         # An image this network is sure of is not read again (card: companion_gate): on the held-out
@@ -447,23 +367,8 @@ class DigitClassifier(LiteRTModel):
         most of all on writers neither saw; but it is less sure where they agree too, so the mean
         is calibrated again by the card's `pair_temperature` (fitted on the model's validation
         digits by `formreader calibrate`: fit_pair_temperature)."""
-        return self._pair_probabilities(images)
-
-    def _pair_probabilities(self, images: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
         temperature = self.meta.get("pair_temperature") if self.companion is not None else None
-        mean = self.pair_mean(images, own)
-        return mean if temperature is None else softmax(np.log(np.maximum(mean, 1e-12)), float(temperature))
-
-    def page_cell_probabilities(self, images: np.ndarray) -> np.ndarray:
-        """`cell_probabilities` of one page's boxed cells (N, 28, 28), each cell the pair is less
-        sure of weighed by how like it is to the digits of the same page they are sure of
-        (`writer_context`): a form is filled by one hand, whose 1 or 7 the page's other cells show."""
-        parts = [self.logits_and_features(images[i : i + 32]) for i in range(0, len(images), 32)]
-        if not parts:
-            return np.zeros((0, NUM_CLASSES), np.float32)
-        logits, features = (np.concatenate(x) if x[0] is not None else None for x in zip(*parts))
-        probabilities = self._pair_probabilities(images, softmax(logits, self.temperature))
-        return probabilities if features is None else writer_context(probabilities, features)
+        return self.pair_mean(images) if temperature is None else softmax(self.pair_logits(images), float(temperature))
 
     def pair_logits(self, images: np.ndarray) -> np.ndarray:
         """(N, 11) log of pair_mean: what the pair's temperature divides (cell_probabilities)."""
@@ -483,14 +388,6 @@ class DigitClassifier(LiteRTModel):
         if len(x) == 0:
             return np.zeros((0, 11), np.float32)
         return self.run(x)
-
-    def logits_and_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """`logits` (N, 11), and the features (N, D) they are read from (None where the converted
-        network does not give them), in one run."""
-        x = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28, 1)
-        if len(x) == 0:
-            return np.zeros((0, 11), np.float32), None
-        return self.run_with_features(x)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Calibrated probabilities (N, 11): softmax of logits / temperature. Read `batch_size`

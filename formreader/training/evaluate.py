@@ -368,34 +368,33 @@ def calibration_forms(
 ) -> list:
     """Scanned forms of every style filled with the model's own validation digits (MNIST digits,
     CVL writers and ORAND checks held out from its training, as its card records): three
-    populations of writers, so that the calibration is not one population's. CVL's writers fill
-    a page each, as forms are filled (the others' writers are not known). `size`: how tall the
+    populations of writers, so that the calibration is not one population's. `size`: how tall the
     digits are written (synth.write_digit; default the benchmarks' WRITING_SIZE). `keep`: (source,
     style) -> whether to make those forms (default all; each source and style's forms are the
     same whichever others are made). `struck`: a digit of each page struck through (synth.make_pages).
     [(source, style, template, [(page, truth)])]."""
     from formreader.training.datasets import load_cvl, load_orand, orand_digit_crops
-    from formreader.training.synth import FORM_STYLES, WRITING_SIZE, ink_on_black, scanned_forms, writer_glyphs
+    from formreader.training.synth import FORM_STYLES, WRITING_SIZE, ink_on_black, scanned_forms
     from formreader.training.train import TrainConfig, mnist_split
 
     root = Path(data_dir) if data_dir else None
     config = TrainConfig.from_card(meta.get("config", {}))
     images, labels = load_mnist("train", root / "mnist" if root else None, False)
     val, _ = mnist_split(len(images), config, np.random.default_rng(config.seed))
-    sources = {"MNIST validation digits": (images[val], labels[val], None)}
+    sources = {"MNIST validation digits": (images[val], labels[val])}
     writers = meta.get("held_out", {}).get("cvl_validation_writers", [])
     if writers:
         x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
         theirs = np.isin(w, writers)
-        sources[f"CVL's {len(writers)} validation writers, one a page"] = writer_glyphs(x[theirs], y[theirs], w[theirs])
+        sources[f"CVL's {len(writers)} validation writers"] = ink_on_black(x[theirs], y[theirs])
     checks = set(meta.get("held_out", {}).get("orand_validation_checks", []))
     if checks:
         amounts = [a for a in load_orand("val", root / "orand_car_a" if root else None) if a.name in checks]
         crops, y, _ = orand_digit_crops(amounts)
-        sources[f"ORAND's {len(amounts)} val checks"] = (*ink_on_black(crops, y), None)
+        sources[f"ORAND's {len(amounts)} val checks"] = ink_on_black(crops, y)
     return [
-        (source, style, *scanned_forms(style, im, lab, pages, seed, size=size or WRITING_SIZE, struck=struck, writers=by))
-        for source, (im, lab, by) in sources.items()
+        (source, style, *scanned_forms(style, im, lab, pages, seed, size=size or WRITING_SIZE, struck=struck))
+        for source, (im, lab) in sources.items()
         for style in FORM_STYLES
         if keep is None or keep(source, style)
     ]
@@ -410,10 +409,10 @@ def calibrate_fields(
 ) -> dict:
     """Fit a model's boxed-field decision (`fit_field_decision`: the confidence exponents of
     DigitClassifier.field_power and its review threshold) on forms of its validation writers,
-    their cells read as a page's boxed cells are (DigitClassifier.page_cell_probabilities); the
+    their cells read as a page's boxed cells are (DigitClassifier.cell_probabilities); the
     exponents are the least sure of those its sources of writers call for alone."""
     forms = calibration_forms(classifier.meta, pages, seed, data_dir)
-    records, sources = calibration_records(forms, {"": classifier.page_cell_probabilities})
+    records, sources = calibration_records(forms, {"": classifier.cell_probabilities})
     return fit_field_decision(*records[""], risk, sources)
 
 

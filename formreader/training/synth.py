@@ -35,6 +35,7 @@ class FilledPage:
     image: np.ndarray  # (H, W) uint8, the filled form before scanning
     values: dict[str, str]  # field name -> digits written (ground truth)
     struck: str = ""  # the field one of whose digits the writer struck through (make_pages' `struck`)
+    writer: object = None  # who wrote every digit of the page (make_pages' `writers`); None: digits of many writers
 
 
 # How a writer voids a digit: a line across it, past its ends. Left out where a digit may carry
@@ -293,13 +294,15 @@ def make_pages(
     else:
         writers = np.asarray(writers)
         whole = [w for w in np.unique(writers) if len(np.unique(labels[writers == w])) == 10]
-        sources = [DigitSource(images[writers == w], labels[writers == w], rng, reuse=True) for w in rng.permutation(whole)]
+        order = rng.permutation(whole)
+        sources = [DigitSource(images[writers == w], labels[writers == w], rng, reuse=True) for w in order]
     pages = []
     for i in range(n):
         values = random_values(rng)
         printed = wear_lines(blank, rng) if worn else blank
         written = {k: v.replace(" ", "") for k, v in values.items()}
         page = FilledPage(fill_form(printed, fields, values, sources[i % len(sources)], rng, size), written)
+        page.writer = None if writers is None else order[i % len(order)].item()
         if struck:
             cells = [(spec, box, ch) for spec in fields for box, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
             spec, box, ch = cells[strikes.integers(len(cells))]

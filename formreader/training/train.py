@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from formreader.reading.classify import NOT_A_DIGIT, convert_when_trained, gives_features
+from formreader.reading.classify import NOT_A_DIGIT, convert_when_trained
 from formreader.reading.locate import CELL_MARGIN
 from formreader.reading.segment import MNIST_SIZE, normalize_digit, segment_crops
 from formreader.training.datasets import load_mnist
@@ -799,7 +799,7 @@ def train_model(
         "config": dict(vars(config)),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    convert_when_trained(out, meta, log, gives_features(out))  # the fast path's converted model, beside the .keras file
+    convert_when_trained(out, meta, log)  # the fast path's converted model, beside the .keras file
     log(f"saved {out}; temperature {temperature:.3f}; validation accuracy {meta['validation_accuracy']:.4%} {per_source}")
     return meta
 
