@@ -355,6 +355,10 @@ def test_a_fax_in_standard_mode_is_read_with_square_pixels(tmp_path, truth):
     assert read.attrs["errors"].empty
     expected = truth[truth.file == "scan_c.png"].set_index("field").value
     assert read.set_index("field").value.to_dict() == expected.to_dict()
+    # Tags that would make the page hundreds of megapixels once square are refused, not obeyed.
+    Image.fromarray(fax).save(tmp_path / "odd.png", dpi=(4000, 60))
+    (refused,) = pages(tmp_path / "odd.png")
+    assert isinstance(refused, PageError) and "once its pixels are made square" in refused.reason
 
 
 def test_bitonal_scans_are_told_from_grey_ones():

@@ -580,6 +580,11 @@ def _frame(img: Image.Image, number: int, source: str, dpi: float, load: Callabl
         img.seek(number - 1)
         grey, (dpi_x, dpi_y) = _to_grey(img), _image_dpis(img)
         if dpi_x and dpi_y and abs(dpi_x - dpi_y) > 0.01 * max(dpi_x, dpi_y):
+            squared = grey.size * max(dpi_x, dpi_y) / min(dpi_x, dpi_y)
+            if squared > MAX_PAGE_PIXELS:
+                return PageError(source, number, f"image too large: {grey.shape[1]}x{grey.shape[0]} px at {dpi_x:g} x {dpi_y:g} "
+                                 f"DPI would be {squared / 1e6:.0f} megapixels once its pixels are made square "
+                                 f"(limit {MAX_PAGE_PIXELS / 1e6:.0f}): are its DPI tags right?")
             return Page(square_pixels(grey, dpi_x, dpi_y), max(dpi_x, dpi_y), source, number)
         return Page(grey, dpi_x if dpi_x == dpi_y else None, source, number)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
