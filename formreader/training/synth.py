@@ -35,7 +35,7 @@ class FilledPage:
     image: np.ndarray  # (H, W) uint8, the filled form before scanning
     values: dict[str, str]  # field name -> digits written (ground truth)
     struck: str = ""  # the field one of whose digits the writer struck through (make_pages' `struck`)
-    writer: object = None  # who wrote every digit of the page (make_pages' `writers`); None: digits of many writers
+    writer: int | str | None = None  # who wrote every digit of the page (make_pages' `writers`); None: many writers
 
 
 # How a writer voids a digit: a line across it, past its ends. Left out where a digit may carry
@@ -301,8 +301,8 @@ def make_pages(
         values = random_values(rng)
         printed = wear_lines(blank, rng) if worn else blank
         written = {k: v.replace(" ", "") for k, v in values.items()}
-        page = FilledPage(fill_form(printed, fields, values, sources[i % len(sources)], rng, size), written)
-        page.writer = None if writers is None else order[i % len(order)].item()
+        writer = None if writers is None else order[i % len(order)].item()
+        page = FilledPage(fill_form(printed, fields, values, sources[i % len(sources)], rng, size), written, writer=writer)
         if struck:
             cells = [(spec, box, ch) for spec in fields for box, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
             spec, box, ch = cells[strikes.integers(len(cells))]
@@ -481,8 +481,8 @@ FAX_MODES = {"standard": (204, 98), "fine": (204, 196)}
 
 def as_fax(image: np.ndarray, dpi: float, mode: str = "standard") -> tuple[np.ndarray, tuple[int, int]]:
     """A grey page (H, W) uint8 scanned at `dpi` as a fax machine sends it: resampled to the mode's
-    resolution across and down (pixels not square in standard mode), then black or white at the
-    middle of the range. Returns (page (H', W') uint8 0 or 255, its (dpi across, dpi down)), as a
+    resolution across and down (pixels not square in standard mode), then black or white at one
+    threshold (160 of 255, as light pencil is lost). Returns (page (H', W') uint8 0 or 255, its (dpi across, dpi down)), as a
     TIFF stores it."""
     across, down = FAX_MODES[mode]
     h, w = image.shape
