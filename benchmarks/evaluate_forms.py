@@ -119,6 +119,11 @@ def score(segmented, template, threshold: float, classifier) -> dict:
     }
 
 
+def read_at_threshold(items, template, classifier: DigitClassifier) -> dict:
+    """`score` of pages [(page, truth)] read as one template, at the model's review threshold."""
+    return score(segment_all(items, template, classifier), template, classifier.review_threshold, classifier)
+
+
 def report(name: str, segmented, template, classifier) -> None:
     base = score(segmented, template, classifier.review_threshold, classifier)
     print(f"\n{name}: {base['fields']} fields on {len(segmented)} pages")
@@ -202,7 +207,7 @@ def one_writer_rows(classifier: DigitClassifier, pages: int, seed: int) -> list:
 
     glyphs, labels, writers = writer_glyphs(*load_cvl("valid"))
     return [
-        ("CVL validation writers", form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+        ("CVL validation writers", form, read_at_threshold(items, t, classifier))
         for form in FORM_STYLES
         for t, items in [scanned_forms(form, glyphs, labels, pages, seed, writers=writers)]
     ]
@@ -217,7 +222,7 @@ def faxed_rows(classifier: DigitClassifier, pages: int, seed: int) -> list:
     with tempfile.TemporaryDirectory() as folder:
         for source, (images, labels) in list(held_out_writers().items())[:2]:
             t, items = scanned_forms(form, images, labels, pages, seed)
-            rows.append((source, f"{form}", score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier)))
+            rows.append((source, form, read_at_threshold(items, t, classifier)))
             for mode in FAX_MODES:
                 faxed = []
                 for k, (page, truth) in enumerate(items):
@@ -225,7 +230,7 @@ def faxed_rows(classifier: DigitClassifier, pages: int, seed: int) -> list:
                     path = Path(folder) / f"{mode}_{k}.tif"
                     Image.fromarray(fax).convert("1").save(path, dpi=resolution, compression="group3")
                     faxed += [(p, truth) for p in read_pages(path)]
-                read = score(segment_all(faxed, t, classifier), t, classifier.review_threshold, classifier)
+                read = read_at_threshold(faxed, t, classifier)
                 rows.append((source, f"faxed, {mode} ({FAX_MODES[mode][0]}x{FAX_MODES[mode][1]} DPI)", read))
     return rows
 
@@ -270,7 +275,7 @@ def main() -> None:
         from formreader.training.evaluate import CALIBRATION_PAGES, CALIBRATION_SEED, calibration_forms
 
         rows = [
-            (source, style, score(segment_all(forms, t, classifier), t, classifier.review_threshold, classifier))
+            (source, style, read_at_threshold(forms, t, classifier))
             for source, style, t, forms in calibration_forms(classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED)
         ]
         print_table(f"The model's validation writers ({calibration_forms.__module__}.calibration_forms, "
@@ -283,7 +288,7 @@ def main() -> None:
                 classifier.meta, CALIBRATION_PAGES, CALIBRATION_SEED, **written,
                 keep=lambda source, style: not source.startswith("ORAND") and style in list(FORM_STYLES)[:2],
             )
-            return [(source, style, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+            return [(source, style, read_at_threshold(items, t, classifier))
                     for source, style, t, items in forms]
 
         for size, how in WRITING_SIZES:
@@ -330,7 +335,7 @@ def main() -> None:
     # first two forms.
     def held_out_rows(**written) -> list:
         return [
-            (source, form, score(segment_all(items, t, classifier), t, classifier.review_threshold, classifier))
+            (source, form, read_at_threshold(items, t, classifier))
             for source, (images, labels) in list(sources.items())[:2]
             for form in list(FORM_STYLES)[:2]
             for t, items in [scanned_forms(form, images, labels, args.pages, args.seed, **written)]

@@ -579,14 +579,14 @@ def _frame(img: Image.Image, number: int, source: str, dpi: float, load: Callabl
     try:
         img.seek(number - 1)
         grey, (dpi_x, dpi_y) = _to_grey(img), _image_dpis(img)
-        if dpi_x and dpi_y and abs(dpi_x - dpi_y) > 0.01 * max(dpi_x, dpi_y):
+        if _oblong(dpi_x, dpi_y):
             squared = grey.size * max(dpi_x, dpi_y) / min(dpi_x, dpi_y)
             if squared > MAX_PAGE_PIXELS:
                 return PageError(source, number, f"image too large: {grey.shape[1]}x{grey.shape[0]} px at {dpi_x:g} x {dpi_y:g} "
                                  f"DPI would be {squared / 1e6:.0f} megapixels once its pixels are made square "
                                  f"(limit {MAX_PAGE_PIXELS / 1e6:.0f}): are its DPI tags right?")
             return Page(square_pixels(grey, dpi_x, dpi_y), max(dpi_x, dpi_y), source, number)
-        return Page(grey, dpi_x if dpi_x == dpi_y else None, source, number)
+        return Page(grey, dpi_x, source, number)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return PageError(source, number, f"image data damaged or truncated: {_first_line(str(e))}")
 
@@ -640,9 +640,14 @@ def _to_grey(img: Image.Image) -> np.ndarray:
 
 
 def _image_dpi(img: Image.Image) -> float | None:
-    """An image's resolution where its pixels are square and it was measured; else None."""
+    """An image's resolution where it was measured and its pixels are square; else None."""
     dpi_x, dpi_y = _image_dpis(img)
-    return dpi_x if dpi_x == dpi_y else None
+    return None if _oblong(dpi_x, dpi_y) else dpi_x
+
+
+def _oblong(dpi_x: float | None, dpi_y: float | None) -> bool:
+    """Whether both resolutions are measured and differ by more than 1%: pixels not square."""
+    return bool(dpi_x and dpi_y and abs(dpi_x - dpi_y) > 0.01 * max(dpi_x, dpi_y))
 
 
 def _image_dpis(img: Image.Image) -> tuple[float | None, float | None]:

@@ -444,8 +444,8 @@ def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def writer_glyphs(crops, labels: np.ndarray, writers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`ink_on_black` of real crops, with each glyph's writer: (glyphs, labels, writers)."""
-    writers = np.asarray(writers)
-    parts = [(*ink_on_black(np.asarray(crops)[writers == w], np.asarray(labels)[writers == w]), w) for w in np.unique(writers)]
+    crops, labels, writers = np.asarray(crops), np.asarray(labels), np.asarray(writers)
+    parts = [(*ink_on_black(crops[writers == w], labels[writers == w]), w) for w in np.unique(writers)]
     glyphs = np.empty(sum(len(g) for g, _, _ in parts), object)
     glyphs[:] = [g for part, _, _ in parts for g in part]
     return glyphs, np.concatenate([y for _, y, _ in parts]), np.concatenate([np.full(len(y), w) for _, y, w in parts])
