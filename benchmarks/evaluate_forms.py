@@ -44,7 +44,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from formreader import pipeline  # noqa: E402
-from formreader.pipeline import decide_page, page_probabilities, segment_page  # noqa: E402
+from formreader.pipeline import decide_page, mark_struck, page_probabilities, segment_page  # noqa: E402
 from formreader.reading.classify import REVIEW_RISKS, DigitClassifier  # noqa: E402
 from formreader.reading.ingest import find_inputs, is_bitonal, read_pages  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
@@ -75,6 +75,7 @@ def segment_all(items, template, classifier):
         except RegistrationError as e:
             print(f"  {page.source} page {page.page}: {e}")
             continue
+        mark_struck(seg, classifier.struck)
         out.append((seg, page_probabilities(seg, classifier), truth))
     return out
 
@@ -84,14 +85,17 @@ def score(segmented, template, threshold: float, classifier) -> dict:
     misread: Counter = Counter()  # (digit written, digit read) of the cells read as another digit
     cells = cells_right = miscounted = 0
     struck_ok = []  # fields with a digit struck through (their truth None): whether each went out `ok`
+    strike_alone = 0  # fields sent to review by the struck-digit detector alone
+    struck_threshold = classifier.struck.threshold if classifier.struck else None
     for seg, probs, truth in segmented:
         power = classifier.field_power(seg.bitonal)
-        for f in decide_page(seg, probs, template, threshold, power).fields:
+        for f in decide_page(seg, probs, template, threshold, power, struck_threshold=struck_threshold).fields:
             written = truth[f.name]
             if written is None:
                 struck_ok.append(f.status == "ok")
                 continue
             rows.append((f.value == written, f.status != "ok", f.confidence))
+            strike_alone += len(f.reasons) == 1 and "struck through?" in f.reasons[0]
             # The cells, where a digit was read for each one written (their order is the field's):
             # a digit misread, as against a digit lost, split or added (a field miscounted).
             if len(f.value) != len(written):
@@ -116,6 +120,7 @@ def score(segmented, template, threshold: float, classifier) -> dict:
         "right": right,
         "struck": len(struck_ok),
         "struck_ok": int(sum(struck_ok)),
+        "strike_alone": strike_alone,
     }
 
 
@@ -174,6 +179,8 @@ def print_table(title: str, rows: list) -> None:
     low, high = rate_interval(slipped, total)
     print(f"  {'all':69} {total:6d} {right:7.2%} {flagged:8.1%} {slipped / total:8.2%} ({slipped}; "
           f"95% interval {low:.2%}-{high:.2%})")
+    alone = sum(r["strike_alone"] for *_, r in rows)
+    print(f"  flagged for a stroke across a digit alone (the struck-digit detector): {alone} ({alone / total:.2%})")
     for source in dict.fromkeys(source for source, *_ in rows):
         misread = sum((r["misread"] for s, _, r in rows if s == source), Counter())
         common = ", ".join(f"{a}->{b} {n}" for (a, b), n in misread.most_common(5))
@@ -244,9 +251,13 @@ def main() -> None:
     parser.add_argument("--validation", action="store_true", help="also the forms of the model's validation writers")
     parser.add_argument("--dithered", action="store_true", help="only the samples, and their grey pages dithered")
     parser.add_argument("--fax", action="store_true", help="only the held-out writers' forms as scanned and as faxed")
+    parser.add_argument("--no-struck-detector", action="store_true", help="read without the detector of digits struck through")
     args = parser.parse_args()
     template = load_template(ROOT / "templates" / "demo_form.yaml")
     classifier = DigitClassifier.load(args.model)
+    if args.no_struck_detector:
+        classifier.struck = None
+    print(f"the detector of digits struck through: {Path(classifier.struck.path).name if classifier.struck else 'none'}")
 
     if args.fax:
         print_table(f"Held-out writers' forms as scanned and sent as faxes ({args.pages} pages each, seed {args.seed})",

@@ -271,6 +271,7 @@ def _process(
         # The piece model reads free fields' pieces; the companion, boxed cells with the digit model.
         "piece_model": clf.strings.fingerprint if clf.strings else "",
         "companion_model": clf.companion.fingerprint if clf.companion else "",
+        "struck_model": clf.struck.fingerprint if clf.struck else "",
         # The thresholds in force (each template's, for its review_risk): boxed fields', then free fields'.
         "review_threshold": " ".join(str(boxed) for boxed, _ in thresholds),
         "free_review_threshold": " ".join(str(free) for _, free in thresholds),
@@ -706,6 +707,36 @@ def train_strings(
     )
     meta = train_string_model(out, config, *train, *val, data)
     click.echo(f"{out}: {meta['parameters']} parameters in {meta['training_seconds']:.0f} s; {meta['validation_fields_right']}")
+
+
+@main.command("train-struck")
+@DATA_OPTION
+@click.option(
+    "--out", "-o", default=Path("models/digits.struck.keras"), show_default=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@FORCE_OPTION
+@click.option(
+    "--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The digit model whose writers it trains on."
+)
+@click.option("--pages", default=120, show_default=True, type=click.IntRange(1), help="Training forms a source and form style.")
+@click.option("--epochs", default=12, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--validation-pages", type=click.IntRange(1), help="Validation forms a source and style, for the threshold (default: 80)."
+)
+@click.option("--seed", default=60, show_default=True, type=int)
+def train_struck(data, out, force, model, pages, epochs, validation_pages, seed) -> None:
+    """Train the detector of digits struck through (boxed cells; beside the digit model) on forms
+    written by the digit model's training writers, and choose its threshold on its validation writers'."""
+    _need("keras", "train")
+    from formreader.training.train_struck import train_struck as train
+
+    if out.exists() and not force:
+        _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    card = train(out, model, pages, epochs, seed, validation_pages, data)
+    v = card["validation"]
+    click.echo(f"{out}: threshold {card['struck_threshold']:.4f}, {v['flagged_share']:.2%} of {v['fields']} validation fields "
+               f"flagged that went out `ok`, {v['struck_ok']} of {v['struck_fields']} struck ones out `ok` "
+               f"({v['struck_ok_unaided']} without it)")
 
 
 @main.command()

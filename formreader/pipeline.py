@@ -36,6 +36,7 @@ from formreader.reading.classify import (
     NUM_CLASSES,
     DigitClassifier,
     DigitReading,
+    StrikeDetector,
     label_of,
     reading_from_probabilities,
     single_threaded,
@@ -261,6 +262,7 @@ def decide_page(
     sequences: list[np.ndarray] | None = None,
     string_model: StringModel | None = None,
     boxed_threshold: float | None = None,
+    struck_threshold: float | None = None,
 ) -> PageRead:
     """Turn a segmented page and the probabilities of its digits (in cell order) into fields.
 
@@ -269,7 +271,8 @@ def decide_page(
     confidence for this page's kind of scan (DigitClassifier.field_power).
     sequences, string_model: the string model's step probabilities (V, 64, 15) for each free field's views
     in order, and the model (its card decides), when there is one: a free field is then read by both
-    readers (StringModel.decide)."""
+    readers (StringModel.decide). struck_threshold: a boxed cell whose `struck` score (mark_struck)
+    reaches it was struck through (StrikeDetector.threshold); None: no cell is held struck."""
     start = 0
     fields = []
     wholes = iter(sequences or [])
@@ -290,9 +293,9 @@ def decide_page(
                 start += 1
             else:
                 readings.append(unread_cell(s.stray_ink))
-        fields.append(read_field(
-            spec, readings, threshold if boxed_threshold is None else boxed_threshold, field_power, [s.beyond for s in cells]
-        ))
+        struck = [] if struck_threshold is None else [s.image is not None and s.struck >= struck_threshold for s in cells]
+        boxed = threshold if boxed_threshold is None else boxed_threshold
+        fields.append(read_field(spec, readings, boxed, field_power, [s.beyond for s in cells], struck))
     if 0 < seg.dpi < LOW_RESOLUTION * template.dpi:
         coarse = f"scanned at about {seg.dpi:.0f} DPI, under half the template's {template.dpi:g}: scan it finer"
         for f in fields:
@@ -324,6 +327,16 @@ def page_probabilities(seg: SegmentedPage, classifier: DigitClassifier) -> np.nd
     if piece.any():
         probs[piece] = classifier.for_strings.probabilities(images[piece])
     return probs
+
+
+def mark_struck(seg: SegmentedPage, detector: StrikeDetector | None) -> None:
+    """Score each boxed cell's digit for a stroke across it (DigitSegment.struck), in one batch;
+    nothing without a detector."""
+    cells = [c for cells in seg.segments if not isinstance(cells, StringLayout) for c in cells if c.view is not None]
+    if detector is None or not cells:
+        return
+    for cell, p in zip(cells, detector.probabilities(np.stack([c.view for c in cells]))):
+        cell.struck = float(p)
 
 
 def page_sequences(seg: SegmentedPage, classifier: DigitClassifier) -> list[np.ndarray] | None:
@@ -376,6 +389,7 @@ def read_segmented(
     forms = {t.name: t for t in ([template] if isinstance(template, Template) else template)}
     form = forms.get(seg.template) or next(iter(forms.values()))
     boxed, free = review_thresholds(classifier, threshold, form.review_risk, form.document)
+    mark_struck(seg, classifier.struck)
     return decide_page(
         seg,
         page_probabilities(seg, classifier),
@@ -385,6 +399,7 @@ def read_segmented(
         page_sequences(seg, classifier),
         classifier.string_model,
         boxed,
+        classifier.struck.threshold if classifier.struck else None,
     )
 
 

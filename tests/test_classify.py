@@ -118,3 +118,14 @@ def test_the_companion_reads_only_the_cells_the_digit_network_is_unsure_of(class
     temperature = classifier.meta["pair_temperature"]
     assert np.allclose(cells, softmax(np.log(np.maximum(mean, 1e-12)), temperature), atol=1e-6)
     assert np.array_equal(cells.argmax(1), mean.argmax(1)) and not np.allclose(cells, mean, atol=1e-3)
+
+
+def test_a_one_thread_copy_holds_one_thread_copies_of_every_model_it_holds(classifier):
+    """Workers read with one-thread interpreters (as many workers as cores): a held model left at
+    several threads (the struck-digit detector was, at first) stalls whenever another takes its core."""
+    from formreader.reading.classify import HELD_MODELS, single_threaded
+
+    one = single_threaded(classifier)
+    held = [getattr(one, k) for k in HELD_MODELS if getattr(classifier, k, None) is not None]
+    assert one.threads == 1 and len(held) == 4 and all(m.threads == 1 for m in held)
+    assert one.struck.threshold == classifier.struck.threshold

@@ -8,7 +8,7 @@ import pytest
 
 import formreader
 from formreader.reading.locate import cell_crop
-from formreader.reading.segment import _label_boxes, normalize_digit, segment_cells, segment_digit, thin, thin_stack
+from formreader.reading.segment import BOX_VIEW, _label_boxes, normalize_digit, segment_cells, segment_digit, thin, thin_stack
 from formreader.training.synth import write_digit
 from tests.test_writers import thick_box
 
@@ -181,8 +181,31 @@ def test_cells_segmented_together_get_what_each_gets_alone(mnist_test):
     assert sum(s.image is None for s in alone) >= 6  # blanks among them, to be kept blank
     for t, a in zip(together, alone):
         assert (t.image is None) == (a.image is None) and t.stray_ink == a.stray_ink
+        assert (t.view is None) == (a.view is None)
         if a.image is not None:
             assert np.array_equal(t.image, a.image)
+        if a.view is not None:
+            assert np.array_equal(t.view, a.view)
+
+
+def test_a_boxed_digit_is_also_seen_at_its_box_scale(mnist_test):
+    """The 28x28 input fits any digit to 20 px; the view the struck-digit detector reads keeps the
+    box's scale: a digit written small in its box stays small there, one written across it spans
+    it (where a stroke across a box shows as one). A crop whose box is not known has no view."""
+    images, _ = mnist_test
+    heights = {}
+    for size in ((0.3, 0.35), (0.8, 0.85)):
+        page = np.full((96, 96), 245, np.uint8)
+        cv2.rectangle(page, (18, 18), (77, 77), 0, 2)
+        write_digit(page, (20, 20, 56, 56), images[7], np.random.default_rng(0), 40, size)
+        seg = segment_cells([page[12:84, 12:84]], interiors=[(8, 8, 56, 56)])[0]  # the box's interior in its crop
+        assert seg.image is not None and seg.view.shape == (BOX_VIEW, BOX_VIEW)
+        rows = np.nonzero(seg.view.max(axis=1) > 0.3)[0]
+        heights[size] = (rows.max() - rows.min() + 1) / BOX_VIEW
+        image_rows = np.nonzero(seg.image.max(axis=1) > 0.3)[0]
+        assert 18 <= image_rows.max() - image_rows.min() + 1 <= 22  # the input fills its 20 px either way
+    assert heights[(0.3, 0.35)] < 0.4 < 0.65 < heights[(0.8, 0.85)], heights
+    assert segment_cells([255 - images[7]])[0].view is None
 
 
 def test_a_cell_never_reaches_into_its_neighbour_in_the_stack():

@@ -395,3 +395,60 @@ def test_a_kinds_thresholds_are_its_own_unless_they_rest_on_too_few_fields():
         assert chosen["check"][risk] == (own if enough else everyone)
     assert chosen["form"]["0.05"] == risk_threshold(confidence[~of], right[~of], ruled[~of], 0.05) >= chosen["check"]["0.05"]
     assert set(chosen) == {"check", "form"} and list(chosen["form"]) == [f"{r:g}" for r in REVIEW_RISKS]
+
+
+def test_the_struck_digit_detector_trains_and_loads_beside_its_digit_model(tmp_path):
+    """`train-struck` on a few forms of the fixtures' training writers: a detector whose card holds
+    the threshold chosen on validation forms, the share of them it flags and what it was trained
+    on; the digit model loads it from beside itself; a second run asks for --force."""
+    import json
+    import shutil
+
+    from formreader.reading.classify import DEFAULT_MODEL
+
+    for suffix in (".keras", ".json", ".tflite"):
+        shutil.copy(DEFAULT_MODEL.with_suffix(suffix), tmp_path / f"digits{suffix}")
+    out = tmp_path / "digits.struck.keras"
+    args = ("train-struck", "--pages", 2, "--epochs", 1, "--validation-pages", 2, "--out", out)
+    run = run_cli(*args)
+    assert run.returncode == 0, run.stderr
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert 0 < card["struck_threshold"] < 1 and card["cells"] > 100
+    assert card["validation"]["fields"] > 0 and card["validation"]["flagged_share"] <= 0.05
+    assert "voiding_strokes" in card["trained_on"]
+    clf = DigitClassifier.load(tmp_path / "digits.keras")
+    assert clf.struck is not None and clf.struck.threshold == card["struck_threshold"]
+    scores = clf.struck.probabilities(np.zeros((3, 32, 32), np.float32))
+    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    again = run_cli(*args)
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_the_struck_threshold_is_the_lowest_that_flags_the_share_allowed():
+    from formreader.training.train_struck import lowest_threshold
+
+    scores = np.random.default_rng(0).random(1000)
+    t = lowest_threshold(scores, 0.01)
+    assert (scores >= t).sum() == 10 and (scores >= np.sort(scores)[-11]).sum() == 11
+    tied = np.r_[np.zeros(990), np.full(10, 0.5)]
+    assert (tied >= lowest_threshold(tied, 0.005)).sum() == 0  # ten alike: all or none, and ten are too many
+
+
+def test_the_struck_detector_trains_on_the_digit_models_training_writers_only(classifier):
+    """Its training forms are written by the writers the digit model trained on: CVL's validation
+    writers, the model's MNIST validation split and ORAND's held-out checks stay out, so that the
+    threshold chosen on their forms is chosen on writers neither network has seen."""
+    from formreader.training.datasets import load_cvl, load_mnist, load_orand, orand_digit_crops
+    from formreader.training.train import mnist_split
+    from formreader.training.train_struck import training_writers
+
+    sources = training_writers(classifier.meta)
+    x, y, writers = load_cvl("train")
+    held = np.isin(writers, classifier.meta["held_out"]["cvl_validation_writers"])
+    assert held.any() and len(sources["CVL"][1]) == (~held).sum()
+    assert (np.sort(sources["CVL"][1]) == np.sort(y[~held])).all()
+    config = TrainConfig.from_card(classifier.meta["config"])
+    val, train = mnist_split(len(load_mnist("train", download=False)[0]), config, np.random.default_rng(config.seed))
+    assert len(sources["MNIST"][1]) == len(train) and len(val) > 0
+    assert len(sources["ORAND"][1]) == len(orand_digit_crops(load_orand("train"))[1]) > 0
+    assert not set(classifier.meta["held_out"]["orand_validation_checks"]) & {a.name for a in load_orand("train")}

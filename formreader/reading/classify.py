@@ -33,6 +33,7 @@ MODELS = _REPOSITORY_MODELS if (_REPOSITORY_MODELS / "digits.keras").exists() el
 DEFAULT_MODEL = MODELS / "digits.keras"
 STRING_MODEL_SUFFIX = ".strings.keras"  # models/digits.strings.keras: digits.keras tuned on string pieces
 COMPANION_SUFFIX = ".companion.keras"  # models/digits.companion.keras: a second network, averaged for boxed cells
+STRUCK_SUFFIX = ".struck.keras"  # models/digits.struck.keras: tells a digit struck through (StrikeDetector)
 STRING_READER_NAME = "strings.keras"  # the string model, beside the digit model
 LABELS = "0123456789"
 # The review threshold of a model whose card holds none (LiteRTModel.review_threshold: one not
@@ -307,6 +308,9 @@ class DigitClassifier(LiteRTModel):
     # The string model (CNN + CTC, models/strings.keras beside this one) that reads a free field
     # whole; free fields are read by both it and the cut pieces (formreader.reading.string_model).
     string_model: StringModel | None = None
+    # The detector of digits struck through (models/digits.struck.keras): a boxed cell it holds
+    # struck sends its field to review.
+    struck: StrikeDetector | None = None
 
     @classmethod
     def load(cls, path: Path | None = None, threads: int | None = None, calibrating: bool = False) -> DigitClassifier:
@@ -319,6 +323,8 @@ class DigitClassifier(LiteRTModel):
         clf._check()
         if path.name.endswith((STRING_MODEL_SUFFIX, COMPANION_SUFFIX)):
             return clf  # a model beside the digit model: the others there are the digit model's
+        if path.with_suffix(STRUCK_SUFFIX).exists():
+            clf.struck = StrikeDetector.load(path.with_suffix(STRUCK_SUFFIX), threads)
         if path.with_suffix(COMPANION_SUFFIX).exists():
             clf.companion = cls.load(path.with_suffix(COMPANION_SUFFIX), threads)
         companion = path.with_suffix(STRING_MODEL_SUFFIX)
@@ -399,13 +405,48 @@ class DigitClassifier(LiteRTModel):
         return softmax(logits, self.temperature)
 
 
+@dataclass
+class StrikeDetector(LiteRTModel):
+    """Tells a written digit struck through (voided by its writer) from one written plainly, by
+    its ink as its box frames it. Construct with `StrikeDetector.load(path)`; call
+    `probabilities(views)` with views (N, BOX_VIEW, BOX_VIEW) float32 (segment.box_view); a
+    score at or over `threshold` (its card's, chosen on validation writers' forms) is a strike."""
+
+    @classmethod
+    def load(cls, path: Path, threads: int | None = None) -> StrikeDetector:
+        missing = f"model file not found: {path} (train one with `formreader train-struck`)"
+        content, temperature, meta = cls.read_card(path, missing)
+        if "struck_threshold" not in meta:
+            raise ModelError(f"model card {path.with_suffix('.json')} has no 'struck_threshold'")
+        return cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["struck_threshold"])
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([hashlib.sha256(self.tflite).hexdigest(), self.threshold]).encode()).hexdigest()[:16]
+
+    def probabilities(self, views: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(N,) the chance that each view's digit was struck through."""
+        x = np.asarray(views, np.float32)[..., None]
+        if not len(x):
+            return np.zeros(0, np.float32)
+        return np.concatenate([self.run(x[i : i + batch_size])[:, 0] for i in range(0, len(x), batch_size)])
+
+
+# The models a model holds (DigitClassifier's, StringModel's companion): each runs on its own interpreters.
+HELD_MODELS = ("strings", "companion", "string_model", "struck")
+
+
 def single_threaded(model: LiteRTModel | None) -> LiteRTModel | None:
     """A copy of a model, and of the models it holds, whose interpreters use one thread each: for
     threads (or processes) that run as many at once as there are cores, where an interpreter of
     several threads stalls whenever another of them takes one of its cores."""
     if model is None:
         return None
-    held = {k: single_threaded(getattr(model, k)) for k in ("strings", "companion", "string_model") if hasattr(model, k)}
+    held = {k: single_threaded(getattr(model, k)) for k in HELD_MODELS if hasattr(model, k)}
     return replace(model, threads=1, **held)
 
 

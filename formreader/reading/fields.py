@@ -67,6 +67,7 @@ def read_field(
     threshold: float = DEFAULT_REVIEW_THRESHOLD,
     power: float = 1.0,
     beyond: Sequence[float] = (),
+    struck: Sequence[bool] = (),
 ) -> FieldReading:
     """Decide a field from its cells' readings (one per cell, left to right).
 
@@ -76,6 +77,8 @@ def read_field(
     misstates a field's chance of being right. A field with a pattern or a check digit: the
     product is taken among the readings they allow (module docstring) before the power.
     beyond: each cell's handwriting beyond its box's lines (DigitSegment.beyond), when known.
+    struck: whether each cell's digit was struck through (pipeline.mark_struck), when known: what
+    its writer meant is not there to read.
     """
     reasons: list[str] = []
     first = "".join(c.digit for c in cells)
@@ -106,6 +109,9 @@ def read_field(
     crossing = [k for k, share in enumerate(beyond) if share > CROSSING_INK]
     if crossing:
         reasons.append(f"writing crosses the box's lines in cell {crossing[0] + 1}")
+    voided = [k for k, s in enumerate(struck) if s]
+    if voided:
+        reasons.append(f"a stroke across the digit in cell {voided[0] + 1}: struck through?")
     stripped = marks.strip()
     if " " in stripped:
         reasons.append("gap between digits")

@@ -64,6 +64,28 @@ class DigitSegment:
     image: np.ndarray | None  # (28, 28) float32 in [0, 1]; None: no digit in the cell
     stray_ink: float  # ink left after line removal, as a fraction of the crop, digit or not
     beyond: float = 0.0  # handwriting beyond the box's top and bottom lines, share of its area (ink_beyond_boxes)
+    view: np.ndarray | None = None  # (BOX_VIEW, BOX_VIEW) float32: the digit's ink as its box frames it (box_view)
+    struck: float = 0.0  # the chance that the digit was struck through, as StrikeDetector tells from `view`
+
+
+# A side (px) of a digit's ink seen at its box's scale (box_view): the 28x28 input is the digit
+# cut tight, where a stroke across the box no longer looks longer than the digit's own strokes.
+BOX_VIEW = 32
+
+
+def box_view(ink: np.ndarray, interior: Box, crop_height: int) -> np.ndarray:
+    """A digit's kept ink as its box frames it: the box's interior and a tenth of its side around,
+    (BOX_VIEW, BOX_VIEW) float32, ink high.
+
+    ink: (H, W) float in [0, 1], at the resolution of its crop (`crop_height` rows) or a multiple
+    of it (a small digit is found again at twice the size, digit_inks); interior: the box's inside
+    in the crop (x, y, w, h)."""
+    scale = ink.shape[0] / crop_height
+    x, y, w, h = (v * scale for v in interior)
+    margin = 0.1 * max(w, h)
+    top, left = int(max(0, y - margin)), int(max(0, x - margin))
+    bottom, right = int(min(ink.shape[0], y + h + margin)), int(min(ink.shape[1], x + w + margin))
+    return cv2.resize(ink[top:bottom, left:right].astype(np.float32), (BOX_VIEW, BOX_VIEW), interpolation=cv2.INTER_AREA)
 
 
 def ink_intensity(grey: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, np.ndarray]:
@@ -676,12 +698,15 @@ def segment_digits(
     cells): that ink is the form's own (ticks, dividers, borders of any style, wherever the
     template puts the box) and is dropped first; a stroke crossing it loses only the pixels on it.
     """
-    inks, stray = digit_inks(np.asarray(crops), params, interiors, printed)
+    crops = np.asarray(crops)
+    inks, stray = digit_inks(crops, params, interiors, printed)
     found = [k for k, ink in enumerate(inks) if ink is not None]
     images = normalize_digits([inks[k] for k in found], params.thicken, params.sharpen)
     segments = [DigitSegment(None, float(s)) for s in stray]
     for k, image in zip(found, images):
-        segments[k] = DigitSegment(image, float(stray[k]))
+        framed = interiors is not None and interiors[k] is not None
+        view = box_view(inks[k], interiors[k], crops.shape[1]) if framed else None
+        segments[k] = DigitSegment(image, float(stray[k]), view=view)
     return segments
 
 

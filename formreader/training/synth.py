@@ -205,6 +205,38 @@ def strike_out(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Generato
     _stamp(canvas, mask.astype(np.float32) / 255, 0, 0, ink)
 
 
+def voiding_strokes(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Generator, ink: float) -> None:
+    """Strike a box's digit through in place, as training's struck digits are (train_struck): drawn
+    apart from the benchmarks' `strike_out`, and more varied, so that the detector is measured on
+    strokes it was not trained on. A slash, a backslash, a bar, two bars or a wavy bar, from
+    anywhere in the box's left third to its right third or a little beyond, bowed, 4-11% of the
+    box's height thick; never one that `digit` may carry by style (STYLED_STROKES). digit: -1 for
+    any."""
+    x, y, w, h = box
+    styled = STYLED_STROKES.get(digit, ())
+    kinds = [k for k in ("slash", "backslash", "bar", "bars", "wave") if k not in styled]
+    kinds = [k for k in kinds if "slash" in k or "bar" not in styled]  # a 4 or a 7 barred by style: no bar of any kind
+    kind = rng.choice(kinds)
+    left, right = x + w * rng.uniform(-0.05, 0.3), x + w * rng.uniform(0.7, 1.05)
+    if kind == "slash" or kind == "backslash":
+        low, high = y + h * rng.uniform(0.6, 1.0), y + h * rng.uniform(0.0, 0.4)
+        ends = [(low, high) if kind == "slash" else (high, low)]
+    else:
+        first = rng.uniform(0.3, 0.45 if kind == "bars" else 0.7)
+        mids = [first, first + rng.uniform(0.12, 0.25)] if kind == "bars" else [first]
+        ends = [(y + h * (m + rng.uniform(-0.12, 0.12)), y + h * (m + rng.uniform(-0.12, 0.12))) for m in mids]
+    thickness = max(1, round(h * rng.uniform(0.04, 0.11)))
+    t = np.linspace(0, 1, 16)
+    for a, b in ends:
+        bow = h * rng.uniform(-0.15, 0.15) * np.sin(np.pi * t)
+        if kind == "wave":
+            bow += h * rng.uniform(0.03, 0.08) * np.sin(2 * np.pi * rng.uniform(1.5, 3) * t + rng.uniform(0, 2 * np.pi))
+        points = np.stack([left + (right - left) * t, a + (b - a) * t + bow], 1)
+        mask = np.zeros(canvas.shape, np.uint8)
+        cv2.polylines(mask, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
+        _stamp(canvas, mask.astype(np.float32) / 255, 0, 0, ink)
+
+
 def pen_or_pencil(rng: np.random.Generator) -> float:
     """The grey level of a writer's ink on white paper: a pen mostly, a pencil one time in seven."""
     return rng.uniform(15, 70) if rng.random() < 0.85 else rng.uniform(90, 130)
@@ -397,19 +429,33 @@ def scanned_forms(
     `struck`: a digit of each page struck through (make_pages), its field's truth None: what
     was meant is not on the page, and the field is right only if it goes to review. `writers`:
     each digit's writer, for pages filled by one writer each (make_pages)."""
-    line, worn, bitonal_scan, boxes = FORM_STYLES[style]
-    blank, fields, pages = make_pages(
-        n, seed, images, labels, line=line, worn=worn, style=boxes, size=size, struck=struck, writers=writers
-    )
+    template, pages = written_forms(style, images, labels, n, seed, size=size, struck=struck, writers=writers)
+    scans = scanned_as(style, pages, seed)
+    return template, [(page, {**p.values, **({p.struck: None} if p.struck else {})}) for page, p in zip(scans, pages)]
+
+
+def written_forms(
+    style: str, images: np.ndarray, labels: np.ndarray, n: int, seed: int, **written
+) -> tuple[Template, list[FilledPage]]:
+    """`n` forms of one of FORM_STYLES filled with the given digits, not yet scanned: the form's
+    template and the pages (make_pages, `written` its keywords)."""
+    line, worn, _, boxes = FORM_STYLES[style]
+    blank, fields, pages = make_pages(n, seed, images, labels, line=line, worn=worn, style=boxes, **written)
+    return Template(style, blank, float(DPI), tuple(fields)), pages
+
+
+def scanned_as(style: str, pages: list[FilledPage], seed: int) -> list[Page]:
+    """Filled pages scanned as forms of `style` are (scanned_forms)."""
+    bitonal_scan = FORM_STYLES[style][2]
     rng = np.random.default_rng(seed)
-    items = []
+    scans = []
     for i, p in enumerate(pages):
         factor = 2.0 if bitonal_scan else [1.0, 4 / 3, 2.0][i % 3]
         image = scan(p.image, rng, upside_down=i % 7 == 3, dpi_scale=factor)
         if bitonal_scan:
             image = bitonal(image, rng)
-        items.append((Page(image, DPI * factor, f"{style}-{i}", 1), {**p.values, **({p.struck: None} if p.struck else {})}))
-    return Template(style, blank, float(DPI), tuple(fields)), items
+        scans.append(Page(image, DPI * factor, f"{style}-{i}", 1))
+    return scans
 
 
 # How ink_on_black finds a real crop's ink: the segmentation's ink thresholds spelled out as they
