@@ -342,6 +342,20 @@ def written_copies(
 FORM_WRITING = (0.6, 1.2)
 
 
+def registered_pages(template, items):
+    """Each (page, anything) of `items` segmented as `template`'s form (pipeline.segment_page), with
+    what came with it: (SegmentedPage, anything); a page that does not register is left out."""
+    from formreader.pipeline import segment_page
+    from formreader.reading.register import RegistrationError, prepare_reference
+
+    features = prepare_reference(template.reference)
+    for page, extra in items:
+        try:
+            yield segment_page(page, template, features), extra
+        except RegistrationError:
+            continue
+
+
 def form_cells(images, labels: np.ndarray, pages: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Digits written into scanned forms and read back as the pipeline reads a page: `pages`
     forms of each style of synth.FORM_STYLES filled with `images` (MNIST's (N, 28, 28) uint8 or
@@ -352,8 +366,6 @@ def form_cells(images, labels: np.ndarray, pages: int, seed: int) -> tuple[np.nd
     A digit that touches or crosses its box's line loses what lies on the line (the bar of a 7 on
     the top line leaves a 1): in training it keeps its label, so that such a cell is read by its
     remaining strokes or with the doubt it deserves, not as a confident 1."""
-    from formreader.pipeline import segment_page
-    from formreader.reading.register import RegistrationError, prepare_reference
     from formreader.training.synth import FORM_STYLES, scanned_forms
 
     if len(np.unique(labels)) < 10:  # a form's numbers need every digit (a --limit'ed run may lack one)
@@ -361,12 +373,7 @@ def form_cells(images, labels: np.ndarray, pages: int, seed: int) -> tuple[np.nd
     out_images, out_labels = [], []
     for k, style in enumerate(FORM_STYLES):
         template, items = scanned_forms(style, images, labels, pages, seed + k, size=FORM_WRITING)
-        features = prepare_reference(template.reference)
-        for page, truth in items:
-            try:
-                seg = segment_page(page, template, features)
-            except RegistrationError:
-                continue
+        for seg, truth in registered_pages(template, items):
             for spec, cells in zip(template.fields, seg.segments):
                 found = [c.image for c in cells if c.image is not None]
                 written = truth[spec.name]

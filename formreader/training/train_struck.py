@@ -75,10 +75,8 @@ def struck_cells(images, labels: np.ndarray, pages: int, seed: int, share: float
     `share` of the written cells struck through (synth.voiding_strokes), scanned, registered and
     segmented as the pipeline reads a page. Returns (views (N, BOX_VIEW, BOX_VIEW) float32, struck (N,) bool): every
     cell where a digit was found."""
-    from formreader.pipeline import segment_page
-    from formreader.reading.register import RegistrationError, prepare_reference
     from formreader.training.synth import FORM_STYLES, pen_or_pencil, scanned_as, voiding_strokes, written_forms
-    from formreader.training.train import FORM_WRITING
+    from formreader.training.train import FORM_WRITING, registered_pages
 
     views, struck = [], []
     for k, style in enumerate(FORM_STYLES):
@@ -97,12 +95,7 @@ def struck_cells(images, labels: np.ndarray, pages: int, seed: int, share: float
                         voiding_strokes(page.image, spec.cells[c], digit, rng, pen_or_pencil(rng))
                         marked.add((f, c))
             voided.append(marked)
-        features = prepare_reference(template.reference)
-        for page, marked in zip(scanned_as(style, filled, seed + k), voided):
-            try:
-                seg = segment_page(page, template, features)
-            except RegistrationError:
-                continue
+        for seg, marked in registered_pages(template, zip(scanned_as(style, filled, seed + k), voided)):
             for f, cells in enumerate(seg.segments):
                 for c, cell in enumerate(cells if isinstance(cells, list) else []):
                     if cell.view is not None:
@@ -115,18 +108,13 @@ def field_scores(detector: StrikeDetector, classifier: DigitClassifier, forms: l
     """For forms [(source, style, template, [(page, truth)])] (evaluate.calibration_forms), each
     boxed field's highest score of a digit struck through; whether one was (its truth None); and
     whether the field goes out `ok` read by `classifier` with no detector."""
-    from formreader.pipeline import mark_struck, read_segmented, segment_page
-    from formreader.reading.register import RegistrationError, prepare_reference
+    from formreader.pipeline import mark_struck, read_segmented
+    from formreader.training.train import registered_pages
 
     unaided = dataclasses.replace(classifier, struck=None)
     scores, voided, ok = [], [], []
     for _, _, template, items in forms:
-        features = prepare_reference(template.reference)
-        for page, truth in items:
-            try:
-                seg = segment_page(page, template, features)
-            except RegistrationError:
-                continue
+        for seg, truth in registered_pages(template, items):
             read = read_segmented(seg, template, unaided)
             mark_struck(seg, detector)
             for spec, cells, field in zip(template.fields, seg.segments, read.fields):
