@@ -210,10 +210,11 @@ class LiteRTModel:
     path: str = ""
     threads: int = 0
 
-    @staticmethod
-    def read_card(path: Path, missing: str) -> tuple[bytes, float, dict]:
-        """(converted model, temperature, card) for a .keras file and the card beside it;
-        ModelError with `missing` when there is no such file."""
+    @classmethod
+    def from_card(cls, path: Path, missing: str, threads: int | None = None):
+        """The model of a .keras file, run from its converted form with the card beside it, on
+        `threads` threads an interpreter (default: the cores, up to 4); ModelError with `missing`
+        when there is no such file."""
         card = path.with_suffix(".json")
         if not path.exists():
             raise ModelError(missing)
@@ -222,7 +223,7 @@ class LiteRTModel:
             temperature = float(meta["temperature"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelError(f"model card {card} is missing or has no 'temperature': {e}") from e
-        return cached_tflite(path, meta), temperature, meta
+        return cls(cached_tflite(path, meta), temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
 
     def __post_init__(self):
         self._runners = threading.local()
@@ -238,11 +239,11 @@ class LiteRTModel:
     def fingerprint(self) -> str:
         """What decides this model's readings, as 16 hex digits: its network and its card's
         calibration (temperature, field powers and review threshold, field calibration, the cut
-        reader's weight). A journal written with other weights or another calibration is not
+        reader's weight; a struck-digit detector's threshold). A journal written with other weights or another calibration is not
         resumed with this model."""
         keys = (
             "field_power", "field_power_bitonal", "field_calibration", "cut_weight", "review_threshold", "companion_gate",
-            "pair_temperature", "review_thresholds",
+            "pair_temperature", "review_thresholds", "struck_threshold",
         )
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
@@ -318,8 +319,7 @@ class DigitClassifier(LiteRTModel):
         `calibrating`: the string model's field calibration is about to be fitted anew
         (StringModel.load)."""
         path = Path(path) if path else DEFAULT_MODEL
-        content, temperature, meta = cls.read_card(path, f"model file not found: {path} (train one with `formreader train`)")
-        clf = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        clf = cls.from_card(path, f"model file not found: {path} (train one with `formreader train`)", threads)
         clf._check()
         if path.name.endswith((STRING_MODEL_SUFFIX, COMPANION_SUFFIX)):
             return clf  # a model beside the digit model: the others there are the digit model's
@@ -414,19 +414,14 @@ class StrikeDetector(LiteRTModel):
 
     @classmethod
     def load(cls, path: Path, threads: int | None = None) -> StrikeDetector:
-        missing = f"model file not found: {path} (train one with `formreader train-struck`)"
-        content, temperature, meta = cls.read_card(path, missing)
-        if "struck_threshold" not in meta:
+        detector = cls.from_card(path, f"model file not found: {path} (train one with `formreader train-struck`)", threads)
+        if "struck_threshold" not in detector.meta:
             raise ModelError(f"model card {path.with_suffix('.json')} has no 'struck_threshold'")
-        return cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        return detector
 
     @property
     def threshold(self) -> float:
         return float(self.meta["struck_threshold"])
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps([hashlib.sha256(self.tflite).hexdigest(), self.threshold]).encode()).hexdigest()[:16]
 
     def probabilities(self, views: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(N,) the chance that each view's digit was struck through."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,8 +353,7 @@ class StringModel(LiteRTModel):
         (`formreader calibrate-strings` fits it anew)."""
         path = Path(path) if path else DEFAULT_STRING_MODEL
         missing = f"string model not found: {path} (train one with `formreader train-strings`)"
-        content, temperature, meta = cls.read_card(path, missing)
-        model = cls(content, temperature, meta, str(path), threads or min(4, os.cpu_count() or 1))
+        model = cls.from_card(path, missing, threads)
         # The companion's own card is read for its temperature only: the field calibration that
         # decides is the pair's, on this card, so a calibration left on the companion's is not checked.
         if not path.name.endswith(COMPANION_SUFFIX) and path.with_suffix(COMPANION_SUFFIX).exists():

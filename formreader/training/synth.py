@@ -199,8 +199,13 @@ def strike_out(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Generato
     t = np.linspace(0, 1, 12)
     bow = h * rng.uniform(-0.08, 0.08) * np.sin(np.pi * t)
     points = np.stack([left + (right - left) * t, ends[0] + (ends[1] - ends[0]) * t + bow], 1)
+    pen_stroke(canvas, points, max(2, round(h * rng.uniform(0.055, 0.085))), ink)  # a pen's width, in proportion to the writing
+
+
+def pen_stroke(canvas: np.ndarray, points: np.ndarray, thickness: int, ink: float) -> None:
+    """Draw a stroke through `points` (K, 2) x, y in place, `thickness` px wide and anti-aliased,
+    darkening the page to `ink` (grey level) where it lies."""
     mask = np.zeros(canvas.shape, np.uint8)
-    thickness = max(2, round(h * rng.uniform(0.055, 0.085)))  # a pen's, in proportion to the writing
     cv2.polylines(mask, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
     _stamp(canvas, mask.astype(np.float32) / 255, 0, 0, ink)
 
@@ -231,10 +236,7 @@ def voiding_strokes(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Gen
         bow = h * rng.uniform(-0.15, 0.15) * np.sin(np.pi * t)
         if kind == "wave":
             bow += h * rng.uniform(0.03, 0.08) * np.sin(2 * np.pi * rng.uniform(1.5, 3) * t + rng.uniform(0, 2 * np.pi))
-        points = np.stack([left + (right - left) * t, a + (b - a) * t + bow], 1)
-        mask = np.zeros(canvas.shape, np.uint8)
-        cv2.polylines(mask, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
-        _stamp(canvas, mask.astype(np.float32) / 255, 0, 0, ink)
+        pen_stroke(canvas, np.stack([left + (right - left) * t, a + (b - a) * t + bow], 1), thickness, ink)
 
 
 def pen_or_pencil(rng: np.random.Generator) -> float:

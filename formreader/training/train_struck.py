@@ -151,7 +151,8 @@ def train_struck(
 
     started = time.time()
     keras.utils.set_random_seed(seed)
-    meta = DigitClassifier.load(digit_model).meta
+    classifier = DigitClassifier.load(digit_model)
+    meta = classifier.meta
     writers = training_writers(meta, data_dir).values()
     parts = [struck_cells(images, labels, pages, seed + 10 * k) for k, (images, labels) in enumerate(writers)]
     x = np.concatenate([v for v, _ in parts])[..., None]
@@ -174,7 +175,6 @@ def train_struck(
         "digit_model": str(digit_model or "models/digits.keras"),
     }
     detector = StrikeDetector(cached_tflite(out, card), 1.0, card, str(out), threads=2)
-    classifier = DigitClassifier.load(digit_model)
     n = validation_pages or CALIBRATION_PAGES
     plain, _, ok = field_scores(detector, classifier, calibration_forms(meta, n, CALIBRATION_SEED, data_dir))
     # The fields it would flag that go out `ok` without it: what it costs a clerk.
@@ -194,8 +194,7 @@ def train_struck(
         "struck_ok": int((voided & unaided & (scores < threshold)).sum()),
     }
     card["seconds"] = round(time.time() - started)
-    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    cached_tflite(out, card)
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")  # the fast path's digests among it
     v = card["validation"]
     log(f"threshold {threshold:.4f}: {v['flagged_share']:.2%} of {len(plain)} validation fields flagged that went out `ok`; "
         f"of {v['struck_fields']} with a digit struck {v['struck_ok']} out `ok` ({v['struck_ok_unaided']} without the detector)")
