@@ -86,10 +86,9 @@ def score(segmented, template, threshold: float, classifier) -> dict:
     cells = cells_right = miscounted = 0
     struck_ok = []  # fields with a digit struck through (their truth None): whether each went out `ok`
     strike_alone = 0  # fields sent to review by the struck-digit detector alone
-    struck_threshold = classifier.struck.threshold if classifier.struck else None
     for seg, probs, truth in segmented:
         power = classifier.field_power(seg.bitonal)
-        for f in decide_page(seg, probs, template, threshold, power, struck_threshold=struck_threshold).fields:
+        for f in decide_page(seg, probs, template, threshold, power, detector=classifier.struck).fields:
             written = truth[f.name]
             if written is None:
                 struck_ok.append(f.status == "ok")

@@ -11,13 +11,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from formreader.pipeline import Journal, at_review_risk, process_paths, refuse_threshold_with_risk, review_thresholds
+from formreader.pipeline import (
+    Journal,
+    at_review_risk,
+    process_paths,
+    read_free_image,
+    refuse_threshold_with_risk,
+    review_thresholds,
+)
 from formreader.reading.classify import DigitClassifier, DigitReading, reading_from_probabilities, single_threaded
-from formreader.reading.fields import read_free_field, unread_cell
+from formreader.reading.fields import unread_cell
 from formreader.reading.ingest import grey_crop, grey_crops
 from formreader.reading.segment import MNIST_SIZE, segment_cells
-from formreader.reading.string_model import field_views
-from formreader.reading.strings import StringReading, decide_string, field_image, segment_string
+from formreader.reading.strings import StringReading, field_image
 from formreader.reading.template import DOCUMENTS, Field, Template, load_template
 
 if TYPE_CHECKING:
@@ -153,17 +159,9 @@ def read_number(
         raise ValueError(f"document {document!r}: one of {', '.join(DOCUMENTS)}")
     image, (x, y) = field_image(grey_crop(image))  # the writing, where it is small in the crop
     classifier = get_classifier(model)
-    layout = segment_string(image)
-    pieces = classifier.for_strings.probabilities(layout.images)
     spec = Field("number", kind="free", optional=True, separators=separators, pattern=pattern)
-    reader = classifier.string_model
-    if reader is not None:  # read whole by the string model too: the field gets both readers' decision
-        steps = reader.view_probabilities(field_views(image)[None])[0]
-        reading = reader.decide(layout, pieces, steps, spec, image.shape)
-    else:
-        reading = decide_string(layout, pieces, separators, pattern)
-    decision = read_free_field(spec, reading, threshold=review_thresholds(classifier, review_threshold, review_risk, document)[1])
-    reading.status, reading.reasons = decision.status, decision.reasons
+    threshold = review_thresholds(classifier, review_threshold, review_risk, document)[1]
+    _, reading = read_free_image(image, classifier, spec, threshold, document)  # as a page's free field is read
     reading.boxes = [(bx + x, by + y, bw, bh) for bx, by, bw, bh in reading.boxes]  # the given crop's pixels
     reading.cuts = [c + x for c in reading.cuts]
     return reading

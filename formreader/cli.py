@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from formreader.reading.classify import CALIBRATION_FREE_FORMS, CALIBRATION_PAGES, REVIEW_RISK
+from formreader.reading.classify import CALIBRATION_CHECKS, CALIBRATION_FREE_FORMS, CALIBRATION_PAGES, REVIEW_RISK
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -725,18 +725,20 @@ def train_strings(
 )
 @click.option("--seed", default=60, show_default=True, type=int)
 def train_struck(data, out, force, model, pages, epochs, validation_pages, seed) -> None:
-    """Train the detector of digits struck through (boxed cells; beside the digit model) on forms
-    written by the digit model's training writers, and choose its threshold on its validation writers'."""
+    """Train the detector of digits struck through (boxed cells and free fields on forms; beside the
+    digit model) on forms written by the digit model's training writers, and choose its thresholds
+    on its validation writers'."""
     _need("keras", "train")
     from formreader.training.train_struck import train_struck as train
 
     if out.exists() and not force:
         _fail(f"{out} exists; pass --force to overwrite it, or choose another --out")
     card = train(out, model, pages, epochs, seed, validation_pages, data)
-    v = card["validation"]
-    click.echo(f"{out}: threshold {card['struck_threshold']:.4f}, {v['flagged_share']:.2%} of {v['fields']} validation fields "
-               f"flagged that went out `ok`, {v['struck_ok']} of {v['struck_fields']} struck ones out `ok` "
-               f"({v['struck_ok_unaided']} without it)")
+    for kind, key in (("boxed", "validation"), ("free", "validation_free")):
+        v = card[key]
+        click.echo(f"{out}: {kind} fields' threshold {v['threshold']:.4f}, {v['flagged_share']:.2%} of {v['fields']} validation "
+                   f"fields flagged that went out `ok`, {v['struck_ok']} of {v['struck_fields']} struck ones out `ok` "
+                   f"({v['struck_ok_unaided']} without it)")
 
 
 @main.command()
@@ -843,7 +845,9 @@ def _risk_table(meta: dict) -> str:
     "--model", type=click.Path(dir_okay=False, path_type=Path), help="The digit model; its string model lies beside it."
 )
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
-@click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
+@click.option(
+    "--checks", default=CALIBRATION_CHECKS, show_default=True, type=click.IntRange(10), help="Generated checks to fit on."
+)
 @click.option(
     "--forms",
     default=CALIBRATION_FREE_FORMS,
@@ -865,6 +869,7 @@ def calibrate_strings(model, data, checks, forms, risk) -> None:
         CALIBRATION_FIELD_DOCUMENTS,
         CALIBRATION_FIELD_SOURCES,
         CUT_WEIGHTS,
+        STRINGS_CALIBRATION_SEED,
         fit_cut_weight,
         fit_free_threshold,
         fit_two_readers,
@@ -875,7 +880,7 @@ def calibrate_strings(model, data, checks, forms, risk) -> None:
     clf = _load_classifier(model, calibrating=True)
     if clf.string_model is None:
         _fail(f"no string model beside {clf.path} (train one with `formreader train-strings`)")
-    crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, seed=47, data_dir=data, forms=forms)
+    crops, specs, truths, sources = two_reader_calibration_fields(clf, checks, STRINGS_CALIBRATION_SEED, data, forms)
     # First how the two readers choose a field's reading, then the confidence in what they choose.
     readings = read_free_fields(clf, crops, specs, cut_weight=float(CUT_WEIGHTS.max()))
     cut_weight = fit_cut_weight(readings, truths, sources)

@@ -399,8 +399,9 @@ def test_a_kinds_thresholds_are_its_own_unless_they_rest_on_too_few_fields():
 
 def test_the_struck_digit_detector_trains_and_loads_beside_its_digit_model(tmp_path):
     """`train-struck` on a few forms of the fixtures' training writers: a detector whose card holds
-    the threshold chosen on validation forms, the share of them it flags and what it was trained
-    on; the digit model loads it from beside itself; a second run asks for --force."""
+    the thresholds chosen on validation forms (boxed cells, free fields), the share of them each
+    flags and what it was trained on; the digit model loads it from beside itself; a second run
+    asks for --force."""
     import json
     import shutil
 
@@ -415,9 +416,13 @@ def test_the_struck_digit_detector_trains_and_loads_beside_its_digit_model(tmp_p
     card = json.loads(out.with_suffix(".json").read_text())
     assert 0 < card["struck_threshold"] < 1 and card["cells"] > 100
     assert card["validation"]["fields"] > 0 and card["validation"]["flagged_share"] <= 0.05
+    assert 0 < card["struck_free_threshold"] < 1 and card["free_digits"] > 100  # free fields' digits, framed alike
+    free = card["validation_free"]
+    assert free["fields"] > 0 and free["flagged_share"] <= 0.05 and free["struck_fields"] > 0
     assert "voiding_strokes" in card["trained_on"]
     clf = DigitClassifier.load(tmp_path / "digits.keras")
     assert clf.struck is not None and clf.struck.threshold == card["struck_threshold"]
+    assert clf.struck.free_threshold == card["struck_free_threshold"]
     scores = clf.struck.probabilities(np.zeros((3, 32, 32), np.float32))
     assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
     again = run_cli(*args)

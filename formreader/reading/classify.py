@@ -50,6 +50,7 @@ REVIEW_RISKS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)
 # new model or reading moved the threshold by where its second-surest wrong field fell; with 60,
 # 1,126 fields, three (docs/measurements.md, stop 46).
 CALIBRATION_FREE_FORMS = 60
+CALIBRATION_CHECKS = 150  # and generated checks (`formreader calibrate-strings --checks`)
 # Forms of each source of validation writers and style that `formreader calibrate` fits boxed
 # fields' confidence and threshold on: 80 (4,320 fields; 40 until stop 57, on which the 0.3%
 # threshold rested on 6 fields let out wrong, and let 0.83% out on other pages of the same writers).
@@ -239,11 +240,11 @@ class LiteRTModel:
     def fingerprint(self) -> str:
         """What decides this model's readings, as 16 hex digits: its network and its card's
         calibration (temperature, field powers and review threshold, field calibration, the cut
-        reader's weight; a struck-digit detector's threshold). A journal written with other weights or another calibration is not
+        reader's weight; a struck-digit detector's thresholds). A journal written with other weights or another calibration is not
         resumed with this model."""
         keys = (
             "field_power", "field_power_bitonal", "field_calibration", "cut_weight", "review_threshold", "companion_gate",
-            "pair_temperature", "review_thresholds", "struck_threshold",
+            "pair_temperature", "review_thresholds", "struck_threshold", "struck_free_threshold",
         )
         decisive = [hashlib.sha256(self.tflite).hexdigest(), self.temperature, *(self.meta.get(k) for k in keys)]
         return hashlib.sha256(json.dumps(decisive).encode()).hexdigest()[:16]
@@ -408,9 +409,10 @@ class DigitClassifier(LiteRTModel):
 @dataclass
 class StrikeDetector(LiteRTModel):
     """Tells a written digit struck through (voided by its writer) from one written plainly, by
-    its ink as its box frames it. Construct with `StrikeDetector.load(path)`; call
-    `probabilities(views)` with views (N, BOX_VIEW, BOX_VIEW) float32 (segment.box_view); a
-    score at or over `threshold` (its card's, chosen on validation writers' forms) is a strike."""
+    its ink as its box frames it, or in a free field as a box would (strings.digit_views). Construct
+    with `StrikeDetector.load(path)`; call `probabilities(views)` with views (N, BOX_VIEW, BOX_VIEW)
+    float32 (segment.box_view); a score at or over `threshold` (a boxed cell) or `free_threshold`
+    (a free field's digit), its card's, chosen on validation writers' fields, is a strike."""
 
     @classmethod
     def load(cls, path: Path, threads: int | None = None) -> StrikeDetector:
@@ -422,6 +424,12 @@ class StrikeDetector(LiteRTModel):
     @property
     def threshold(self) -> float:
         return float(self.meta["struck_threshold"])
+
+    @property
+    def free_threshold(self) -> float | None:
+        """None for a detector taught boxed cells alone: free fields' digits are not looked at."""
+        value = self.meta.get("struck_free_threshold")
+        return None if value is None else float(value)
 
     def probabilities(self, views: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(N,) the chance that each view's digit was struck through."""

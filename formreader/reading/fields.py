@@ -226,14 +226,22 @@ def reading_pattern(spec: Field) -> str:
 
 
 def read_free_field(
-    spec: Field, reading: StringReading, offset: tuple[int, int] = (0, 0), threshold: float = DEFAULT_REVIEW_THRESHOLD
+    spec: Field,
+    reading: StringReading,
+    offset: tuple[int, int] = (0, 0),
+    threshold: float = DEFAULT_REVIEW_THRESHOLD,
+    struck: Sequence[bool] = (),
 ) -> FieldReading:
     """Decide a free-written field from its string reading; offset: the crop's corner on the page.
-    A field of low confidence names the other reader's digits where they differ."""
+    A field of low confidence names the other reader's digits where they differ. struck: whether
+    each digit read was struck through (pipeline.struck_digits), when known."""
     reasons: list[str] = []
     n = len(reading.value)
     if reading.unreadable:
         reasons.append(f"{reading.unreadable} mark(s) that are not digits")
+    voided = [k for k, s in enumerate(struck) if s]
+    if voided:
+        reasons.append(f"a stroke across digit {voided[0] + 1}: struck through?")
     if not reading.raw:
         if not spec.optional:
             reasons.append("required field is empty")

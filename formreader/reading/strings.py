@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from formreader.reading.classify import NOT_A_DIGIT, DigitReading, reading_from_probabilities
-from formreader.reading.segment import hysteresis, normalize_digits, remove_frame
+from formreader.reading.segment import BOX_VIEW, hysteresis, normalize_digits, remove_frame
 
 MAX_PIECES = 4
 MAX_ALTERNATIVES = 200
@@ -37,6 +37,9 @@ MAX_ALTERNATIVES = 200
 CONFIDENCE_POWER = 0.5
 CUT_FROM_WIDTH = 0.8  # blobs at least this many digit widths wide are tried cut (a touching 21 is narrow)
 FLAT_MARK = 0.55  # of a digit's height: a mark no taller, at either end of a number, closes it ('100.-')
+# A free field's digit is shown to the struck-digit detector in a square this many times the
+# writing's height (digit_views): a stroke across a digit runs past its ends, as across a box.
+FREE_VIEW = 1.3
 
 
 @dataclass
@@ -69,6 +72,7 @@ class StringLayout:
     images: np.ndarray  # (M, 28, 28) float32: every candidate piece
     digit_height: float  # typical digit height, px
     digit_width: float = 0.0  # typical width of one digit, px
+    ink: np.ndarray | None = None  # (H, W) bool: the field's ink, guide lines taken out (digit_views)
 
 
 @dataclass
@@ -360,7 +364,7 @@ def segment_string(crop: np.ndarray) -> StringLayout:
     blobs, digit_height = group_blobs(mask)
     images: list[np.ndarray] = []  # the candidate pieces' ink, normalised together at the end
     if not blobs:
-        return StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0)
+        return StringLayout([], np.zeros((0, 28, 28), np.float32), 0.0, ink=mask)
     tall, band = _digit_line(blobs, digit_height)
     # One digit's width: from blobs shaped like one digit (not a thin 1, not a touching pair).
     singles = [b.width for b in tall if 0.4 * b.height <= b.width <= 0.95 * b.height]
@@ -405,7 +409,28 @@ def segment_string(crop: np.ndarray) -> StringLayout:
                 if len(blob.alternatives) >= MAX_ALTERNATIVES:
                     break
         kept.append(blob)
-    return StringLayout(kept, normalize_digits(images), digit_height, digit_width)
+    return StringLayout(kept, normalize_digits(images), digit_height, digit_width, mask)
+
+
+def digit_views(layout: StringLayout, columns: list[tuple[int, int]]) -> np.ndarray:
+    """Each digit of a free field framed as a box frames a boxed one (segment.box_view), for the
+    struck-digit detector: (N, BOX_VIEW, BOX_VIEW) float32, ink high, one a column (x0, x1: a
+    digit's place in the layout's crop, StringReading.boxes). Each is a square FREE_VIEW times the
+    writing's digit height, centred on the column and on the writing's line; the neighbours' ink
+    in it stays, as the detector was taught (a stroke across a digit runs on into them)."""
+    ink = layout.ink
+    if ink is None or not columns or not ink.any():
+        return np.zeros((0, BOX_VIEW, BOX_VIEW), np.float32)
+    side = max(2, int(FREE_VIEW * (layout.digit_height or ink.shape[0])))
+    rows = np.flatnonzero(ink.any(1))
+    top = int(round((rows[0] + rows[-1]) / 2 - side / 2)) + side  # in the padded ink
+    padded = np.pad(ink.astype(np.float32), side)
+    views = []
+    for x0, x1 in columns:
+        left = int(round((x0 + x1) / 2 - side / 2)) + side
+        window = padded[top : top + side, left : left + side]
+        views.append(cv2.resize(window, (BOX_VIEW, BOX_VIEW), interpolation=cv2.INTER_AREA))
+    return np.stack(views)
 
 
 @dataclass

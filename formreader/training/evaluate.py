@@ -355,6 +355,8 @@ def fit_power(confidence: np.ndarray, right: np.ndarray) -> float:
 
 # The seed of the forms `formreader calibrate` fits field confidence on (CALIBRATION_PAGES of each source and style).
 CALIBRATION_SEED = 31
+# The seed of the free fields `formreader calibrate-strings` fits on (two_reader_calibration_fields).
+STRINGS_CALIBRATION_SEED = 47
 
 
 def calibration_forms(
@@ -697,13 +699,19 @@ CALIBRATION_FIELD_DOCUMENTS = ("check", "check", "form", "form")
 
 
 def two_reader_calibration_fields(
-    classifier: DigitClassifier, checks: int, seed: int, data_dir: Path | None = None, forms: int = CALIBRATION_FREE_FORMS
+    classifier: DigitClassifier,
+    checks: int,
+    seed: int,
+    data_dir: Path | None = None,
+    forms: int = CALIBRATION_FREE_FORMS,
+    struck: bool = False,
 ):
     """Validation free fields: ORAND's validation checks (their amounts), `checks` scanned generated
     checks written with the digit model's MNIST validation digits, and `forms` free-field forms
     (thick worn borders, bitonal; 6 fields each) written by its MNIST and by its CVL validation
     writers. Returns (crops, specs, truths, sources): sources 0 for ORAND, 1 the checks, 2 and 3
-    the forms."""
+    the forms. struck: the same forms with a digit of one field a page struck through, that
+    field's truth None (synth.scanned_free_forms)."""
     from formreader.pipeline import free_field_window, scale_to_template
     from formreader.reading.register import RegistrationError, prepare_reference, register_page
     from formreader.reading.template import Field
@@ -743,7 +751,7 @@ def two_reader_calibration_fields(
         x, y, w = load_cvl("train", root / "cvl_digits" / "cvl_train.npz" if root else None)
         populations.append(ink_on_black(x[np.isin(w, writers)], y[np.isin(w, writers)]))
     for k, (digit_images, digit_labels) in enumerate(populations):
-        template, items = scanned_free_forms(digit_images, digit_labels, forms, seed + 1 + k)
+        template, items = scanned_free_forms(digit_images, digit_labels, forms, seed + 1 + k, struck)
         reference = prepare_reference(template.reference)
         for page, truth in items:
             try:

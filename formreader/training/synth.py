@@ -761,12 +761,13 @@ def free_values(rng: np.random.Generator) -> dict[str, str]:
 
 
 def scanned_free_forms(
-    images: np.ndarray, labels: np.ndarray, n: int, seed: int, struck: bool = False
+    images: np.ndarray, labels: np.ndarray, n: int, seed: int, struck: bool = False, strike=None
 ) -> tuple[Template, list]:
     """`n` free-field forms filled with the given digits (ink high on 0), worn and scanned
     bitonal at 300 DPI: the template and [(Page, {field: digits written})]. `struck`: a digit of
-    one field a page struck through (`strike_out`, across a square 1.3 times its height), that
-    field's truth None (right only if it goes to review); the pages are otherwise the same."""
+    one field a page struck through (by `strike`, a function as `strike_out`, which it defaults to,
+    across a square 1.3 times its height), that field's truth None (right only if it goes to
+    review); the pages are otherwise the same."""
     rng = np.random.default_rng(seed)
     strikes = np.random.default_rng([seed, 58])
     blank, fields = free_form()
@@ -783,7 +784,7 @@ def scanned_free_forms(
                 digit, x, y, glyph = placed[strikes.integers(len(placed))]
                 side = int(1.3 * glyph.shape[0])  # a stroke across a digit runs past its ends
                 box = (x + (glyph.shape[1] - side) // 2, y + (glyph.shape[0] - side) // 2, side, side)
-                strike_out(page, box, digit, strikes, ink)
+                (strike or strike_out)(page, box, digit, strikes, ink)
         image = bitonal(scan(page, rng, max_rotation=5, dpi_scale=2.0), rng)
         truth = {k: "".join(c for c in v if c.isdigit()) for k, v in values.items()}
         items.append((Page(image, DPI * 2.0, f"free-{i}", 1), {**truth, **({voided: None} if voided else {})}))
