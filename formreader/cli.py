@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from formreader.reading.classify import CALIBRATION_CHECKS, CALIBRATION_FREE_FORMS, CALIBRATION_PAGES, REVIEW_RISK
+from formreader.reading.classify import CALIBRATION_FREE_FORMS, CALIBRATION_PAGES, REVIEW_RISK
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter is not for users
 
@@ -845,9 +845,7 @@ def _risk_table(meta: dict) -> str:
     "--model", type=click.Path(dir_okay=False, path_type=Path), help="The digit model; its string model lies beside it."
 )
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), help="Folder holding mnist/ and orand_car_a/.")
-@click.option(
-    "--checks", default=CALIBRATION_CHECKS, show_default=True, type=click.IntRange(10), help="Generated checks to fit on."
-)
+@click.option("--checks", default=150, show_default=True, type=click.IntRange(10), help="Generated checks to fit on.")
 @click.option(
     "--forms",
     default=CALIBRATION_FREE_FORMS,

@@ -50,7 +50,6 @@ REVIEW_RISKS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)
 # new model or reading moved the threshold by where its second-surest wrong field fell; with 60,
 # 1,126 fields, three (docs/measurements.md, stop 46).
 CALIBRATION_FREE_FORMS = 60
-CALIBRATION_CHECKS = 150  # and generated checks (`formreader calibrate-strings --checks`)
 # Forms of each source of validation writers and style that `formreader calibrate` fits boxed
 # fields' confidence and threshold on: 80 (4,320 fields; 40 until stop 57, on which the 0.3%
 # threshold rested on 6 fields let out wrong, and let 0.83% out on other pages of the same writers).
@@ -310,8 +309,8 @@ class DigitClassifier(LiteRTModel):
     # The string model (CNN + CTC, models/strings.keras beside this one) that reads a free field
     # whole; free fields are read by both it and the cut pieces (formreader.reading.string_model).
     string_model: StringModel | None = None
-    # The detector of digits struck through (models/digits.struck.keras): a boxed cell it holds
-    # struck sends its field to review.
+    # The detector of digits struck through (models/digits.struck.keras): a boxed cell, or a digit
+    # of a free field on a form, it holds struck sends its field to review.
     struck: StrikeDetector | None = None
 
     @classmethod

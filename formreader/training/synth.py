@@ -202,6 +202,14 @@ def strike_out(canvas: np.ndarray, box: Box, digit: int, rng: np.random.Generato
     pen_stroke(canvas, points, max(2, round(h * rng.uniform(0.055, 0.085))), ink)  # a pen's width, in proportion to the writing
 
 
+def strike_square(x: int, y: int, w: int, h: int) -> Box:
+    """The square a stroke across a digit written at (x, y, w, h) is drawn across where no box
+    frames it (a free field): 1.3 times its height, centred on it, since such a stroke runs past
+    the digit's ends."""
+    side = int(1.3 * h)
+    return (x + (w - side) // 2, y + (h - side) // 2, side, side)
+
+
 def pen_stroke(canvas: np.ndarray, points: np.ndarray, thickness: int, ink: float) -> None:
     """Draw a stroke through `points` (K, 2) x, y in place, `thickness` px wide and anti-aliased,
     darkening the page to `ink` (grey level) where it lies."""
@@ -761,12 +769,12 @@ def free_values(rng: np.random.Generator) -> dict[str, str]:
 
 
 def scanned_free_forms(
-    images: np.ndarray, labels: np.ndarray, n: int, seed: int, struck: bool = False, strike=None
+    images: np.ndarray, labels: np.ndarray, n: int, seed: int, struck: bool = False, strike=strike_out
 ) -> tuple[Template, list]:
     """`n` free-field forms filled with the given digits (ink high on 0), worn and scanned
     bitonal at 300 DPI: the template and [(Page, {field: digits written})]. `struck`: a digit of
-    one field a page struck through (by `strike`, a function as `strike_out`, which it defaults to,
-    across a square 1.3 times its height), that field's truth None (right only if it goes to
+    one field a page struck through (by `strike`, a function as `strike_out`, across the digit's
+    `strike_square`), that field's truth None (right only if it goes to
     review); the pages are otherwise the same."""
     rng = np.random.default_rng(seed)
     strikes = np.random.default_rng([seed, 58])
@@ -782,9 +790,7 @@ def scanned_free_forms(
             placed = write_number(page, spec.box, values[spec.name], source, rng, ink, touching=0.2, broken=0.1)
             if spec.name == voided:
                 digit, x, y, glyph = placed[strikes.integers(len(placed))]
-                side = int(1.3 * glyph.shape[0])  # a stroke across a digit runs past its ends
-                box = (x + (glyph.shape[1] - side) // 2, y + (glyph.shape[0] - side) // 2, side, side)
-                (strike or strike_out)(page, box, digit, strikes, ink)
+                strike(page, strike_square(x, y, glyph.shape[1], glyph.shape[0]), digit, strikes, ink)
         image = bitonal(scan(page, rng, max_rotation=5, dpi_scale=2.0), rng)
         truth = {k: "".join(c for c in v if c.isdigit()) for k, v in values.items()}
         items.append((Page(image, DPI * 2.0, f"free-{i}", 1), {**truth, **({voided: None} if voided else {})}))

@@ -111,16 +111,17 @@ def struck_cells(images, labels: np.ndarray, pages: int, seed: int, share: float
 
 
 def crop_views(
-    crop: np.ndarray, classifier: DigitClassifier, spec, threshold: float
+    crop: np.ndarray, classifier: DigitClassifier, spec, document: str = "form"
 ) -> tuple[np.ndarray, StringReading, np.ndarray]:
-    """A free field's grey crop read as read_number reads it (pipeline.read_free_image; with no
-    detector, whatever the classifier holds): its digits' views (strings.digit_views), the reading,
-    and each digit's centre across the crop (x, crop px)."""
-    from formreader.pipeline import read_free_image
+    """A free field's grey crop read as read_number reads it on that `document`
+    (pipeline.read_free_image; with no detector, whatever the classifier holds): its digits' views
+    (strings.digit_views), the reading, and each digit's centre across the crop (x, crop px)."""
+    from formreader.pipeline import read_free_image, review_thresholds
     from formreader.reading.strings import digit_views, field_image
 
     image, (x, _) = field_image(crop)
-    layout, reading = read_free_image(image, dataclasses.replace(classifier, struck=None), spec, threshold)
+    threshold = review_thresholds(classifier, document=document)[1]
+    layout, reading = read_free_image(image, dataclasses.replace(classifier, struck=None), spec, threshold, document)
     columns = [(bx, bx + w) for bx, _, w, _ in reading.boxes]
     return digit_views(layout, columns), reading, np.array([x + (a + b) / 2 for a, b in columns])
 
@@ -143,12 +144,11 @@ def struck_free_views(
         voiding_strokes(canvas, box, digit, rng, ink)
 
     template, items = scanned_free_forms(images, labels, pages, seed, struck=True, strike=voiding)
-    threshold = classifier.string_model.review_threshold_at(None, "form") if classifier.string_model else 0.0
     views, struck = [], []
     for seg, (truth, (sx, _, side, _)) in registered_pages(template, [(p, (t, b)) for (p, t), b in zip(items, strokes)]):
         for spec in template.fields:
             crop, (x0, _) = free_field_window(seg.registration.aligned, spec.box)
-            found, _, centres = crop_views(crop, classifier, spec, threshold)
+            found, _, centres = crop_views(crop, classifier, spec)
             views += list(found)
             struck += list((truth[spec.name] is None) & (np.abs(x0 + centres - (sx + side / 2)) < STROKE_REACH * side))
     return np.array(views, np.float32).reshape(-1, BOX_VIEW, BOX_VIEW), np.array(struck, bool)
@@ -158,34 +158,31 @@ def struck_amount_views(amounts: list, seed: int, classifier: DigitClassifier) -
     """Real check amounts (datasets.CheckAmount) read as they are and again with one digit struck
     through by `synth.voiding_strokes` across its box: (views, struck) as struck_free_views'."""
     from formreader.reading.template import Field
-    from formreader.training.synth import pen_or_pencil, voiding_strokes
+    from formreader.training.synth import pen_or_pencil, strike_square, voiding_strokes
 
     rng = np.random.default_rng([seed, 61])
     spec = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
-    threshold = classifier.string_model.review_threshold_at(None, "check") if classifier.string_model else 0.0
     views, struck = [], []
     for a in amounts:
-        found, _, _ = crop_views(a.image, classifier, spec, threshold)
+        found, _, _ = crop_views(a.image, classifier, spec, "check")
         views += list(found)
         struck += [False] * len(found)
-        k = int(rng.integers(len(a.boxes)))
-        x, y, w, h = a.boxes[k]
-        side = int(1.3 * h)  # as synth.scanned_free_forms strikes a digit: past its ends
+        x, y, w, h = a.boxes[int(rng.integers(len(a.boxes)))]
+        square = strike_square(x, y, w, h)  # as synth.scanned_free_forms strikes a digit
         voided = a.image.copy()
-        voiding_strokes(voided, (x + (w - side) // 2, y + (h - side) // 2, side, side), -1, rng, pen_or_pencil(rng))
-        found, _, centres = crop_views(voided, classifier, spec, threshold)
+        voiding_strokes(voided, square, -1, rng, pen_or_pencil(rng))
+        found, _, centres = crop_views(voided, classifier, spec, "check")
         views += list(found)
-        struck += list(np.abs(centres - (x + w / 2)) < STROKE_REACH * side)
+        struck += list(np.abs(centres - (x + w / 2)) < STROKE_REACH * square[2])
     return np.array(views, np.float32).reshape(-1, BOX_VIEW, BOX_VIEW), np.array(struck, bool)
 
 
 def free_field_scores(detector: StrikeDetector, classifier: DigitClassifier, crops: list, specs: list) -> tuple:
     """For free fields' grey crops on forms, each field's highest score of a digit struck through,
     and whether it goes out `ok` read by `classifier` with no detector."""
-    threshold = classifier.string_model.review_threshold_at(None, "form") if classifier.string_model else 0.0
     scores, ok = [], []
     for crop, spec in zip(crops, specs):
-        views, reading, _ = crop_views(crop, classifier, spec, threshold)
+        views, reading, _ = crop_views(crop, classifier, spec)
         scores.append(float(detector.probabilities(views).max()) if len(views) else 0.0)
         ok.append(reading.status == "ok")
     return np.array(scores), np.array(ok, bool)
