@@ -324,3 +324,25 @@ def test_read_number_sends_a_number_with_a_digit_struck_through_to_review(mnist_
         flagged += any("struck through?" in r for r in plain.reasons)
         caught += any("struck through?" in r for r in voided.reasons)
     assert caught >= 14 and flagged <= 1, (caught, flagged)  # 18 and none at stop 61
+
+
+def test_a_real_check_amount_is_struck_across_one_digits_box():
+    """synth.struck_amounts, which the checks' benchmark reads (ORAND's test amounts, each with a
+    digit struck through by the benchmarks' hand): one stroke, across a square 1.3 times one
+    digit's box height centred on that box, the rest of the amount untouched; the same again for
+    the same seed."""
+    from formreader.training.datasets import load_orand
+    from formreader.training.synth import strike_out, struck_amounts
+
+    amounts = load_orand("test")
+    images, squares = struck_amounts(amounts, 62, strike_out)
+    again, _ = struck_amounts(amounts, 62, strike_out)
+    assert all(np.array_equal(a, b) for a, b in zip(images, again))
+    for a, image, (x, y, side, _) in zip(amounts, images, squares):
+        centre = np.array([x + side / 2, y + side / 2])
+        box = min(a.boxes, key=lambda b: np.hypot(*(centre - (b[0] + b[2] / 2, b[1] + b[3] / 2))))
+        assert abs(side - int(1.3 * box[3])) <= 1  # the square of one of its digits
+        ys, xs = np.nonzero(image.astype(int) < a.image.astype(int) - 20)  # where ink was added
+        assert len(xs) > side  # a stroke, not a speck
+        assert xs.min() >= x - side * 0.2 and xs.max() <= x + side * 1.2 and ys.min() >= y - side * 0.2
+        assert ys.max() <= y + side * 1.2 and xs.max() - xs.min() >= side / 2  # across the square, not beyond it

@@ -252,6 +252,21 @@ def pen_or_pencil(rng: np.random.Generator) -> float:
     return rng.uniform(15, 70) if rng.random() < 0.85 else rng.uniform(90, 130)
 
 
+def struck_amounts(amounts: list, seed: int, strike=None) -> tuple[list[np.ndarray], list[Box]]:
+    """Real check amounts (datasets.CheckAmount) with one digit each struck through across its box
+    by `strike` (a function as strike_out; default voiding_strokes, the detector's training hand):
+    their images, and the square each stroke was drawn across (strike_square)."""
+    rng = np.random.default_rng([seed, 61])
+    images, squares = [], []
+    for a in amounts:
+        square = strike_square(*a.boxes[int(rng.integers(len(a.boxes)))])
+        image = a.image.copy()
+        (strike or voiding_strokes)(image, square, -1, rng, pen_or_pencil(rng))
+        images.append(image)
+        squares.append(square)
+    return images, squares
+
+
 def fill_form(
     blank: np.ndarray,
     fields: list[Field],

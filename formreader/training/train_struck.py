@@ -156,24 +156,20 @@ def struck_free_views(
 
 def struck_amount_views(amounts: list, seed: int, classifier: DigitClassifier) -> tuple[np.ndarray, np.ndarray]:
     """Real check amounts (datasets.CheckAmount) read as they are and again with one digit struck
-    through by `synth.voiding_strokes` across its box: (views, struck) as struck_free_views'."""
+    through by `synth.voiding_strokes` across its box (synth.struck_amounts): (views, struck) as
+    struck_free_views'."""
     from formreader.reading.template import Field
-    from formreader.training.synth import pen_or_pencil, strike_square, voiding_strokes
+    from formreader.training.synth import struck_amounts
 
-    rng = np.random.default_rng([seed, 61])
     spec = Field("amount", kind="free", box=(0, 0, 1, 1), separators=".,")
     views, struck = [], []
-    for a in amounts:
+    for a, voided, (sx, _, side, _) in zip(amounts, *struck_amounts(amounts, seed)):
         found, _, _ = crop_views(a.image, classifier, spec, "check")
         views += list(found)
         struck += [False] * len(found)
-        x, y, w, h = a.boxes[int(rng.integers(len(a.boxes)))]
-        square = strike_square(x, y, w, h)  # as synth.scanned_free_forms strikes a digit
-        voided = a.image.copy()
-        voiding_strokes(voided, square, -1, rng, pen_or_pencil(rng))
         found, _, centres = crop_views(voided, classifier, spec, "check")
         views += list(found)
-        struck += list(np.abs(centres - (x + w / 2)) < STROKE_REACH * square[2])
+        struck += list(np.abs(centres - (sx + side / 2)) < STROKE_REACH * side)
     return np.array(views, np.float32).reshape(-1, BOX_VIEW, BOX_VIEW), np.array(struck, bool)
 
 
