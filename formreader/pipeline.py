@@ -290,8 +290,10 @@ def decide_page(
             probs = probabilities[start : start + len(cells.images)]
             start += len(cells.images)
             steps, shape = (next(wholes), whole[1]) if sequences is not None and whole is not None else (None, None)
-            document = template.document
-            fields.append(decide_free(cells, probs, steps, shape, spec, string_model, detector, document, threshold, offset)[1])
+            _, decided = decide_free(
+                cells, probs, steps, shape, spec, string_model, detector, template.document, threshold, offset
+            )
+            fields.append(decided)
             continue
         readings = []
         for s in cells:
