@@ -321,9 +321,4 @@ def train_struck(
     card["struck_free_threshold"] = card["validation_free"]["threshold"]
     card["seconds"] = round(time.time() - started)
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")  # the fast path's digests among it
-    for kind, key in (("boxed", "validation"), ("free", "validation_free")):
-        v = card[key]
-        log(f"{kind} fields: threshold {v['threshold']:.4f}, {v['flagged_share']:.2%} of {v['fields']} validation fields "
-            f"flagged that went out `ok`; of {v['struck_fields']} with a digit struck {v['struck_ok']} out `ok` "
-            f"({v['struck_ok_unaided']} without the detector)")
-    return card
+    return card  # its validation figures are printed by `formreader train-struck`
