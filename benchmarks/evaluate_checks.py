@@ -9,7 +9,8 @@ calibrated on; formreader.training.datasets.orand_split), each reader alone and 
 and again with a digit of each struck through (how many go out `ok`, as they must not).
 Prints string accuracy (every digit right), digit accuracy (digits of the truth found in order,
 by alignment), separator accuracy (the raw reading equal to what was written), the share of
-fields flagged for review and the number of wrong strings NOT flagged; for the held-out checks
+fields flagged for review and the number of wrong strings NOT flagged, and how the fields with two
+1s side by side read (written close, the string model reads them as one); for the held-out checks
 also (and for the free fields of forms) what other review thresholds would do, and how often fields
 are right at each confidence.
 """
@@ -55,6 +56,11 @@ def score(results: list[tuple], thresholds: dict[str, float] | None = None) -> N
     low, high = rate_interval(unflagged, len(flagged))
     print(f"  {flagged.mean():.1%} flagged for review; {unflagged} wrong strings NOT flagged (of {wrong} wrong; "
           f"{unflagged / max(len(flagged), 1):.2%} of fields, 95% interval {low:.2%}-{high:.2%})")
+    # Two 1s side by side: written close, the string model's 4-px steps read them as one (stop 63).
+    ones = np.array(["11" in t for t in truth])
+    if ones.any():
+        print(f"  fields with two 1s side by side: {right[ones].mean():.1%} of {int(ones.sum())} right, "
+              f"{int((ones & ~right & ~flagged).sum())} wrong NOT flagged")
     if not thresholds:
         return
     print("  review threshold: flagged / wrong NOT flagged:")
