@@ -67,7 +67,7 @@ def write_digits(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 def read_forms(model: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Forms written by these crops' writers, read by the shipped models and by `model`."""
-    from evaluate_forms import read_at_threshold
+    from evaluate_forms import pooled, read_at_threshold
 
     from formreader.training.synth import FORM_STYLES, ink_on_black, scanned_forms
 
@@ -78,11 +78,9 @@ def read_forms(model: Path, x: np.ndarray, y: np.ndarray) -> None:
         scores = [read_at_threshold(items, template, clf) for template, items in forms]
         for style, s in zip(FORM_STYLES, scores):
             print(f"{name[-26:]:28s}{style:40s}{s['fields']:7d}{s['accuracy']:9.2%}{s['flagged']:9.1%}{s['wrong_unflagged']:14d}")
-        n = sum(s["fields"] for s in scores)
-        right = sum(s["accuracy"] * s["fields"] for s in scores) / n
-        flagged = sum(s["flagged"] * s["fields"] for s in scores) / n
-        print(f"{name[-26:]:28s}{'all (threshold ' + str(clf.review_threshold) + ')':40s}{n:7d}{right:9.2%}{flagged:9.1%}"
-              f"{sum(s['wrong_unflagged'] for s in scores):14d}")
+        n, right, flagged, wrong_ok = pooled(scores)
+        everything = f"all (threshold {clf.review_threshold})"
+        print(f"{name[-26:]:28s}{everything:40s}{n:7d}{right:9.2%}{flagged:9.1%}{wrong_ok:14d}")
 
 
 def main() -> None:

@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from formreader.pipeline import free_field_window, read_segmented, segment_page  # noqa: E402
+from formreader.pipeline import free_field_crop, free_field_window, read_segmented, segment_page  # noqa: E402
 from formreader.reading.classify import DigitClassifier  # noqa: E402
 from formreader.reading.locate import bounding_box  # noqa: E402
 from formreader.reading.register import RegistrationError, prepare_reference  # noqa: E402
+from formreader.reading.string_model import digits_of  # noqa: E402
 from formreader.training.evaluate import held_out_writers  # noqa: E402
 from formreader.training.synth import scanned_forms, scanned_free_forms  # noqa: E402
 
@@ -55,16 +56,10 @@ FIELDS_A_SHEET = 10
 SHEET_WIDTH = 900
 
 
-def digits(text: str) -> str:
-    return "".join(c for c in text if c.isdigit())
-
-
 def field_crop(aligned: np.ndarray, boxes: list) -> np.ndarray:
     """The part of a registered page (H, W) that holds a field's boxes, with a third of a box's
     height of page around them, as a reviewer sees it."""
-    x, y, w, h = bounding_box(boxes)
-    pad = max(b[3] for b in boxes) // 3
-    return aligned[max(0, y - pad) : y + h + pad, max(0, x - pad) : x + w + pad]
+    return free_field_crop(aligned, bounding_box(boxes), margin=max(b[3] for b in boxes) // 3)[0]
 
 
 def sampled_fields(n: int, seed: int) -> list[dict]:
@@ -91,11 +86,11 @@ def sampled_fields(n: int, seed: int) -> list[dict]:
             aligned = seg.registration.aligned
             read = read_segmented(seg, template, classifier)
             for spec, f in zip(template.fields, read.fields):
-                written = digits(truth[f.name] or "")
+                written = digits_of(truth[f.name] or "")
                 if not written:  # a field left empty: nothing to read
                     continue
                 crop = free_field_window(aligned, spec.box)[0] if spec.kind == "free" else field_crop(aligned, spec.cells)
-                fields.append({"row": row, "crop": crop, "truth": written, "value": digits(f.value), "status": f.status})
+                fields.append({"row": row, "crop": crop, "truth": written, "value": digits_of(f.value), "status": f.status})
         out += [fields[i] for i in sorted(rng.choice(len(fields), size=min(n, len(fields)), replace=False))]
     # The sheets mix the rows and number the fields in that order, so that a reader does not know
     # whose writing a field is.
@@ -130,7 +125,8 @@ def score(fields: list[dict], readings: dict[str, str], details: bool = False) -
         if not mine:
             continue
         n = len(mine)
-        eye = [(digits(readings[f["id"]]) == f["truth"], readings[f["id"]].endswith("?") or not readings[f["id"]]) for f in mine]
+        said = [readings[f["id"]] for f in mine]
+        eye = [(digits_of(r) == f["truth"], r.endswith("?") or not r) for r, f in zip(said, mine)]
         model = [(f["value"] == f["truth"], f["status"] != "ok") for f in mine]
         eye_right = sum(r for r, _ in eye)
         print(
