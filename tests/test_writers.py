@@ -242,6 +242,26 @@ def test_real_crops_are_written_into_forms_as_their_own_ink(cvl_valid, classifie
     assert right >= 0.9 * total
 
 
+def test_a_generated_form_says_which_crop_wrote_each_digit(cvl_valid):
+    """benchmarks/crop_vs_cell.py follows each digit from its crop to its box: a filled page names,
+    field by field, the crop each written digit came from (glyphs_of: blank crops give none), and
+    with one writer a page every digit is that writer's."""
+    from formreader.training.synth import glyphs_of, make_pages
+
+    x, y, writers = cvl_valid
+    pick = np.flatnonzero(np.isin(writers, np.unique(writers)[:3]))
+    crops = list(x[pick])
+    crops[0] = np.full_like(crops[0], 255)  # a blank crop: no glyph, no index
+    glyphs, index = glyphs_of(crops)
+    assert 0 not in index and len(glyphs) == len(index) >= 0.95 * len(crops)
+    _, fields, pages = make_pages(4, 65, glyphs, y[pick][index], writers=writers[pick][index])
+    for page in pages:
+        assert set(page.drawn) == {spec.name for spec in fields}
+        for name, drawn in page.drawn.items():
+            assert "".join(str(y[pick][index][k]) for k in drawn) == page.values.get(name, "")
+        assert {writers[pick][index][k] for ks in page.drawn.values() for k in ks} == {page.writer}
+
+
 def test_the_forms_benchmark_writes_the_same_digits_whatever_the_reader_is_tuned_to(cvl_valid, mnist_test):
     """The forms' real digits are cut from their crops by formreader's segmentation, with the
     generator's own thresholds (synth.GLYPH_PARAMS): a reader's segmentation tuned otherwise must

@@ -9,7 +9,7 @@ Functions here return arrays; writing files is the caller's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -36,6 +36,7 @@ class FilledPage:
     values: dict[str, str]  # field name -> digits written (ground truth)
     struck: str = ""  # the field one of whose digits the writer struck through (make_pages' `struck`)
     writer: int | str | None = None  # who wrote every digit of the page (make_pages' `writers`); None: many writers
+    drawn: dict[str, list[int]] = field(default_factory=dict)  # field name -> the index in make_pages' `images` of each digit
 
 
 # How a writer voids a digit: a line across it, past its ends. Left out where a digit may carry
@@ -112,7 +113,14 @@ class DigitSource:
     """Draws MNIST digits of a requested class, without repeats until a class runs out; then
     raises, or with `reuse` starts that class over in a new order."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, reuse: bool = False):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        rng: np.random.Generator,
+        reuse: bool = False,
+        index: np.ndarray | None = None,
+    ):
         missing = sorted(set(range(10)) - set(np.asarray(labels).tolist()))
         if missing:
             raise ValueError(f"no images of the digit(s) {', '.join(map(str, missing))} to write numbers with")
@@ -120,6 +128,10 @@ class DigitSource:
         self.rng = rng
         self.reuse = reuse
         self.pools = {d: list(rng.permutation(np.flatnonzero(labels == d))) for d in range(10)}
+        # With `index` (each image's number in a larger set), the numbers of the images taken, in
+        # order: which digit was written where (make_pages' FilledPage.drawn).
+        self.index = index
+        self.taken: list[int] = []
 
     def take(self, digit: int) -> np.ndarray:
         pool = self.pools[digit]
@@ -127,7 +139,10 @@ class DigitSource:
             pool += list(self.rng.permutation(np.flatnonzero(self.labels == digit)))
         if not pool:
             raise ValueError(f"no MNIST images of {digit} left")
-        return self.images[pool.pop()]
+        k = pool.pop()
+        if self.index is not None:
+            self.taken.append(int(self.index[k]))
+        return self.images[k]
 
 
 def random_values(rng: np.random.Generator) -> dict[str, str]:
@@ -347,19 +362,28 @@ def make_pages(
     blank, fields = blank_form(line)
     blank = printed_as(blank, fields, style, line)
     if writers is None:
-        sources = [DigitSource(images, labels, rng, reuse=True)]
+        sources = [DigitSource(images, labels, rng, reuse=True, index=np.arange(len(labels)))]
     else:
         writers = np.asarray(writers)
         whole = [w for w in np.unique(writers) if len(np.unique(labels[writers == w])) == 10]
         order = rng.permutation(whole)
-        sources = [DigitSource(images[writers == w], labels[writers == w], rng, reuse=True) for w in order]
+        sources = [
+            DigitSource(images[writers == w], labels[writers == w], rng, reuse=True, index=np.flatnonzero(writers == w))
+            for w in order
+        ]
     pages = []
     for i in range(n):
         values = random_values(rng)
         printed = wear_lines(blank, rng) if worn else blank
         written = {k: v.replace(" ", "") for k, v in values.items()}
         writer = None if writers is None else order[i % len(order)].item()
-        page = FilledPage(fill_form(printed, fields, values, sources[i % len(sources)], rng, size), written, writer=writer)
+        source = sources[i % len(sources)]
+        start = len(source.taken)
+        page = FilledPage(fill_form(printed, fields, values, source, rng, size), written, writer=writer)
+        taken = iter(source.taken[start:])  # in fill_form's order: field by field, box by box
+        for spec in fields:
+            written_here = [ch for _, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
+            page.drawn[spec.name] = [next(taken) for _ in written_here]
         if struck:
             cells = [(spec, box, ch) for spec in fields for box, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
             spec, box, ch = cells[strikes.integers(len(cells))]
@@ -500,6 +524,13 @@ def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     written into a form as ink; crops judged blank are left out. (Not the 28x28 normalised
     digit: written into a form from that, a digit would be resampled, thickened and centred
     twice, and lose the detail a writer's own ink has.)"""
+    glyphs, index = glyphs_of(crops)
+    return glyphs, np.asarray(labels)[index]
+
+
+def glyphs_of(crops) -> tuple[np.ndarray, np.ndarray]:
+    """`ink_on_black`'s glyphs of real crops (an object array (M,)), and the index (M,) of the crop
+    each came from (a crop judged blank gives none)."""
     glyphs, index = [], []
     for i, crop in enumerate(crops):
         ink, _ = digit_ink(np.asarray(crop), GLYPH_PARAMS)
@@ -510,7 +541,7 @@ def ink_on_black(crops, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index.append(i)
     out = np.empty(len(glyphs), object)
     out[:] = glyphs
-    return out, np.asarray(labels)[index]
+    return out, np.asarray(index, np.int64)
 
 
 def writer_glyphs(crops, labels: np.ndarray, writers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
