@@ -380,10 +380,8 @@ def make_pages(
         source = sources[i % len(sources)]
         start = len(source.taken)
         page = FilledPage(fill_form(printed, fields, values, source, rng, size), written, writer=writer)
-        taken = iter(source.taken[start:])  # in fill_form's order: field by field, box by box
-        for spec in fields:
-            written_here = [ch for _, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
-            page.drawn[spec.name] = [next(taken) for _ in written_here]
+        taken = iter(source.taken[start:])  # in fill_form's order: field by field, digit by digit
+        page.drawn = {spec.name: [next(taken) for _ in written.get(spec.name, "")] for spec in fields}
         if struck:
             cells = [(spec, box, ch) for spec in fields for box, ch in zip(spec.cells, values.get(spec.name, "")) if ch != " "]
             spec, box, ch = cells[strikes.integers(len(cells))]
