@@ -7,12 +7,12 @@ Reads samples/checks (truth in samples/checks_truth.csv) through the whole pipel
 and the real check amounts of ORAND-CAR-A's test split (checks no model was trained, chosen or
 calibrated on; formreader.training.datasets.orand_split), each reader alone and both together,
 and again with a digit of each struck through (how many go out `ok`, as they must not).
-Prints string accuracy (every digit right), digit accuracy (digits of the truth found in order,
-by alignment), separator accuracy (the raw reading equal to what was written), the share of
-fields flagged for review and the number of wrong strings NOT flagged, and how the fields with two
-1s side by side read (written close, the string model reads them as one); for the held-out checks
-also (and for the free fields of forms) what other review thresholds would do, and how often fields
-are right at each confidence.
+Prints string accuracy (every digit right), digit accuracy (digits of the truth found in order, by
+alignment), separator accuracy (the raw reading equal to what was written), the share of fields
+flagged for review and the number of wrong strings NOT flagged, what the wrong ones did to the
+digits written (misread, lost or added), and how the fields with two 1s side by side read (written
+close, the string model reads them as one); for the held-out checks also (and for the free fields of
+forms) what other review thresholds would do, and how often fields are right at each confidence.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def score(results: list[tuple], thresholds: dict[str, float] | None = None) -> N
     low, high = rate_interval(unflagged, len(flagged))
     print(f"  {flagged.mean():.1%} flagged for review; {unflagged} wrong strings NOT flagged (of {wrong} wrong; "
           f"{unflagged / max(len(flagged), 1):.2%} of fields, 95% interval {low:.2%}-{high:.2%})")
+    print(f"  the wrong fields: {how_wrong(truth[~right], read[~right])}")
     # Two 1s side by side: written close, the string model's 4-px steps read them as one (stop 63).
     ones = np.array(["11" in t for t in truth])
     if ones.any():
@@ -73,6 +74,20 @@ def score(results: list[tuple], thresholds: dict[str, float] | None = None) -> N
         if m.any():
             print(f"    [{lo:.2f}, {min(hi, 1):.2f}): {int(m.sum())}, {confidence[m].mean():.3f}, {right[m].mean():.1%}")
     print(f"    ECE (15 bins): {calibration_error(confidence[~rule], right[~rule]):.2%}")
+
+
+def how_wrong(truth, read) -> str:
+    """What the wrong readings did to the digits written (truth, read: digit strings): as many
+    digits read as written (some misread: the commonest written -> read pairs), fewer (a digit
+    lost, or a field read empty) or more (a digit added)."""
+    misread = [(a, b) for t, r in zip(truth, read) if len(t) == len(r) for a, b in zip(t, r) if a != b]
+    common = ", ".join(f"{a}->{b} {n}" for (a, b), n in pd.Series(misread).value_counts().head(5).items())
+    same = sum(len(t) == len(r) for t, r in zip(truth, read))
+    empty = sum(not r for r in read)
+    fewer = sum(0 < len(r) < len(t) for t, r in zip(truth, read))
+    more = sum(len(r) > len(t) for t, r in zip(truth, read))
+    return (f"{same} with as many digits as written (commonest misread: {common or 'none'}), {fewer} with fewer, "
+            f"{empty} read empty, {more} with more")
 
 
 def free_thresholds(classifier: DigitClassifier, document: str = "form") -> dict[str, float]:
