@@ -79,7 +79,7 @@ def score(results: list[tuple], thresholds: dict[str, float] | None = None) -> N
 def how_wrong(truth, read) -> str:
     """What the wrong readings did to the digits written (truth, read: digit strings): as many
     digits read as written (some misread: the commonest written -> read pairs), fewer (a digit
-    lost, or a field read empty) or more (a digit added)."""
+    lost), none (the field read empty) or more (a digit added)."""
     misread = [(a, b) for t, r in zip(truth, read) if len(t) == len(r) for a, b in zip(t, r) if a != b]
     common = ", ".join(f"{a}->{b} {n}" for (a, b), n in pd.Series(misread).value_counts().head(5).items())
     same = sum(len(t) == len(r) for t, r in zip(truth, read))
